@@ -1,0 +1,96 @@
+"""Every command-line option, with the defaults of the original SGRAF `opts.py`.
+
+Differences from the original (see README, "Differences from the original"):
+- paths default to `data/`, `vocab/` and `runs/<data_name>_<module_name>/{checkpoint,log}`
+  instead of the authors' absolute paths;
+- `--max_violation` and `--bi_gru` are on by default as in the original, but the original's
+  `store_false` meant that passing the flag turned the feature OFF. Here they are
+  `--max_violation/--no-max_violation` and `--bi_gru/--no-bi_gru`;
+- `parse_opt(argv=None)` takes an argument list (tests) and does not print the options.
+"""
+import argparse
+import os
+
+
+def _device_default():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="SGRAF / DAA image-text matching")
+    # --------------------------- data path -------------------------#
+    p.add_argument("--data_path", default="data", help="path to datasets (holds <data_name>/)")
+    p.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp")
+    p.add_argument("--vocab_path", default="vocab", help="path to saved vocabulary json files")
+    p.add_argument("--model_name", default=None,
+                   help="where checkpoints go (default runs/<data_name>_<module_name>/checkpoint)")
+    p.add_argument("--logger_name", default=None,
+                   help="TensorBoard log dir (default runs/<data_name>_<module_name>/log)")
+    p.add_argument("--feat_format", default="auto", choices=["auto", "npy", "h5"],
+                   help="image features: {split}_ims.npy (memory-mapped) or {split}.h5; "
+                        "auto prefers .npy when both exist")
+
+    # ----------------------- training setting ----------------------#
+    p.add_argument("--batch_size", default=128, type=int, help="size of a training mini-batch")
+    p.add_argument("--num_epochs", default=40, type=int, help="number of training epochs")
+    p.add_argument("--lr_update", default=30, type=int,
+                   help="number of epochs after which the learning rate is divided by 10")
+    p.add_argument("--learning_rate", default=0.0002, type=float, help="initial learning rate")
+    p.add_argument("--workers", default=10, type=int, help="number of data loader workers")
+    p.add_argument("--log_step", default=10, type=int, help="iterations between log lines")
+    p.add_argument("--val_step", default=1000, type=int, help="iterations between validations")
+    p.add_argument("--grad_clip", default=2.0, type=float, help="gradient clipping threshold")
+    p.add_argument("--margin", default=0.2, type=float, help="rank loss margin")
+    p.add_argument("--max_violation", default=True, action=argparse.BooleanOptionalAction,
+                   help="hardest negative instead of the sum of violations in the rank loss")
+
+    # ------------------------- model setting -----------------------#
+    p.add_argument("--img_dim", default=2048, type=int, help="dimension of the image features")
+    p.add_argument("--word_dim", default=300, type=int, help="dimension of the word embedding")
+    p.add_argument("--embed_size", default=1024, type=int, help="dimension of the joint embedding")
+    p.add_argument("--sim_dim", default=256, type=int, help="dimension of the similarity vectors")
+    p.add_argument("--num_layers", default=1, type=int, help="number of GRU layers")
+    p.add_argument("--bi_gru", default=True, action=argparse.BooleanOptionalAction,
+                   help="bidirectional GRU (halves averaged)")
+    p.add_argument("--no_imgnorm", action="store_true", help="do not l2-normalise image embeddings")
+    p.add_argument("--no_txtnorm", action="store_true", help="do not l2-normalise text embeddings")
+    p.add_argument("--module_name", default="SGR", type=str, help="SGR, SAF")
+    p.add_argument("--sgr_step", default=3, type=int, help="number of SGR reasoning steps")
+
+    # ------------------------- DAA ---------------------------------#
+    p.add_argument("--daa_weight", default=0.0, type=float,
+                   help="weight of the DAA ranking loss (0 disables it)")
+    p.add_argument("--daa_rowwise", action="store_true",
+                   help="rank each query's candidates within its own row (fixes the original's "
+                        "index slip; changes the numbers)")
+
+    # ------------------------- running -----------------------------#
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--seed", default=None, type=int, help="random seed (reproducible on CPU)")
+    p.add_argument("--resume", default="", type=str, help="checkpoint to resume training from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing over an existing run's checkpoints in --model_name")
+    p.add_argument("--world_size", default=None, type=int,
+                   help="accepted for the DAA commands; must equal the torchrun world size")
+    p.add_argument("--scale_lr", default=True, action=argparse.BooleanOptionalAction,
+                   help="under torchrun, multiply the learning rate by the world size (DAA)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="similarity precision at evaluation (bf16 autocast)")
+    return p
+
+
+def finalize(opt):
+    """Fill the defaults that depend on other options."""
+    run_dir = os.path.join("runs", "%s_%s" % (opt.data_name, opt.module_name))
+    if opt.model_name is None:
+        opt.model_name = os.path.join(run_dir, "checkpoint")
+    if opt.logger_name is None:
+        opt.logger_name = os.path.join(run_dir, "log")
+    if opt.device is None:
+        opt.device = _device_default()
+    return opt
+
+
+def parse_opt(argv=None):
+    return finalize(build_parser().parse_args(argv))
