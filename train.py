@@ -1,0 +1,171 @@
+"""Train SGR or SAF (optionally with the DAA loss), as the original SGRAF `train.py`.
+
+    python train.py --data_name f30k_precomp --num_epochs 40 --lr_update 30 --module_name SGR
+    python train.py --data_name f30k_precomp --module_name SAF --learning_rate 0.0003
+    torchrun --standalone --nproc_per_node=4 train.py --data_name coco_precomp ...
+
+Adam, learning rate x0.1 every `lr_update` epochs (set at the start of each epoch), gradient
+norm clipped at `grad_clip`, hinge loss with the hardest negatives; R@K on dev after every epoch
+and every `val_step` iterations; `checkpoint_{epoch}.pth.tar` and `model_best.pth.tar` (by dev
+rsum) under `--model_name` in the original format, plus the optimizer and RNG state so that
+`--resume` continues exactly where the run stopped. TensorBoard scalars under `--logger_name`.
+"""
+import logging
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import opts
+from checkpoint import load_checkpoint, save_checkpoint
+from evaluation import encode_data, i2t, shard_attn_scores, t2i
+from meters import AverageMeter, LogCollector
+from model import SGRAF
+from vocab import deserialize_vocab
+
+log = logging.getLogger("train")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """The random generators' states, as tensors and ints (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": random.getstate()[1],
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
+                         state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def adjust_learning_rate(opt, optimizer, epoch):
+    """The initial learning rate, divided by 10 every `lr_update` epochs."""
+    lr = opt.learning_rate * (0.1 ** (epoch // opt.lr_update))
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+
+
+def validate(opt, val_loader, model, writer=None):
+    """R@K on the validation split; returns the sum of the six recalls."""
+    img_embs, cap_embs, cap_lens = encode_data(model, val_loader, opt.log_step, log.info,
+                                               img_stride=val_loader.dataset.im_div)
+    start = time.time()
+    sims = shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt)
+    log.info("calculate similarity time: %.2f", time.time() - start)
+    (r1, r5, r10, medr, meanr) = i2t(img_embs, cap_embs, cap_lens, sims)
+    log.info("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % (r1, r5, r10, medr, meanr))
+    (r1i, r5i, r10i, medri, meanri) = t2i(img_embs, cap_embs, cap_lens, sims)
+    log.info("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f" % (r1i, r5i, r10i, medri, meanri))
+    r_sum = r1 + r5 + r10 + r1i + r5i + r10i
+    if writer is not None:
+        for k, v in [("r1", r1), ("r5", r5), ("r10", r10), ("medr", medr), ("meanr", meanr),
+                     ("r1i", r1i), ("r5i", r5i), ("r10i", r10i), ("medri", medri),
+                     ("meanri", meanri), ("r_sum", r_sum)]:
+            writer.add_scalar(k, v, global_step=model.Eiters)
+    return r_sum
+
+
+def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
+    batch_time, data_time = AverageMeter(), AverageMeter()
+    model.logger = LogCollector()
+    end = time.time()
+    for i, train_data in enumerate(train_loader):
+        model.train_start()
+        data_time.update(time.time() - end, 1)
+        model.train_emb(*train_data)
+        batch_time.update(time.time() - end, 1)
+        end = time.time()
+
+        if model.Eiters % opt.log_step == 0:
+            log.info("Epoch: [{0}][{1}/{2}]\t{e_log}\t"
+                     "Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
+                     "Data {data_time.val:.3f} ({data_time.avg:.3f})\t".format(
+                         epoch, i, len(train_loader), batch_time=batch_time,
+                         data_time=data_time, e_log=str(model.logger)))
+        if writer is not None:
+            writer.add_scalar("epoch", epoch, global_step=model.Eiters)
+            writer.add_scalar("step", i, global_step=model.Eiters)
+            writer.add_scalar("batch_time", batch_time.val, global_step=model.Eiters)
+            writer.add_scalar("data_time", data_time.val, global_step=model.Eiters)
+            model.logger.tb_log(writer, step=model.Eiters)
+
+        if model.Eiters % opt.val_step == 0:
+            validate(opt, val_loader, model, writer)
+
+
+def main(argv=None):
+    opt = opts.parse_opt(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    if opt.seed is None:  # still seed the shuffling, so that --resume can replay it
+        opt.seed = random.SystemRandom().randrange(2 ** 31)
+    seed_everything(opt.seed)
+
+    vocab = deserialize_vocab(os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name))
+    opt.vocab_size = len(vocab)
+
+    # a generator for the shuffling, reseeded every epoch, so that a resumed run sees the same
+    # batches as an uninterrupted one
+    generator = torch.Generator()
+    train_loader, val_loader = data.get_loaders(opt.data_name, vocab, opt.batch_size,
+                                                opt.workers, opt, generator=generator)
+
+    model = SGRAF(opt)
+    start_epoch, best_rsum = 0, 0
+    if opt.resume:
+        ckpt = load_checkpoint(opt.resume)
+        model.load_state_dict(ckpt["model"])
+        if "optimizer" in ckpt:
+            model.optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best_rsum = ckpt["epoch"], ckpt["best_rsum"]
+        model.Eiters = ckpt["Eiters"]
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        log.info("=> resumed from %s (epoch %d, best_rsum %.1f)", opt.resume, start_epoch,
+                 best_rsum)
+
+    os.makedirs(opt.model_name, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(opt.logger_name, flush_secs=5)
+
+    for epoch in range(start_epoch, opt.num_epochs):
+        log.info("%s\n%s", opt.logger_name, opt.model_name)
+        adjust_learning_rate(opt, model.optimizer, epoch)
+        generator.manual_seed(opt.seed * 1000003 + epoch)
+
+        train_epoch(opt, train_loader, model, epoch, val_loader, writer)
+        r_sum = validate(opt, val_loader, model, writer)
+
+        is_best = r_sum > best_rsum
+        best_rsum = max(r_sum, best_rsum)
+        save_checkpoint({
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "best_rsum": best_rsum,
+            "opt": opt,
+            "Eiters": model.Eiters,
+            "optimizer": model.optimizer.state_dict(),
+            "rng": rng_state(),
+        }, is_best, filename="checkpoint_{}.pth.tar".format(epoch),
+            prefix=opt.model_name + "/")
+    writer.close()
+    return best_rsum
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
