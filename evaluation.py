@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -72,21 +73,66 @@ def encode_data(model, data_loader, log_step=10, logging=print, img_stride=1):
 
 # ----------------------------------------------------------------------------- similarity
 
-def shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt, shard_size=100):
+def _memory_budget():
+    """Bytes the scoring may use for one shard: an eighth of the available memory, kept
+    between 64 MB and 512 MB (the result matrix is the caller's, outside this budget)."""
+    avail = 2 ** 31
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return min(max(avail // 8, 2 ** 26), 2 ** 29)
+
+
+def shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt, shard_size=None):
     """The (n_images, n_captions) similarity matrix, float64 as the original, scored shard by
-    shard of `shard_size` images x `shard_size` captions."""
+    shard and written into the result as each shard is done.
+
+    `shard_size` given: shards of shard_size images x shard_size captions (the original's
+    100). None: the shard sizes follow the memory available (`_memory_budget`); the peak does
+    not grow with the number of images or captions. The image global vectors are computed once
+    per image shard, the caption ones once per caption shard (kept when they are small).
+    `opt.precision == 'bf16'` scores under bf16 autocast (CUDA, or CPUs with bf16)."""
     device = getattr(model, "device", torch.device("cpu"))
+    sim_enc = model.sim_enc
     n_im, n_cap = len(img_embs), len(cap_embs)
     sims = np.zeros((n_im, n_cap))
-    shards = [(i, j) for i in range(0, n_im, shard_size) for j in range(0, n_cap, shard_size)]
+    if n_im == 0 or n_cap == 0:
+        return sims
+    r, d = img_embs.shape[1], img_embs.shape[2]
+    if shard_size:
+        im_shard = cap_shard = int(shard_size)
+    else:
+        budget = _memory_budget()
+        # per image: the regions and VisualSA's temporaries; per caption: its words, a
+        # length-block copy, the score columns
+        im_shard = max(1, min(n_im, budget // 2 // (4 * r * d * 4)))
+        cap_shard = max(1, min(n_cap, budget // 2 // (cap_embs.shape[1] * d * 4 * 2 +
+                                                       im_shard * 4 * 2)))
+    keep_cap_glo = n_cap * d * 4 <= 2 ** 27
+    cap_glo_cache = {}
+    bf16 = getattr(opt, "precision", "fp32") == "bf16"
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    shards = [(i, j) for i in range(0, n_im, im_shard) for j in range(0, n_cap, cap_shard)]
+    img_glo, img_at = None, None
     for i, j in tqdm(shards, desc="shard_attn_scores", leave=False, disable=None):
-        im_end, ca_end = min(i + shard_size, n_im), min(j + shard_size, n_cap)
+        im_end, ca_end = min(i + im_shard, n_im), min(j + cap_shard, n_cap)
         lens = cap_lens[j:ca_end]
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             im = torch.from_numpy(np.asarray(img_embs[i:im_end], dtype=np.float32)).to(device)
-            ca = torch.from_numpy(np.asarray(cap_embs[j:ca_end, :max(lens)],
-                                             dtype=np.float32)).to(device)
-            sim = model.forward_sim(im, ca, lens)
+            ca = torch.from_numpy(np.ascontiguousarray(cap_embs[j:ca_end, :max(lens)],
+                                                       dtype=np.float32)).to(device)
+            if img_at != i:
+                img_glo, img_at = sim_enc.image_globals(im), i
+            cap_glo = cap_glo_cache.get(j)
+            if cap_glo is None:
+                cap_glo = sim_enc.caption_globals(ca, lens)
+                if keep_cap_glo:
+                    cap_glo_cache[j] = cap_glo
+            sim = sim_enc(im, ca, lens, img_glo=img_glo, cap_glo=cap_glo)
         sims[i:im_end, j:ca_end] = sim.float().cpu().numpy()
     return sims
 
@@ -152,12 +198,14 @@ def complete_opt(opt):
     return opt
 
 
-def load_model(model_path, data_path=None, vocab_path=None, device=None):
+def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_format=None):
     """An SGRAF model and its vocabulary from a checkpoint (ours or the authors')."""
     checkpoint = load_checkpoint(model_path)
     opt = complete_opt(checkpoint["opt"])
     if data_path is not None:
         opt.data_path = data_path
+    if feat_format is not None:
+        opt.feat_format = feat_format
     if vocab_path is not None:
         opt.vocab_path = vocab_path
     elif not os.path.isdir(opt.vocab_path):  # the authors' absolute paths
@@ -197,12 +245,12 @@ def compute_sims(models, data_loader, shard_size=100):
 
 
 def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=None,
-             vocab_path=None, data_name=None, save_sims=None, device=None):
+             vocab_path=None, data_name=None, save_sims=None, device=None, feat_format=None):
     """Evaluate a checkpoint (or the ensemble of two) on a split and print the original lines.
     `fold5=True`: COCO 5-fold 1K (the split must have 5000 images). Returns a dict of results."""
     models = []
     for path in [p for p in (model_path, model_path2) if p]:
-        model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device)
+        model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device, feat_format)
         if data_name is not None:
             opt.data_name = data_name
         print("=> loaded checkpoint_epoch {} of {}".format(ckpt.get("epoch"), path))
@@ -270,11 +318,14 @@ def main(argv=None):
                    help="COCO: average of five 1K folds of testall")
     p.add_argument("--save_sims", default=None, help="write the similarity matrix (.npy)")
     p.add_argument("--device", default=None, help="cuda or cpu")
+    p.add_argument("--feat_format", default=None, choices=["auto", "npy", "h5"],
+                   help="read {split}_ims.npy or {split}.h5 (default: the checkpoint's, auto)")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     evalrank(args.model_path, data_path=args.data_path, split=args.split, fold5=args.fold5,
              model_path2=args.model_path2, vocab_path=args.vocab_path,
-             data_name=args.data_name, save_sims=args.save_sims, device=args.device)
+             data_name=args.data_name, save_sims=args.save_sims, device=args.device,
+             feat_format=args.feat_format)
 
 
 if __name__ == "__main__":
