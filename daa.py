@@ -63,7 +63,8 @@ def batch_semantics(tfidf, img_ids, cap_ids, im_div=5):
     from the image index, so it works whether or not the feature file repeats each image; the same
     here. `img_ids` (the loader's `index // im_div`, `im_div` = 5 or 1 as in data.py) is only
     checked against `cap_ids` (pass None to skip). Only the 6B needed rows are read from the
-    sparse TF-IDF; nothing of size (C, C) is built.
+    sparse TF-IDF; nothing of size (C, C) is built. Computed in float64, returned as float32
+    (the original multiplies float32 copies of the rows).
     """
     cap_ids = np.asarray(cap_ids, dtype=np.int64).reshape(-1)
     if img_ids is not None and not np.array_equal(np.asarray(img_ids).reshape(-1),
@@ -90,7 +91,8 @@ def split_semantics(tfidf, n_images, im_div=CAPS_PER_IMAGE, image_offset=0, capt
     captions=slice(5000*f, 5000*f+5000) with the full-split `tfidf`.
     The mean over the ground truth is applied to the TF-IDF rows first (the dot product is
     linear), and the product is done one chunk of images at a time against the sparse captions,
-    so nothing larger than the (N, C) result is built.
+    so nothing larger than the (N, C) result is built. Computed in float64, returned as float32
+    (the original's dtype).
     """
     cols = tfidf if captions is None else tfidf[captions]              # (C, V) sparse
     out = np.empty((n_images, cols.shape[0]), dtype=np.float32)
@@ -144,9 +146,10 @@ class DAALoss(nn.Module):
     sems[i, j]:   relevance of image i to caption j (`batch_semantics`), no gradient needed.
     ASP(S, M) = mean_{b,c} min(R_S[b,c], R_M[b,c]) / max(R_S[b,c], R_M[b,c]) with R = smooth_rank;
     i2t = daa_weight * (1 - ASP(scores, sems)); t2i = daa_weight * (1 - ASP(scores.T, sems.T)).
-    The default is the original's column/row mixed rank (see `smooth_rank`); it reproduces the
-    original Loss exactly (the total there adds the summed max-violation hinge). rowwise=True
-    ranks within each query's row instead.
+    The default is the original's column/row mixed rank (see `smooth_rank`), applied alike to
+    scores and sems; it reproduces the original Loss's DAA terms to the last float32 bit on the
+    fixture, and its gradient to float32 rounding (the original's total adds the summed
+    max-violation hinge, `loss.py`). rowwise=True ranks within each query's row instead.
     """
 
     def __init__(self, daa_weight, temperature=0.001, rowwise=False):

@@ -169,8 +169,13 @@ def test_batch_semantics(dense_tfidf):
     want = np.array([[np.mean([dense_tfidf[5 * i + k] @ dense_tfidf[c] for k in range(5)])
                       for c in cap_ids] for i in img_ids])
     np.testing.assert_allclose(sems.numpy(), want, rtol=1e-6, atol=1e-7)
-    # the diagonal (own image) beats the unrelated images for every caption here
     assert (sems.numpy().diagonal() > 0.1).all()
+    # the ground truth comes from the caption index: a loader with im_div=1 (img_id == index)
+    # or no image ids at all gives the same matrix, and inconsistent ids are refused
+    assert torch.equal(batch_semantics(tf, cap_ids, cap_ids, im_div=1), sems)
+    assert torch.equal(batch_semantics(tf, None, cap_ids), sems)
+    with pytest.raises(ValueError):
+        batch_semantics(tf, cap_ids, cap_ids, im_div=5)
 
 
 def test_split_semantics(dense_tfidf):
