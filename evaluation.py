@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checks
+import daa
 from checkpoint import load_checkpoint
 from data import get_test_loader
 from meters import AverageMeter, LogCollector  # noqa: F401  (the original exposes them here)
 from model import SGRAF
-from vocab import deserialize_vocab
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,11 @@ def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_fo
     elif not os.path.isdir(opt.vocab_path):  # the authors' absolute paths
         opt.vocab_path = "vocab"
     opt.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vocab = deserialize_vocab(os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name))
+    vocab_file = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
+    vocab = checks.load_vocab(vocab_file)
     opt.vocab_size = len(vocab)
     model = SGRAF(opt)
+    checks.check_checkpoint_matches(model, checkpoint, model_path, vocab_file)
     model.load_state_dict(checkpoint["model"])
     return model, opt, vocab, checkpoint
 
@@ -260,6 +263,7 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     print("Loading dataset")
     data_loader = get_test_loader(split, opt.data_name, vocab, opt.batch_size, opt.workers,
                                   opt)
+    checks.check_fold5(fold5, len(data_loader.dataset) // data_loader.dataset.im_div, split)
     print("Computing results...")
     if len(models) > 1 and any(m[2].word2idx != vocab.word2idx for m in models[1:]):
         raise ValueError("the two checkpoints use different vocabularies")
@@ -268,22 +272,36 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     if save_sims:
         np.save(save_sims, sims)
 
-    return report(sims, fold5)
+    return report(sims, fold5, captions=data_loader.dataset.captions[:sims.shape[1]])
 
 
-def report(sims, fold5=False):
-    """Print R@K both ways in the original's format and return them. `fold5`: the mean over the
-    five 1000-image folds of a 5000-image split (COCO 1K)."""
+def split_asp(sims, tfidf, image_offset=0, caption_slice=None):
+    """DAA's ASP metric (percent, i2t and t2i) of a similarity matrix, with the semantics of
+    the split's captions (`tfidf`: daa.caption_tfidf of all the split's captions)."""
+    sems = daa.split_semantics(tfidf, sims.shape[0], image_offset=image_offset,
+                               captions=caption_slice)
+    return daa.asp_metric(sims, sems)
+
+
+def report(sims, fold5=False, captions=None):
+    """Print R@K both ways in the original's format and return them; with the split's
+    `captions`, also DAA's ASP. `fold5`: the mean over the five 1000-image folds of a
+    5000-image split (COCO 1K)."""
+    tfidf = daa.caption_tfidf(captions) if captions is not None else None
     if not fold5:
         r = i2t(None, None, None, sims)
         ri = t2i(None, None, None, sims)
         rsum = _print_results(r, ri)
-        return {"i2t": r, "t2i": ri, "rsum": rsum, "sims": sims}
+        out = {"i2t": r, "t2i": ri, "rsum": rsum, "sims": sims}
+        if tfidf is not None:
+            out["asp"] = split_asp(sims, tfidf)
+            print("ASP: i2t %.1f t2i %.1f" % out["asp"])
+        return out
 
     if sims.shape[0] != 5000:
         raise ValueError("--fold5 needs a split of 5000 images (COCO testall), got %d"
                          % sims.shape[0])
-    results = []
+    results, asps = [], []
     for i in range(5):
         s = sims[i * 1000:(i + 1) * 1000, i * 5000:(i + 1) * 5000]
         r = i2t(None, None, None, s)
@@ -295,15 +313,24 @@ def report(sims, fold5=False):
         rsum = r[0] + r[1] + r[2] + ri[0] + ri[1] + ri[2]
         print("rsum: %.1f ar: %.1f ari: %.1f" % (rsum, ar, ari))
         results.append(list(r) + list(ri) + [ar, ari, rsum])
+        if tfidf is not None:
+            asps.append(split_asp(s, tfidf, image_offset=i * 1000,
+                                  caption_slice=slice(i * 5000, (i + 1) * 5000)))
+            print("ASP: i2t %.1f t2i %.1f" % asps[-1])
     print("-----------------------------------")
     print("Mean metrics: ")
     mean = np.array(results).mean(axis=0)
     # the original prints 6 x the mean i2t recall here, labelled rsum; this is the real mean rsum
     rsum = _print_results(tuple(mean[:5]), tuple(mean[5:10]))
-    return {"i2t": tuple(mean[:5]), "t2i": tuple(mean[5:10]), "rsum": rsum, "sims": sims,
-            "folds": results}
+    out = {"i2t": tuple(mean[:5]), "t2i": tuple(mean[5:10]), "rsum": rsum, "sims": sims,
+           "folds": results}
+    if asps:
+        out["asp"] = tuple(np.mean(asps, axis=0))
+        print("ASP: i2t %.1f t2i %.1f" % out["asp"])
+    return out
 
 
+@checks.exit_on_error
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate SGRAF checkpoints (R@K both ways)")
     p.add_argument("--model_path", default=DEFAULT_MODEL_PATH)

@@ -88,6 +88,12 @@ def test_cli_single_and_ensemble(setup, tmp_path):
     r, ri = i2t(None, None, None, np.load(f)), t2i(None, None, None, np.load(f))
     assert block[2] == "Image to text: %.1f %.1f %.1f %.1f %.1f" % r
     assert block[4] == "Text to image: %.1f %.1f %.1f %.1f %.1f" % ri
+    # DAA's ASP follows the R@K lines, from the semantics of the split's captions
+    import daa
+    from data import read_captions
+    caps = read_captions(os.path.join(data_path, "synth_precomp", "test_caps.txt"))
+    sems = daa.split_semantics(daa.caption_tfidf(caps), 8)
+    assert "ASP: i2t %.1f t2i %.1f" % daa.asp_metric(np.load(f), sems) in out.splitlines()
 
 
 def test_h5_features_give_identical_numbers(setup, tmp_path):
