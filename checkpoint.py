@@ -15,23 +15,21 @@ import tempfile
 
 import torch
 
+import checks
+from checks import CheckpointError  # noqa: F401  (a checkpoint that cannot be used)
+
 SAFE_GLOBALS = [argparse.Namespace]
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used, with a message that says why and what to do."""
 
 
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
-        raise CheckpointError("checkpoint not found: %s" % path)
+        raise checks.error("ckpt_missing", path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, or a refused pickled object
-        raise CheckpointError("cannot load checkpoint %s: %s" % (path, str(e).splitlines()[0]))
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "opt" not in ckpt:
-        raise CheckpointError("%s is not an SGRAF checkpoint (no 'model'/'opt' entries)" % path)
+        raise checks.explain_load_failure(path, e) from None
+    checks.check_checkpoint_structure(ckpt, path)
     return ckpt
 
 

@@ -18,13 +18,11 @@ import numpy as np
 import torch
 import torch.utils.data as data
 
+import checks
+from checks import DataError  # noqa: F401  (data.DataError: missing or malformed files)
 from vocab import encode_caption
 
 log = logging.getLogger(__name__)
-
-
-class DataError(Exception):
-    """Missing or malformed dataset files; the message names the file and the fix."""
 
 
 def feature_path(loc, split, feat_format="auto"):
@@ -72,9 +70,12 @@ class H5Features:
 
 def open_features(path):
     """A read-only array of shape (N, R, img_dim) that does not load the file into RAM."""
-    if path.endswith(".h5"):
-        return H5Features(path)
-    return np.load(path, mmap_mode="r")
+    try:
+        if path.endswith(".h5"):
+            return H5Features(path)
+        return np.load(path, mmap_mode="r")
+    except Exception as e:  # a damaged header or a short file: whatever numpy or h5py raise
+        raise checks.error("features_unreadable", path, reason=checks.first_line(e)) from None
 
 
 def read_captions(path):
@@ -92,19 +93,23 @@ def read_captions(path):
             captions.append(line.decode("utf-8", errors="replace").strip())
             bad.append(i + 1)
     if bad:
-        log.warning("%s: %d line(s) are not valid UTF-8 (first: line %d); the bad bytes were "
-                    "replaced and map to <unk>", path, len(bad), bad[0])
+        log.warning(checks.message("caption_utf8", path, count=len(bad), line=bad[0]))
     return captions
 
 
 class PrecompDataset(data.Dataset):
     """(image features, caption word ids, index, image index) for every caption of a split."""
 
-    def __init__(self, data_path, data_split, vocab, feat_format="auto"):
+    def __init__(self, data_path, data_split, vocab, feat_format="auto", img_dim=None):
         self.vocab = vocab
         self.split = data_split
-        self.captions = read_captions(os.path.join(data_path, "%s_caps.txt" % data_split))
-        self.images = open_features(feature_path(data_path, data_split, feat_format))
+        cap_path = os.path.join(data_path, "%s_caps.txt" % data_split)
+        feat_path = feature_path(data_path, data_split, feat_format)
+        checks.check_split_files(data_path, data_split, feat_path, cap_path)
+        self.captions = read_captions(cap_path)
+        self.images = open_features(feat_path)
+        # shapes, caption count, empty lines, NaN on a sample, OOV rate: before any compute
+        checks.check_split(self.images, self.captions, feat_path, cap_path, img_dim, vocab)
         self.length = len(self.captions)
         # SCAN data repeats each image for its 5 captions
         self.im_div = 5 if len(self.images) != self.length else 1
@@ -138,7 +143,8 @@ def collate_fn(data):
 def get_precomp_loader(data_path, data_split, vocab, opt, batch_size=100, shuffle=True,
                        num_workers=2, sampler=None, generator=None):
     dset = PrecompDataset(data_path, data_split, vocab,
-                          feat_format=getattr(opt, "feat_format", "auto"))
+                          feat_format=getattr(opt, "feat_format", "auto"),
+                          img_dim=getattr(opt, "img_dim", None))
     on_cuda = str(getattr(opt, "device", "cpu")).startswith("cuda")
     return torch.utils.data.DataLoader(dataset=dset, batch_size=batch_size,
                                        shuffle=shuffle and sampler is None, sampler=sampler,

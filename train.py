@@ -19,13 +19,13 @@ import time
 import numpy as np
 import torch
 
+import checks
 import data
 import opts
 from checkpoint import load_checkpoint, save_checkpoint
 from evaluation import encode_data, i2t, shard_attn_scores, t2i
 from meters import AverageMeter, LogCollector
 from model import SGRAF
-from vocab import deserialize_vocab
 
 log = logging.getLogger("train")
 
@@ -88,7 +88,7 @@ def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
     for i, train_data in enumerate(train_loader):
         model.train_start()
         data_time.update(time.time() - end, 1)
-        model.train_emb(*train_data)
+        checks.check_loss(model.train_emb(*train_data), model.Eiters, opt.model_name)
         batch_time.update(time.time() - end, 1)
         end = time.time()
 
@@ -109,14 +109,17 @@ def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
             validate(opt, val_loader, model, writer)
 
 
+@checks.exit_on_error
 def main(argv=None):
     opt = opts.parse_opt(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    checks.check_train_opt(opt)  # flags, and never over another run's checkpoints
     if opt.seed is None:  # still seed the shuffling, so that --resume can replay it
         opt.seed = random.SystemRandom().randrange(2 ** 31)
     seed_everything(opt.seed)
 
-    vocab = deserialize_vocab(os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name))
+    vocab_file = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
+    vocab = checks.load_vocab(vocab_file)
     opt.vocab_size = len(vocab)
 
     # a generator for the shuffling, reseeded every epoch, so that a resumed run sees the same
@@ -124,11 +127,14 @@ def main(argv=None):
     generator = torch.Generator()
     train_loader, val_loader = data.get_loaders(opt.data_name, vocab, opt.batch_size,
                                                 opt.workers, opt, generator=generator)
+    checks.check_last_batch(len(train_loader.dataset), opt.batch_size)
 
     model = SGRAF(opt)
+    checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
     start_epoch, best_rsum = 0, 0
     if opt.resume:
         ckpt = load_checkpoint(opt.resume)
+        checks.check_checkpoint_matches(model, ckpt, opt.resume, vocab_file)
         model.load_state_dict(ckpt["model"])
         if "optimizer" in ckpt:
             model.optimizer.load_state_dict(ckpt["optimizer"])
