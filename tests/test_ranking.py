@@ -103,3 +103,23 @@ def test_fold5_and_5k_layout(capsys):
     assert full["i2t"][0] == 0.0  # 4000 off-fold captions rank above each image's own
     with pytest.raises(ValueError, match="5000 images"):
         report(sims[:1000, :5000], fold5=True)
+
+
+def test_fold5_asp_is_the_mean_of_the_folds(capsys):
+    """COCO 5-fold ASP: TF-IDF over all 25000 captions, fold f = images [1000f, 1000f+1000) x
+    captions [5000f, 5000f+5000), the mean printed after the R@K lines."""
+    import daa
+    rng = np.random.default_rng(1)
+    words = ["dog", "cat", "man", "ball", "red", "tree", "car", "beach", "snow", "kite"]
+    captions = [" ".join(rng.choice(words, 4)) for _ in range(25000)]
+    sims = rng.random((5000, 25000))
+    res = report(sims, fold5=True, captions=captions)
+    tfidf = daa.caption_tfidf(captions)
+    folds = [daa.asp_metric(sims[f * 1000:(f + 1) * 1000, f * 5000:(f + 1) * 5000],
+                            daa.split_semantics(tfidf, 1000, image_offset=1000 * f,
+                                                captions=slice(5000 * f, 5000 * (f + 1))))
+             for f in range(5)]
+    assert np.allclose(res["asp"], np.mean(folds, axis=0), rtol=0, atol=1e-9)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "ASP: i2t %.1f t2i %.1f" % res["asp"]
+    assert out.count("ASP: i2t %.1f t2i %.1f" % folds[0]) >= 1
