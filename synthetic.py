@@ -286,8 +286,9 @@ def _caption(rng, c):
 
 
 def _sample_contents(rng, n):
-    """n contents, unique within the split (ignoring count) while 200 draws find one."""
-    seen, out = set(), []
+    """n contents, unique within the split (ignoring count) while 200 draws find one, and
+    their 5 captions each. Image by image, so the first m of n are the m of a shorter run."""
+    seen, contents, captions = set(), [], []
     for _ in range(n):
         for _ in range(200):
             c = _sample_content(rng)
@@ -295,8 +296,9 @@ def _sample_contents(rng, n):
             if key not in seen:
                 break
         seen.add(key)
-        out.append(c)
-    return out
+        contents.append(c)
+        captions += [_caption(rng, c) for _ in range(5)]
+    return contents, captions
 
 
 def _image(rng, c, dirs, clutter, n_regions):
@@ -339,8 +341,7 @@ def generate_split(split, n_images, seed=0, img_dim=DEFAULTS["img_dim"],
     stream = _SPLIT_STREAM[split]
     text_rng = np.random.default_rng([seed, 1, stream])
     feat_rng = np.random.default_rng([seed, 2, stream])
-    contents = _sample_contents(text_rng, n_images)
-    captions = [_caption(text_rng, c) for c in contents for _ in range(5)]
+    contents, captions = _sample_contents(text_rng, n_images)
     dirs, clutter = concept_directions(seed, img_dim), _clutter_directions(seed, img_dim)
     ims = np.empty((n_images, n_regions, img_dim), np.float32)
     for i, c in enumerate(contents):
