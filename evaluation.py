@@ -76,7 +76,8 @@ def encode_data(model, data_loader, log_step=10, logging=print, img_stride=1):
 
 def _memory_budget():
     """Bytes the scoring may use for one shard: an eighth of the available memory, kept
-    between 64 MB and 512 MB (the result matrix is the caller's, outside this budget)."""
+    between 16 MB and 64 MB, so that the peak stays below the per-caption path's (the result
+    matrix is the caller's, outside this budget)."""
     avail = 2 ** 31
     try:
         with open("/proc/meminfo") as f:
@@ -85,7 +86,7 @@ def _memory_budget():
                     avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return min(max(avail // 8, 2 ** 26), 2 ** 29)
+    return min(max(avail // 8, 2 ** 24), 2 ** 26)
 
 
 def shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt, shard_size=None):

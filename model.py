@@ -9,7 +9,9 @@ Read top to bottom:
   global vectors VisualSA, TextSA (self-attention pooling)
   per pair       SCAN_attention (word -> region), local and global similarity vectors
   reasoning      GraphReasoning (SGR), AttentionFiltration (SAF)
-  score          EncoderSimilarity: sigmoid(Linear(similarity vector))
+  score          EncoderSimilarity: sigmoid(Linear(similarity vector)); `forward` scores all
+                 pairs at once with the exact fast kernels of similarity.py, and
+                 `forward_percaption` is the original loop, kept as the reference
   wrapper        SGRAF: the three encoders, the optimizer and the train step
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import similarity
 from loss import ContrastiveLoss  # noqa: F401  (the original exposes it from model.py)
 from meters import LogCollector
 
@@ -226,8 +229,20 @@ class EncoderSimilarity(nn.Module):
         # Only the direct Linear children: the sub-modules above initialised their own layers.
         init_xavier(self.children())
 
-    def forward(self, img_emb, cap_emb, cap_lens):
-        return self.forward_percaption(img_emb, cap_emb, cap_lens)
+    def forward(self, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=None, out=None):
+        """All pairs at once (similarity.py): img_emb (B, R, d), cap_emb (C, L, d) -> (B, C).
+        The global vectors may be given precomputed (`image_globals`, `caption_globals`);
+        without autograd the scores can be written into `out` (B, C)."""
+        return similarity.similarity_matrix(self, img_emb, cap_emb, cap_lens, img_glo, cap_glo,
+                                            out=out)
+
+    def image_globals(self, img_emb):
+        """VisualSA global vectors (B, d)."""
+        return self.v_global_w(img_emb, img_emb.mean(1))
+
+    def caption_globals(self, cap_emb, cap_lens):
+        """TextSA global vectors over each caption's real words (C, d)."""
+        return similarity.caption_globals(self.t_global_w, cap_emb, cap_lens)
 
     def forward_percaption(self, img_emb, cap_emb, cap_lens):
         """The original computation, one caption at a time against all images. It is the
@@ -329,11 +344,22 @@ class SGRAF:
         self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
 
         img_embs, cap_embs, cap_lens = self.forward_emb(images, captions, lengths)
-        sims = self.forward_sim(img_embs, cap_embs, cap_lens)
-
         self.optimizer.zero_grad()
-        loss = self.forward_loss(sims)
+        if (self.sim_enc.module_name == "SGR" and type(self.criterion) is ContrastiveLoss
+                and self.criterion.max_violation
+                and type(self).forward_loss is SGRAF.forward_loss):
+            # only the pairs the hinge uses get a graph (exact, see similarity.py)
+            loss, _ = similarity.max_violation_loss(self.sim_enc, img_embs, cap_embs, cap_lens,
+                                                    self.criterion.margin)
+            self.logger.update("Loss", loss.item(), img_embs.size(0))
+        else:
+            sims = self.forward_sim(img_embs, cap_embs, cap_lens)
+            loss = self.forward_loss(sims)
         loss.backward()
+        if self.sim_enc.module_name == "SGR":  # the folded key bias: exactly zero gradient
+            for m in self.sim_enc.SGR_module:
+                if m.graph_key_w.bias.grad is None:
+                    m.graph_key_w.bias.grad = torch.zeros_like(m.graph_key_w.bias)
         if self.grad_clip > 0:
             clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()

@@ -1,0 +1,342 @@
+"""Benchmark of SGRAF's hot paths (in the spirit of nanoGPT's bench.py).
+
+Times, at full dimensions on random inputs: encoding, `shard_attn_scores` (n_img x n_cap pairs)
+and one training step, for SGR and SAF, fast (similarity.py) against the original per-caption
+computation (`EncoderSimilarity.forward_percaption`). Prints pairs/s, the effective GFLOP/s
+(FLOPs of the original algorithm for the same pairs / time), the machine's matmul peak measured
+in the same run, peak memory, speedups and the largest difference from the per-caption path.
+Every measured job runs in its own subprocess, so the peak memories do not mix.
+
+    python bench.py                      # 100 images x 500 captions, batch 128, 2 threads
+    python bench.py --quick              # small sanity run
+    python bench.py --modules SGR --what eval --precision bf16
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n_img", type=int, default=100)
+    p.add_argument("--n_cap", type=int, default=500)
+    p.add_argument("--min_len", type=int, default=8)
+    p.add_argument("--max_len", type=int, default=20)
+    p.add_argument("--batch", type=int, default=128, help="training batch size")
+    p.add_argument("--img_dim", type=int, default=2048)
+    p.add_argument("--embed_size", type=int, default=1024)
+    p.add_argument("--sim_dim", type=int, default=256)
+    p.add_argument("--word_dim", type=int, default=300)
+    p.add_argument("--vocab_size", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="evaluation precision of the fast path (bf16: autocast)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--modules", default="SGR,SAF")
+    p.add_argument("--what", default="encode,eval,train")
+    p.add_argument("--no_ref", action="store_true", help="skip the per-caption reference")
+    p.add_argument("--quick", action="store_true", help="small sizes, a sanity run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_img, args.n_cap, args.batch = 10, 50, 16
+        args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50
+    return args
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def original_flops(module, n_img, lens, R=36, d=1024, s=256, sgr_step=3, shard=100):
+    """FLOPs (2 x multiply-adds, matmuls only) of the original per-caption algorithm for n_img
+    images against captions of the given lengths, scored in shards of `shard` captions.
+    Per pair with L words: SCAN scores (R x d x L) and context (L x R x d); sim_tranloc_w on L
+    vectors (d -> s) and sim_tranglo_w on one; per SGR step three Linear(s, s) on the L+1 nodes
+    and two (L+1) x (L+1) x s products; SAF: Linear(s, 1) and the weighted sum of the L+1
+    nodes; sim_eval_w. Per caption: TextSA (two Linear(d, d) and Linear(d, 1) on L words).
+    Per shard of captions: VisualSA on all the images (the original recomputes it per call)."""
+    total = 0
+    for L in lens:
+        N = L + 1
+        pair = 2 * R * d * L * 2 + 2 * L * d * s + 2 * d * s + 2 * s
+        if module == "SGR":
+            pair += sgr_step * (3 * 2 * N * s * s + 2 * 2 * N * N * s)
+        else:
+            pair += 2 * N * s + 2 * N * s
+        total += n_img * pair + 2 * L * d * d + 2 * d * d + 2 * L * d
+    n_shards = -(-len(lens) // shard)
+    total += n_shards * n_img * (2 * R * d * d + 2 * d * d + 2 * R * d)
+    return total
+
+
+def matmul_peak(dtype, device, n=2048, reps=6):
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mem_mb(device):
+    """Peak memory of this process: CUDA's max allocated, else the RSS high-water mark
+    (VmHWM, which starts afresh at exec; getrusage's maxrss is inherited from the parent)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+# ----------------------------------------------------------------------------- setup
+
+def make_model(args, module):
+    from model import SGRAF
+    opt = SimpleNamespace(img_dim=args.img_dim, embed_size=args.embed_size,
+                          sim_dim=args.sim_dim, word_dim=args.word_dim,
+                          vocab_size=args.vocab_size, num_layers=1, bi_gru=True,
+                          no_imgnorm=False, no_txtnorm=False, module_name=module, sgr_step=3,
+                          grad_clip=2.0, margin=0.2, max_violation=True, learning_rate=2e-4,
+                          device=args.device, precision=args.precision)
+    torch.manual_seed(args.seed)
+    return SGRAF(opt), opt
+
+
+def make_lengths(args, n, rng):
+    return np.sort(rng.integers(args.min_len, args.max_len + 1, size=n))[::-1].copy()
+
+
+def make_embeddings(args, rng):
+    """Random l2-normalised region and word embeddings, zero padded like encode_data's."""
+    lens = rng.integers(args.min_len, args.max_len + 1, size=args.n_cap)
+    img = rng.standard_normal((args.n_img, 36, args.embed_size)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=-1, keepdims=True)
+    cap = rng.standard_normal((args.n_cap, lens.max(), args.embed_size)).astype(np.float32)
+    cap /= np.linalg.norm(cap, axis=-1, keepdims=True)
+    cap *= (np.arange(lens.max())[None, :] < lens[:, None])[:, :, None]
+    return img, cap, lens.tolist()
+
+
+def make_batch(args, rng):
+    n = args.batch
+    lens = make_lengths(args, n, rng)
+    images = torch.from_numpy(rng.standard_normal((n, 36, args.img_dim)).astype(np.float32))
+    captions = torch.zeros(n, int(lens.max()), dtype=torch.int64)
+    for k, L in enumerate(lens):
+        captions[k, 0], captions[k, L - 1] = 1, 2
+        captions[k, 1:L - 1] = torch.from_numpy(rng.integers(4, args.vocab_size, size=L - 2))
+    return images, captions, lens.tolist()
+
+
+# ----------------------------------------------------------------------------- jobs
+
+def job_encode(args, module, ref):
+    model, opt = make_model(args, module)
+    model.val_start()
+    rng = np.random.default_rng(args.seed)
+    images = torch.from_numpy(rng.standard_normal((args.n_img, 36, args.img_dim))
+                              .astype(np.float32))
+    lens = make_lengths(args, args.n_cap, rng)
+    captions = torch.randint(4, args.vocab_size, (args.n_cap, int(lens.max())))
+    with torch.no_grad():
+        model.forward_emb(images[:2], captions[:2], lens[:2].tolist())
+        t = time.perf_counter()
+        model.forward_emb(images, captions, lens.tolist())
+        sync(args.device)
+    return {"time": time.perf_counter() - t}
+
+
+def job_eval(args, module, ref):
+    from evaluation import shard_attn_scores
+    model, opt = make_model(args, module)
+    model.val_start()
+    img, cap, lens = make_embeddings(args, np.random.default_rng(args.seed))
+    with torch.no_grad():  # warm-up: lazy initialisations of the process
+        (model.sim_enc.forward_percaption if ref else model.sim_enc)(
+            torch.from_numpy(img[:2]), torch.from_numpy(cap[:3]), lens[:3])
+    sync(args.device)
+    t = time.perf_counter()
+    if ref:
+        sims = percaption_shard_scores(model, img, cap, lens)
+    else:
+        sims = shard_attn_scores(model, img, cap, lens, opt)
+    sync(args.device)
+    elapsed = time.perf_counter() - t
+    return {"time": elapsed, "sims": sims}
+
+
+def percaption_shard_scores(model, img_embs, cap_embs, cap_lens, shard_size=100):
+    """The original shard_attn_scores: 100 x 100 shards, caption by caption."""
+    sims = np.zeros((len(img_embs), len(cap_embs)))
+    for i in range(0, len(img_embs), shard_size):
+        for j in range(0, len(cap_embs), shard_size):
+            lens = cap_lens[j:j + shard_size]
+            with torch.no_grad():
+                im = torch.from_numpy(img_embs[i:i + shard_size]).to(model.device)
+                ca = torch.from_numpy(cap_embs[j:j + shard_size, :max(lens)]).to(model.device)
+                sim = model.sim_enc.forward_percaption(im, ca, lens)
+            sims[i:i + shard_size, j:j + shard_size] = sim.cpu().numpy()
+    return sims
+
+
+def job_train(args, module, ref):
+    from model import SGRAF
+    rng = np.random.default_rng(args.seed + 1)
+    images, captions, lens = make_batch(args, rng)
+    warm, _ = make_model(args, module)  # warm-up on a throw-away model and a small batch
+    warm.train_start()
+    warm.train_emb(images[:4], captions[:4], lens[:4])
+    model, opt = make_model(args, module)
+    model.train_start()
+    for m in model.modules():  # dropout off, so that both paths compute the same function
+        for x in m.modules():
+            if isinstance(x, torch.nn.Dropout):
+                x.eval()
+    if ref:
+        # the original step: all B x B pairs, caption by caption, one graph
+        def train_emb(images, captions, lengths):
+            img, cap, cl = model.forward_emb(images, captions, lengths)
+            sims = model.sim_enc.forward_percaption(img, cap, cl)
+            model.optimizer.zero_grad()
+            loss = model.criterion(sims)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.params, model.grad_clip)
+            model.optimizer.step()
+            return loss.detach()
+    else:
+        train_emb = model.train_emb
+    grads = {}
+    step = model.optimizer.step
+
+    def spy(*a, **k):  # the clipped gradients, for the comparison
+        grads.update({i: p.grad.detach().clone() for i, p in enumerate(model.params)
+                      if p.grad is not None})
+        return step(*a, **k)
+    model.optimizer.step = spy
+    sync(args.device)
+    t = time.perf_counter()
+    loss = train_emb(images, captions, lens)
+    sync(args.device)
+    elapsed = time.perf_counter() - t
+    flat = torch.cat([grads[i].flatten() for i in sorted(grads)]).numpy()
+    return {"time": elapsed, "loss": float(loss), "grads": flat}
+
+
+JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train}
+
+
+def run_job(args):
+    what, module, path = args.job.split(":")
+    torch.set_num_threads(args.threads)
+    base = peak_mem_mb(args.device)
+    res = JOBS[what](args, module, path == "ref")
+    res["peak_mb"] = peak_mem_mb(args.device)
+    res["base_mb"] = base
+    np.savez(args.out, **{k: np.asarray(v) for k, v in res.items()})
+
+
+def spawn(argv, what, module, path):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.npz")
+        subprocess.run([sys.executable, __file__] + argv +
+                       ["--job", "%s:%s:%s" % (what, module, path), "--out", out], check=True)
+        with np.load(out) as f:
+            return {k: f[k] for k in f.files}
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args(argv)
+    if args.job:
+        return run_job(args)
+    torch.set_num_threads(args.threads)
+    dev = args.device
+    fp32 = matmul_peak(torch.float32, dev)
+    bf16 = matmul_peak(torch.bfloat16, dev)
+    print("device %s, %d threads, torch %s" % (dev, args.threads, torch.__version__))
+    print("matmul peak (2048^3): fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s" % (fp32, bf16))
+    print("sizes: %d images x %d captions (lengths %d-%d), batch %d, img_dim %d, d %d, s %d"
+          % (args.n_img, args.n_cap, args.min_len, args.max_len, args.batch, args.img_dim,
+             args.embed_size, args.sim_dim))
+    whats = args.what.split(",")
+    for module in args.modules.split(","):
+        if "encode" in whats:
+            r = spawn(argv, "encode", module, "fast")
+            print("[%s] encode %d images + %d captions: %.3f s, peak %.0f MB"
+                  % (module, args.n_img, args.n_cap, r["time"], r["peak_mb"]))
+        if "eval" in whats:
+            _, _, lens = make_embeddings(args, np.random.default_rng(args.seed))
+            flops = original_flops(module, args.n_img, lens, d=args.embed_size, s=args.sim_dim)
+            pairs = args.n_img * args.n_cap
+            f = spawn(argv, "eval", module, "fast")
+            print("[%s] eval fast (%s): %.2f s, %.0f pairs/s, %.1f effective GFLOP/s "
+                  "(%.0f%% of fp32 peak, original %.0f GFLOP), peak RSS %.0f MB (start %.0f)"
+                  % (module, args.precision, f["time"], pairs / f["time"],
+                     flops / f["time"] / 1e9, 100 * flops / f["time"] / 1e9 / fp32, flops / 1e9,
+                     f["peak_mb"], f["base_mb"]))
+            if not args.no_ref:
+                r = spawn(argv, "eval", module, "ref")
+                print("[%s] eval per-caption: %.2f s, %.0f pairs/s, %.1f effective GFLOP/s, "
+                      "peak RSS %.0f MB (start %.0f)"
+                      % (module, r["time"], pairs / r["time"], flops / r["time"] / 1e9,
+                         r["peak_mb"], r["base_mb"]))
+                print("[%s] eval speedup %.2fx, max |fast - per-caption| = %.2e"
+                      % (module, r["time"] / f["time"], np.abs(f["sims"] - r["sims"]).max()))
+                if args.n_cap == 5 * args.n_img:
+                    from evaluation import i2t, t2i
+                    ra = np.array(i2t(None, None, None, r["sims"])[:3] +
+                                  t2i(None, None, None, r["sims"])[:3])
+                    fa = np.array(i2t(None, None, None, f["sims"])[:3] +
+                                  t2i(None, None, None, f["sims"])[:3])
+                    print("[%s] R@1,5,10 i2t/t2i per-caption %s, fast %s, max |diff| %.2f"
+                          % (module, ra.round(1).tolist(), fa.round(1).tolist(),
+                             np.abs(ra - fa).max()))
+        if "train" in whats:
+            lens = make_lengths(args, args.batch, np.random.default_rng(args.seed + 1))
+            # the per-caption step scores all B x B pairs forward (backward ~2x more)
+            flops = original_flops(module, args.batch, lens, d=args.embed_size, s=args.sim_dim)
+            f = spawn(argv, "train", module, "fast")
+            print("[%s] train step fast: %.2f s, peak RSS %.0f MB (start %.0f), "
+                  "%.1f effective forward GFLOP/s" % (module, f["time"], f["peak_mb"],
+                                                       f["base_mb"], flops / f["time"] / 1e9))
+            if not args.no_ref:
+                r = spawn(argv, "train", module, "ref")
+                g, gr = f["grads"], r["grads"]
+                print("[%s] train step per-caption: %.2f s, peak RSS %.0f MB (start %.0f)"
+                      % (module, r["time"], r["peak_mb"], r["base_mb"]))
+                print("[%s] train speedup %.2fx, memory %.2fx, loss %.6f vs %.6f, "
+                      "||g - g_ref|| / ||g_ref|| = %.2e"
+                      % (module, r["time"] / f["time"], f["peak_mb"] / r["peak_mb"],
+                         float(f["loss"]), float(r["loss"]),
+                         np.linalg.norm(g - gr) / np.linalg.norm(gr)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Fast SGRAF similarity: many images x many captions at once, the same numbers as the original.
+
+The original scores one caption at a time against all images (`EncoderSimilarity.
+forward_percaption`, kept in model.py as the oracle). This file computes the same (B, C) matrix
+in blocks and uses exact algebra to skip work:
+
+- captions of equal length form a block (no padding, no masks); only tiny groups are merged
+  into padded, masked blocks (pad words are kept out of the l2norm across words, of SGR's
+  softmax over nodes, and of SAF's L1 normalisation and BatchNorm statistics);
+- word-to-region attention of a block is one GEMM, regions of Bi images (Bi*R, d) against the
+  words of Cb captions (Cb*L, d);
+- the image and caption global vectors are computed once, not per pair;
+- SGR: softmax_k((Wq n_i + bq).(Wk n_k + bk)) = softmax_k(n_i^T (Wq^T Wk) n_k + (Wk^T bq).n_k),
+  since the other terms are constant along the key axis; Wg(E N) + bg = E (N Wg^T + bg) since
+  the rows of E sum to 1. So a step is one (s, 2s) GEMM per node and two small bmms. The last
+  step only needs node 0 (its query, one row of edges, one output row);
+- SAF in training: per-caption BatchNorm statistics, running stats updated once per caption in
+  closed form (momentum m applied C times in sequence);
+- buffers of the no-grad path are reused between blocks (a fresh large tensor costs page faults).
+
+`max_violation_loss` is the training trick for SGR: the hinge with max-violation uses one
+negative per row and per column, so the B x B matrix is scored without autograd, and only the
+pairs the loss uses are recomputed with gradients.
+
+Letters: B images, C captions, P pairs, R regions, L words, N = L+1 nodes, d embed_size,
+s sim_dim.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8         # l1norm / l2norm eps, as the original
+SMOOTH = 9.0       # SCAN's lambda (softmax temperature over regions)
+WORD_PAIRS = 4096  # (image, caption word) pairs per chunk: sets the size of the scratch buffers
+ATTN_WORDS = 1024  # caption words whose attention against all images is computed at once
+WORD_PAIRS_GRAD = 16384  # the same with autograd (bigger GEMMs for the backward)
+MIN_BLOCK_PAIRS = 256  # captions of rarer lengths are merged (padded, masked) up to this many pairs
+
+
+class Scratch:
+    """Reusable flat buffers, one per name, grown when a larger view is asked for."""
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, name, shape, like):
+        n = math.prod(shape)
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != like.dtype or b.device != like.device:
+            b = torch.empty(n, dtype=like.dtype, device=like.device)
+            self.bufs[name] = b
+        return b[:n].view(shape)
+
+
+def l2norm(x, dim=-1):
+    """x / (||x|| + eps) along dim, as model.l2norm."""
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + EPS)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def length_blocks(cap_lens, n_images, min_pairs=MIN_BLOCK_PAIRS):
+    """Caption blocks: [(L, idx (Cg,) int64, lens (Cg,) or None)], ascending length. A block
+    holds captions of one length (lens None) unless a length is so rare that n_images x its
+    count < min_pairs, in which case it is merged with the next lengths into a padded block
+    (lens given, L its longest)."""
+    lens = torch.as_tensor([int(x) for x in cap_lens], dtype=torch.int64)
+    uniq, counts = torch.unique(lens, return_counts=True)
+    blocks, pend, pend_n = [], [], 0
+    for L, n in zip(uniq.tolist(), counts.tolist()):
+        pend.append(L)
+        pend_n += n
+        if pend_n * n_images >= min_pairs:
+            blocks.append(pend)
+            pend, pend_n = [], 0
+    if pend:
+        if blocks and pend_n * n_images < min_pairs:
+            blocks[-1] = blocks[-1] + pend
+        else:
+            blocks.append(pend)
+    out = []
+    for group in blocks:
+        sel = (lens.unsqueeze(1) == torch.tensor(group).unsqueeze(0)).any(1)
+        idx = torch.nonzero(sel).squeeze(1)
+        out.append((max(group), idx, None if len(group) == 1 else lens[idx]))
+    return out
+
+
+def word_mask(lens, L, device):
+    """(Cg, L) bool, True on real words."""
+    return torch.arange(L, device=device).unsqueeze(0) < lens.to(device).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- global vectors
+
+def caption_globals(t_global_w, cap_emb, cap_lens):
+    """TextSA over each caption's real words, by blocks of equal length: (C, d)."""
+    C = cap_emb.size(0)
+    lens = torch.as_tensor([int(x) for x in cap_lens], dtype=torch.int64)
+    parts, order = [], []
+    for L in torch.unique(lens).tolist():
+        idx = torch.nonzero(lens == L).squeeze(1)
+        w = cap_emb[idx.to(cap_emb.device), :L]                   # (Cg, L, d)
+        parts.append(t_global_w(w, w.mean(1)))                    # (Cg, d)
+        order.append(idx)
+    glo = torch.cat(parts, 0)
+    inv = torch.empty(C, dtype=torch.int64)
+    inv[torch.cat(order)] = torch.arange(C)
+    return glo.index_select(0, inv.to(glo.device))               # (C, d)
+
+
+# ----------------------------------------------------------------------------- folded weights
+
+def sgr_weights(sgr_modules):
+    """Per step but the last: (Wcat (s, 2s), bcat (2s,)) so that nodes @ Wcat + bcat gives
+    [queries already multiplied by Wk | Wg-projected nodes]. The last step: (Wq, bq, Wk, Wg, bg).
+    The key bias only adds terms constant along the softmax axis: it drops out."""
+    out = []
+    for m in sgr_modules[:-1]:
+        wq, wk, wg = m.graph_query_w, m.graph_key_w, m.sim_graph_w
+        wcat = torch.cat([wq.weight.t() @ wk.weight, wg.weight.t()], 1)   # (s, 2s)
+        bcat = torch.cat([wq.bias @ wk.weight, wg.bias])                    # (2s,)
+        out.append((wcat, bcat))
+    m = sgr_modules[-1]
+    out.append((m.graph_query_w.weight, m.graph_query_w.bias, m.graph_key_w.weight,
+                m.sim_graph_w.weight, m.sim_graph_w.bias))
+    return out
+
+
+# ----------------------------------------------------------------------------- heads
+
+def sgr_head(weights, nodes, key_mask=None):
+    """SGR reasoning; nodes (P, N, s) with node 0 the global one, key_mask (P, N) bool or None.
+    Returns the final node 0, (P, s)."""
+    P, N, s = nodes.shape
+    inplace = not torch.is_grad_enabled()
+    neg = None if key_mask is None else (~key_mask).unsqueeze(1)  # (P, 1, N)
+    for wcat, bcat in weights[:-1]:
+        pm = torch.addmm(bcat, nodes.reshape(P * N, s), wcat).view(P, N, 2 * s)
+        scores = torch.bmm(pm[..., :s], nodes.transpose(1, 2))    # (P, N, N)
+        if neg is not None:
+            scores = scores.masked_fill_(neg, -math.inf) if inplace else \
+                scores.masked_fill(neg, -math.inf)
+        edges = torch.softmax(scores, dim=-1)
+        nodes = torch.bmm(edges, pm[..., s:])                      # (P, N, s)
+        nodes = nodes.relu_() if inplace else nodes.relu()
+    wq, bq, wk, wg, bg = weights[-1]
+    u = torch.addmm(bq, nodes[:, 0], wq.t()) @ wk                 # (P, s): Wk^T q
+    # matrix-vector products: multiply-and-sum beats a batch of tiny GEMMs
+    scores = (nodes * u.unsqueeze(1)).sum(2)                      # (P, N)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, -math.inf)
+    edges = torch.softmax(scores, dim=-1)
+    agg = (edges.unsqueeze(2) * nodes).sum(1)                     # (P, s)
+    return torch.relu(torch.addmm(bg, agg, wg.t()))               # (P, s)
+
+
+def saf_head(saf, nodes, node_mask=None, n_img=None, bn_stats=None):
+    """SAF filtration; nodes (P, N, s). In training the BatchNorm statistics are taken per
+    caption: P must be laid out (n_img, Cb) with all images of each caption, and the per-caption
+    (mean, biased var, count) are appended to bn_stats. node_mask (P, N) or None."""
+    P, N, s = nodes.shape
+    bn = saf.bn
+    logits = torch.addmm(saf.attn_sim_w.bias, nodes.reshape(P * N, s),
+                         saf.attn_sim_w.weight.t()).view(P, N)    # (P, N)
+    if bn.training or bn.running_mean is None:
+        lg = logits.view(n_img, P // n_img, N)                    # (B, Cb, N)
+        m = None if node_mask is None else node_mask.view(n_img, P // n_img, N).to(lg.dtype)
+        cnt = torch.full((lg.size(1),), float(n_img * N), dtype=lg.dtype, device=lg.device) \
+            if m is None else m.sum((0, 2))                       # (Cb,)
+        mean = (lg if m is None else lg * m).sum((0, 2)) / cnt
+        cen = lg - mean.view(1, -1, 1)
+        sq = cen * cen
+        var = (sq if m is None else sq * m).sum((0, 2)) / cnt     # biased, for normalising
+        xhat = (cen * torch.rsqrt(var + bn.eps).view(1, -1, 1)).reshape(P, N)
+        if bn_stats is not None:
+            bn_stats.append((mean.detach(), var.detach(), cnt.detach()))
+    else:
+        xhat = (logits - bn.running_mean) * torch.rsqrt(bn.running_var + bn.eps)
+    gate = torch.sigmoid(xhat * bn.weight + bn.bias)              # (P, N)
+    if node_mask is not None:
+        gate = gate * node_mask
+    gate = gate / (gate.abs().sum(-1, keepdim=True) + EPS)        # l1norm over nodes
+    vec = torch.bmm(gate.unsqueeze(1), nodes).squeeze(1)          # (P, s)
+    return l2norm(vec)
+
+
+def update_bn_per_caption(bn, stats, order):
+    """The running stats after one BatchNorm update per caption, in caption order, in closed
+    form: r_C = (1-m)^C r_0 + sum_c m (1-m)^(C-1-c) x_c (x = mean, and the unbiased variance)."""
+    mean = torch.cat([s[0] for s in stats]).double()
+    var = torch.cat([s[1] for s in stats]).double()
+    cnt = torch.cat([s[2] for s in stats]).double()
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(len(order), device=order.device)
+    perm = inv.to(mean.device)
+    mean, var, cnt = mean[perm], var[perm], cnt[perm]
+    var = var * cnt / (cnt - 1).clamp(min=1)
+    C = mean.numel()
+    with torch.no_grad():
+        if bn.momentum is None:  # cumulative average, sequentially
+            for c in range(C):
+                k = float(bn.num_batches_tracked + 1)
+                bn.running_mean.mul_(1 - 1 / k).add_(mean[c].to(bn.running_mean.dtype) / k)
+                bn.running_var.mul_(1 - 1 / k).add_(var[c].to(bn.running_var.dtype) / k)
+                bn.num_batches_tracked += 1
+            return
+        m = float(bn.momentum)
+        w = m * (1 - m) ** torch.arange(C - 1, -1, -1, dtype=torch.float64, device=mean.device)
+        keep = (1 - m) ** C
+        rm = keep * bn.running_mean.double() + (w * mean).sum()
+        rv = keep * bn.running_var.double() + (w * var).sum()
+        bn.running_mean.copy_(rm)
+        bn.running_var.copy_(rv)
+        bn.num_batches_tracked += C
+
+
+# ----------------------------------------------------------------------------- local nodes
+
+class LocalSimilarity(torch.autograd.Function):
+    """y = Linear((l2norm(ctx) - w)^2), the pre-normalisation local similarity vectors, with a
+    lean backward: only e = l2norm(ctx) - w (one d-sized tensor per word-pair) and the context
+    norms are kept, where autograd would keep three d-sized tensors and run a dozen passes.
+    ctx (Bi, M, d) raw attended context, words (M, d), weight (s, d), bias (s,) -> (Bi*M, s)."""
+
+    @staticmethod
+    def forward(ctx_, context, words, weight, bias):
+        Bi, M, d = context.shape
+        nrm = torch.linalg.vector_norm(context, dim=2, keepdim=True)  # (Bi, M, 1)
+        inv = (nrm + EPS).reciprocal_()
+        e = torch.addcmul(words.neg().unsqueeze(0), context, inv)     # (Bi, M, d)
+        y = torch.addmm(bias, e.square().view(Bi * M, d), weight.t())  # (Bi*M, s)
+        ctx_.save_for_backward(e, nrm, inv, words, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx_, dy):
+        e, nrm, inv, words, weight = ctx_.saved_tensors
+        Bi, M, d = e.shape
+        t = e.square()                                             # x = e^2, recomputed
+        dweight = dy.t() @ t.view(Bi * M, d)                       # (s, d)
+        dbias = dy.sum(0)
+        de = (dy @ weight).view(Bi, M, d).mul_(e).mul_(2.0)        # d/de of e^2 = 2e
+        dwords = -de.sum(0)                                        # (M, d)
+        torch.add(e, words, out=t)                                 # c = l2norm(context)
+        dot = torch.linalg.vecdot(t, de, dim=2).unsqueeze(2)       # (Bi, M, 1): c . dc
+        # d l2norm: dc/(n + eps) - c (c . dc) / n
+        dcontext = de.mul_(inv).sub_(t.mul_(dot / nrm.clamp_min(1e-30)))
+        return dcontext, dwords, dweight, dbias
+
+
+def cross_attention(V, W, lens=None, sc=None):
+    """SCAN word-to-region attention of every (image, caption word): one GEMM, regions
+    (B*R, d) against words (Cb*L, d), LeakyReLU, l2norm across each caption's words, softmax
+    over regions of 9x. V (B, R, d), W (Cb, L, d), lens (Cb,) or None (all L words real).
+    Returns (B, Cb*L, R), a strided view (of a reused buffer with a Scratch `sc`)."""
+    B, R, d = V.shape
+    Cb, L, _ = W.shape
+    if sc is not None:
+        attn = torch.mm(W.reshape(Cb * L, d), V.reshape(B * R, d).t(),
+                        out=sc.get("attn", (Cb * L, B * R), V))
+        F.leaky_relu_(attn, 0.1)
+    else:
+        attn = F.leaky_relu(W.reshape(Cb * L, d) @ V.reshape(B * R, d).t(), 0.1)
+    attn = attn.view(Cb, L, B, R)
+    if lens is not None:  # pad words out of the l2norm across words
+        mask = word_mask(lens, L, V.device).view(Cb, L, 1, 1)
+        attn = attn.mul_(mask) if sc is not None else attn * mask
+    nrm = torch.linalg.vector_norm(attn, dim=1, keepdim=True)    # (Cb, 1, B, R)
+    if sc is not None:
+        # in place; the scores lie in [-0.9, 9] after the l2norm, so exp needs no max shift
+        attn.mul_(nrm.add_(EPS).reciprocal_().mul_(SMOOTH)).exp_()
+        attn.div_(attn.sum(3, keepdim=True))                      # softmax over regions
+    else:
+        attn = torch.softmax(attn / (nrm + EPS) * SMOOTH, dim=3)  # over regions
+    return attn.view(Cb * L, B, R).transpose(0, 1)                # (B, Cb*L, R)
+
+
+def cross_nodes(attn, V, W, img_glo, cap_glo, lin_loc, lin_glo, sc=None):
+    """Similarity nodes of every (image, caption) pair of a block, from its attention.
+    attn (Bi, Cb*L, R), V (Bi, R, d) regions, W (Cb, L, d) words, img_glo (Bi, d),
+    cap_glo (Cb, d). Returns nodes (Bi*Cb, N, s), pairs image-major, node 0 the global one.
+    With a Scratch `sc` (no autograd) the big intermediates live in reused buffers."""
+    Bi, R, d = V.shape
+    Cb, L, _ = W.shape
+    s = lin_loc.out_features
+    N = L + 1
+    # context, l2-normalised, minus the word, squared, through sim_tranloc_w
+    if sc is not None:
+        ctx = torch.bmm(attn, V, out=sc.get("ctx", (Bi, Cb * L, d), V))  # (Bi, Cb*L, d)
+        inv = torch.linalg.vector_norm(ctx, dim=2, keepdim=True).add_(EPS).reciprocal_()
+        x = torch.addcmul(W.reshape(1, Cb * L, d).neg(), ctx, inv, out=ctx)
+        x.square_()
+        loc = torch.addmm(lin_loc.bias, x.view(Bi * Cb * L, d), lin_loc.weight.t(),
+                          out=sc.get("loc", (Bi * Cb * L, s), V))
+        nodes = sc.get("nodes", (Bi, Cb, N, s), V)
+        torch.div(loc.view(Bi, Cb, L, s),
+                  torch.linalg.vector_norm(loc, dim=1).add_(EPS).view(Bi, Cb, L, 1),
+                  out=nodes[:, :, 1:])
+    else:
+        loc = LocalSimilarity.apply(torch.bmm(attn, V), W.reshape(Cb * L, d),
+                                    lin_loc.weight, lin_loc.bias)  # (Bi*Cb*L, s)
+        loc = l2norm(loc).view(Bi, Cb, L, s)
+    # the global node
+    g = (img_glo.unsqueeze(1) - cap_glo.unsqueeze(0)).square()   # (Bi, Cb, d)
+    g = l2norm(lin_glo(g))                                        # (Bi, Cb, s)
+    if sc is not None:
+        nodes[:, :, 0] = g
+    else:
+        nodes = torch.cat([g.unsqueeze(2), loc], 2)               # (Bi, Cb, N, s)
+    return nodes.view(Bi * Cb, N, s)
+
+
+def pair_nodes(V, W, img_glo, cap_glo, lin_loc, lin_glo, lens=None):
+    """Similarity nodes of P given pairs: V (P, R, d), W (P, L, d), img_glo/cap_glo (P, d).
+    Returns (P, N, s); autograd-friendly."""
+    P, L, d = W.shape
+    attn = F.leaky_relu(torch.bmm(W, V.transpose(1, 2)), 0.1)     # (P, L, R)
+    if lens is not None:
+        attn = attn * word_mask(lens, L, V.device).unsqueeze(2)
+    attn = torch.softmax(l2norm(attn, dim=1) * SMOOTH, dim=2)     # over regions
+    ctx = l2norm(torch.bmm(attn, V))                              # (P, L, d)
+    loc = l2norm(lin_loc((ctx - W).square()))                     # (P, L, s)
+    g = l2norm(lin_glo((img_glo - cap_glo).square()))             # (P, s)
+    return torch.cat([g.unsqueeze(1), loc], 1)                    # (P, N, s)
+
+
+# ----------------------------------------------------------------------------- drivers
+
+def _score(sim, nodes, weights, node_mask, n_img, bn_stats):
+    if sim.module_name == "SGR":
+        vec = sgr_head(weights, nodes, node_mask)
+    else:
+        vec = saf_head(sim.SAF_module, nodes, node_mask, n_img, bn_stats)
+    return torch.sigmoid(torch.addmm(sim.sim_eval_w.bias, vec, sim.sim_eval_w.weight.t()))
+
+
+def node_mask_of(lens, L, n_img, device):
+    """(n_img*Cb, L+1) True on the global node and real words, pairs image-major."""
+    m = torch.cat([torch.ones(len(lens), 1, dtype=torch.bool, device=device),
+                   word_mask(lens, L, device)], 1)
+    return m.unsqueeze(0).expand(n_img, -1, -1).reshape(n_img * len(lens), L + 1)
+
+
+def similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=None,
+                      scratch=None, word_pairs=None, attn_words=None, out=None):
+    """All (image, caption) scores: img_emb (B, R, d), cap_emb (C, L, d) -> (B, C).
+
+    Works with and without autograd. In SAF training the BatchNorm statistics are per caption
+    and its running stats are updated once per caption, as the original. Without autograd the
+    intermediates live in `scratch` (a Scratch, made here if None) and the result is written
+    into `out` (B, C) if given."""
+    B, R, d = img_emb.shape
+    C = cap_emb.size(0)
+    dev = img_emb.device
+    # autocast does not take out= buffers: then the allocating path (as with autograd)
+    grad = torch.is_grad_enabled() or torch.is_autocast_enabled(dev.type)
+    if img_glo is None:
+        img_glo = sim.v_global_w(img_emb, img_emb.mean(1))       # (B, d)
+    if cap_glo is None:
+        cap_glo = caption_globals(sim.t_global_w, cap_emb, cap_lens)  # (C, d)
+    saf_train = sim.module_name == "SAF" and sim.SAF_module.bn.training
+    weights = sgr_weights(sim.SGR_module) if sim.module_name == "SGR" else None
+    sc = None if grad else (scratch if scratch is not None else Scratch())
+    if word_pairs is None:
+        word_pairs = WORD_PAIRS_GRAD if torch.is_grad_enabled() else WORD_PAIRS
+    attn_words = ATTN_WORDS if attn_words is None else attn_words
+    if out is None and not grad:
+        out = torch.empty(B, C, dtype=img_emb.dtype, device=dev)
+    cols, order, bn_stats = [], [], ([] if saf_train else None)
+    for L, idx, lens in length_blocks(cap_lens, B):
+        idx_d = idx.to(dev)
+        Wg = cap_emb.index_select(0, idx_d)[:, :L].contiguous()   # (Cg, L, d)
+        Gg = cap_glo.index_select(0, idx_d)                       # (Cg, d)
+        Cg = len(idx)
+        if saf_train:  # per-caption BatchNorm: all images of a caption in one block
+            Cb, Bi = max(1, word_pairs // (B * L)), B
+        else:  # the attention of many words at once, then image chunks
+            Cb = max(1, min(Cg, attn_words // L))
+            Bi = max(1, min(B, word_pairs // (Cb * L)))
+        for c0 in range(0, Cg, Cb):
+            c1 = min(c0 + Cb, Cg)
+            lens_c = None if lens is None else lens[c0:c1]
+            attn = cross_attention(img_emb, Wg[c0:c1], lens_c, sc)  # (B, Cb*L, R)
+            blk = []
+            for b0 in range(0, B, Bi):
+                b1 = min(b0 + Bi, B)
+                nodes = cross_nodes(attn[b0:b1], img_emb[b0:b1], Wg[c0:c1], img_glo[b0:b1],
+                                    Gg[c0:c1], sim.sim_tranloc_w, sim.sim_tranglo_w, sc)
+                nm = None if lens_c is None else node_mask_of(lens_c, L, b1 - b0, dev)
+                sims = _score(sim, nodes, weights, nm, b1 - b0, bn_stats).view(b1 - b0, c1 - c0)
+                if grad:
+                    blk.append(sims)
+                else:
+                    out[b0:b1].index_copy_(1, idx_d[c0:c1], sims)
+            if grad:
+                cols.append(torch.cat(blk, 0))
+                order.append(idx[c0:c1])
+    if saf_train:
+        update_bn_per_caption(sim.SAF_module.bn, bn_stats, torch.cat(order))
+    if grad:
+        order = torch.cat(order)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(C)
+        res = torch.cat(cols, 1).index_select(1, inv.to(dev))    # (B, C)
+        return res if out is None else out.copy_(res)
+    return out
+
+
+def pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx):
+    """Scores of the pairs (img_idx[p], cap_idx[p]), (P,), with autograd; SGR only (SAF's
+    training BatchNorm ties all images of a caption)."""
+    lens = torch.as_tensor([int(x) for x in cap_lens], dtype=torch.int64)[cap_idx.cpu()]
+    weights = sgr_weights(sim.SGR_module)
+    P = len(img_idx)
+    parts, order = [], []
+    for L in torch.unique(lens).tolist():
+        sel = torch.nonzero(lens == L).squeeze(1)
+        i, j = img_idx[sel.to(img_idx.device)], cap_idx[sel.to(cap_idx.device)]
+        nodes = pair_nodes(img_emb[i], cap_emb[j, :L], img_glo[i], cap_glo[j],
+                           sim.sim_tranloc_w, sim.sim_tranglo_w)
+        parts.append(_score(sim, nodes, weights, None, None, None).squeeze(1))
+        order.append(sel)
+    order = torch.cat(order)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(P)
+    return torch.cat(parts).index_select(0, inv.to(img_emb.device))  # (P,)
+
+
+def max_violation_loss(sim, img_emb, cap_emb, cap_lens, margin):
+    """The hinge loss with max-violation (summed) of the batch whose pair k is (image k,
+    caption k), equal to ContrastiveLoss(max_violation=True)(sim(img, cap)), for SGR.
+
+    The encoders' outputs and the global vectors (VisualSA's BatchNorm uses batch statistics)
+    are computed once with autograd; the B x B matrix is scored without autograd; the hardest
+    negatives are chosen on those values exactly as ContrastiveLoss does; then only the pairs
+    the loss touches (positives, chosen negatives) are recomputed with gradients.
+    Returns (loss, the no-grad scores (B, B))."""
+    B = img_emb.size(0)
+    img_glo = sim.v_global_w(img_emb, img_emb.mean(1))           # (B, d), BN updated once
+    cap_glo = caption_globals(sim.t_global_w, cap_emb, cap_lens)  # (B, d)
+    with torch.no_grad():
+        scores = similarity_matrix(sim, img_emb.detach(), cap_emb.detach(), cap_lens,
+                                   img_glo.detach(), cap_glo.detach())  # (B, B)
+        diag = scores.diag().view(B, 1)
+        eye = torch.eye(B, dtype=torch.bool, device=scores.device)
+        cost_s = (margin + scores - diag).clamp(min=0).masked_fill(eye, 0)
+        cost_im = (margin + scores - diag.t()).clamp(min=0).masked_fill(eye, 0)
+        val_s, neg_cap = cost_s.max(1)                            # per row: hardest caption
+        val_im, neg_img = cost_im.max(0)                          # per column: hardest image
+        rows = torch.nonzero(val_s > 0).squeeze(1)
+        cols = torch.nonzero(val_im > 0).squeeze(1)
+    ar = torch.arange(B, device=scores.device)
+    img_idx = torch.cat([ar, rows, neg_img[cols]])
+    cap_idx = torch.cat([ar, neg_cap[rows], cols])
+    s = pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx)
+    pos, s_row, s_col = s[:B], s[B:B + len(rows)], s[B + len(rows):]
+    loss = (margin + s_row - pos[rows]).sum() + (margin + s_col - pos[cols]).sum()
+    return loss, scores
