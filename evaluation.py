@@ -234,7 +234,7 @@ def _print_results(r, ri):
     return rsum
 
 
-def compute_sims(models, data_loader, shard_size=100):
+def compute_sims(models, data_loader, shard_size=None):
     """The similarity matrix of a split for one model or the mean over several (ensemble),
     with every 5th image (the loader repeats each image for its captions)."""
     sims, img_embs, cap_lens = None, None, None

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import daa
 import similarity
+from daa import DAALoss
 from loss import ContrastiveLoss  # noqa: F401  (the original exposes it from model.py)
 from meters import LogCollector
 
@@ -300,6 +302,9 @@ class SGRAF:
         self.optimizer = torch.optim.Adam(self.params, lr=opt.learning_rate)
         self.Eiters = 0
         self.logger = LogCollector()
+        self.daa = (DAALoss(opt.daa_weight, rowwise=getattr(opt, "daa_rowwise", False))
+                    if getattr(opt, "daa_weight", 0) > 0 else None)
+        self.tfidf = None
 
     def modules(self):
         return [self.img_enc, self.txt_enc, self.sim_enc]
@@ -332,10 +337,24 @@ class SGRAF:
     def forward_sim(self, img_embs, cap_embs, cap_lens):
         return self.sim_enc(img_embs, cap_embs, cap_lens)
 
-    def forward_loss(self, sims, **kwargs):
+    def forward_loss(self, sims, ids=None, **kwargs):
+        """The hinge loss of a (B, B) score matrix, plus DAA's two terms when `--daa_weight`
+        is set (`ids`: the batch's caption indices in the split, for the semantics)."""
         loss = self.criterion(sims)
+        if self.daa is not None:
+            self.logger.update("Hinge", loss.item(), sims.size(0))
+            sems = daa.batch_semantics(self.tfidf, None, ids).to(sims.device)
+            daa_i2t, daa_t2i = self.daa(sims, sems)
+            self.logger.update("DAA_i2t", daa_i2t.item(), sims.size(0))
+            self.logger.update("DAA_t2i", daa_t2i.item(), sims.size(0))
+            loss = loss + daa_i2t + daa_t2i
         self.logger.update("Loss", loss.item(), sims.size(0))
         return loss
+
+    def set_semantics(self, captions):
+        """The training split's captions, for DAA's TF-IDF semantics (no-op without DAA)."""
+        if self.daa is not None:
+            self.tfidf = daa.caption_tfidf(captions)
 
     def train_emb(self, images, captions, lengths, ids=None, *args):
         """One optimisation step on a batch whose pair k is (image k, caption k)."""
@@ -345,17 +364,18 @@ class SGRAF:
 
         img_embs, cap_embs, cap_lens = self.forward_emb(images, captions, lengths)
         self.optimizer.zero_grad()
-        if (self.sim_enc.module_name == "SGR" and type(self.criterion) is ContrastiveLoss
-                and self.criterion.max_violation
-                and type(self).forward_loss is SGRAF.forward_loss):
-            # only the pairs the hinge uses get a graph (exact, see similarity.py)
-            loss, _ = similarity.max_violation_loss(self.sim_enc, img_embs, cap_embs, cap_lens,
-                                                    self.criterion.margin)
-            self.logger.update("Loss", loss.item(), img_embs.size(0))
+        if self.sim_enc.module_name == "SGR":
+            # only the pairs whose score the loss's gradient touches get a graph (exact: every
+            # score is a function of its pair alone once the global vectors are computed)
+            loss, surrogate, _ = similarity.subset_loss(
+                self.sim_enc, img_embs, cap_embs, cap_lens,
+                lambda sims: self.forward_loss(sims, ids=ids))
+            surrogate.backward()
         else:
+            # SAF's training BatchNorm ties all images of a caption: the full graph
             sims = self.forward_sim(img_embs, cap_embs, cap_lens)
-            loss = self.forward_loss(sims)
-        loss.backward()
+            loss = self.forward_loss(sims, ids=ids)
+            loss.backward()
         if self.sim_enc.module_name == "SGR":  # the folded key bias: exactly zero gradient
             for m in self.sim_enc.SGR_module:
                 if m.graph_key_w.bias.grad is None:

@@ -44,6 +44,9 @@ def build_parser():
     p.add_argument("--margin", default=0.2, type=float, help="rank loss margin")
     p.add_argument("--max_violation", default=True, action=argparse.BooleanOptionalAction,
                    help="hardest negative instead of the sum of violations in the rank loss")
+    p.add_argument("--sum_violation_warmup", default=0, type=int,
+                   help="epochs of sum-of-violations hinge before the hardest negative (as "
+                        "VSE-infinity's warm-up; 0, the original, disables it)")
 
     # ------------------------- model setting -----------------------#
     p.add_argument("--img_dim", default=2048, type=int, help="dimension of the image features")

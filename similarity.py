@@ -428,33 +428,38 @@ def pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_
     return torch.cat(parts).index_select(0, inv.to(img_emb.device))  # (P,)
 
 
-def max_violation_loss(sim, img_emb, cap_emb, cap_lens, margin):
-    """The hinge loss with max-violation (summed) of the batch whose pair k is (image k,
-    caption k), equal to ContrastiveLoss(max_violation=True)(sim(img, cap)), for SGR.
+def subset_loss(sim, img_emb, cap_emb, cap_lens, loss_fn):
+    """Any loss of the batch score matrix, for SGR, with a graph only for the pairs whose score
+    the loss's gradient touches.
 
     The encoders' outputs and the global vectors (VisualSA's BatchNorm uses batch statistics)
-    are computed once with autograd; the B x B matrix is scored without autograd; the hardest
-    negatives are chosen on those values exactly as ContrastiveLoss does; then only the pairs
-    the loss touches (positives, chosen negatives) are recomputed with gradients.
-    Returns (loss, the no-grad scores (B, B))."""
-    B = img_emb.size(0)
+    are computed once with autograd; the B x B matrix S is scored without autograd; the loss
+    and its gradient G = dloss/dS are taken on a detached copy of S; then only the pairs where
+    G != 0 are recomputed with gradients, and `surrogate = sum G * s` has exactly the gradient
+    of loss(S) with respect to every parameter (the chain rule through S). With the hinge and
+    max-violation G has at most 3B non-zeros (positives, hardest negatives), so a step costs one
+    no-grad pass over B x B pairs plus a training pass over a few hundred.
+    Returns (loss value (detached), surrogate to backpropagate, S)."""
     img_glo = sim.v_global_w(img_emb, img_emb.mean(1))           # (B, d), BN updated once
     cap_glo = caption_globals(sim.t_global_w, cap_emb, cap_lens)  # (B, d)
     with torch.no_grad():
         scores = similarity_matrix(sim, img_emb.detach(), cap_emb.detach(), cap_lens,
                                    img_glo.detach(), cap_glo.detach())  # (B, B)
-        diag = scores.diag().view(B, 1)
-        eye = torch.eye(B, dtype=torch.bool, device=scores.device)
-        cost_s = (margin + scores - diag).clamp(min=0).masked_fill(eye, 0)
-        cost_im = (margin + scores - diag.t()).clamp(min=0).masked_fill(eye, 0)
-        val_s, neg_cap = cost_s.max(1)                            # per row: hardest caption
-        val_im, neg_img = cost_im.max(0)                          # per column: hardest image
-        rows = torch.nonzero(val_s > 0).squeeze(1)
-        cols = torch.nonzero(val_im > 0).squeeze(1)
-    ar = torch.arange(B, device=scores.device)
-    img_idx = torch.cat([ar, rows, neg_img[cols]])
-    cap_idx = torch.cat([ar, neg_cap[rows], cols])
+    leaf = scores.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    img_idx, cap_idx = torch.nonzero(grad, as_tuple=True)
+    if len(img_idx) == 0:  # no pair violates: no gradient reaches the model
+        return loss.detach(), (img_glo.sum() + cap_glo.sum()) * 0.0, scores
     s = pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx)
-    pos, s_row, s_col = s[:B], s[B:B + len(rows)], s[B + len(rows):]
-    loss = (margin + s_row - pos[rows]).sum() + (margin + s_col - pos[cols]).sum()
-    return loss, scores
+    return loss.detach(), (grad[img_idx, cap_idx] * s).sum(), scores
+
+
+def max_violation_loss(sim, img_emb, cap_emb, cap_lens, margin):
+    """The hinge loss with max-violation (summed) of the batch whose pair k is (image k,
+    caption k), equal to ContrastiveLoss(max_violation=True)(sim(img, cap)), for SGR, through
+    `subset_loss`. Returns (loss value, surrogate to backpropagate, the no-grad scores)."""
+    from loss import ContrastiveLoss
+    return subset_loss(sim, img_emb, cap_emb, cap_lens,
+                       ContrastiveLoss(margin=margin, max_violation=True))

@@ -130,6 +130,8 @@ def main(argv=None):
     checks.check_last_batch(len(train_loader.dataset), opt.batch_size)
 
     model = SGRAF(opt)
+    dset = train_loader.dataset
+    model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
     checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
     start_epoch, best_rsum = 0, 0
     if opt.resume:
@@ -152,6 +154,8 @@ def main(argv=None):
     for epoch in range(start_epoch, opt.num_epochs):
         log.info("%s\n%s", opt.logger_name, opt.model_name)
         adjust_learning_rate(opt, model.optimizer, epoch)
+        # optional warm-up (not in the original): the sum of violations for the first epochs
+        model.criterion.max_violation = opt.max_violation and epoch >= opt.sum_violation_warmup
         generator.manual_seed(opt.seed * 1000003 + epoch)
 
         train_epoch(opt, train_loader, model, epoch, val_loader, writer)
