@@ -142,9 +142,13 @@ def collate_fn(data):
 
 def get_precomp_loader(data_path, data_split, vocab, opt, batch_size=100, shuffle=True,
                        num_workers=2, sampler=None, generator=None):
+    """`sampler`: a Sampler, or a function of the dataset that returns one (a
+    DistributedSampler needs the dataset, which is built here)."""
     dset = PrecompDataset(data_path, data_split, vocab,
                           feat_format=getattr(opt, "feat_format", "auto"),
                           img_dim=getattr(opt, "img_dim", None))
+    if callable(sampler) and not isinstance(sampler, torch.utils.data.Sampler):
+        sampler = sampler(dset)
     on_cuda = str(getattr(opt, "device", "cpu")).startswith("cuda")
     return torch.utils.data.DataLoader(dataset=dset, batch_size=batch_size,
                                        shuffle=shuffle and sampler is None, sampler=sampler,

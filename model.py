@@ -231,10 +231,18 @@ class EncoderSimilarity(nn.Module):
         # Only the direct Linear children: the sub-modules above initialised their own layers.
         init_xavier(self.children())
 
-    def forward(self, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=None, out=None):
+    def forward(self, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=None, out=None,
+                loss_fn=None):
         """All pairs at once (similarity.py): img_emb (B, R, d), cap_emb (C, L, d) -> (B, C).
         The global vectors may be given precomputed (`image_globals`, `caption_globals`);
-        without autograd the scores can be written into `out` (B, C)."""
+        without autograd the scores can be written into `out` (B, C).
+
+        With `loss_fn` (SGR training) it returns `similarity.subset_loss(self, ..., loss_fn)`,
+        (loss, surrogate, scores), instead: going through `forward` lets a
+        DistributedDataParallel wrapper see the step (its reducer is prepared from the
+        outputs of `forward`, and subset_loss calls the submodules directly)."""
+        if loss_fn is not None:
+            return similarity.subset_loss(self, img_emb, cap_emb, cap_lens, loss_fn)
         return similarity.similarity_matrix(self, img_emb, cap_emb, cap_lens, img_glo, cap_glo,
                                             out=out)
 
@@ -277,7 +285,11 @@ class EncoderSimilarity(nn.Module):
 
 class SGRAF:
     """The three encoders, the hinge loss, Adam, and the train step. `state_dict()` is the
-    original checkpoint's `'model'` entry: [img_enc, txt_enc, sim_enc] state dicts."""
+    original checkpoint's `'model'` entry: [img_enc, txt_enc, sim_enc] state dicts.
+
+    Under torchrun, `ddp()` wraps the encoders in DistributedDataParallel for the train step
+    only: `img_enc`, `txt_enc`, `sim_enc` stay the bare modules, so `state_dict()` never has
+    DDP's `module.` prefix and evaluation never makes a collective call."""
 
     def __init__(self, opt, device=None):
         self.opt = opt
@@ -305,6 +317,30 @@ class SGRAF:
         self.daa = (DAALoss(opt.daa_weight, rowwise=getattr(opt, "daa_rowwise", False))
                     if getattr(opt, "daa_weight", 0) > 0 else None)
         self.tfidf = None
+        self._ddp = None  # (img, txt, sim) DistributedDataParallel wrappers after ddp()
+
+    def ddp(self, device_ids=None):
+        """Wrap the encoders in DistributedDataParallel (the process group must be initialised;
+        `device_ids=[local_rank]` on CUDA, None on CPU). DDP averages the gradients over the
+        processes in the backward pass and broadcasts rank 0's BatchNorm buffers at each
+        training forward. On CUDA the BatchNorm layers become SyncBatchNorm (the same
+        parameters and buffers, so the optimizer and the checkpoint keys are unchanged).
+        sim_enc needs `find_unused_parameters`: in SGR's pair-subset step SGR's folded key bias
+        (graph_key_w.bias) is never in the graph, and in a batch where no pair violates the
+        margin only the global vectors are; such parameters keep grad None on every rank and
+        train_emb fills the exact zero, as in a single process."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        if self.device.type == "cuda":
+            self.sim_enc = nn.SyncBatchNorm.convert_sync_batchnorm(self.sim_enc)
+        self._ddp = (DDP(self.img_enc, device_ids=device_ids),
+                     DDP(self.txt_enc, device_ids=device_ids),
+                     DDP(self.sim_enc, device_ids=device_ids, find_unused_parameters=True))
+        return self
+
+    def _trained(self):
+        """The modules the train step calls: the DDP wrappers after ddp(), else the bare
+        encoders."""
+        return self._ddp or (self.img_enc, self.txt_enc, self.sim_enc)
 
     def modules(self):
         return [self.img_enc, self.txt_enc, self.sim_enc]
@@ -328,10 +364,14 @@ class SGRAF:
             m.eval()
 
     def forward_emb(self, images, captions, lengths):
+        """Region and word embeddings by the bare encoders (evaluation)."""
+        return self._embed(self.img_enc, self.txt_enc, images, captions, lengths)
+
+    def _embed(self, img_enc, txt_enc, images, captions, lengths):
         images = images.to(self.device, non_blocking=True)
         captions = captions.to(self.device, non_blocking=True)
-        img_embs = self.img_enc(images)
-        cap_embs = self.txt_enc(captions, lengths)
+        img_embs = img_enc(images)                                # (B, R, d)
+        cap_embs = txt_enc(captions, lengths)                     # (C, L, d)
         return img_embs, cap_embs, lengths
 
     def forward_sim(self, img_embs, cap_embs, cap_lens):
@@ -362,18 +402,21 @@ class SGRAF:
         self.logger.update("Eit", self.Eiters)
         self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
 
-        img_embs, cap_embs, cap_lens = self.forward_emb(images, captions, lengths)
+        # through the DDP wrappers under torchrun (each process scores its own batch; the
+        # backward averages the gradients over the processes)
+        img_enc, txt_enc, sim_enc = self._trained()
+        img_embs, cap_embs, cap_lens = self._embed(img_enc, txt_enc, images, captions, lengths)
         self.optimizer.zero_grad()
         if self.sim_enc.module_name == "SGR":
             # only the pairs whose score the loss's gradient touches get a graph (exact: every
-            # score is a function of its pair alone once the global vectors are computed)
-            loss, surrogate, _ = similarity.subset_loss(
-                self.sim_enc, img_embs, cap_embs, cap_lens,
-                lambda sims: self.forward_loss(sims, ids=ids))
+            # score is a function of its pair alone once the global vectors are computed):
+            # similarity.subset_loss, called by EncoderSimilarity.forward
+            loss, surrogate, _ = sim_enc(img_embs, cap_embs, cap_lens,
+                                         loss_fn=lambda sims: self.forward_loss(sims, ids=ids))
             surrogate.backward()
         else:
             # SAF's training BatchNorm ties all images of a caption: the full graph
-            sims = self.forward_sim(img_embs, cap_embs, cap_lens)
+            sims = sim_enc(img_embs, cap_embs, cap_lens)
             loss = self.forward_loss(sims, ids=ids)
             loss.backward()
         if self.sim_enc.module_name == "SGR":  # the folded key bias: exactly zero gradient

@@ -9,15 +9,27 @@ norm clipped at `grad_clip`, hinge loss with the hardest negatives; R@K on dev a
 and every `val_step` iterations; `checkpoint_{epoch}.pth.tar` and `model_best.pth.tar` (by dev
 rsum) under `--model_name` in the original format, plus the optimizer and RNG state so that
 `--resume` continues exactly where the run stopped. TensorBoard scalars under `--logger_name`.
+
+Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the environment, as nanoGPT) every process
+trains on its shard of the training set (DistributedSampler, reshuffled every epoch from
+`--seed`) with batches of `--batch_size` pairs, scores and takes the loss of its own batch as
+the original DAA does, and DDP averages the gradients over the processes (nccl on CUDA, gloo on
+CPU); the learning rate is multiplied by the world size unless `--no-scale_lr`. Rank 0 (the
+master process) alone validates, logs, writes TensorBoard and checkpoints while the others wait
+for it. `--world_size` is only checked against the launcher; it never starts processes.
 """
+import datetime
 import logging
 import os
 import random
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
 
 import checks
 import data
@@ -28,6 +40,40 @@ from meters import AverageMeter, LogCollector
 from model import SGRAF
 
 log = logging.getLogger("train")
+
+# the other processes wait at a collective while rank 0 validates: COCO's dev split may take
+# longer than the default timeout (10 minutes with nccl)
+DIST_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def distributed_env():
+    """(ddp, rank, local_rank, world_size): a torchrun launch sets RANK, LOCAL_RANK and
+    WORLD_SIZE; a plain run is rank 0 of 1."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1
+    return (True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+            int(os.environ["WORLD_SIZE"]))
+
+
+def check_world_size(opt, world_size, ddp):
+    """`--world_size` (the DAA commands') must agree with the launcher, which alone starts the
+    processes."""
+    if opt.world_size is None or opt.world_size == world_size:
+        return
+    where = "--world_size %d" % opt.world_size
+    if ddp:
+        raise checks.UsageError(
+            "%s: torchrun started %d processes (WORLD_SIZE=%d); pass --world_size %d or drop "
+            "it, or launch nnodes x nproc_per_node = %d processes"
+            % (where, world_size, world_size, world_size, opt.world_size), key="world_size")
+    raise checks.UsageError(
+        "%s: train.py is a single process and does not start others; launch it with "
+        "torchrun --standalone --nproc_per_node=%d train.py ... (one node, see README), or "
+        "drop --world_size" % (where, opt.world_size), key="world_size")
+
+
+def is_master():
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def seed_everything(seed):
@@ -55,8 +101,9 @@ def set_rng_state(state):
 
 
 def adjust_learning_rate(opt, optimizer, epoch):
-    """The initial learning rate, divided by 10 every `lr_update` epochs."""
-    lr = opt.learning_rate * (0.1 ** (epoch // opt.lr_update))
+    """The initial learning rate (x the world size under torchrun with --scale_lr), divided by
+    10 every `lr_update` epochs."""
+    lr = opt.learning_rate * getattr(opt, "lr_scale", 1) * (0.1 ** (epoch // opt.lr_update))
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
 
@@ -78,6 +125,17 @@ def validate(opt, val_loader, model, writer=None):
                      ("r1i", r1i), ("r5i", r5i), ("r10i", r10i), ("medri", medri),
                      ("meanri", meanri), ("r_sum", r_sum)]:
             writer.add_scalar(k, v, global_step=model.Eiters)
+    return r_sum
+
+
+def validate_on_master(opt, val_loader, model, writer=None):
+    """validate() on rank 0 with the bare encoders (no collective call inside), while the other
+    processes wait at the broadcast of its result; every process returns rank 0's rsum."""
+    r_sum = validate(opt, val_loader, model, writer) if is_master() else 0.0
+    if dist.is_initialized():
+        box = [r_sum]
+        dist.broadcast_object_list(box, src=0)
+        r_sum = box[0]
     return r_sum
 
 
@@ -106,64 +164,104 @@ def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
             model.logger.tb_log(writer, step=model.Eiters)
 
         if model.Eiters % opt.val_step == 0:
-            validate(opt, val_loader, model, writer)
+            validate_on_master(opt, val_loader, model, writer)
 
 
 @checks.exit_on_error
 def main(argv=None):
     opt = opts.parse_opt(argv)
-    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    ddp, rank, local_rank, world_size = distributed_env()
+    master_process = rank == 0  # logs, validates and saves
+    logging.basicConfig(format="%(asctime)s %(message)s",
+                        level=logging.INFO if master_process else logging.WARNING)
+    check_world_size(opt, world_size, ddp)
     checks.check_train_opt(opt)  # flags, and never over another run's checkpoints
+    ckpt = load_checkpoint(opt.resume) if opt.resume else None
+    if opt.seed is None and ckpt is not None:  # replay the resumed run's shuffling
+        opt.seed = getattr(ckpt["opt"], "seed", None)
+    if ddp:
+        if torch.device(opt.device).type == "cuda":
+            opt.device = "cuda:%d" % local_rank
+            torch.cuda.set_device(opt.device)
+        dist.init_process_group(
+            backend="nccl" if torch.device(opt.device).type == "cuda" else "gloo",
+            timeout=DIST_TIMEOUT)
     if opt.seed is None:  # still seed the shuffling, so that --resume can replay it
         opt.seed = random.SystemRandom().randrange(2 ** 31)
-    seed_everything(opt.seed)
+        if ddp:  # one seed for all: the DistributedSampler shards one permutation
+            box = [opt.seed]
+            dist.broadcast_object_list(box, src=0)
+            opt.seed = box[0]
+    # dropout differs between processes; DDP copies rank 0's initial weights to the others
+    seed_everything(opt.seed + rank)
+    # DAA's convention: learning rate x world size, the batch of each process --batch_size
+    opt.lr_scale = world_size if ddp and opt.scale_lr else 1
+    if ddp:
+        log.info("torchrun: %d processes (%s), learning rate %g x %d, %d pairs a step",
+                 world_size, dist.get_backend(), opt.learning_rate, opt.lr_scale,
+                 world_size * opt.batch_size)
 
     vocab_file = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
     vocab = checks.load_vocab(vocab_file)
     opt.vocab_size = len(vocab)
 
-    # a generator for the shuffling, reseeded every epoch, so that a resumed run sees the same
-    # batches as an uninterrupted one
-    generator = torch.Generator()
+    # single process: a generator for the shuffling, reseeded every epoch, so that a resumed run
+    # sees the same batches as an uninterrupted one; torchrun: each process's shard of one
+    # permutation per epoch (set_epoch), from the same seed
+    generator = None if ddp else torch.Generator()
+    sampler = (partial(DistributedSampler, num_replicas=world_size, rank=rank, shuffle=True,
+                       seed=opt.seed) if ddp else None)
     train_loader, val_loader = data.get_loaders(opt.data_name, vocab, opt.batch_size,
-                                                opt.workers, opt, generator=generator)
-    checks.check_last_batch(len(train_loader.dataset), opt.batch_size)
+                                                opt.workers, opt, train_sampler=sampler,
+                                                generator=generator)
+    # the captions of one process's epoch (the DistributedSampler pads the split to a multiple
+    # of the world size)
+    checks.check_last_batch(len(train_loader.sampler) if ddp else len(train_loader.dataset),
+                            opt.batch_size)
 
     model = SGRAF(opt)
     dset = train_loader.dataset
     model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
     checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
     start_epoch, best_rsum = 0, 0
-    if opt.resume:
-        ckpt = load_checkpoint(opt.resume)
+    if ckpt is not None:
         checks.check_checkpoint_matches(model, ckpt, opt.resume, vocab_file)
         model.load_state_dict(ckpt["model"])
         if "optimizer" in ckpt:
             model.optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_rsum = ckpt["epoch"], ckpt["best_rsum"]
         model.Eiters = ckpt["Eiters"]
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
+        # every process's generators when the checkpoint was written by as many processes
+        rngs = ckpt.get("rng_ranks", [ckpt["rng"]] if "rng" in ckpt else None)
+        if rngs is not None and len(rngs) == world_size:
+            set_rng_state(rngs[rank])
         log.info("=> resumed from %s (epoch %d, best_rsum %.1f)", opt.resume, start_epoch,
                  best_rsum)
+    if ddp:  # after loading: the wrappers start from the same weights on every process
+        model.ddp([local_rank] if model.device.type == "cuda" else None)
 
-    os.makedirs(opt.model_name, exist_ok=True)
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(opt.logger_name, flush_secs=5)
+    writer = None
+    if master_process:
+        os.makedirs(opt.model_name, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(opt.logger_name, flush_secs=5)
 
     for epoch in range(start_epoch, opt.num_epochs):
         log.info("%s\n%s", opt.logger_name, opt.model_name)
         adjust_learning_rate(opt, model.optimizer, epoch)
         # optional warm-up (not in the original): the sum of violations for the first epochs
         model.criterion.max_violation = opt.max_violation and epoch >= opt.sum_violation_warmup
-        generator.manual_seed(opt.seed * 1000003 + epoch)
+        if ddp:
+            train_loader.sampler.set_epoch(epoch)
+        else:
+            generator.manual_seed(opt.seed * 1000003 + epoch)
 
         train_epoch(opt, train_loader, model, epoch, val_loader, writer)
-        r_sum = validate(opt, val_loader, model, writer)
+        r_sum = validate_on_master(opt, val_loader, model, writer)
 
         is_best = r_sum > best_rsum
         best_rsum = max(r_sum, best_rsum)
-        save_checkpoint({
+        state = {
             "epoch": epoch + 1,
             "model": model.state_dict(),
             "best_rsum": best_rsum,
@@ -171,9 +269,19 @@ def main(argv=None):
             "Eiters": model.Eiters,
             "optimizer": model.optimizer.state_dict(),
             "rng": rng_state(),
-        }, is_best, filename="checkpoint_{}.pth.tar".format(epoch),
-            prefix=opt.model_name + "/")
-    writer.close()
+        }
+        if ddp:  # every process's generators, for an exact --resume with as many processes
+            state["rng_ranks"] = [None] * world_size
+            dist.all_gather_object(state["rng_ranks"], state["rng"])
+        if master_process:
+            save_checkpoint(state, is_best, filename="checkpoint_{}.pth.tar".format(epoch),
+                            prefix=opt.model_name + "/")
+        if ddp:  # the others wait for the checkpoint
+            dist.barrier()
+    if writer is not None:
+        writer.close()
+    if ddp:
+        dist.destroy_process_group()
     return best_rsum
 
 
