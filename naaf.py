@@ -1,0 +1,553 @@
+"""NAAF: the Negative-Aware Attention Framework for image-text matching.
+
+Zhang, Mao, Wang, Zhang, "Negative-Aware Attention Framework for Image-Text Matching", CVPR 2022,
+following the original code (CrossmodalGroup/NAAF, commit cafcd6f, `model.py`) formula by
+formula. The authors' checkpoints ([img_enc, txt_enc] state dicts; the learned threshold in
+`checkpoint['opt']`) load strictly. NAAF is SCAN's two encoders with a text-to-image score that
+has a negative branch, and a threshold that is learned by statistics inside the training forward
+("Discriminative Mismatch Mining"), not by gradient. It adds no parameters to the encoders.
+
+Read top to bottom:
+  options     add_naaf_options, complete_naaf_opt, is_naaf_checkpoint, the vocab helpers
+  encoders    model.EncoderImage; model.EncoderText (basic: random table) or with the GloVe table,
+              both without dropout and with the GRU saved under the original's name `rnn`
+  score       word_region_cosines (A), relevance_scores (positive branch b),
+              thresholded_scores (negative branch and positive branch a), naaf_sims (every pair
+              at a fixed threshold), naaf_sims_percaption (the original loop, kept as the oracle)
+  threshold   ThresholdLearner and train_sims: one caption at a time, the threshold moving
+              between captions
+  wrapper     NAAF: the encoders, the hinge loss, Adam and the train step (SGRAF's interface)
+
+The threshold state lives in `opt`, as in the original, so that every checkpoint carries it:
+`opt.thres` (used in training), `opt.thres_safe` (used at evaluation), `opt.mean_pos`,
+`opt.stnd_pos`, `opt.mean_neg`, `opt.stnd_neg` (THRESHOLD_STATE).
+
+Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size.
+"""
+import argparse
+import json
+import logging
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.clip_grad import clip_grad_norm_
+
+from loss import ContrastiveLoss
+from meters import LogCollector
+from model import EncoderImage, EncoderText, l1norm, l2norm
+from vocab import Vocabulary, deserialize_vocab
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_STATE = ("thres", "thres_safe", "mean_pos", "stnd_pos", "mean_neg", "stnd_neg")
+MIN_POS_WORDS = 200      # matched words a batch must collect before the threshold is estimated
+INTRA_TEMPERATURE = 5.0  # word-word attention of the test-time negative mask (hard-coded there)
+EMA_NEW = 0.7            # new = 0.7 * estimate + 0.3 * value before the update
+
+
+# ----------------------------------------------------------------------------- options
+
+def add_naaf_options(parser):
+    """NAAF's flags, with the original names and defaults (train.py of the original). Flags
+    that SGRAF's opts.py already has (margin, word_dim, embed_size, ...) are not repeated.
+    Deviation: `--precomp_enc_text_type` defaults to `basic`, because the GloVe 840B tables of
+    the default `GloVe` encoder cannot be obtained offline (give them with `--glove_path`)."""
+    g = parser.add_argument_group("NAAF")
+    g.add_argument("--lambda_softmax", default=20.0, type=float,
+                   help="attention softmax temperature")
+    g.add_argument("--alpha", default=2.0, type=float,
+                   help="penalty weight of the mismatched distribution in the threshold solve")
+    g.add_argument("--thres", default=0.0, type=float,
+                   help="initial training threshold (then learned; saved in the checkpoint opt)")
+    g.add_argument("--thres_safe", default=0.0, type=float,
+                   help="initial test threshold (then learned; saved in the checkpoint opt)")
+    for name, what in (("mean_pos", "mean of the matched"), ("stnd_pos", "std of the matched"),
+                       ("mean_neg", "mean of the mismatched"),
+                       ("stnd_neg", "std of the mismatched")):
+        g.add_argument("--" + name, default=0.0, type=float,
+                       help="%s word-region similarity distribution (learned)" % what)
+    g.add_argument("--precomp_enc_text_type", default="basic", choices=["basic", "GloVe"],
+                   help="basic: Bi-GRU on a random word table (SCAN vocab); GloVe: Bi-GRU on a "
+                        "GloVe table (NAAF GloVe vocab, --glove_path)")
+    g.add_argument("--glove_path", default=None,
+                   help="GloVe matrix (vocab_size, word_dim) saved with torch.save, e.g. the "
+                        "original's glove_840B_f30k_precomp.json.pkl")
+    g.add_argument("--freeze_glove", action="store_true",
+                   help="freeze the GloVe table (the original means to, but fine-tunes it)")
+    g.add_argument("--using_intra_info", action="store_true",
+                   help="accepted for the original's commands; evaluation always uses the "
+                        "intra-caption smoothing of the negative mask, as the original")
+    return parser
+
+
+# defaults of the original train.py for the fields an older or foreign opt may lack
+_BASE_DEFAULTS = dict(no_imgnorm=False, no_txtnorm=False, num_layers=1, margin=0.2,
+                      grad_clip=2.0, learning_rate=0.0005, precomp_enc_type="basic")
+
+
+def complete_naaf_opt(opt):
+    """Give `opt` (e.g. an original checkpoint's) every field NAAF reads; present ones stay."""
+    defaults = dict(_BASE_DEFAULTS)
+    defaults.update(vars(add_naaf_options(argparse.ArgumentParser()).parse_args([])))
+    for k, v in defaults.items():
+        if not hasattr(opt, k):
+            setattr(opt, k, v)
+    return opt
+
+
+def threshold_state(opt):
+    """The learned threshold state as a dict (THRESHOLD_STATE order)."""
+    return {k: getattr(opt, k) for k in THRESHOLD_STATE}
+
+
+def restore_threshold_state(opt, ckpt_opt):
+    """Copy the threshold state of a checkpoint's opt into `opt` (when resuming training with
+    new command-line options)."""
+    for k in THRESHOLD_STATE:
+        if hasattr(ckpt_opt, k):
+            setattr(opt, k, getattr(ckpt_opt, k))
+    return opt
+
+
+def is_naaf_checkpoint(ckpt):
+    """True for a NAAF checkpoint (the original's or ours): two state dicts (image, text
+    encoder) and the threshold state in its opt. SCAN checkpoints also hold two state dicts
+    but no `thres_safe`; SGRAF ones hold three."""
+    if not isinstance(ckpt, dict):
+        return False
+    model, opt = ckpt.get("model"), ckpt.get("opt")
+    return (isinstance(model, (list, tuple)) and len(model) == 2 and opt is not None and
+            hasattr(opt, "thres_safe") and "fc.weight" in model[0] and
+            any(k.startswith("rnn.") for k in model[1]))
+
+
+def load_naaf_checkpoint(path, map_location="cpu"):
+    """A NAAF checkpoint, loaded as checkpoint.load_checkpoint does (weights_only, only
+    argparse.Namespace allowed besides tensors and containers) but checked for NAAF's two
+    state dicts instead of SGRAF's three."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not is_naaf_checkpoint(ckpt):
+        raise ValueError("%s is not a NAAF checkpoint ({'model': [img_enc, txt_enc], 'opt' "
+                         "with the threshold state})" % path)
+    return ckpt
+
+
+def load_glove_vocab(path):
+    """The NAAF GloVe vocab json (`{'word2idx', 'char_level', 'max_len'}`; <pad>=0 <unk>=1
+    <start>=2 <end>=3) as a vocab.Vocabulary (unknown words map to <unk>)."""
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    vocab = Vocabulary()
+    vocab.word2idx = d["word2idx"]
+    vocab.idx2word = {i: w for w, i in vocab.word2idx.items()}
+    vocab.idx = len(vocab.word2idx)
+    return vocab
+
+
+def load_naaf_vocab(path):
+    """Either vocab format: SCAN's (`idx2word` present) or NAAF's GloVe one."""
+    with open(path, encoding="utf-8") as f:
+        keys = json.load(f).keys()
+    return deserialize_vocab(path) if "idx2word" in keys else load_glove_vocab(path)
+
+
+def naaf_vocab_file(opt, vocab_path):
+    """The vocab a NAAF model needs: the SCAN vocab `<data_name>_vocab.json` for the basic
+    encoder; the GloVe vocab `<data_name>.json` (looked for in vocab_path/naaf, then vocab_path)
+    for the GloVe one. The original's evalrank always took the GloVe one (its bug)."""
+    if opt.precomp_enc_text_type == "GloVe":
+        name = "%s.json" % opt.data_name
+        nested = os.path.join(vocab_path, "naaf", name)
+        return nested if os.path.isfile(nested) else os.path.join(vocab_path, name)
+    return os.path.join(vocab_path, "%s_vocab.json" % opt.data_name)
+
+
+# ----------------------------------------------------------------------------- encoders
+
+class GloveEmbedding(nn.Module):
+    """The original GloveEmb with add_rand_embed=False: one table, saved as `glove.weight`."""
+
+    def __init__(self, vocab_size, word_dim, glove_path=None, freeze=False):
+        super().__init__()
+        self.glove = nn.Embedding(vocab_size, word_dim)
+        if glove_path:
+            table = torch.load(glove_path, map_location="cpu", weights_only=True)
+            if tuple(table.shape) != (vocab_size, word_dim):
+                raise ValueError("GloVe table %s has shape %s, expected (%d, %d)"
+                                 % (glove_path, tuple(table.shape), vocab_size, word_dim))
+            self.glove.weight.data.copy_(table)
+        # The original sets requires_grad on the Module, which leaves the weight trainable.
+        self.glove.weight.requires_grad_(not freeze)
+
+    def forward(self, x):
+        return self.glove(x)
+
+
+def build_text_encoder(opt):
+    """model.EncoderText, bidirectional, without dropout (NAAF has none). GloVe: its table
+    replaces the random one, and the output is always normalised (hard-coded there)."""
+    glove = opt.precomp_enc_text_type == "GloVe"
+    enc = EncoderText(opt.vocab_size, opt.word_dim, opt.embed_size, opt.num_layers,
+                      use_bi_gru=True, no_txtnorm=False if glove else opt.no_txtnorm)
+    enc.dropout = nn.Identity()
+    if glove:
+        if not opt.glove_path:
+            log.info("GloVe encoder without --glove_path: the table starts random (a "
+                     "checkpoint's table replaces it)")
+        enc.embed = GloveEmbedding(opt.vocab_size, opt.word_dim, opt.glove_path,
+                                   freeze=opt.freeze_glove)
+    elif opt.precomp_enc_text_type != "basic":
+        raise ValueError("precomp_enc_text_type must be basic or GloVe, got %r"
+                         % (opt.precomp_enc_text_type,))
+    return enc
+
+
+# Our EncoderText names its GRU `cap_rnn` (SGRAF); NAAF's checkpoints call it `rnn`.
+_OURS, _THEIRS = "cap_rnn.", "rnn."
+
+
+def _rename(state_dict, old, new):
+    return type(state_dict)((new + k[len(old):] if k.startswith(old) else k, v)
+                            for k, v in state_dict.items())
+
+
+# ----------------------------------------------------------------------------- score
+
+def word_region_cosines(img_emb, cap_emb):
+    """A[b, k, c, l] = <r_bk, w_cl>, the raw cosines (both sides unit norm), in one matrix
+    product: (B, R, d) x (C, L, d) -> (B, R, C, L). Regions come before words so that no copy
+    is needed, here or in the Gram product of thresholded_scores."""
+    B, R, d = img_emb.shape
+    C, L, _ = cap_emb.shape
+    return (img_emb.reshape(B * R, d) @ cap_emb.reshape(C * L, d).t()).view(B, R, C, L)
+
+
+def word_mask(cap_lens, L, device):
+    """(C, L) True on real words."""
+    lens = torch.as_tensor(cap_lens, device=device).view(-1, 1)
+    return torch.arange(L, device=device).view(1, -1) < lens
+
+
+def relevance_scores(A, mask, lambda_softmax):
+    """Positive branch (b): SCAN's text-to-image attention weights, applied to the raw cosines.
+    P = LeakyReLU_0.1(A), l2-normalised over the caption's words for each region;
+    pos_r = sum_k softmax_k(lambda P)[k, l] A[k, l]. (B, R, C, L) -> (B, C, L)."""
+    P = F.leaky_relu(A, 0.1)
+    if mask is not None and not bool(mask.all()):  # padding must not enter the norm over words
+        P = P * mask.to(P.dtype)
+    P = l2norm(P, dim=3)
+    beta = torch.softmax(P * lambda_softmax, dim=1)                # over the regions
+    return (A * beta).sum(1)
+
+
+def intra_smoothing(cap_emb, mask):
+    """S = softmax_row(5 W W^T) over each caption's real words: (C, L, d) -> (C, L, L)."""
+    logits = torch.bmm(cap_emb, cap_emb.transpose(1, 2))           # (C, L, L)
+    logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.softmax(logits * INTRA_TEMPERATURE, dim=-1)
+
+
+def thresholded_scores(A, gram, thres, lambda_softmax, smooth=None):
+    """The two threshold-dependent word scores. A: (B, R, C, L) raw cosines; gram: (B, R, R)
+    region Gram matrices; thres: the threshold t; smooth: (C, L, L) intra-caption attention
+    (evaluation) or None (training). Returns (neg, pos_f), each (B, C, L):
+      negative branch:  m_l = max_k (A - t)[k, l]; neg_l = m_l where the mask (m, or the
+                        smoothed S m at evaluation) is < 0, else 0;
+      positive branch (a): a = exp(lambda (A - t)) over the regions above t, L1-normalised;
+                        u_l = sum_k a_kl r_k; pos_f_l = <w_l, u_l> / max(||u_l||, 1e-8).
+    <w, u> = sum_k a_k A_k and ||u||^2 = a^T G a, so the (B, C, L, d) contexts are never built."""
+    B, R, C, L = A.shape
+    At = A - thres
+    m = At.max(dim=1)[0]                                           # (B, C, L)
+    if smooth is None:
+        sign_of = m
+    else:  # m~ = S m, caption by caption
+        sign_of = torch.bmm(smooth, m.permute(1, 2, 0)).permute(2, 0, 1)  # (B, C, L)
+    neg = m * (sign_of < 0).to(m.dtype)
+
+    # exp without max-subtraction, as the original. It fills -1e9 before the exp; zeroing
+    # after it gives the same values and is 3x faster (exp is slow on huge negatives).
+    a = torch.exp(At * lambda_softmax) * (At > 0).to(At.dtype)
+    a = a / (a.sum(dim=1, keepdim=True) + 1e-8)                    # l1norm (a >= 0)
+    num = (a * A).sum(1)                                           # <w_l, u_l>
+    Ga = torch.bmm(gram, a.reshape(B, R, C * L)).view(B, R, C, L)
+    sq = (Ga * a).sum(1)                                           # ||u_l||^2
+    # sqrt(max(q, eps^2)) = max(||u||, eps) with a finite gradient where no region passes
+    pos_f = num / sq.clamp(min=1e-16).sqrt()
+    return neg, pos_f
+
+
+def naaf_sims(img_emb, cap_emb, cap_lens, thres, lambda_softmax, intra=True, gram=None):
+    """Every (image, caption) pair at a fixed threshold: (B, R, d) x (C, L, d) -> (B, C),
+    float64. intra=True is the evaluation score (xattn_score_test), intra=False the training
+    formula. Computed in the inputs' dtype (the original evaluates float64 embeddings); the
+    negative and positive word scores are summed in float64, as there. `gram`: the images'
+    (B, R, R) Gram matrices, when the caller reuses them across caption blocks."""
+    C, L, _ = cap_emb.shape
+    mask = word_mask(cap_lens, L, cap_emb.device)                  # (C, L)
+    A = word_region_cosines(img_emb, cap_emb)                      # (B, R, C, L)
+    if gram is None:
+        gram = torch.bmm(img_emb, img_emb.transpose(1, 2))         # (B, R, R)
+    smooth = intra_smoothing(cap_emb, mask) if intra else None
+    neg, pos_f = thresholded_scores(A, gram, thres, lambda_softmax, smooth)
+    pos_r = relevance_scores(A, mask, lambda_softmax)
+    s = neg.double() + (pos_f + pos_r).double()                    # (B, C, L)
+    s = s.masked_fill(~mask[None], 0)
+    return s.sum(-1) / mask.sum(-1).double()[None]                 # (B, C)
+
+
+def naaf_sims_percaption(img_emb, cap_emb, cap_lens, thres, lambda_softmax, intra=True):
+    """The original xattn_score_test (intra=True) / the training formula (intra=False), one
+    caption at a time against every image, with the contexts built explicitly. Kept as the
+    reference the vectorised path is tested against. Returns (B, C) float64."""
+    B, R, _ = img_emb.shape
+    sims = []
+    for i in range(cap_emb.size(0)):
+        n_word = int(cap_lens[i])
+        cap_i = cap_emb[i, :n_word].unsqueeze(0)                   # (1, L, d)
+        cap_i_expand = cap_i.repeat(B, 1, 1)                       # (B, L, d)
+        attn = torch.bmm(cap_i_expand, img_emb.transpose(1, 2))    # (B, L, R)
+        attn_thres = attn - torch.ones_like(attn) * thres
+        row_max = attn_thres.max(dim=2)[0]                         # (B, L)
+        if intra:
+            intra_attn = torch.softmax(torch.bmm(cap_i, cap_i.transpose(1, 2)) *
+                                       INTRA_TEMPERATURE, dim=2)   # (1, L, L)
+            row_max_intra = torch.bmm(intra_attn.repeat(B, 1, 1), row_max.unsqueeze(-1))
+            neg = row_max * row_max_intra.squeeze(-1).lt(0).double()
+        else:
+            neg = row_max * row_max.lt(0).to(row_max.dtype)
+        pos_w = torch.exp(attn_thres.masked_fill(attn_thres <= 0, -1e9) * lambda_softmax)
+        pos_w = l1norm(pos_w, dim=2)
+        context = torch.bmm(pos_w, img_emb)                        # (B, L, d)
+        pos_f = ((cap_i_expand * context).sum(2) /
+                 torch.norm(context, 2, 2).clamp(min=1e-8))        # no squeeze: L=1 is fine
+        rel = l2norm(F.leaky_relu(attn.transpose(1, 2), 0.1), dim=2)  # (B, R, L)
+        rel = torch.softmax(rel.transpose(1, 2) * lambda_softmax, dim=2)  # (B, L, R)
+        pos_r = attn.mul(rel).sum(-1)
+        sims.append((neg + (pos_f + pos_r)).double().mean(dim=1, keepdim=True))
+    return torch.cat(sims, 1)
+
+
+# ----------------------------------------------------------------------------- threshold
+
+class ThresholdLearner:
+    """Discriminative Mismatch Mining: the statistics-based update of the threshold state in
+    `opt`, caption by caption in batch order. Reproduces the original's every assignment:
+
+    - caption i counts when its top-ranked image is image i. Its words' max raw cosine against
+      image i joins the matched sample; against the LOWEST-scoring image (not the hardest
+      negative) the mismatched one; the batch's matched-word count grows by L;
+    - once the count exceeds 200: means and unbiased stds of the batch's samples (float32), the
+      threshold where alpha * N(mu_n, s_n) meets N(mu_p, s_p) (a quadratic; only when its
+      discriminant > 0), thres_safe = mu_p - 3 s_p; values < 0 or > 1 become 0 (not clipped to
+      1); then new = 0.7 new + 0.3 old;
+    - after every caption: while fewer than 200 matched words have been seen in this batch,
+      thres = thres_safe = 0 (exactly 200 leaves them). The means and stds persist.
+    """
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.start_batch()
+
+    def start_batch(self):
+        self.max_pos, self.max_neg, self.n_pos_word = [], [], 0
+
+    def observe(self, i, sim_i, row_max):
+        """Caption i of the batch was scored: sim_i (B,) its scores against the batch's images,
+        row_max (B, L) the max over regions of its raw cosines against each image."""
+        opt = self.opt
+        if int(sim_i.argmax()) == i:
+            self.max_pos.append(row_max[i])
+            self.max_neg.append(row_max[int(sim_i.argmin())])
+            self.n_pos_word += row_max.size(1)
+            if self.n_pos_word > MIN_POS_WORDS:
+                self._estimate()
+        if self.n_pos_word < MIN_POS_WORDS:
+            opt.thres = 0
+            opt.thres_safe = 0
+
+    def _estimate(self):
+        opt = self.opt
+        pos, neg = torch.cat(self.max_pos), torch.cat(self.max_neg)
+        mu_p, mu_n = pos.mean(), neg.mean()
+        s_p, s_n = pos.std(), neg.std()                            # unbiased, as torch's std
+        qa = s_p.pow(2) - s_n.pow(2)
+        qb = 2 * ((mu_p * s_n.pow(2)) - (mu_n * s_p.pow(2)))
+        qc = ((mu_n * s_p).pow(2) - (mu_p * s_n).pow(2) +
+              2 * (s_p * s_n).pow(2) * torch.log(s_n / (opt.alpha * s_p) + 1e-8))
+        thres_old, thres_safe_old = opt.thres, opt.thres_safe
+        # assignment order as the original (the fixtures log every one)
+        opt.stnd_pos = s_p.item()
+        opt.stnd_neg = s_n.item()
+        opt.mean_pos = mu_p.item()
+        opt.mean_neg = mu_n.item()
+        disc = qb.pow(2) - 4 * qa * qc
+        if disc > 0:
+            opt.thres = ((-qb + torch.sqrt(disc)) / (2 * qa + 1e-10)).item()
+            opt.thres_safe = (mu_p - 3 * opt.stnd_pos).item()
+        for k in ("thres", "thres_safe"):
+            if getattr(opt, k) < 0:
+                setattr(opt, k, 0)
+            if getattr(opt, k) > 1:
+                setattr(opt, k, 0)  # the original's: above 1 is reset to 0, not clipped
+        opt.thres = EMA_NEW * opt.thres + (1 - EMA_NEW) * thres_old
+        opt.thres_safe = EMA_NEW * opt.thres_safe + (1 - EMA_NEW) * thres_safe_old
+
+
+def train_sims(img_emb, cap_emb, cap_lens, opt, learner=None):
+    """The training score (the original xattn_score): (B, R, d) x (C, L, d) -> (B, C), in the
+    inputs' dtype, with the threshold learner run after each caption. Caption i is scored with
+    the `opt.thres` left by captions 0..i-1, so captions go one at a time; the parts that do
+    not depend on the threshold (cosines, relevance branch) are computed for all at once."""
+    learner = learner or ThresholdLearner(opt)
+    learner.start_batch()
+    C, L, _ = cap_emb.shape
+    mask = word_mask(cap_lens, L, cap_emb.device)
+    A = word_region_cosines(img_emb, cap_emb)                      # (B, R, C, L)
+    gram = torch.bmm(img_emb, img_emb.transpose(1, 2))             # (B, R, R)
+    pos_r = relevance_scores(A, mask, opt.lambda_softmax)          # (B, C, L)
+    row_max = A.detach().max(dim=1)[0]                             # (B, C, L) raw
+    # unbind, not A[:, :, i]: the backward of each slice would be a full-size zero tensor
+    A_cap, pos_r_cap = A.unbind(2), pos_r.unbind(1)                # C x (B, R, L), C x (B, L)
+    cols = []
+    for i in range(C):
+        n = int(cap_lens[i])
+        neg, pos_f = thresholded_scores(A_cap[i][:, :, None, :n], gram, opt.thres,
+                                        opt.lambda_softmax)        # (B, 1, n) each
+        sim_i = (neg + (pos_f + pos_r_cap[i][:, None, :n])).mean(-1)  # (B, 1)
+        learner.observe(i, sim_i.detach()[:, 0], row_max[:, i, :n])
+        cols.append(sim_i)
+    return torch.cat(cols, 1)                                      # (B, C)
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+class NAAF:
+    """The two encoders, the hinge loss (max violation, hard-wired), Adam and the train step.
+    `state_dict()` is the original checkpoint's `'model'` entry: [img_enc, txt_enc] state dicts.
+
+    `forward_sim` follows the mode: after `train_start()` it is the training score (it moves
+    the threshold state in `opt`); after `val_start()` the evaluation score at the fixed
+    `opt.thres_safe`, with every pair scored at once (in blocks bounded by `sim_budget` bytes).
+    """
+
+    sim_budget = 2 ** 27
+
+    def __init__(self, opt, device=None):
+        complete_naaf_opt(opt)
+        self.opt = opt
+        self.device = torch.device(device or getattr(opt, "device", None) or
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.grad_clip = opt.grad_clip
+        if opt.precomp_enc_type != "basic":
+            raise ValueError("only precomp_enc_type 'basic' is supported, got %r"
+                             % (opt.precomp_enc_type,))
+        self.img_enc = EncoderImage(opt.img_dim, opt.embed_size, no_imgnorm=opt.no_imgnorm)
+        self.txt_enc = build_text_encoder(opt)
+        for m in self.modules():
+            m.to(self.device)
+
+        self.criterion = ContrastiveLoss(margin=opt.margin, max_violation=True)
+        # the original's order (text encoder, then img_enc.fc): Adam's state follows it
+        self.params = ([p for p in self.txt_enc.parameters() if p.requires_grad] +
+                       list(self.img_enc.fc.parameters()))
+        self.optimizer = torch.optim.Adam(self.params, lr=opt.learning_rate)
+        self.Eiters = 0
+        self.logger = LogCollector()
+        self.learner = ThresholdLearner(opt)
+        self.training = True
+
+    def modules(self):
+        return [self.img_enc, self.txt_enc]
+
+    def state_dict(self):
+        return [self.img_enc.state_dict(), _rename(self.txt_enc.state_dict(), _OURS, _THEIRS)]
+
+    def load_state_dict(self, state_dict, strict=True):
+        if len(state_dict) != 2:
+            raise ValueError("expected 2 state dicts (img_enc, txt_enc), got %d"
+                             % len(state_dict))
+        self.img_enc.load_state_dict(state_dict[0], strict=strict)
+        self.txt_enc.load_state_dict(_rename(state_dict[1], _THEIRS, _OURS), strict=strict)
+
+    def train_start(self):
+        self.training = True
+        for m in self.modules():
+            m.train()
+
+    def val_start(self):
+        self.training = False
+        for m in self.modules():
+            m.eval()
+
+    def forward_emb(self, images, captions, lengths):
+        images = images.to(self.device, non_blocking=True)
+        captions = captions.to(self.device, non_blocking=True)
+        img_embs = self.img_enc(images)                            # (B, R, d)
+        cap_embs = self.txt_enc(captions, lengths)                 # (C, L, d)
+        return img_embs, cap_embs, lengths
+
+    def forward_sim(self, img_embs, cap_embs, cap_lens):
+        """(n_images, n_captions) scores: see the class docstring for the two modes."""
+        if self.training:
+            return train_sims(img_embs, cap_embs, cap_lens, self.opt, self.learner)
+        return self.eval_sims(img_embs, cap_embs, cap_lens)
+
+    def eval_sims(self, img_embs, cap_embs, cap_lens, thres=None):
+        """Evaluation scores (B, C) float64 at `thres` (default opt.thres_safe). Captions are
+        grouped by length so each block is padded only to its own longest caption."""
+        self.opt.using_intra_info = True  # as the original's xattn_score_test
+        thres = self.opt.thres_safe if thres is None else thres
+        img_embs = torch.as_tensor(img_embs, device=self.device)
+        cap_embs = torch.as_tensor(cap_embs, device=self.device)
+        lens = torch.as_tensor(cap_lens, dtype=torch.int64)
+        B, R, _ = img_embs.shape
+        sims = torch.zeros(B, len(lens), dtype=torch.float64, device=self.device)
+        if B == 0 or len(lens) == 0:
+            return sims
+        order = torch.argsort(lens, descending=True).to(self.device)
+        # about 12 live (images, R, captions, L) tensors in the working dtype
+        im_step = min(B, 128)
+        per_word = 12 * im_step * R * img_embs.element_size()
+        with torch.no_grad():
+            for i in range(0, B, im_step):
+                img = img_embs[i:i + im_step]
+                gram = torch.bmm(img, img.transpose(1, 2))         # (b, R, R)
+                start = 0
+                while start < len(order):
+                    L = int(lens[order[start]])                    # the block's longest
+                    idx = order[start:start + max(1, self.sim_budget // (per_word * L))]
+                    sims[i:i + im_step, idx] = naaf_sims(
+                        img, cap_embs[idx, :L], lens[idx.cpu()], thres,
+                        self.opt.lambda_softmax, intra=True, gram=gram)
+                    start += len(idx)
+        return sims
+
+    def forward_loss(self, sims, ids=None, **kwargs):
+        loss = self.criterion(sims)
+        self.logger.update("Le", loss.item(), sims.size(0))
+        return loss
+
+    def set_semantics(self, captions):
+        """SGRAF's DAA hook: NAAF has no DAA (no-op)."""
+
+    def train_emb(self, images, captions, lengths, ids=None, *args):
+        """One optimisation step on a batch whose pair k is (image k, caption k); the batch's
+        captions are in collate order (longest first), which the threshold learner sees."""
+        self.Eiters += 1
+        self.logger.update("Eit", self.Eiters)
+        self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
+        img_embs, cap_embs, cap_lens = self.forward_emb(images, captions, lengths)
+        self.optimizer.zero_grad()
+        sims = train_sims(img_embs, cap_embs, cap_lens, self.opt, self.learner)
+        loss = self.forward_loss(sims, ids=ids)
+        loss.backward()
+        if self.grad_clip > 0:
+            clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
