@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 EPS = 1e-8         # l1norm / l2norm eps, as the original
 SMOOTH = 9.0       # SCAN's lambda (softmax temperature over regions)
-WORD_PAIRS = 4096  # (image, caption word) pairs per chunk: sets the size of the scratch buffers
-ATTN_WORDS = 1024  # caption words whose attention against all images is computed at once
+WORD_PAIRS = 2048  # (image, caption word) pairs per chunk: sets the size of the scratch buffers
+ATTN_WORDS = 512   # caption words whose attention against all images is computed at once
 WORD_PAIRS_GRAD = 16384  # the same with autograd (bigger GEMMs for the backward)
+GRAD_ROWS = 512    # word-pairs per chunk inside LocalSimilarity (kept in cache)
 MIN_BLOCK_PAIRS = 256  # captions of rarer lengths are merged (padded, masked) up to this many pairs
 
 
@@ -219,42 +220,82 @@ def update_bn_per_caption(bn, stats, order):
 # ----------------------------------------------------------------------------- local nodes
 
 class LocalSimilarity(torch.autograd.Function):
-    """y = Linear((l2norm(ctx) - w)^2), the pre-normalisation local similarity vectors, with a
-    lean backward: only e = l2norm(ctx) - w (one d-sized tensor per word-pair) and the context
-    norms are kept, where autograd would keep three d-sized tensors and run a dozen passes.
-    ctx (Bi, M, d) raw attended context, words (M, d), weight (s, d), bias (s,) -> (Bi*M, s)."""
+    """y = Linear((l2norm(attn @ V) - w)^2), the pre-normalisation local similarity vectors of
+    Bi images against M words, with autograd but without a single d-sized tensor kept: forward
+    and backward run over chunks of a few images (GRAD_ROWS word-pairs, small enough to stay in
+    cache), and the backward recomputes each chunk's context from the attention (a K=R GEMM,
+    ~15% of the projection's FLOPs) instead of reading saved ones. Autograd would keep three
+    d-sized tensors per word-pair and run a dozen memory-bound passes over them.
+    attn (Bi, M, R) attention over regions (may be a strided view), V (Bi, R, d) regions,
+    words (M, d), weight (s, d), bias (s,) -> (Bi*M, s)."""
 
     @staticmethod
-    def forward(ctx_, context, words, weight, bias):
-        Bi, M, d = context.shape
-        nrm = torch.linalg.vector_norm(context, dim=2, keepdim=True)  # (Bi, M, 1)
-        inv = (nrm + EPS).reciprocal_()
-        e = torch.addcmul(words.neg().unsqueeze(0), context, inv)     # (Bi, M, d)
-        y = torch.addmm(bias, e.square().view(Bi * M, d), weight.t())  # (Bi*M, s)
-        ctx_.save_for_backward(e, nrm, inv, words, weight)
-        return y
+    def forward(ctx_, attn, V, words, weight, bias):
+        dev = attn.device.type
+        if torch.is_autocast_enabled(dev):  # under autocast: everything in its dtype
+            dt = torch.get_autocast_dtype(dev)
+            attn, V, words, weight, bias = (x.to(dt) for x in (attn, V, words, weight, bias))
+            with torch.autocast(dev, enabled=False):
+                return LocalSimilarity._forward(ctx_, attn, V, words, weight, bias)
+        return LocalSimilarity._forward(ctx_, attn, V, words, weight, bias)
+
+    @staticmethod
+    def _forward(ctx_, attn, V, words, weight, bias):
+        Bi, M, R = attn.shape
+        d, s = V.size(2), weight.size(0)
+        y = attn.new_empty(Bi, M, s)
+        nrm = attn.new_empty(Bi, M, 1)
+        step = max(1, min(Bi, GRAD_ROWS // M))
+        buf = attn.new_empty(step, M, d)
+        negw, wt = words.neg(), weight.t()
+        for b0 in range(0, Bi, step):
+            b1 = min(Bi, b0 + step)
+            c = torch.bmm(attn[b0:b1], V[b0:b1], out=buf[:b1 - b0])     # (bc, M, d)
+            n = torch.linalg.vector_norm(c, dim=2, keepdim=True, out=nrm[b0:b1])
+            e = torch.addcmul(negw, c, (n + EPS).reciprocal_(), out=c)  # l2norm(ctx) - w
+            torch.addmm(bias, e.square_().view(-1, d), wt, out=y[b0:b1].view(-1, s))
+        ctx_.save_for_backward(attn, V, words, weight, nrm)
+        return y.view(Bi * M, s)
 
     @staticmethod
     def backward(ctx_, dy):
-        e, nrm, inv, words, weight = ctx_.saved_tensors
-        Bi, M, d = e.shape
-        t = e.square()                                             # x = e^2, recomputed
-        dweight = dy.t() @ t.view(Bi * M, d)                       # (s, d)
-        dbias = dy.sum(0)
-        de = (dy @ weight).view(Bi, M, d).mul_(e).mul_(2.0)        # d/de of e^2 = 2e
-        dwords = -de.sum(0)                                        # (M, d)
-        torch.add(e, words, out=t)                                 # c = l2norm(context)
-        dot = torch.linalg.vecdot(t, de, dim=2).unsqueeze(2)       # (Bi, M, 1): c . dc
-        # d l2norm: dc/(n + eps) - c (c . dc) / n
-        dcontext = de.mul_(inv).sub_(t.mul_(dot / nrm.clamp_min(1e-30)))
-        return dcontext, dwords, dweight, dbias
+        attn, V, words, weight, nrm = ctx_.saved_tensors
+        Bi, M, R = attn.shape
+        d, s = V.size(2), weight.size(0)
+        dy = dy.contiguous().view(Bi, M, s)
+        dattn, dV = torch.empty_like(attn), torch.empty_like(V)
+        dwords = torch.zeros_like(words)
+        dweight = torch.zeros_like(weight)
+        step = max(1, min(Bi, GRAD_ROWS // M))
+        cbuf, ebuf = attn.new_empty(step, M, d), attn.new_empty(step, M, d)
+        for b0 in range(0, Bi, step):
+            b1 = min(Bi, b0 + step)
+            bc = b1 - b0
+            a_c, V_c, n = attn[b0:b1], V[b0:b1], nrm[b0:b1]
+            c = torch.bmm(a_c, V_c, out=cbuf[:bc])                     # context, recomputed
+            inv = (n + EPS).reciprocal_()
+            c.mul_(inv)                                                # c = l2norm(ctx)
+            e = torch.sub(c, words, out=ebuf[:bc])                     # e = c - w
+            dy_c = dy[b0:b1].view(bc * M, s)
+            de = torch.mm(dy_c, weight)                                # (bc*M, d): dL/d(e^2)
+            dweight.addmm_(dy_c.t(), e.square().view(bc * M, d))
+            de = de.view(bc, M, d).mul_(e).mul_(2.0)                   # dL/de
+            dwords.sub_(de.sum(0))
+            dot = torch.linalg.vecdot(c, de, dim=2).unsqueeze(2)       # (bc, M, 1): c . dc
+            # d l2norm: dc/(n + eps) - c (c . dc) / n
+            dctx = de.mul_(inv).sub_(c.mul_(dot / n.clamp_min(1e-30)))
+            torch.bmm(dctx, V_c.transpose(1, 2), out=dattn[b0:b1])
+            torch.bmm(a_c.transpose(1, 2), dctx, out=dV[b0:b1])
+        return dattn, dV, dwords, dweight, dy.sum((0, 1))
 
 
 def cross_attention(V, W, lens=None, sc=None):
     """SCAN word-to-region attention of every (image, caption word): one GEMM, regions
     (B*R, d) against words (Cb*L, d), LeakyReLU, l2norm across each caption's words, softmax
     over regions of 9x. V (B, R, d), W (Cb, L, d), lens (Cb,) or None (all L words real).
-    Returns (B, Cb*L, R), a strided view (of a reused buffer with a Scratch `sc`)."""
+    Returns (B, Cb*L, R), a strided view. With a Scratch `sc` (no autograd) it lives in a reused
+    buffer and is the softmax's numerator only, exp(9 x scores), not divided by its sum over
+    regions: `cross_nodes` normalises the context it gives (see there)."""
     B, R, d = V.shape
     Cb, L, _ = W.shape
     if sc is not None:
@@ -269,37 +310,50 @@ def cross_attention(V, W, lens=None, sc=None):
         attn = attn.mul_(mask) if sc is not None else attn * mask
     nrm = torch.linalg.vector_norm(attn, dim=1, keepdim=True)    # (Cb, 1, B, R)
     if sc is not None:
-        # in place; the scores lie in [-0.9, 9] after the l2norm, so exp needs no max shift
+        # in place; the scores lie in [-0.9, 9] after the l2norm, so exp needs no max shift.
+        # The softmax's division is left out: cross_nodes l2-normalises the context anyway.
         attn.mul_(nrm.add_(EPS).reciprocal_().mul_(SMOOTH)).exp_()
-        attn.div_(attn.sum(3, keepdim=True))                      # softmax over regions
     else:
         attn = torch.softmax(attn / (nrm + EPS) * SMOOTH, dim=3)  # over regions
     return attn.view(Cb * L, B, R).transpose(0, 1)                # (B, Cb*L, R)
 
 
-def cross_nodes(attn, V, W, img_glo, cap_glo, lin_loc, lin_glo, sc=None):
+def cross_nodes(attn, V, W, img_glo, cap_glo, lin_loc, lin_glo, sc=None, gram=None,
+                neg_words=None):
     """Similarity nodes of every (image, caption) pair of a block, from its attention.
     attn (Bi, Cb*L, R), V (Bi, R, d) regions, W (Cb, L, d) words, img_glo (Bi, d),
     cap_glo (Cb, d). Returns nodes (Bi*Cb, N, s), pairs image-major, node 0 the global one.
-    With a Scratch `sc` (no autograd) the big intermediates live in reused buffers."""
+    With a Scratch `sc` (no autograd) the big intermediates live in reused buffers, attn is
+    cross_attention's unnormalised numerator, and `gram` (Bi, R, R) = V V^T and `neg_words`
+    (Cb*L, d) = -W may be passed precomputed."""
     Bi, R, d = V.shape
     Cb, L, _ = W.shape
     s = lin_loc.out_features
     N = L + 1
     # context, l2-normalised, minus the word, squared, through sim_tranloc_w
     if sc is not None:
-        ctx = torch.bmm(attn, V, out=sc.get("ctx", (Bi, Cb * L, d), V))  # (Bi, Cb*L, d)
-        inv = torch.linalg.vector_norm(ctx, dim=2, keepdim=True).add_(EPS).reciprocal_()
-        x = torch.addcmul(W.reshape(1, Cb * L, d).neg(), ctx, inv, out=ctx)
-        x.square_()
-        loc = torch.addmm(lin_loc.bias, x.view(Bi * Cb * L, d), lin_loc.weight.t(),
-                          out=sc.get("loc", (Bi * Cb * L, s), V))
+        # attn holds e = exp(9 x scores) (unnormalised, see cross_attention); the context is
+        # ctx = e V / sum(e), and l2norm(ctx) = e V / (||e V|| + eps sum(e)) with
+        # ||e V||^2 = e G e^T, G = V V^T the (R, R) Gram matrix of each image's regions: the
+        # norms come from the (.., R)-sized attention, not from a pass over the d-sized
+        # context. Then c - w = (e / (||e V|| + eps sum e)) V - w is one batched GEMM with
+        # the negated words as its addend, squared in place and projected.
+        M = Cb * L
+        G = torch.bmm(V, V.transpose(1, 2)) if gram is None else gram   # (Bi, R, R)
+        t = torch.bmm(attn, G, out=sc.get("eg", (Bi, M, R), V))
+        n2 = torch.linalg.vecdot(t, attn, dim=2)                        # (Bi, M)
+        den = attn.sum(2).mul_(EPS).add_(n2.sqrt_())
+        sa = torch.div(attn, den.unsqueeze(2), out=sc.get("sa", (Bi, M, R), V))
+        negw = W.reshape(M, d).neg() if neg_words is None else neg_words  # (M, d)
+        x = torch.baddbmm(negw.unsqueeze(0), sa, V, out=sc.get("ctx", (Bi, M, d), V))
+        loc = torch.addmm(lin_loc.bias, x.square_().view(Bi * M, d), lin_loc.weight.t(),
+                          out=sc.get("loc", (Bi * M, s), V))
         nodes = sc.get("nodes", (Bi, Cb, N, s), V)
         torch.div(loc.view(Bi, Cb, L, s),
                   torch.linalg.vector_norm(loc, dim=1).add_(EPS).view(Bi, Cb, L, 1),
                   out=nodes[:, :, 1:])
     else:
-        loc = LocalSimilarity.apply(torch.bmm(attn, V), W.reshape(Cb * L, d),
+        loc = LocalSimilarity.apply(attn, V, W.reshape(Cb * L, d),
                                     lin_loc.weight, lin_loc.bias)  # (Bi*Cb*L, s)
         loc = l2norm(loc).view(Bi, Cb, L, s)
     # the global node
@@ -368,6 +422,7 @@ def similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=Non
     attn_words = ATTN_WORDS if attn_words is None else attn_words
     if out is None and not grad:
         out = torch.empty(B, C, dtype=img_emb.dtype, device=dev)
+    gram = None if grad else torch.bmm(img_emb, img_emb.transpose(1, 2))  # (B, R, R)
     cols, order, bn_stats = [], [], ([] if saf_train else None)
     for L, idx, lens in length_blocks(cap_lens, B):
         idx_d = idx.to(dev)
@@ -383,11 +438,13 @@ def similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=Non
             c1 = min(c0 + Cb, Cg)
             lens_c = None if lens is None else lens[c0:c1]
             attn = cross_attention(img_emb, Wg[c0:c1], lens_c, sc)  # (B, Cb*L, R)
+            negw = None if sc is None else Wg[c0:c1].reshape(-1, d).neg()
             blk = []
             for b0 in range(0, B, Bi):
                 b1 = min(b0 + Bi, B)
                 nodes = cross_nodes(attn[b0:b1], img_emb[b0:b1], Wg[c0:c1], img_glo[b0:b1],
-                                    Gg[c0:c1], sim.sim_tranloc_w, sim.sim_tranglo_w, sc)
+                                    Gg[c0:c1], sim.sim_tranloc_w, sim.sim_tranglo_w, sc,
+                                    None if gram is None else gram[b0:b1], negw)
                 nm = None if lens_c is None else node_mask_of(lens_c, L, b1 - b0, dev)
                 sims = _score(sim, nodes, weights, nm, b1 - b0, bn_stats).view(b1 - b0, c1 - c0)
                 if grad:

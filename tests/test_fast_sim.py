@@ -146,3 +146,41 @@ def test_bf16_autocast_runs():
     got = shard_attn_scores(model, img.numpy(), cap.numpy(), lens,
                             SimpleNamespace(precision="bf16"))
     assert np.abs(got - ref).max() <= 2e-2
+
+
+@pytest.mark.parametrize("module", ["SGR", "SAF"])
+def test_eval_one_image_chunks(module, monkeypatch):
+    """No-grad path with one image per chunk and padded blocks: the Gram-matrix context norms
+    and the unnormalised attention give the same scores."""
+    monkeypatch.setattr(similarity, "WORD_PAIRS", 1)
+    monkeypatch.setattr(similarity, "MIN_BLOCK_PAIRS", 40)
+    sim = make_sim(module)
+    img, cap, lens = make_inputs(5, 11, seed=7, lo=2, hi=20)
+    with torch.no_grad():
+        ref = sim.forward_percaption(img, cap, lens)
+        got = similarity.similarity_matrix(sim, img, cap, lens)
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("grad_rows", [1, 10, 10 ** 6])  # one image per chunk ... all at once
+def test_local_similarity_function(grad_rows, monkeypatch):
+    """LocalSimilarity (chunked forward, recomputing backward) against plain autograd, with a
+    strided attention view as cross_attention gives."""
+    monkeypatch.setattr(similarity, "GRAD_ROWS", grad_rows)
+    g = torch.Generator().manual_seed(8)
+    Bi, M, R, d, s = 5, 6, 36, D, S
+    attn = torch.softmax(torch.randn(M, Bi, R, generator=g) * 3, 2).transpose(0, 1)
+    V = l2norm(torch.randn(Bi, R, d, generator=g))
+    words = l2norm(torch.randn(M, d, generator=g))
+    weight, bias = torch.randn(s, d, generator=g), torch.randn(s, generator=g)
+    ins = [x.clone().requires_grad_() for x in (attn, V, words, weight, bias)]
+    ref_ins = [x.clone().requires_grad_() for x in (attn, V, words, weight, bias)]
+    dy = torch.randn(Bi * M, s, generator=g)
+    got = similarity.LocalSimilarity.apply(*ins)
+    a, v, w, wt, b = ref_ins
+    ref = torch.nn.functional.linear((l2norm(torch.bmm(a, v)) - w).square(), wt, b)
+    assert (got - ref.reshape(Bi * M, s)).abs().max().item() <= 1e-5
+    got.backward(dy)
+    ref.reshape(Bi * M, s).backward(dy)
+    for x, y in zip(ins, ref_ins):
+        assert (x.grad - y.grad).abs().max().item() <= 1e-4 * y.grad.abs().max().item() + 1e-6
