@@ -183,7 +183,7 @@ PROBLEMS = {
         CheckpointError, "not a PyTorch checkpoint ({reason})",
         "pass a .pth.tar file written by train.py (or the authors' model_best.pth.tar)"),
     "ckpt_not_sgraf": Problem(
-        CheckpointError, "not an SGRAF checkpoint ({reason})",
+        CheckpointError, "not an SGRAF or NAAF checkpoint ({reason})",
         "pass a checkpoint_N.pth.tar or model_best.pth.tar written by train.py or the "
         "authors"),
     "ckpt_refused": Problem(
@@ -218,7 +218,16 @@ PROBLEMS = {
         UsageError, "a negative margin rewards ranking a wrong caption above the right one",
         "pass a margin of 0 or more (the paper uses 0.2)"),
     "module_name": Problem(
-        UsageError, "unknown similarity module", "pass --module_name SGR or --module_name SAF"),
+        UsageError, "unknown similarity module",
+        "pass --module_name SGR or --module_name SAF (SGRAF), or --module_name NAAF"),
+    "naaf_flag": Problem(
+        UsageError, "does not apply to NAAF: {why}",
+        "drop it (NAAF's hinge loss always takes the hardest negatives, as the original)"),
+    "naaf_torchrun": Problem(
+        UsageError, "NAAF learns its threshold inside the training forward, one caption at a "
+        "time, from the statistics of the batch; under torchrun every process would learn its "
+        "own threshold and the checkpoint would keep only rank 0's",
+        "train NAAF in one process (python train.py --module_name NAAF ...), as the original"),
     "batch_one": Problem(
         UsageError, "a batch of one pair has no negative, so the max-violation hinge loss is "
         "always 0 (and BatchNorm cannot train on one image)",
@@ -298,11 +307,26 @@ def check_train_opt(opt):
         raise error("learning_rate", where("learning_rate"))
     if opt.margin < 0:
         raise error("margin", where("margin"))
-    if opt.module_name not in ("SGR", "SAF"):
+    if opt.module_name not in ("SGR", "SAF", "NAAF"):
         raise error("module_name", where("module_name"))
+    if opt.module_name == "NAAF":
+        check_naaf_opt(opt)
     if opt.batch_size == 1:
         raise error("batch_one", where("batch_size"))
     check_run_dir(opt.model_name, resume=opt.resume, overwrite=opt.overwrite)
+
+
+def check_naaf_opt(opt):
+    """Flags of SGRAF's training that NAAF would silently ignore: its hinge loss is the
+    hardest-negative one, hard-wired, and it has no DAA."""
+    if not opt.max_violation:
+        raise error("naaf_flag", "--no-max_violation",
+                    why="its hinge loss always takes the hardest negatives")
+    if opt.sum_violation_warmup:
+        raise error("naaf_flag", "--sum_violation_warmup %s" % opt.sum_violation_warmup,
+                    why="its hinge loss always takes the hardest negatives")
+    if getattr(opt, "daa_weight", 0):
+        raise error("naaf_flag", "--daa_weight %s" % opt.daa_weight, why="it has no DAA loss")
 
 
 def check_run_dir(model_name, resume="", overwrite=False):
@@ -431,13 +455,14 @@ def check_split(images, captions, feat_path, cap_path, img_dim=None, vocab=None)
 
 # ----------------------------------------------------------------------------- vocabulary
 
-def load_vocab(path):
-    """`vocab.deserialize_vocab(path)`, with a VocabError for a missing or malformed file."""
-    data_name = os.path.basename(path).replace("_vocab.json", "")
+def load_vocab(path, loader=deserialize_vocab):
+    """`vocab.deserialize_vocab(path)` (or `loader(path)`, e.g. naaf.load_naaf_vocab for
+    NAAF's GloVe vocab), with a VocabError for a missing or malformed file."""
+    data_name = re.sub(r"(_vocab)?\.json$", "", os.path.basename(path))
     if not os.path.isfile(path):
         raise error("vocab_missing", path, name=os.path.basename(path), data_name=data_name)
     try:
-        vocab = deserialize_vocab(path)
+        vocab = loader(path)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         reason = ("no %s entry" % e) if isinstance(e, KeyError) else first_line(e)
         raise error("vocab_invalid", path, reason=reason, data_name=data_name) from None
@@ -503,8 +528,8 @@ def explain_load_failure(path, exc):
 
 
 def check_checkpoint_structure(ckpt, path):
-    """The original format: a dict with 'model' = [img_enc, txt_enc, sim_enc] state dicts and
-    'opt' = an argparse.Namespace."""
+    """The original format: a dict with 'model' = [img_enc, txt_enc, sim_enc] state dicts
+    (SGRAF) or [img_enc, txt_enc] (NAAF) and 'opt' = an argparse.Namespace."""
     if not isinstance(ckpt, dict):
         raise error("ckpt_not_sgraf", path, reason="it holds a %s" % type(ckpt).__name__)
     if "model" not in ckpt or "opt" not in ckpt:
@@ -512,10 +537,11 @@ def check_checkpoint_structure(ckpt, path):
         raise error("ckpt_not_sgraf", path, reason="no 'model'/'opt' entries; its keys: %s"
                     % keys)
     model = ckpt["model"]
-    if not (isinstance(model, (list, tuple)) and len(model) == 3 and
+    if not (isinstance(model, (list, tuple)) and len(model) in (2, 3) and
             all(isinstance(sd, dict) for sd in model)):
         raise error("ckpt_not_sgraf", path,
-                    reason="'model' is not the [img_enc, txt_enc, sim_enc] state dicts")
+                    reason="'model' is neither the [img_enc, txt_enc, sim_enc] state dicts "
+                           "(SGRAF) nor [img_enc, txt_enc] (NAAF)")
     if not isinstance(ckpt["opt"], argparse.Namespace):
         raise error("ckpt_not_sgraf", path, reason="'opt' is a %s, not the options"
                     % type(ckpt["opt"]).__name__)
@@ -524,26 +550,32 @@ def check_checkpoint_structure(ckpt, path):
 
 
 def infer_flags(state):
-    """The model flags a state list [img_enc, txt_enc, sim_enc] was built with (None where
-    its keys do not say)."""
-    img, txt, sim = state
+    """The model flags a state list [img_enc, txt_enc, sim_enc] (SGRAF) or [img_enc, txt_enc]
+    (NAAF) was built with (None where its keys do not say)."""
+    img, txt = state[0], state[1]
+    sim = state[2] if len(state) > 2 else {}
+    naaf = len(state) == 2
 
     def shape(sd, key, axis):
         return tuple(sd[key].shape)[axis] if key in sd and sd[key].dim() > axis else None
 
-    layers = [int(m.group(1)) for k in txt for m in [re.match(r"cap_rnn\.weight_ih_l(\d+)", k)]
-              if m]
+    # the GRU is `cap_rnn` in SGRAF's text encoder, `rnn` in NAAF's
+    layers = [int(m.group(1)) for k in txt
+              for m in [re.match(r"(?:cap_)?rnn\.weight_ih_l(\d+)", k)] if m]
+    embed = "embed.glove.weight" if "embed.glove.weight" in txt else "embed.weight"
     steps = {k.split(".")[1] for k in sim if k.startswith("SGR_module.")}
-    module = ("SGR" if steps else "SAF" if any(k.startswith("SAF_module.") for k in sim)
-              else None)
+    module = ("NAAF" if naaf else "SGR" if steps else
+              "SAF" if any(k.startswith("SAF_module.") for k in sim) else None)
     return {"module_name": module, "img_dim": shape(img, "fc.weight", 1),
             "embed_size": shape(img, "fc.weight", 0),
-            "vocab_size": shape(txt, "embed.weight", 0),
-            "word_dim": shape(txt, "embed.weight", 1),
+            "vocab_size": shape(txt, embed, 0),
+            "word_dim": shape(txt, embed, 1),
             "num_layers": max(layers) + 1 if layers else None,
             "bi_gru": any(k.endswith("_reverse") for k in txt) if layers else None,
             "sim_dim": shape(sim, "sim_eval_w.weight", 1),
-            "sgr_step": len(steps) if steps else None}
+            "sgr_step": len(steps) if steps else None,
+            "precomp_enc_text_type": (("GloVe" if embed != "embed.weight" else "basic")
+                                      if naaf else None)}
 
 
 def _flag(name, value):
@@ -562,6 +594,8 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary"):
     names = ("img_enc", "txt_enc", "sim_enc")
     ours, theirs = model.state_dict(), ckpt["model"]
     missing, unexpected, shapes = [], [], []
+    if len(ours) != len(theirs):  # SGRAF's three modules vs NAAF's two: no sim_enc
+        (missing if len(ours) > len(theirs) else unexpected).append("sim_enc.*")
     for name, a, b in zip(names, ours, theirs):
         missing += ["%s.%s" % (name, k) for k in a if k not in b]
         unexpected += ["%s.%s" % (name, k) for k in b if k not in a]

@@ -5,9 +5,17 @@ Follows the original SGRAF `evaluation.py`: the same functions (`encode_data`,
 test, COCO 5-fold 1K (`--fold5`) and COCO full 5K (`--split testall`), and the SGR+SAF ensemble
 ("SGRAF": the mean of two models' similarity matrices).
 
+NAAF checkpoints (ours or the authors', naaf.py) are recognised by their contents, with no
+flag: the model is rebuilt with the threshold state saved in their `opt`, and with the vocab
+that matches their text encoder (SCAN's `<data_name>_vocab.json` for `basic`, the GloVe
+`naaf/<data_name>.json` for `GloVe`). Any two checkpoints make an ensemble (NAAF+NAAF,
+SGR+NAAF, ...): each model encodes the split with its own vocab, and the similarity matrices
+are averaged.
+
     python evaluation.py --model_path runs/f30k_precomp_SGR/checkpoint/model_best.pth.tar \
         --data_path data --split test
     python evaluation.py --model_path SGR.pth.tar --model_path2 SAF.pth.tar --split test
+    python evaluation.py --model_path NAAF.pth.tar --model_path2 SGR.pth.tar --split test
 With no flags it evaluates DEFAULT_MODEL_PATH on DEFAULT_DATA_PATH (edit them and run, as with
 the original script).
 """
@@ -24,10 +32,11 @@ from tqdm import tqdm
 
 import checks
 import daa
+import naaf
 from checkpoint import load_checkpoint
 from data import get_test_loader
 from meters import AverageMeter, LogCollector  # noqa: F401  (the original exposes them here)
-from model import SGRAF
+from model import SGRAF, build_model  # noqa: F401  (SGRAF: the name this module exposed)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +148,17 @@ def shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt, shard_size=None)
     return sims
 
 
+def score_all(model, img_embs, cap_embs, cap_lens, opt, shard_size=None):
+    """The (n_images, n_captions) float64 similarity matrix of any matcher: NAAF scores every
+    pair itself (at its fixed test threshold `opt.thres_safe`, in memory-bounded blocks);
+    SGR/SAF go through shard_attn_scores."""
+    if getattr(opt, "module_name", None) == "NAAF":
+        model.val_start()
+        sims = model.forward_sim(img_embs, cap_embs, cap_lens)
+        return sims.cpu().numpy() if torch.is_tensor(sims) else np.asarray(sims)
+    return shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt, shard_size=shard_size)
+
+
 # ----------------------------------------------------------------------------- ranking
 
 def _descending_positions(sims, chunk=256):
@@ -200,10 +220,28 @@ def complete_opt(opt):
     return opt
 
 
-def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_format=None):
-    """An SGRAF model and its vocabulary from a checkpoint (ours or the authors')."""
+def model_vocab(opt):
+    """(vocab, path): the vocabulary the model of `opt` reads, from `opt.vocab_path`: SCAN's
+    `<data_name>_vocab.json`, or for NAAF naaf.naaf_vocab_file's choice (the GloVe vocab for
+    its GloVe text encoder)."""
+    if opt.module_name == "NAAF":
+        path = naaf.naaf_vocab_file(opt, opt.vocab_path)
+        return checks.load_vocab(path, loader=naaf.load_naaf_vocab), path
+    path = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
+    return checks.load_vocab(path), path
+
+
+def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_format=None,
+               data_name=None):
+    """A model (SGRAF, or NAAF for a NAAF checkpoint) and its vocabulary from a checkpoint
+    (ours or the authors')."""
     checkpoint = load_checkpoint(model_path)
     opt = complete_opt(checkpoint["opt"])
+    if naaf.is_naaf_checkpoint(checkpoint):  # the original's opt has no module_name
+        opt.module_name = "NAAF"
+        naaf.complete_naaf_opt(opt)
+    if data_name is not None:
+        opt.data_name = data_name
     if data_path is not None:
         opt.data_path = data_path
     if feat_format is not None:
@@ -213,10 +251,9 @@ def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_fo
     elif not os.path.isdir(opt.vocab_path):  # the authors' absolute paths
         opt.vocab_path = "vocab"
     opt.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vocab_file = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
-    vocab = checks.load_vocab(vocab_file)
+    vocab, vocab_file = model_vocab(opt)
     opt.vocab_size = len(vocab)
-    model = SGRAF(opt)
+    model = build_model(opt)
     checks.check_checkpoint_matches(model, checkpoint, model_path, vocab_file)
     model.load_state_dict(checkpoint["model"])
     return model, opt, vocab, checkpoint
@@ -242,7 +279,7 @@ def compute_sims(models, data_loader, shard_size=None):
         img_embs, cap_embs, cap_lens = encode_data(model, data_loader,
                                                    img_stride=data_loader.dataset.im_div)
         start = time.time()
-        s = shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt, shard_size=shard_size)
+        s = score_all(model, img_embs, cap_embs, cap_lens, opt, shard_size=shard_size)
         print("calculate similarity time:", time.time() - start)
         sims = s if sims is None else sims + s
     return sims / len(models), img_embs, cap_lens
@@ -254,21 +291,29 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     `fold5=True`: COCO 5-fold 1K (the split must have 5000 images). Returns a dict of results."""
     models = []
     for path in [p for p in (model_path, model_path2) if p]:
-        model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device, feat_format)
-        if data_name is not None:
-            opt.data_name = data_name
+        model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device, feat_format,
+                                             data_name=data_name)
         print("=> loaded checkpoint_epoch {} of {}".format(ckpt.get("epoch"), path))
         models.append((model, opt, vocab))
-    opt, vocab = models[0][1], models[0][2]
+    opt = models[0][1]
 
     print("Loading dataset")
-    data_loader = get_test_loader(split, opt.data_name, vocab, opt.batch_size, opt.workers,
-                                  opt)
-    checks.check_fold5(fold5, len(data_loader.dataset) // data_loader.dataset.im_div, split)
-    print("Computing results...")
-    if len(models) > 1 and any(m[2].word2idx != vocab.word2idx for m in models[1:]):
-        raise ValueError("the two checkpoints use different vocabularies")
-    sims, img_embs, cap_lens = compute_sims([(m, o) for m, o, _ in models], data_loader)
+    # one loader per vocabulary (e.g. SGR's SCAN vocab and NAAF's GloVe one in an ensemble):
+    # the captions are the same, in the same order, so the similarity matrices line up
+    loaders, sims = [], None
+    for model, mopt, vocab in models:
+        same = [dl for v, dl in loaders if v.word2idx == vocab.word2idx]
+        data_loader = same[0] if same else get_test_loader(
+            split, opt.data_name, vocab, opt.batch_size, opt.workers, opt)
+        if not loaders:
+            checks.check_fold5(fold5, len(data_loader.dataset) // data_loader.dataset.im_div,
+                               split)
+            print("Computing results...")
+        if not same:
+            loaders.append((vocab, data_loader))
+        s, img_embs, cap_lens = compute_sims([(model, mopt)], data_loader)
+        sims = s if sims is None else sims + s
+    sims = sims / len(models)
     print("Images: %d, Captions: %d" % (sims.shape[0], sims.shape[1]))
     if save_sims:
         np.save(save_sims, sims)

@@ -13,6 +13,7 @@ Read top to bottom:
                  pairs at once with the exact fast kernels of similarity.py, and
                  `forward_percaption` is the original loop, kept as the reference
   wrapper        SGRAF: the three encoders, the optimizer and the train step
+  factory        build_model: SGRAF for --module_name SGR/SAF, naaf.NAAF for NAAF
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
 s sim_dim.
@@ -427,3 +428,18 @@ class SGRAF:
             clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
         return loss.detach()
+
+
+# ----------------------------------------------------------------------------- factory
+
+MODULE_NAMES = ("SGR", "SAF", "NAAF")
+
+
+def build_model(opt, device=None):
+    """The matcher `--module_name` names: SGR or SAF (SGRAF above) or NAAF (naaf.NAAF, the
+    same interface: train_start/val_start, forward_emb, forward_sim, train_emb,
+    state_dict, optimizer, logger, Eiters)."""
+    if opt.module_name == "NAAF":
+        import naaf  # here: naaf imports this module
+        return naaf.NAAF(opt, device=device)
+    return SGRAF(opt, device=device)

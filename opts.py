@@ -6,7 +6,9 @@ Differences from the original (see README, "Differences from the original"):
 - `--max_violation` and `--bi_gru` are on by default as in the original, but the original's
   `store_false` meant that passing the flag turned the feature OFF. Here they are
   `--max_violation/--no-max_violation` and `--bi_gru/--no-bi_gru`;
-- `parse_opt(argv=None)` takes an argument list (tests) and does not print the options.
+- `parse_opt(argv=None)` takes an argument list (tests) and does not print the options;
+- NAAF's options (naaf.add_naaf_options) are here too, with NAAF's names and defaults, and
+  `--num_epoches` (the spelling of NAAF's README commands) is accepted for `--num_epochs`.
 """
 import argparse
 import os
@@ -33,7 +35,9 @@ def build_parser():
 
     # ----------------------- training setting ----------------------#
     p.add_argument("--batch_size", default=128, type=int, help="size of a training mini-batch")
-    p.add_argument("--num_epochs", default=40, type=int, help="number of training epochs")
+    # --num_epoches: the spelling of NAAF's README commands, which its argparse rejected
+    p.add_argument("--num_epochs", "--num_epoches", dest="num_epochs", default=40, type=int,
+                   help="number of training epochs")
     p.add_argument("--lr_update", default=30, type=int,
                    help="number of epochs after which the learning rate is divided by 10")
     p.add_argument("--learning_rate", default=0.0002, type=float, help="initial learning rate")
@@ -58,7 +62,8 @@ def build_parser():
                    help="bidirectional GRU (halves averaged)")
     p.add_argument("--no_imgnorm", action="store_true", help="do not l2-normalise image embeddings")
     p.add_argument("--no_txtnorm", action="store_true", help="do not l2-normalise text embeddings")
-    p.add_argument("--module_name", default="SGR", type=str, help="SGR, SAF")
+    p.add_argument("--module_name", default="SGR", type=str,
+                   help="SGR, SAF (model.SGRAF) or NAAF (naaf.NAAF)")
     p.add_argument("--sgr_step", default=3, type=int, help="number of SGR reasoning steps")
 
     # ------------------------- DAA ---------------------------------#
@@ -80,6 +85,10 @@ def build_parser():
                    help="under torchrun, multiply the learning rate by the world size (DAA)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="similarity precision at evaluation (bf16 autocast)")
+
+    # ------------------------- NAAF (--module_name NAAF) -----------#
+    import naaf  # here: naaf imports model, which is heavier than this parser
+    naaf.add_naaf_options(p)
     return p
 
 

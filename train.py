@@ -1,7 +1,10 @@
-"""Train SGR or SAF (optionally with the DAA loss), as the original SGRAF `train.py`.
+"""Train SGR or SAF (optionally with the DAA loss), as the original SGRAF `train.py`, or NAAF
+(naaf.py) as the original NAAF `train.py`.
 
     python train.py --data_name f30k_precomp --num_epochs 40 --lr_update 30 --module_name SGR
     python train.py --data_name f30k_precomp --module_name SAF --learning_rate 0.0003
+    python train.py --data_name f30k_precomp --module_name NAAF --lambda_softmax 20 \
+        --num_epochs 20 --lr_update 10 --learning_rate 0.0005 --batch_size 128
     torchrun --standalone --nproc_per_node=4 train.py --data_name coco_precomp ...
 
 Adam, learning rate x0.1 every `lr_update` epochs (set at the start of each epoch), gradient
@@ -17,6 +20,12 @@ the original DAA does, and DDP averages the gradients over the processes (nccl o
 CPU); the learning rate is multiplied by the world size unless `--no-scale_lr`. Rank 0 (the
 master process) alone validates, logs, writes TensorBoard and checkpoints while the others wait
 for it. `--world_size` is only checked against the launcher; it never starts processes.
+
+NAAF trains in one process only (refused under torchrun): its threshold is learned inside the
+training forward from one batch's statistics, so each process would learn its own. Its hinge
+loss always takes the hardest negatives (hard-wired in the original), so `--no-max_violation`,
+`--sum_violation_warmup` and `--daa_weight` are refused with it rather than ignored. Its
+threshold state lives in `opt` and is saved there; `--resume` restores it.
 """
 import datetime
 import logging
@@ -35,9 +44,10 @@ import checks
 import data
 import opts
 from checkpoint import load_checkpoint, save_checkpoint
-from evaluation import encode_data, i2t, shard_attn_scores, t2i
+from evaluation import encode_data, i2t, model_vocab, score_all, t2i
 from meters import AverageMeter, LogCollector
-from model import SGRAF
+from model import build_model
+from naaf import restore_threshold_state
 
 log = logging.getLogger("train")
 
@@ -113,7 +123,7 @@ def validate(opt, val_loader, model, writer=None):
     img_embs, cap_embs, cap_lens = encode_data(model, val_loader, opt.log_step, log.info,
                                                img_stride=val_loader.dataset.im_div)
     start = time.time()
-    sims = shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt)
+    sims = score_all(model, img_embs, cap_embs, cap_lens, opt)
     log.info("calculate similarity time: %.2f", time.time() - start)
     (r1, r5, r10, medr, meanr) = i2t(img_embs, cap_embs, cap_lens, sims)
     log.info("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % (r1, r5, r10, medr, meanr))
@@ -175,6 +185,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(message)s",
                         level=logging.INFO if master_process else logging.WARNING)
     check_world_size(opt, world_size, ddp)
+    if ddp and opt.module_name == "NAAF":
+        raise checks.error("naaf_torchrun", "--module_name NAAF")
     checks.check_train_opt(opt)  # flags, and never over another run's checkpoints
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
     if opt.seed is None and ckpt is not None:  # replay the resumed run's shuffling
@@ -201,8 +213,7 @@ def main(argv=None):
                  world_size, dist.get_backend(), opt.learning_rate, opt.lr_scale,
                  world_size * opt.batch_size)
 
-    vocab_file = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
-    vocab = checks.load_vocab(vocab_file)
+    vocab, vocab_file = model_vocab(opt)  # NAAF's GloVe encoder reads its own vocab
     opt.vocab_size = len(vocab)
 
     # single process: a generator for the shuffling, reseeded every epoch, so that a resumed run
@@ -219,7 +230,7 @@ def main(argv=None):
     checks.check_last_batch(len(train_loader.sampler) if ddp else len(train_loader.dataset),
                             opt.batch_size)
 
-    model = SGRAF(opt)
+    model = build_model(opt)
     dset = train_loader.dataset
     model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
     checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
@@ -231,6 +242,8 @@ def main(argv=None):
             model.optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_rsum = ckpt["epoch"], ckpt["best_rsum"]
         model.Eiters = ckpt["Eiters"]
+        if opt.module_name == "NAAF":  # the learned threshold, which lives in opt
+            restore_threshold_state(opt, ckpt["opt"])
         # every process's generators when the checkpoint was written by as many processes
         rngs = ckpt.get("rng_ranks", [ckpt["rng"]] if "rng" in ckpt else None)
         if rngs is not None and len(rngs) == world_size:
@@ -250,7 +263,10 @@ def main(argv=None):
         log.info("%s\n%s", opt.logger_name, opt.model_name)
         adjust_learning_rate(opt, model.optimizer, epoch)
         # optional warm-up (not in the original): the sum of violations for the first epochs
-        model.criterion.max_violation = opt.max_violation and epoch >= opt.sum_violation_warmup
+        # (NAAF's hardest negatives are hard-wired; checks.check_naaf_opt refuses the flags)
+        if opt.module_name != "NAAF":
+            model.criterion.max_violation = (opt.max_violation and
+                                             epoch >= opt.sum_violation_warmup)
         if ddp:
             train_loader.sampler.set_epoch(epoch)
         else:
