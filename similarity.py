@@ -39,6 +39,8 @@ GRAD_ROWS = 512    # word-pairs per chunk inside LocalSimilarity (kept in cache)
 MIN_BLOCK_PAIRS = 256  # captions of rarer lengths are merged (padded, masked) up to this many pairs
 
 
+DENSE_SUPPORT = 0.25  # subset_loss: above this fraction of pairs, recompute the whole matrix
+
 class Scratch:
     """Reusable flat buffers, one per name, grown when a larger view is asked for."""
 
@@ -509,6 +511,11 @@ def subset_loss(sim, img_emb, cap_emb, cap_lens, loss_fn):
     img_idx, cap_idx = torch.nonzero(grad, as_tuple=True)
     if len(img_idx) == 0:  # no pair violates: no gradient reaches the model
         return loss.detach(), (img_glo.sum() + cap_glo.sum()) * 0.0, scores
+    if len(img_idx) > DENSE_SUPPORT * grad.numel():
+        # a dense gradient (e.g. DAA's, or the sum of violations early on): the batched
+        # full-matrix pass with autograd is cheaper than pair by pair
+        s_all = similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo)
+        return loss.detach(), (grad * s_all).sum(), scores
     s = pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx)
     return loss.detach(), (grad[img_idx, cap_idx] * s).sum(), scores
 

@@ -4,6 +4,7 @@ import copy
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import similarity
@@ -14,7 +15,9 @@ from loss import ContrastiveLoss
 from model import EncoderSimilarity, l2norm
 
 
-def test_subset_step_equals_full_graph_with_daa():
+@pytest.mark.parametrize("dense", [0.0, 1.01])  # whole-matrix recompute; pair by pair
+def test_subset_step_equals_full_graph_with_daa(dense, monkeypatch):
+    monkeypatch.setattr(similarity, "DENSE_SUPPORT", dense)
     torch.manual_seed(0)
     B, D = 8, 16
     ref_sim = EncoderSimilarity(D, 8, "SGR")

@@ -113,7 +113,9 @@ def test_saf_bn_running_stats_closed_form():
     assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 4
 
 
-def test_max_violation_subset_matches_full_graph():
+@pytest.mark.parametrize("dense", [0.0, 1.01])  # whole-matrix recompute; pair by pair
+def test_max_violation_subset_matches_full_graph(dense, monkeypatch):
+    monkeypatch.setattr(similarity, "DENSE_SUPPORT", dense)
     """The SGR hinge loss from the chosen pairs only: same value and gradients as the
     full-graph loss (encoder outputs and VisualSA's batch BatchNorm included)."""
     ref_sim = make_sim("SGR", seed=4, train=True)
