@@ -636,3 +636,11 @@ def test_every_message_is_one_line_with_a_fix():
         msg = checks.message(key, "FILE", **fields)
         assert msg.startswith("FILE: ") and "; " in msg and "\n" not in msg, key
         assert p.cls in (checks.Warn, checks.Info) or issubclass(p.cls, checks.SGRAFError)
+
+
+def test_readme_troubleshooting_table_is_up_to_date():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("<!-- troubleshooting-table -->\n") + len("<!-- troubleshooting-table -->\n")
+    end = text.index("\n<!-- /troubleshooting-table -->")
+    rows = [l for l in checks.render_table().splitlines() if l.startswith("|")]
+    assert text[start:end].splitlines() == rows, "README's Troubleshooting table is out of date"
