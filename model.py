@@ -129,19 +129,21 @@ class VisualSA(nn.Module):
         self.softmax = nn.Softmax(dim=1)
 
     def forward(self, local, raw_global):
+        # local: (B, R, d) regions, or (C, L, d) words for TextSA
         l_emb = self.embedding_local(local)                       # (B, R, d)
         g_emb = self.embedding_global(raw_global)                 # (B, d)
         weights = self.embedding_common(l_emb * g_emb.unsqueeze(1)).squeeze(2)  # (B, R)
         weights = self.softmax(weights)
-        new_global = (weights.unsqueeze(2) * local).sum(dim=1)    # (B, d): the INPUT regions
+        new_global = (weights.unsqueeze(2) * local).sum(dim=1)    # (B, d): the INPUT vectors
         return l2norm(new_global, dim=-1)
 
 
-class TextSA(nn.Module):
-    """Global caption vector by self-attention over its real words (no BatchNorm)."""
+class TextSA(VisualSA):
+    """Global caption vector by self-attention over its real words (no BatchNorm); the same
+    attention pooling as VisualSA (`forward` is inherited)."""
 
     def __init__(self, embed_dim, dropout_rate):
-        super().__init__()
+        nn.Module.__init__(self)
         self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim),
                                              nn.Tanh(), nn.Dropout(dropout_rate))
         self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim),
@@ -150,14 +152,6 @@ class TextSA(nn.Module):
         for seq in self.children():
             init_xavier(seq)
         self.softmax = nn.Softmax(dim=1)
-
-    def forward(self, local, raw_global):
-        l_emb = self.embedding_local(local)                       # (C, L, d)
-        g_emb = self.embedding_global(raw_global)                 # (C, d)
-        weights = self.embedding_common(l_emb * g_emb.unsqueeze(1)).squeeze(2)  # (C, L)
-        weights = self.softmax(weights)
-        new_global = (weights.unsqueeze(2) * local).sum(dim=1)    # (C, d)
-        return l2norm(new_global, dim=-1)
 
 
 # ----------------------------------------------------------------------------- reasoning
