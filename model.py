@@ -194,13 +194,17 @@ class AttentionFiltration(nn.Module):
 
 def SCAN_attention(query, context, smooth, eps=1e-8):
     """Text-to-image attention of SCAN. query: words (n, L, d); context: regions (n, R, d).
-    Returns the attended region context of every word, (n, L, d), l2-normalised."""
+    Returns the attended region context of every word, (n, L, d), l2-normalised.
+    Op for op as the original (its two `.contiguous()` copies included), so that the
+    per-caption reference also runs at the original's speed (bench.py compares with it)."""
     attn = torch.bmm(context, query.transpose(1, 2))              # (n, R, L)
     attn = F.leaky_relu(attn, 0.1)
     attn = l2norm(attn, 2)                                        # across the words
-    attn = F.softmax(attn.transpose(1, 2) * smooth, dim=2)        # (n, L, R) over regions
-    weighted = torch.bmm(attn, context)                           # (n, L, d)
-    return l2norm(weighted, dim=-1)
+    attn = attn.transpose(1, 2).contiguous()                      # (n, L, R)
+    attn = F.softmax(attn * smooth, dim=2)                        # over regions
+    attnT = attn.transpose(1, 2).contiguous()                     # (n, R, L)
+    weighted = torch.bmm(context.transpose(1, 2), attnT)          # (n, d, L)
+    return l2norm(weighted.transpose(1, 2), dim=-1)               # (n, L, d)
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -250,15 +254,17 @@ class EncoderSimilarity(nn.Module):
         return similarity.caption_globals(self.t_global_w, cap_emb, cap_lens)
 
     def forward_percaption(self, img_emb, cap_emb, cap_lens):
-        """The original computation, one caption at a time against all images. It is the
-        reference that faster paths are tested against."""
+        """The original computation, one caption at a time against all images, op for op
+        (the caption is `repeat`ed over the images, not broadcast), so that it also has the
+        original's speed and memory. It is the reference that the fast paths are tested and
+        benchmarked against."""
         n_image = img_emb.size(0)
         img_glo = self.v_global_w(img_emb, img_emb.mean(1))       # (B, d)
         sim_all = []
         for i in range(cap_emb.size(0)):
             n_word = int(cap_lens[i])
             cap_i = cap_emb[i, :n_word, :].unsqueeze(0)           # (1, L, d)
-            cap_i_expand = cap_i.expand(n_image, -1, -1)          # (B, L, d)
+            cap_i_expand = cap_i.repeat(n_image, 1, 1)            # (B, L, d)
             cap_glo_i = self.t_global_w(cap_i, cap_i.mean(1))     # (1, d)
 
             context = SCAN_attention(cap_i_expand, img_emb, smooth=9.0)
