@@ -408,15 +408,18 @@ class SGRAF:
         img_enc, txt_enc, sim_enc = self._trained()
         img_embs, cap_embs, cap_lens = self._embed(img_enc, txt_enc, images, captions, lengths)
         self.optimizer.zero_grad()
-        if self.sim_enc.module_name == "SGR":
+        if self.sim_enc.module_name == "SGR" and self.daa is None:
             # only the pairs whose score the loss's gradient touches get a graph (exact: every
             # score is a function of its pair alone once the global vectors are computed):
-            # similarity.subset_loss, called by EncoderSimilarity.forward
+            # similarity.subset_loss, called by EncoderSimilarity.forward. Not with DAA, whose
+            # gradient reaches every pair: there one pass with autograd over the whole matrix
+            # is cheaper than a no-grad pass followed by that same pass.
             loss, surrogate, _ = sim_enc(img_embs, cap_embs, cap_lens,
                                          loss_fn=lambda sims: self.forward_loss(sims, ids=ids))
             surrogate.backward()
         else:
-            # SAF's training BatchNorm ties all images of a caption: the full graph
+            # SAF's training BatchNorm ties all images of a caption; DAA's gradient is dense:
+            # the full graph
             sims = sim_enc(img_embs, cap_embs, cap_lens)
             loss = self.forward_loss(sims, ids=ids)
             loss.backward()

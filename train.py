@@ -41,10 +41,11 @@ import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
 import checks
+import daa
 import data
 import opts
 from checkpoint import load_checkpoint, save_checkpoint
-from evaluation import encode_data, i2t, model_vocab, score_all, t2i
+from evaluation import encode_data, i2t, model_vocab, score_all, split_asp, t2i
 from meters import AverageMeter, LogCollector
 from model import build_model
 from naaf import restore_threshold_state
@@ -119,7 +120,8 @@ def adjust_learning_rate(opt, optimizer, epoch):
 
 
 def validate(opt, val_loader, model, writer=None):
-    """R@K on the validation split; returns the sum of the six recalls."""
+    """R@K on the validation split, and DAA's ASP (logged, not used for model selection);
+    returns the sum of the six recalls."""
     img_embs, cap_embs, cap_lens = encode_data(model, val_loader, opt.log_step, log.info,
                                                img_stride=val_loader.dataset.im_div)
     start = time.time()
@@ -130,10 +132,18 @@ def validate(opt, val_loader, model, writer=None):
     (r1i, r5i, r10i, medri, meanri) = t2i(img_embs, cap_embs, cap_lens, sims)
     log.info("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f" % (r1i, r5i, r10i, medri, meanri))
     r_sum = r1 + r5 + r10 + r1i + r5i + r10i
+    scalars = [("r1", r1), ("r5", r5), ("r10", r10), ("medr", medr), ("meanr", meanr),
+               ("r1i", r1i), ("r5i", r5i), ("r10i", r10i), ("medri", medri),
+               ("meanri", meanri), ("r_sum", r_sum)]
+    # DAA's ASP metric, with the semantics of the split's own captions (TF-IDF fitted once)
+    dset = val_loader.dataset
+    if getattr(dset, "tfidf", None) is None:
+        dset.tfidf = daa.caption_tfidf(dset.captions[:len(dset)])
+    asp_i2t, asp_t2i = split_asp(sims, dset.tfidf)
+    log.info("ASP: i2t %.1f t2i %.1f" % (asp_i2t, asp_t2i))
+    scalars += [("asp_i2t", asp_i2t), ("asp_t2i", asp_t2i)]
     if writer is not None:
-        for k, v in [("r1", r1), ("r5", r5), ("r10", r10), ("medr", medr), ("meanr", meanr),
-                     ("r1i", r1i), ("r5i", r5i), ("r10i", r10i), ("medri", medri),
-                     ("meanri", meanri), ("r_sum", r_sum)]:
+        for k, v in scalars:
             writer.add_scalar(k, v, global_step=model.Eiters)
     return r_sum
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
 import similarity
 import train
 from daa import DAALoss
@@ -66,3 +67,11 @@ def test_daa_training_logs_three_terms(tmp_path):
         total = np.array(scalars["Hinge"]) + scalars["DAA_i2t"] + scalars["DAA_t2i"]
         np.testing.assert_allclose(scalars["Loss"], total, rtol=1e-5)
         assert all(0 <= v <= 10 for v in scalars["DAA_i2t"] + scalars["DAA_t2i"])
+        # validation logs ASP next to R@K: the same numbers as evaluation.py on that model
+        assert len(scalars["asp_i2t"]) == len(scalars["asp_t2i"]) == len(scalars["r_sum"]) == 1
+        out = evaluation.evalrank(os.path.join(run, "checkpoint", "model_best.pth.tar"),
+                                  data_path=data_path, split="dev", vocab_path=vocab_path,
+                                  device="cpu")
+        np.testing.assert_allclose([scalars["asp_i2t"][0], scalars["asp_t2i"][0]], out["asp"],
+                                   rtol=1e-5)
+        assert 0 < out["asp"][0] <= 100 and 0 < out["asp"][1] <= 100
