@@ -1,15 +1,32 @@
-"""Benchmark of SGRAF's hot paths (in the spirit of nanoGPT's bench.py).
+"""Benchmark of the matchers' hot paths (in the spirit of nanoGPT's bench.py).
 
-Times, at full dimensions on random inputs: encoding, `shard_attn_scores` (n_img x n_cap pairs)
-and one training step, for SGR and SAF, fast (similarity.py) against the original per-caption
-computation (`EncoderSimilarity.forward_percaption`). Prints pairs/s, the effective GFLOP/s
-(FLOPs of the original algorithm for the same pairs / time), the machine's matmul peak measured
-in the same run, peak memory, speedups and the largest difference from the per-caption path.
-Every measured job runs in its own subprocess, so the peak memories do not mix.
+Times, at full dimensions on random inputs: encoding, scoring n_img x n_cap pairs and one
+training step, for SGR, SAF and NAAF, fast against the original per-caption computation. Prints
+pairs/s, the effective GFLOP/s (FLOPs of the original algorithm for the same pairs / time), the
+machine's matmul peak measured in the same run, peak memory, speedups and the largest
+difference from the per-caption path. Every measured job runs in its own subprocess, so the
+peak memories do not mix.
 
-    python bench.py                      # 100 images x 500 captions, batch 128, 2 threads
+- SGR, SAF: `shard_attn_scores` (similarity.py) against the original's shards of 100 x 100
+  pairs scored caption by caption (`EncoderSimilarity.forward_percaption`); the training step
+  (`SGRAF.train_emb`) against the original's (all B x B pairs, caption by caption, one graph).
+- NAAF: `evaluation.score_all`, i.e. `NAAF.forward_sim` after `val_start()` (every pair at the
+  fixed test threshold `opt.thres_safe`, vectorised over captions), against the original's
+  `shard_xattn`: shards of 128 x 128 pairs, caption by caption (`naaf.naaf_sims_percaption`,
+  the original `xattn_score_test`). Both in float32 (the original evaluates float64 copies:
+  `--naaf_ref_fp64`). The threshold is `--thres_safe`, default 0.3: the learned test threshold
+  of the repository's NAAF fixture checkpoints (written by the original code: thres_safe
+  0.2998, mismatched words' best-region cosine 0.334 +- 0.069). The embeddings lie near a
+  32-dimensional subspace, so that each word's best-region cosine is 0.34 +- 0.07 as there and
+  the threshold splits the words (independent random 1024-d vectors would leave every cosine
+  below it, and the positive branch at 0). The training step is `NAAF.train_emb` alone:
+  naaf.py has no per-caption training step to compare with (its threshold learner goes
+  caption by caption in both), so NAAF's train job has no reference.
+
+    python bench.py                      # SGR, SAF, NAAF: 100 images x 500 captions, batch 128
     python bench.py --quick              # small sanity run
     python bench.py --modules SGR --what eval --precision bf16
+    python bench.py --modules NAAF       # NAAF only
 """
 import argparse
 import json
@@ -24,6 +41,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+
+MODULES = ("SGR", "SAF", "NAAF")
+NAAF_LATENT = 32  # NAAF's embeddings: the dimension of the subspace they lie near (see top)
+NAAF_SHARD = 128  # the original NAAF evaluation's shard_xattn(..., shard_size=128)
 
 
 def get_args(argv=None):
@@ -42,14 +64,21 @@ def get_args(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="evaluation precision of the fast path (bf16: autocast)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--modules", default="SGR,SAF")
+    p.add_argument("--modules", default="SGR,SAF,NAAF", help="comma-separated: SGR, SAF, NAAF")
     p.add_argument("--what", default="encode,eval,train")
     p.add_argument("--no_ref", action="store_true", help="skip the per-caption reference")
+    p.add_argument("--thres_safe", type=float, default=0.3,
+                   help="NAAF's test threshold (a checkpoint's learned opt.thres_safe)")
+    p.add_argument("--naaf_ref_fp64", action="store_true",
+                   help="NAAF's per-caption reference in float64, as the original evaluates")
     p.add_argument("--quick", action="store_true", help="small sizes, a sanity run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = [m for m in args.modules.split(",") if m not in MODULES]
+    if unknown:
+        p.error("--modules: unknown %s (choose from %s)" % (",".join(unknown), ",".join(MODULES)))
     if args.quick:
         args.n_img, args.n_cap, args.batch = 10, 50, 16
         args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50
@@ -58,14 +87,22 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def original_flops(module, n_img, lens, R=36, d=1024, s=256, sgr_step=3, shard=100):
+def original_flops(module, n_img, lens, R=36, d=1024, s=256, sgr_step=3, shard=100,
+                   intra=True):
     """FLOPs (2 x multiply-adds, matmuls only) of the original per-caption algorithm for n_img
     images against captions of the given lengths, scored in shards of `shard` captions.
     Per pair with L words: SCAN scores (R x d x L) and context (L x R x d); sim_tranloc_w on L
     vectors (d -> s) and sim_tranglo_w on one; per SGR step three Linear(s, s) on the L+1 nodes
     and two (L+1) x (L+1) x s products; SAF: Linear(s, 1) and the weighted sum of the L+1
     nodes; sim_eval_w. Per caption: TextSA (two Linear(d, d) and Linear(d, 1) on L words).
-    Per shard of captions: VisualSA on all the images (the original recomputes it per call)."""
+    Per shard of captions: VisualSA on all the images (the original recomputes it per call).
+    NAAF (xattn_score_test, `shard` images a shard): per pair the cosines (L x d x R) and the
+    context (L x R x d), and with `intra` (evaluation) the smoothed mask (L x L x 1); per caption
+    and image shard the word-word attention (L x d x L). intra=False: the training score."""
+    if module == "NAAF":
+        n_im_shards = -(-n_img // shard)
+        return sum(n_img * (4 * L * R * d + (2 * L * L if intra else 0)) +
+                   (n_im_shards * 2 * L * L * d if intra else 0) for L in lens)
     total = 0
     for L in lens:
         N = L + 1
@@ -116,6 +153,9 @@ def peak_mem_mb(device):
 # ----------------------------------------------------------------------------- setup
 
 def make_model(args, module):
+    """The matcher `module` names, with the original's defaults: SGRAF for SGR/SAF, naaf.NAAF
+    for NAAF (its own options from naaf.complete_naaf_opt: lambda_softmax 20, the basic text
+    encoder, learning rate 5e-4; the test threshold from --thres_safe)."""
     from model import SGRAF
     opt = SimpleNamespace(img_dim=args.img_dim, embed_size=args.embed_size,
                           sim_dim=args.sim_dim, word_dim=args.word_dim,
@@ -124,6 +164,12 @@ def make_model(args, module):
                           grad_clip=2.0, margin=0.2, max_violation=True, learning_rate=2e-4,
                           device=args.device, precision=args.precision)
     torch.manual_seed(args.seed)
+    if module == "NAAF":
+        import naaf
+        del opt.sim_dim, opt.sgr_step, opt.bi_gru, opt.learning_rate  # SGRAF's only
+        opt.thres_safe = args.thres_safe
+        naaf.complete_naaf_opt(opt)
+        return naaf.NAAF(opt), opt
     return SGRAF(opt), opt
 
 
@@ -131,13 +177,32 @@ def make_lengths(args, n, rng):
     return np.sort(rng.integers(args.min_len, args.max_len + 1, size=n))[::-1].copy()
 
 
-def make_embeddings(args, rng):
-    """Random l2-normalised region and word embeddings, zero padded like encode_data's."""
+def make_embeddings(args, rng, module="SGR"):
+    """Random l2-normalised region and word embeddings, zero padded like encode_data's. NAAF:
+    near a NAAF_LATENT-dimensional subspace, so that the cosines spread as a trained model's."""
     lens = rng.integers(args.min_len, args.max_len + 1, size=args.n_cap)
+    if module == "NAAF":
+        return naaf_embeddings(args, rng, lens)
     img = rng.standard_normal((args.n_img, 36, args.embed_size)).astype(np.float32)
     img /= np.linalg.norm(img, axis=-1, keepdims=True)
     cap = rng.standard_normal((args.n_cap, lens.max(), args.embed_size)).astype(np.float32)
     cap /= np.linalg.norm(cap, axis=-1, keepdims=True)
+    cap *= (np.arange(lens.max())[None, :] < lens[:, None])[:, :, None]
+    return img, cap, lens.tolist()
+
+
+def naaf_embeddings(args, rng, lens, noise=0.3):
+    """Unit vectors along z W + noise n: z ~ N(0, I_k), W a random k x d matrix of N(0, 1/k)
+    entries (k = NAAF_LATENT), n ~ N(0, I_d). Cosines about N(0, 0.16), so each word's best of
+    36 regions is at 0.34 +- 0.07 (d 1024; about the same at the --quick d 128)."""
+    k, d = NAAF_LATENT, args.embed_size
+    basis = rng.standard_normal((k, d)) * np.sqrt(1.0 / k)
+
+    def vectors(*shape):
+        v = rng.standard_normal(shape + (k,)) @ basis + noise * rng.standard_normal(shape + (d,))
+        return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+    img = vectors(args.n_img, 36)
+    cap = vectors(args.n_cap, int(lens.max()))
     cap *= (np.arange(lens.max())[None, :] < lens[:, None])[:, :, None]
     return img, cap, lens.tolist()
 
@@ -172,6 +237,8 @@ def job_encode(args, module, ref):
 
 
 def job_eval(args, module, ref):
+    if module == "NAAF":
+        return job_eval_naaf(args, ref)
     from evaluation import shard_attn_scores
     model, opt = make_model(args, module)
     model.val_start()
@@ -204,8 +271,51 @@ def percaption_shard_scores(model, img_embs, cap_embs, cap_lens, shard_size=100)
     return sims
 
 
+def job_eval_naaf(args, ref):
+    """NAAF: evaluation.score_all (the vectorised NAAF.forward_sim) or the original's shards of
+    128 x 128 pairs, caption by caption, both at opt.thres_safe."""
+    from evaluation import score_all
+    model, opt = make_model(args, "NAAF")
+    model.val_start()
+    img, cap, lens = make_embeddings(args, np.random.default_rng(args.seed), "NAAF")
+    with torch.no_grad():  # warm-up: lazy initialisations of the process
+        if ref:
+            percaption_naaf_scores(model, img[:2], cap[:3], lens[:3], args.naaf_ref_fp64)
+        else:
+            score_all(model, img[:2], cap[:3], lens[:3], opt)
+    sync(args.device)
+    t = time.perf_counter()
+    if ref:
+        sims = percaption_naaf_scores(model, img, cap, lens, args.naaf_ref_fp64)
+    else:
+        sims = score_all(model, img, cap, lens, opt)
+    sync(args.device)
+    elapsed = time.perf_counter() - t
+    return {"time": elapsed, "sims": sims}
+
+
+def percaption_naaf_scores(model, img_embs, cap_embs, cap_lens, fp64=False,
+                           shard_size=NAAF_SHARD):
+    """The original NAAF shard_xattn: shard_size x shard_size shards, each scored caption by
+    caption by xattn_score_test (naaf.naaf_sims_percaption) at opt.thres_safe."""
+    from naaf import naaf_sims_percaption
+    opt, dtype = model.opt, torch.float64 if fp64 else torch.float32
+    sims = np.zeros((len(img_embs), len(cap_embs)))
+    for i in range(0, len(img_embs), shard_size):
+        for j in range(0, len(cap_embs), shard_size):
+            lens = cap_lens[j:j + shard_size]
+            with torch.no_grad():
+                im = torch.from_numpy(img_embs[i:i + shard_size]).to(model.device, dtype)
+                ca = torch.from_numpy(cap_embs[j:j + shard_size]).to(model.device, dtype)
+                sim = naaf_sims_percaption(im, ca, lens, opt.thres_safe, opt.lambda_softmax,
+                                           intra=True)
+            sims[i:i + shard_size, j:j + shard_size] = sim.cpu().numpy()
+    return sims
+
+
 def job_train(args, module, ref):
-    from model import SGRAF
+    if module == "NAAF" and ref:
+        raise ValueError("NAAF has no per-caption reference training step")
     rng = np.random.default_rng(args.seed + 1)
     images, captions, lens = make_batch(args, rng)
     warm, _ = make_model(args, module)  # warm-up on a throw-away model and a small batch
@@ -292,20 +402,27 @@ def main(argv=None):
             print("[%s] encode %d images + %d captions: %.3f s, peak %.0f MB"
                   % (module, args.n_img, args.n_cap, r["time"], r["peak_mb"]))
         if "eval" in whats:
+            # the lengths are drawn first, the same for every module
             _, _, lens = make_embeddings(args, np.random.default_rng(args.seed))
-            flops = original_flops(module, args.n_img, lens, d=args.embed_size, s=args.sim_dim)
+            naaf = module == "NAAF"
+            flops = original_flops(module, args.n_img, lens, d=args.embed_size, s=args.sim_dim,
+                                   shard=NAAF_SHARD if naaf else 100)
             pairs = args.n_img * args.n_cap
             f = spawn(argv, "eval", module, "fast")
+            # NAAF's scores have no bf16 path: float32 whatever --precision says
+            precision = "fp32, thres_safe %g" % args.thres_safe if naaf else args.precision
             print("[%s] eval fast (%s): %.2f s, %.0f pairs/s, %.1f effective GFLOP/s "
                   "(%.0f%% of fp32 peak, original %.0f GFLOP), peak RSS %.0f MB (start %.0f)"
-                  % (module, args.precision, f["time"], pairs / f["time"],
+                  % (module, precision, f["time"], pairs / f["time"],
                      flops / f["time"] / 1e9, 100 * flops / f["time"] / 1e9 / fp32, flops / 1e9,
                      f["peak_mb"], f["base_mb"]))
             if not args.no_ref:
                 r = spawn(argv, "eval", module, "ref")
-                print("[%s] eval per-caption: %.2f s, %.0f pairs/s, %.1f effective GFLOP/s, "
+                ref_what = ("per-caption (%s)" % ("fp64" if args.naaf_ref_fp64 else "fp32")
+                            if naaf else "per-caption")
+                print("[%s] eval %s: %.2f s, %.0f pairs/s, %.1f effective GFLOP/s, "
                       "peak RSS %.0f MB (start %.0f)"
-                      % (module, r["time"], pairs / r["time"], flops / r["time"] / 1e9,
+                      % (module, ref_what, r["time"], pairs / r["time"], flops / r["time"] / 1e9,
                          r["peak_mb"], r["base_mb"]))
                 print("[%s] eval speedup %.2fx, max |fast - per-caption| = %.2e"
                       % (module, r["time"] / f["time"], np.abs(f["sims"] - r["sims"]).max()))
@@ -321,12 +438,16 @@ def main(argv=None):
         if "train" in whats:
             lens = make_lengths(args, args.batch, np.random.default_rng(args.seed + 1))
             # the per-caption step scores all B x B pairs forward (backward ~2x more)
-            flops = original_flops(module, args.batch, lens, d=args.embed_size, s=args.sim_dim)
+            flops = original_flops(module, args.batch, lens, d=args.embed_size, s=args.sim_dim,
+                                   intra=False)
             f = spawn(argv, "train", module, "fast")
             print("[%s] train step fast: %.2f s, peak RSS %.0f MB (start %.0f), "
                   "%.1f effective forward GFLOP/s" % (module, f["time"], f["peak_mb"],
                                                        f["base_mb"], flops / f["time"] / 1e9))
-            if not args.no_ref:
+            if module == "NAAF":
+                print("[NAAF] train step: no per-caption reference (naaf.py has none; the "
+                      "step's threshold learner goes caption by caption)")
+            elif not args.no_ref:
                 r = spawn(argv, "train", module, "ref")
                 g, gr = f["grads"], r["grads"]
                 print("[%s] train step per-caption: %.2f s, peak RSS %.0f MB (start %.0f)"

@@ -549,12 +549,23 @@ def check_checkpoint_structure(ckpt, path):
         raise error("ckpt_py2", path, reason="its options hold byte strings")
 
 
-def infer_flags(state):
+def is_naaf_state(state, opt=None):
+    """NAAF's state list: [img_enc, txt_enc] with the image encoder's `fc` and the text GRU
+    under NAAF's name `rnn` (SGRAF's is `cap_rnn`), and, when the checkpoint's `opt` is given,
+    the threshold state in it (SCAN's checkpoints have the same keys, but no `thres_safe`). Any
+    other two state dicts (a truncated SGRAF checkpoint, another model) are not NAAF's."""
+    return (len(state) == 2 and "fc.weight" in state[0] and
+            any(k.startswith("rnn.") for k in state[1]) and
+            (opt is None or hasattr(opt, "thres_safe")))
+
+
+def infer_flags(state, opt=None):
     """The model flags a state list [img_enc, txt_enc, sim_enc] (SGRAF) or [img_enc, txt_enc]
-    (NAAF) was built with (None where its keys do not say)."""
+    (NAAF: is_naaf_state; `opt` is the checkpoint's) was built with (None where its keys do not
+    say: module_name is None for two state dicts that are not NAAF's)."""
     img, txt = state[0], state[1]
     sim = state[2] if len(state) > 2 else {}
-    naaf = len(state) == 2
+    naaf = is_naaf_state(state, opt)
 
     def shape(sd, key, axis):
         return tuple(sd[key].shape)[axis] if key in sd and sd[key].dim() > axis else None
@@ -594,18 +605,21 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary"):
     names = ("img_enc", "txt_enc", "sim_enc")
     ours, theirs = model.state_dict(), ckpt["model"]
     missing, unexpected, shapes = [], [], []
-    if len(ours) != len(theirs):  # SGRAF's three modules vs NAAF's two: no sim_enc
-        (missing if len(ours) > len(theirs) else unexpected).append("sim_enc.*")
+    # e.g. SGRAF's three modules vs NAAF's two, or a checkpoint that lost its sim_enc: said
+    # neutrally (infer_flags names the model where the keys say which)
+    count = (None if len(ours) == len(theirs) else
+             "%d state dicts (%s) in the checkpoint, %d from the flags"
+             % (len(theirs), ", ".join(names[:len(theirs)]), len(ours)))
     for name, a, b in zip(names, ours, theirs):
         missing += ["%s.%s" % (name, k) for k in a if k not in b]
         unexpected += ["%s.%s" % (name, k) for k in b if k not in a]
         shapes += ["%s.%s %s vs %s" % (name, k, tuple(b[k].shape), tuple(a[k].shape))
                    for k in a if k in b and tuple(a[k].shape) != tuple(b[k].shape)]
-    if not (missing or unexpected or shapes):
+    if not (count or missing or unexpected or shapes):
         return
-    want, have = infer_flags(theirs), infer_flags(ours)
+    want, have = infer_flags(theirs, ckpt.get("opt")), infer_flags(ours)
     differ = [k for k in want if want[k] is not None and want[k] != have[k]]
-    if differ == ["vocab_size"] and not (missing or unexpected):
+    if differ == ["vocab_size"] and not (count or missing or unexpected):
         raise error("vocab_size", vocab_file, n_vocab=have["vocab_size"], checkpoint=path,
                     n_ckpt=want["vocab_size"])
     parts = ["%s in the checkpoint, %s from the flags" % (_flag(k, want[k]), _flag(k, have[k]))
@@ -613,6 +627,8 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary"):
     if "vocab_size" in differ:
         parts.append("a vocabulary of %d words, %s has %d" % (want["vocab_size"], vocab_file,
                                                               have["vocab_size"]))
+    if count:
+        parts.append(count)
     if missing:
         parts.append("missing keys %s" % _some(missing))
     if unexpected:

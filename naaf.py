@@ -530,7 +530,9 @@ class NAAF:
 
     def forward_loss(self, sims, ids=None, **kwargs):
         loss = self.criterion(sims)
-        self.logger.update("Le", loss.item(), sims.size(0))
+        # "Loss" as SGRAF's (the original NAAF's log says "Le"): the log line, TensorBoard and
+        # checks.stop_on_nonfinite, which stops a non-finite loss before the step, read it
+        self.logger.update("Loss", loss.item(), sims.size(0))
         return loss
 
     def set_semantics(self, captions):

@@ -236,9 +236,10 @@ def main(argv=None):
                                                 opt.workers, opt, train_sampler=sampler,
                                                 generator=generator)
     # the captions of one process's epoch (the DistributedSampler pads the split to a multiple
-    # of the world size)
-    checks.check_last_batch(len(train_loader.sampler) if ddp else len(train_loader.dataset),
-                            opt.batch_size)
+    # of the world size); a last batch of 1 breaks SGRAF's BatchNorm, NAAF has none
+    if opt.module_name != "NAAF":
+        checks.check_last_batch(len(train_loader.sampler) if ddp else len(train_loader.dataset),
+                                opt.batch_size)
 
     model = build_model(opt)
     dset = train_loader.dataset

@@ -244,3 +244,102 @@ def test_demo_learns(tmp_path):
                                str(tmp_path / "run"), "--device", "cpu", "--n_train", "300",
                                "--num_epochs", "3"])
     assert after["rsum"] >= 3 * before["rsum"], (before["rsum"], after["rsum"])
+
+
+# ----------------------------------------------------------------------------- training rules
+
+def naaf_opt(data_path, vocab_path, *extra):
+    opt = opts.parse_opt(train_args(data_path, vocab_path, "unused", "--module_name", "NAAF",
+                                    *extra))
+    opt.vocab_size = len(deserialize_vocab(os.path.join(vocab_path, "synth_precomp_vocab.json")))
+    return opt
+
+
+def test_nonfinite_loss_stops_the_step(setup):
+    """NAAF's loss is seen by the guard before the optimizer step, as SGRAF's: an infinite loss
+    with finite (zero) gradients stops the step and leaves the parameters as they were."""
+    data_path, vocab_path, _ = setup
+    model = naaf.NAAF(naaf_opt(data_path, vocab_path))
+    checks.stop_on_nonfinite(model)
+    model.criterion = lambda sims: sims.sum() * 0 + float("inf")
+    before = [p.detach().clone() for p in model.params]
+    images = torch.randn(3, 36, 32)
+    captions, lens = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 2, 0]]), [4, 3, 3]
+    with pytest.raises(checks.DivergedError) as e:
+        model.train_emb(images, captions, lens)
+    assert e.value.key == "diverged" and "loss is inf at iteration 1" in str(e.value)
+    assert all(torch.isfinite(p.grad).all() for p in model.params if p.grad is not None)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.params))
+
+
+def test_nan_features_stop_the_run(tmp_path, capsys):
+    """A NaN image outside the start-up sample: the NAAF run stops on the NaN loss at the first
+    batch that holds it, before the step, and saves nothing."""
+    n_train = 20
+    data_path, vocab_path = tiny_dataset(str(tmp_path), n_train=n_train, n_dev=4, n_test=4)
+    path = os.path.join(data_path, "synth_precomp", "train_ims.npy")
+    feats = np.load(path)
+    feats[min(set(range(n_train)) - set(checks.sample_indices(n_train))), 3] = np.nan
+    np.save(path, feats)
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(data_path, vocab_path, run, "--module_name", "NAAF",
+                              "--num_epochs", "1", "--seed", "1"))
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "checkpoint: loss is nan at iteration " in err and "saved nothing" in err, err
+    assert not os.path.exists(os.path.join(run, "checkpoint", "checkpoint_0.pth.tar"))
+
+
+def test_last_batch_of_one(setup, tmp_path, monkeypatch, capsys):
+    """25 captions in batches of 12 leave a last batch of 1: refused for SGR (its BatchNorm
+    cannot train on it), trained for NAAF (no BatchNorm; a lone pair's hinge loss is 0)."""
+    data_path, vocab_path, _ = setup
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(data_path, vocab_path, str(tmp_path / "sgr"), "--batch_size",
+                              "12"))
+    assert e.value.code == 2 and "leave a last batch of 1" in capsys.readouterr().err
+    sizes, step = [], naaf.NAAF.train_emb
+
+    def spy(self, images, *args, **kwargs):
+        sizes.append(len(images))
+        return step(self, images, *args, **kwargs)
+    monkeypatch.setattr(naaf.NAAF, "train_emb", spy)
+    train.main(train_args(data_path, vocab_path, str(tmp_path / "naaf"), "--module_name",
+                          "NAAF", "--batch_size", "12", "--num_epochs", "1"))
+    assert sizes == [12, 12, 1]
+    assert os.path.exists(tmp_path / "naaf" / "checkpoint" / "checkpoint_0.pth.tar")
+
+
+def test_two_state_dicts_that_are_not_naaf(setup):
+    """Only NAAF's keys (and threshold state) make a two-state-dict checkpoint NAAF's: a SGRAF
+    checkpoint that lost its sim_enc, or SCAN's (NAAF's keys, no thres_safe in its opt), is
+    described by its state dicts, not called NAAF."""
+    data_path, vocab_path, paths = setup
+    sgr, nf = load_checkpoint(paths["SGR"]), load_checkpoint(paths["NAAF"])
+    assert checks.infer_flags(nf["model"], nf["opt"])["module_name"] == "NAAF"
+    assert checks.infer_flags(nf["model"])["module_name"] == "NAAF"
+    scan_opt = argparse.Namespace(**{k: v for k, v in vars(nf["opt"]).items()
+                                     if k not in naaf.THRESHOLD_STATE})
+    cut = {"model": sgr["model"][:2], "opt": sgr["opt"]}
+    scan = {"model": nf["model"], "opt": scan_opt}
+    for ckpt in (cut, scan):
+        flags = checks.infer_flags(ckpt["model"], ckpt["opt"])
+        assert flags["module_name"] is None and flags["precomp_enc_text_type"] is None
+    model = SGRAF(naaf_opt(data_path, vocab_path, "--module_name", "SGR"))
+    for ckpt in (cut, scan):
+        with pytest.raises(checks.CheckpointError) as e:
+            checks.check_checkpoint_matches(model, ckpt, "x.pth")
+        msg = str(e.value)
+        assert e.value.key == "ckpt_foreign" and "NAAF" not in msg, msg
+        assert "x.pth: its weights do not fit the SGRAF model: 2 state dicts (img_enc, " \
+               "txt_enc) in the checkpoint, 3 from the flags" in msg, msg
+    # the truncated SGRAF checkpoint's own two state dicts fit: only the count differs
+    assert "missing keys" not in str(pytest.raises(
+        checks.CheckpointError, checks.check_checkpoint_matches, model, cut, "x.pth").value)
+    # NAAF's own checkpoint is still named
+    with pytest.raises(checks.CheckpointError) as e:
+        checks.check_checkpoint_matches(model, nf, "x.pth")
+    assert e.value.key == "ckpt_mismatch"
+    assert "--module_name NAAF in the checkpoint, --module_name SGR from the flags; 2 state " \
+           "dicts (img_enc, txt_enc) in the checkpoint, 3 from the flags" in str(e.value)

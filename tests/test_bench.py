@@ -1,0 +1,80 @@
+"""bench.py at tiny sizes, in this process (no subprocess, no matmul peak): its NAAF jobs score
+the same pairs as the per-caption reference, make_model builds every matcher, the NAAF training
+step runs, and the FLOP count of the original NAAF evaluation."""
+import numpy as np
+import pytest
+import torch
+
+import bench
+import naaf
+from model import SGRAF
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_args(*argv):
+    args = bench.get_args(["--quick"] + list(argv))
+    args.n_img, args.n_cap, args.batch = 6, 20, 6
+    args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 24, 48, 16, 8
+    args.vocab_size, args.min_len, args.max_len = 30, 1, 9
+    return args
+
+
+def test_naaf_eval_fast_equals_percaption():
+    args = tiny_args("--modules", "NAAF")
+    fast = bench.job_eval(args, "NAAF", False)["sims"]
+    ref = bench.job_eval(args, "NAAF", True)["sims"]
+    assert fast.shape == ref.shape == (6, 20) and fast.dtype == np.float64
+    assert np.abs(fast - ref).max() < 1e-5
+    args.naaf_ref_fp64 = True
+    assert np.abs(fast - bench.job_eval(args, "NAAF", True)["sims"]).max() < 1e-5
+
+    # the embeddings put the threshold inside the cosines (both branches at work) ...
+    img, cap, lens = bench.make_embeddings(args, np.random.default_rng(args.seed), "NAAF")
+    best = np.einsum("brd,cld->bclr", img, cap).max(-1)      # each word's best region
+    real = np.arange(cap.shape[1])[None, :] < np.array(lens)[:, None]
+    above = (best > args.thres_safe)[:, real].mean()
+    assert 0.2 < above < 0.95, above
+    # ... so that a wrong threshold shows in the comparison
+    model, _ = bench.make_model(args, "NAAF")
+    model.opt.thres_safe = 0.2
+    other = bench.percaption_naaf_scores(model, img, cap, lens)
+    assert np.abs(other - fast).max() > 1e-3
+
+
+def test_make_model_every_module():
+    args = tiny_args()
+    assert args.modules.split(",") == list(bench.MODULES)
+    for module in ("SGR", "SAF"):
+        model, opt = bench.make_model(args, module)
+        assert isinstance(model, SGRAF) and opt.module_name == module
+    model, opt = bench.make_model(args, "NAAF")
+    assert isinstance(model, naaf.NAAF)
+    assert (opt.thres_safe, opt.lambda_softmax, opt.precomp_enc_text_type) == (0.3, 20.0, "basic")
+    assert opt.learning_rate == 0.0005 and opt.thres == 0.0
+    with pytest.raises(SystemExit):
+        bench.get_args(["--modules", "SGR,SCAN"])
+
+
+def test_naaf_train_job():
+    args = tiny_args()
+    args.min_len = 2  # make_batch writes <start> and <end>
+    r = bench.job_train(args, "NAAF", False)
+    assert np.isfinite(r["loss"]) and r["grads"].size and np.isfinite(r["grads"]).all()
+    with pytest.raises(ValueError, match="no per-caption reference"):
+        bench.job_train(args, "NAAF", True)
+
+
+def test_naaf_original_flops():
+    # per pair 4 L R d (cosines and context) + 2 L^2 (smoothed mask); per caption and image
+    # shard 2 L^2 d (word-word attention); 130 images are two shards of 128
+    L, R, d = 5, 36, 64
+    got = bench.original_flops("NAAF", 130, [L], R=R, d=d, shard=128)
+    assert got == 130 * (4 * L * R * d + 2 * L * L) + 2 * (2 * L * L * d)
+    assert bench.original_flops("NAAF", 130, [L], R=R, d=d, intra=False) == 130 * 4 * L * R * d
