@@ -112,3 +112,18 @@ def test_h5_features_give_identical_numbers(setup, tmp_path):
                 vocab_path, "--split", "test", "--feat_format", fmt, "--save_sims", f)
         outs.append(np.load(f))
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_precision_flag(setup, tmp_path):
+    """--precision bf16 scores under bf16 autocast: close to fp32 but not equal (so the flag
+    reaches the scoring); the default keeps the checkpoint's fp32."""
+    data_path, vocab_path, paths = setup
+    res = {}
+    for prec in [None, "bf16"]:
+        f = str(tmp_path / ("%s.npy" % prec))
+        args = ["--model_path", paths["SAF"], "--data_path", data_path, "--vocab_path",
+                vocab_path, "--split", "test", "--save_sims", f]
+        result_lines(run_cli(*(args + ([] if prec is None else ["--precision", prec]))))
+        res[prec] = np.load(f)
+    diff = np.abs(res["bf16"] - res[None]).max()
+    assert 0 < diff < 2e-2, diff
