@@ -63,9 +63,13 @@ def get_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="evaluation precision of the fast path (bf16: autocast)")
+    p.add_argument("--daa_weight", type=float, default=0.0,
+                   help="train jobs of SGR/SAF with the DAA loss at this weight ('--what daa' "
+                        "times the step with --daa_weight, default 10, against without)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modules", default="SGR,SAF,NAAF", help="comma-separated: SGR, SAF, NAAF")
-    p.add_argument("--what", default="encode,eval,train")
+    p.add_argument("--what", default="encode,eval,train",
+                   help="comma-separated: encode, eval, train, daa")
     p.add_argument("--no_ref", action="store_true", help="skip the per-caption reference")
     p.add_argument("--thres_safe", type=float, default=0.3,
                    help="NAAF's test threshold (a checkpoint's learned opt.thres_safe)")
@@ -162,7 +166,8 @@ def make_model(args, module):
                           vocab_size=args.vocab_size, num_layers=1, bi_gru=True,
                           no_imgnorm=False, no_txtnorm=False, module_name=module, sgr_step=3,
                           grad_clip=2.0, margin=0.2, max_violation=True, learning_rate=2e-4,
-                          device=args.device, precision=args.precision)
+                          device=args.device, precision=args.precision,
+                          daa_weight=args.daa_weight, daa_rowwise=False)
     torch.manual_seed(args.seed)
     if module == "NAAF":
         import naaf
@@ -171,6 +176,16 @@ def make_model(args, module):
         naaf.complete_naaf_opt(opt)
         return naaf.NAAF(opt), opt
     return SGRAF(opt), opt
+
+
+def daa_semantics(model, args, rng):
+    """DAA's semantics for a batch whose item k is caption k of a synthetic split of
+    batch x 5 captions (random words over a 500-word vocabulary): sets the model's TF-IDF and
+    returns the batch's caption ids."""
+    words = ["w%d" % i for i in range(500)]
+    caps = [" ".join(rng.choice(words, size=rng.integers(8, 20))) for _ in range(5 * args.batch)]
+    model.set_semantics(caps)
+    return list(range(args.batch))
 
 
 def make_lengths(args, n, rng):
@@ -320,26 +335,30 @@ def job_train(args, module, ref):
     images, captions, lens = make_batch(args, rng)
     warm, _ = make_model(args, module)  # warm-up on a throw-away model and a small batch
     warm.train_start()
-    warm.train_emb(images[:4], captions[:4], lens[:4])
+    warm_ids = daa_semantics(warm, args, np.random.default_rng(0)) if args.daa_weight > 0 \
+        else None
+    warm.train_emb(images[:4], captions[:4], lens[:4], warm_ids and warm_ids[:4])
     model, opt = make_model(args, module)
     model.train_start()
     for m in model.modules():  # dropout off, so that both paths compute the same function
         for x in m.modules():
             if isinstance(x, torch.nn.Dropout):
                 x.eval()
+    ids = daa_semantics(model, args, rng) if args.daa_weight > 0 else None
     if ref:
         # the original step: all B x B pairs, caption by caption, one graph
         def train_emb(images, captions, lengths):
             img, cap, cl = model.forward_emb(images, captions, lengths)
             sims = model.sim_enc.forward_percaption(img, cap, cl)
             model.optimizer.zero_grad()
-            loss = model.criterion(sims)
+            loss = model.forward_loss(sims, ids=ids)  # the hinge (+ DAA)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.params, model.grad_clip)
             model.optimizer.step()
             return loss.detach()
     else:
-        train_emb = model.train_emb
+        def train_emb(images, captions, lengths):
+            return model.train_emb(images, captions, lengths, ids)
     grads = {}
     step = model.optimizer.step
 
@@ -435,6 +454,18 @@ def main(argv=None):
                     print("[%s] R@1,5,10 i2t/t2i per-caption %s, fast %s, max |diff| %.2f"
                           % (module, ra.round(1).tolist(), fa.round(1).tolist(),
                              np.abs(ra - fa).max()))
+        if "daa" in whats and module != "NAAF":
+            w = args.daa_weight if args.daa_weight > 0 else 10.0
+            plain = [a for a in argv]  # argv without any --daa_weight
+            if "--daa_weight" in plain:
+                k = plain.index("--daa_weight")
+                del plain[k:k + 2]
+            f0 = spawn(plain, "train", module, "fast")
+            f1 = spawn(plain + ["--daa_weight", str(w)], "train", module, "fast")
+            print("[%s] train step without DAA %.2f s (peak RSS %.0f MB), with DAA (weight %g) "
+                  "%.2f s (peak RSS %.0f MB): %+.0f%%"
+                  % (module, f0["time"], f0["peak_mb"], w, f1["time"], f1["peak_mb"],
+                     100 * (f1["time"] / f0["time"] - 1)))
         if "train" in whats:
             lens = make_lengths(args, args.batch, np.random.default_rng(args.seed + 1))
             # the per-caption step scores all B x B pairs forward (backward ~2x more)

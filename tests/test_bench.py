@@ -78,3 +78,18 @@ def test_naaf_original_flops():
     got = bench.original_flops("NAAF", 130, [L], R=R, d=d, shard=128)
     assert got == 130 * (4 * L * R * d + 2 * L * L) + 2 * (2 * L * L * d)
     assert bench.original_flops("NAAF", 130, [L], R=R, d=d, intra=False) == 130 * 4 * L * R * d
+
+
+@pytest.mark.parametrize("module", ["SGR", "SAF"])
+def test_daa_train_job_fast_equals_percaption(module):
+    """bench's DAA training step (`--daa_weight`, `--what daa`): the fast step and the original
+    per-caption step take the same loss (hinge + DAA) and the same clipped gradients."""
+    args, plain_args = tiny_args("--daa_weight", "10"), tiny_args()
+    args.min_len = plain_args.min_len = 3  # <start>, a word, <end>
+    fast = bench.job_train(args, module, False)
+    ref = bench.job_train(args, module, True)
+    plain = bench.job_train(plain_args, module, False)
+    assert abs(fast["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
+    assert fast["loss"] > plain["loss"]  # the DAA terms are in
+    g, gr = fast["grads"], ref["grads"]
+    assert np.linalg.norm(g - gr) <= 1e-4 * np.linalg.norm(gr)
