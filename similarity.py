@@ -155,17 +155,23 @@ def sgr_head(weights, nodes, key_mask=None, sc=None):
     inplace = not torch.is_grad_enabled()
     neg = None if key_mask is None else (~key_mask).unsqueeze(1)  # (P, 1, N)
     for k, (wcat, bcat) in enumerate(weights[:-1]):
-        pm = torch.addmm(bcat, nodes.reshape(P * N, s), wcat,
-                         **_out(sc, "sgr_pm", (P * N, 2 * s), nodes)).view(P, N, 2 * s)
-        scores = torch.bmm(pm[..., :s], nodes.transpose(1, 2),
+        if inplace:  # one GEMM for the queries and the values
+            pm = torch.addmm(bcat, nodes.reshape(P * N, s), wcat,
+                             **_out(sc, "sgr_pm", (P * N, 2 * s), nodes)).view(P, N, 2 * s)
+            query, value = pm[..., :s], pm[..., s:]
+        else:  # two: the backward of a slice would write a zero-filled (P, N, 2s) per half
+            flat = nodes.reshape(P * N, s)
+            query = torch.addmm(bcat[:s], flat, wcat[:, :s]).view(P, N, s)
+            value = torch.addmm(bcat[s:], flat, wcat[:, s:]).view(P, N, s)
+        scores = torch.bmm(query, nodes.transpose(1, 2),
                            **_out(sc, "sgr_scores", (P, N, N), nodes))  # (P, N, N)
         if neg is not None:
             scores = scores.masked_fill_(neg, -math.inf) if inplace else \
                 scores.masked_fill(neg, -math.inf)
         edges = torch.softmax(scores, dim=-1)
         # two alternating buffers: the step reads the previous nodes while writing the new
-        nodes = torch.bmm(edges, pm[..., s:], **_out(sc, "sgr_nodes%d" % (k % 2), (P, N, s),
-                                                      nodes))   # (P, N, s)
+        nodes = torch.bmm(edges, value, **_out(sc, "sgr_nodes%d" % (k % 2), (P, N, s),
+                                                nodes))   # (P, N, s)
         nodes = nodes.relu_() if inplace else nodes.relu()
     wq, bq, wk, wg, bg = weights[-1]
     u = torch.addmm(bq, nodes[:, 0], wq.t()) @ wk                 # (P, s): Wk^T q
