@@ -66,6 +66,9 @@ def get_args(argv=None):
     p.add_argument("--daa_weight", type=float, default=0.0,
                    help="train jobs of SGR/SAF with the DAA loss at this weight ('--what daa' "
                         "times the step with --daa_weight, default 10, against without)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="training steps timed per job (the fastest is reported; '--what daa' "
+                        "alternates at least 3 of each)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modules", default="SGR,SAF,NAAF", help="comma-separated: SGR, SAF, NAAF")
     p.add_argument("--what", default="encode,eval,train",
@@ -367,16 +370,43 @@ def job_train(args, module, ref):
                       if p.grad is not None})
         return step(*a, **k)
     model.optimizer.step = spy
-    sync(args.device)
-    t = time.perf_counter()
-    loss = train_emb(images, captions, lens)
-    sync(args.device)
-    elapsed = time.perf_counter() - t
-    flat = torch.cat([grads[i].flatten() for i in sorted(grads)]).numpy()
-    return {"time": elapsed, "loss": float(loss), "grads": flat}
+    times = []
+    for k in range(args.steps):  # the first step's loss and gradients; the fastest step's time
+        sync(args.device)
+        t = time.perf_counter()
+        out = train_emb(images, captions, lens)
+        sync(args.device)
+        times.append(time.perf_counter() - t)
+        if k == 0:
+            loss = out
+            flat = torch.cat([grads[i].flatten() for i in sorted(grads)]).numpy()
+    return {"time": min(times), "loss": float(loss), "grads": flat}
 
 
-JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train}
+def job_daa(args, module, ref):
+    """The training step with DAA against without, alternating on one model in one process
+    (steps of separate processes vary by +-10% on a shared machine): the fastest of
+    max(3, --steps) steps each."""
+    rng = np.random.default_rng(args.seed + 1)
+    images, captions, lens = make_batch(args, rng)
+    model, opt = make_model(args, module)
+    model.train_start()
+    ids = daa_semantics(model, args, rng)
+    loss_fn = model.daa
+    model.train_emb(images[:8], captions[:8], lens[:8], ids[:8])  # warm-up
+    times = {"with": [], "without": []}
+    for _ in range(max(3, args.steps)):
+        for name in times:
+            model.daa = loss_fn if name == "with" else None
+            sync(args.device)
+            t = time.perf_counter()
+            model.train_emb(images, captions, lens, ids)
+            sync(args.device)
+            times[name].append(time.perf_counter() - t)
+    return {"with": min(times["with"]), "without": min(times["without"])}
+
+
+JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_daa}
 
 
 def run_job(args):
@@ -456,16 +486,15 @@ def main(argv=None):
                              np.abs(ra - fa).max()))
         if "daa" in whats and module != "NAAF":
             w = args.daa_weight if args.daa_weight > 0 else 10.0
-            plain = [a for a in argv]  # argv without any --daa_weight
+            plain = [a for a in argv]
             if "--daa_weight" in plain:
                 k = plain.index("--daa_weight")
                 del plain[k:k + 2]
-            f0 = spawn(plain, "train", module, "fast")
-            f1 = spawn(plain + ["--daa_weight", str(w)], "train", module, "fast")
-            print("[%s] train step without DAA %.2f s (peak RSS %.0f MB), with DAA (weight %g) "
-                  "%.2f s (peak RSS %.0f MB): %+.0f%%"
-                  % (module, f0["time"], f0["peak_mb"], w, f1["time"], f1["peak_mb"],
-                     100 * (f1["time"] / f0["time"] - 1)))
+            r = spawn(plain + ["--daa_weight", str(w)], "daa", module, "fast")
+            print("[%s] train step (fastest of %d, alternating on one model) without DAA %.2f s, "
+                  "with DAA (weight %g) %.2f s: %+.0f%%, peak RSS %.0f MB"
+                  % (module, max(3, args.steps), r["without"], w, r["with"],
+                     100 * (r["with"] / r["without"] - 1), r["peak_mb"]))
         if "train" in whats:
             lens = make_lengths(args, args.batch, np.random.default_rng(args.seed + 1))
             # the per-caption step scores all B x B pairs forward (backward ~2x more)

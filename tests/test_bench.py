@@ -93,3 +93,10 @@ def test_daa_train_job_fast_equals_percaption(module):
     assert fast["loss"] > plain["loss"]  # the DAA terms are in
     g, gr = fast["grads"], ref["grads"]
     assert np.linalg.norm(g - gr) <= 1e-4 * np.linalg.norm(gr)
+
+
+def test_daa_cost_job_runs_both_steps():
+    args = tiny_args("--daa_weight", "10")
+    args.min_len = 3
+    r = bench.job_daa(args, "SGR", False)
+    assert set(r) == {"with", "without"} and r["with"] > 0 and r["without"] > 0
