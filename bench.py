@@ -29,14 +29,12 @@ peak memories do not mix.
     python bench.py --modules NAAF       # NAAF only
 """
 import argparse
-import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np

@@ -19,7 +19,6 @@ Letters in shape comments: B images, C captions, R regions (36), L words, d embe
 s sim_dim.
 """
 import logging
-from collections import OrderedDict
 
 import numpy as np
 import torch

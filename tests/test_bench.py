@@ -3,19 +3,13 @@ the same pairs as the per-caption reference, make_model builds every matcher, th
 step runs, and the FLOP count of the original NAAF evaluation."""
 import numpy as np
 import pytest
-import torch
 
 import bench
 import naaf
 from model import SGRAF
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(*argv):

@@ -15,13 +15,7 @@ from naaf import NAAF
 FIXTURES = ["naaf_small_seed1", "naaf_glove_small_seed1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LoggedOpt(argparse.Namespace):
