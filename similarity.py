@@ -140,8 +140,9 @@ def caption_globals(t_global_w, cap_emb, cap_lens):
 
 def sgr_weights(sgr_modules):
     """Per step but the last: (Wcat (s, 2s), bcat (2s,)) so that nodes @ Wcat + bcat gives
-    [queries already multiplied by Wk | Wg-projected nodes]. The last step: (Wq, bq, Wk, Wg, bg).
-    The key bias only adds terms constant along the softmax axis: it drops out."""
+    [queries already multiplied by Wk | Wg-projected nodes]. The last step, which only needs
+    node 0's query: (Wq^T Wk, bq Wk, Wg, bg). The key bias only adds terms constant along the
+    softmax axis: it drops out."""
     out = []
     for m in sgr_modules[:-1]:
         wq, wk, wg = m.graph_query_w, m.graph_key_w, m.sim_graph_w
@@ -149,8 +150,9 @@ def sgr_weights(sgr_modules):
         bcat = torch.cat([wq.bias @ wk.weight, wg.bias])                    # (2s,)
         out.append((wcat, bcat))
     m = sgr_modules[-1]
-    out.append((m.graph_query_w.weight, m.graph_query_w.bias, m.graph_key_w.weight,
-                m.sim_graph_w.weight, m.sim_graph_w.bias))
+    wq, wk = m.graph_query_w, m.graph_key_w
+    out.append((wq.weight.t() @ wk.weight, wq.bias @ wk.weight, m.sim_graph_w.weight,
+                m.sim_graph_w.bias))
     return out
 
 
@@ -183,8 +185,8 @@ def sgr_head(weights, nodes, key_mask=None, sc=None):
         nodes = torch.bmm(edges, value, **_out(sc, "sgr_nodes%d" % (k % 2), (P, N, s),
                                                 nodes))   # (P, N, s)
         nodes = nodes.relu_() if inplace else nodes.relu()
-    wq, bq, wk, wg, bg = weights[-1]
-    u = torch.addmm(bq, nodes[:, 0], wq.t()) @ wk                 # (P, s): Wk^T q
+    a, c, wg, bg = weights[-1]
+    u = torch.addmm(c, nodes[:, 0], a)                            # (P, s): Wk^T q
     # matrix-vector products: multiply-and-sum beats a batch of tiny GEMMs
     scores = (nodes * u.unsqueeze(1)).sum(2)                      # (P, N)
     if key_mask is not None:
