@@ -199,7 +199,7 @@ PROBLEMS = {
         CheckpointError, "does not match the model built from the flags: {diff}",
         "pass {flags} (the flags it was trained with)"),
     "ckpt_foreign": Problem(
-        CheckpointError, "its weights do not fit the SGRAF model: {diff}",
+        CheckpointError, "its weights do not fit the {model} model the flags build: {diff}",
         "it is a checkpoint of another model or code version: use one written by train.py "
         "or the authors"),
     # --------------------------------------------------------------- flags and run directory
@@ -639,7 +639,7 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary"):
     if flags and "vocab_size" in differ:
         flags.append("and its vocabulary")
     if not flags:
-        raise error("ckpt_foreign", path, diff="; ".join(parts))
+        raise error("ckpt_foreign", path, diff="; ".join(parts), model=have["module_name"] or "SGRAF")
     raise error("ckpt_mismatch", path, diff="; ".join(parts), flags=" ".join(flags))
 
 

@@ -332,7 +332,8 @@ def test_two_state_dicts_that_are_not_naaf(setup):
             checks.check_checkpoint_matches(model, ckpt, "x.pth")
         msg = str(e.value)
         assert e.value.key == "ckpt_foreign" and "NAAF" not in msg, msg
-        assert "x.pth: its weights do not fit the SGRAF model: 2 state dicts (img_enc, " \
+        assert "x.pth: its weights do not fit the SGR model the flags build: 2 state dicts " \
+               "(img_enc, " \
                "txt_enc) in the checkpoint, 3 from the flags" in msg, msg
     # the truncated SGRAF checkpoint's own two state dicts fit: only the count differs
     assert "missing keys" not in str(pytest.raises(
@@ -343,3 +344,17 @@ def test_two_state_dicts_that_are_not_naaf(setup):
     assert e.value.key == "ckpt_mismatch"
     assert "--module_name NAAF in the checkpoint, --module_name SGR from the flags; 2 state " \
            "dicts (img_enc, txt_enc) in the checkpoint, 3 from the flags" in str(e.value)
+
+
+def test_foreign_checkpoint_names_the_model_the_flags_build(setup):
+    """A checkpoint whose keys no flag explains is said not to fit the model the flags build:
+    NAAF's, not 'the SGRAF model'."""
+    data_path, vocab_path, paths = setup
+    nf = load_checkpoint(paths["NAAF"])
+    nf["model"][0]["fc2.weight"] = nf["model"][0].pop("fc.weight")
+    model = naaf.NAAF(naaf_opt(data_path, vocab_path))
+    with pytest.raises(checks.CheckpointError) as e:
+        checks.check_checkpoint_matches(model, nf, "x.pth")
+    assert e.value.key == "ckpt_foreign"
+    assert "x.pth: its weights do not fit the NAAF model the flags build: missing keys " \
+           "img_enc.fc.weight; unexpected keys img_enc.fc2.weight" in str(e.value), str(e.value)
