@@ -484,11 +484,7 @@ def main(argv=None):
                              np.abs(ra - fa).max()))
         if "daa" in whats and module != "NAAF":
             w = args.daa_weight if args.daa_weight > 0 else 10.0
-            plain = [a for a in argv]
-            if "--daa_weight" in plain:
-                k = plain.index("--daa_weight")
-                del plain[k:k + 2]
-            r = spawn(plain + ["--daa_weight", str(w)], "daa", module, "fast")
+            r = spawn(argv + ["--daa_weight", str(w)], "daa", module, "fast")  # last one wins
             print("[%s] train step (fastest of %d, alternating on one model) without DAA %.2f s, "
                   "with DAA (weight %g) %.2f s: %+.0f%%, peak RSS %.0f MB"
                   % (module, max(3, args.steps), r["without"], w, r["with"],

@@ -18,9 +18,9 @@ in blocks and uses exact algebra to skip work:
   closed form (momentum m applied C times in sequence);
 - buffers of the no-grad path are reused between blocks (a fresh large tensor costs page faults).
 
-`max_violation_loss` is the training trick for SGR: the hinge with max-violation uses one
-negative per row and per column, so the B x B matrix is scored without autograd, and only the
-pairs the loss uses are recomputed with gradients.
+`subset_loss` is the training trick for SGR: the hinge with max-violation uses one negative per
+row and per column, so the B x B matrix is scored without autograd, and only the pairs the
+loss uses are recomputed with gradients.
 
 Letters: B images, C captions, P pairs, R regions, L words, N = L+1 nodes, d embed_size,
 s sim_dim.
@@ -557,11 +557,3 @@ def subset_loss(sim, img_emb, cap_emb, cap_lens, loss_fn):
     s = pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx)
     return loss.detach(), (grad[img_idx, cap_idx] * s).sum(), scores
 
-
-def max_violation_loss(sim, img_emb, cap_emb, cap_lens, margin):
-    """The hinge loss with max-violation (summed) of the batch whose pair k is (image k,
-    caption k), equal to ContrastiveLoss(max_violation=True)(sim(img, cap)), for SGR, through
-    `subset_loss`. Returns (loss value, surrogate to backpropagate, the no-grad scores)."""
-    from loss import ContrastiveLoss
-    return subset_loss(sim, img_emb, cap_emb, cap_lens,
-                       ContrastiveLoss(margin=margin, max_violation=True))

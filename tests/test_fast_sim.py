@@ -125,7 +125,8 @@ def test_max_violation_subset_matches_full_graph(dense, monkeypatch):
     img_b, cap_b = img.clone().requires_grad_(), cap.clone().requires_grad_()
     ref = ContrastiveLoss(margin=0.2, max_violation=True)(
         ref_sim.forward_percaption(img_a, cap_a, lens))
-    got, surrogate, _ = similarity.max_violation_loss(sim, img_b, cap_b, lens, 0.2)
+    got, surrogate, _ = similarity.subset_loss(sim, img_b, cap_b, lens,
+                                               ContrastiveLoss(margin=0.2, max_violation=True))
     assert abs(got.item() - ref.item()) <= 1e-5
     ref.backward()
     surrogate.backward()
