@@ -1,4 +1,4 @@
-"""Shared test helpers: where ../shared is, and a few small builders."""
+"""Shared test helpers: where the fixtures of the original code are, and a few small builders."""
 import os
 import sys
 from pathlib import Path
@@ -10,18 +10,26 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def shared_dir() -> Path:
-    """The read-only fixtures directory: $SGRAF_SHARED or ../shared next to the repo."""
-    path = Path(os.environ.get("SGRAF_SHARED", REPO.parent / "shared"))
-    if not (path / "fixtures").is_dir():
+def fixtures_dir() -> Path:
+    """The outputs of the original code that the tests reproduce: tests/fixtures (copies of
+    ../shared/fixtures, so that a clone is self-sufficient), or $SGRAF_SHARED/fixtures."""
+    root = os.environ.get("SGRAF_SHARED")
+    path = Path(root) / "fixtures" if root else REPO / "tests" / "fixtures"
+    if not path.is_dir():
         # Fail, never skip: a missing fixtures directory must turn CI red.
-        raise RuntimeError(f"shared fixtures not found at {path}; set SGRAF_SHARED")
+        raise RuntimeError(f"fixtures not found at {path}")
     return path
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    return shared_dir()
+def fixtures() -> Path:
+    return fixtures_dir()
+
+
+@pytest.fixture(scope="session")
+def original_vocab() -> Path:
+    """The original SCAN and NAAF vocabularies, shipped in vocab/ (the files of ../shared/vocab)."""
+    return REPO / "vocab"
 
 
 @pytest.fixture

@@ -252,8 +252,8 @@ def test_vocab_not_a_vocab(work, capsys, text, reason):
                 "not a vocabulary json (%s" % reason, root=work.root)
 
 
-def test_vocab_of_another_dataset(work, capsys, shared):
-    shutil.copy(shared / "vocab" / "f30k_precomp_vocab.json", work.vocab_file)
+def test_vocab_of_another_dataset(work, capsys, original_vocab):
+    shutil.copy(original_vocab / "f30k_precomp_vocab.json", work.vocab_file)
     n = len(checks.load_vocab(str(work.vocab_file)))
     n_ckpt = load_checkpoint(str(work.sgr))["opt"].vocab_size
     expect_exit(evaluation.main, work.eval_args(), capsys, "vocab_size",

@@ -13,8 +13,8 @@ from daa import (DAALoss, asp_metric, batch_semantics, caption_tfidf, smooth_ran
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ref(shared):
-    d = np.load(shared / "fixtures" / "daa_ref" / "loss_n16_seed0.npz")
+def ref(fixtures):
+    d = np.load(fixtures / "daa_ref" / "loss_n16_seed0.npz")
     return {k: d[k] for k in d.files}
 
 

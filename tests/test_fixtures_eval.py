@@ -1,4 +1,4 @@
-"""Acceptance of the SGRAF core against the original code's outputs (../shared/fixtures)."""
+"""Acceptance of the SGRAF core against the original code's outputs (tests/fixtures)."""
 import numpy as np
 import pytest
 import torch
@@ -26,8 +26,8 @@ class ArrayDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[k // 5]), cap, k, k // 5
 
 
-def load_fixture(shared, name):
-    d = shared / "fixtures" / "sgraf_ref" / name
+def load_fixture(fixtures, name):
+    d = fixtures / "sgraf_ref" / name
     ckpt = load_checkpoint(str(d / "model_best.pth.tar"))
     opt = ckpt["opt"]
     opt.device = "cpu"
@@ -37,17 +37,17 @@ def load_fixture(shared, name):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_strict_load_and_names(shared, name):
-    d = shared / "fixtures" / "sgraf_ref" / name
+def test_strict_load_and_names(fixtures, name):
+    d = fixtures / "sgraf_ref" / name
     ckpt = load_checkpoint(str(d / "model_best.pth.tar"))
-    model, *_ = load_fixture(shared, name)
+    model, *_ = load_fixture(fixtures, name)
     for ours, theirs in zip(model.state_dict(), ckpt["model"]):
         assert list(ours.keys()) == list(theirs.keys())
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_direct_sims(shared, name):
-    model, opt, inp, exp = load_fixture(shared, name)
+def test_direct_sims(fixtures, name):
+    model, opt, inp, exp = load_fixture(fixtures, name)
     model.val_start()
     with torch.no_grad():
         img, cap, lens = model.forward_emb(torch.from_numpy(inp["images"]),
@@ -58,8 +58,8 @@ def test_direct_sims(shared, name):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_evalrank_path(shared, name):
-    model, opt, inp, exp = load_fixture(shared, name)
+def test_evalrank_path(fixtures, name):
+    model, opt, inp, exp = load_fixture(fixtures, name)
     ds = ArrayDataset(inp["images"], inp["captions"], inp["lengths"])
     loader = torch.utils.data.DataLoader(ds, batch_size=7, shuffle=False, collate_fn=collate_fn)
     img_embs, cap_embs, cap_lens = encode_data(model, loader)
@@ -80,8 +80,8 @@ def test_evalrank_path(shared, name):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_contrastive_loss(shared, name):
-    _, opt, _, exp = load_fixture(shared, name)
+def test_contrastive_loss(fixtures, name):
+    _, opt, _, exp = load_fixture(fixtures, name)
     square = torch.from_numpy(exp["square_sims"])
     hard = ContrastiveLoss(margin=opt.margin, max_violation=True)(square)
     total = ContrastiveLoss(margin=opt.margin, max_violation=False)(square)

@@ -1,4 +1,4 @@
-"""NAAF (naaf.py) against the original code's outputs (../shared/fixtures/naaf_ref/*): strict
+"""NAAF (naaf.py) against the original code's outputs (tests/fixtures/naaf_ref/*): strict
 checkpoint loading, evaluation similarities and R@K, one training step with its threshold
 updates, the threshold learner caption by caption, and the vectorised evaluation path against
 the per-caption reference."""
@@ -31,12 +31,12 @@ class LoggedOpt(argparse.Namespace):
         super().__setattr__(k, v)
 
 
-def fixture_dir(shared, name):
-    return shared / "fixtures" / "naaf_ref" / name
+def fixture_dir(fixtures, name):
+    return fixtures / "naaf_ref" / name
 
 
-def load_fixture(shared, name, opt_cls=argparse.Namespace):
-    d = fixture_dir(shared, name)
+def load_fixture(fixtures, name, opt_cls=argparse.Namespace):
+    d = fixture_dir(fixtures, name)
     ckpt = naaf.load_naaf_checkpoint(str(d / "model_best.pth.tar"))
     opt = opt_cls(**vars(ckpt["opt"]))
     opt.device = "cpu"
@@ -57,8 +57,8 @@ def named_params(model):
 # ----------------------------------------------------------------------------- 1. loading
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_strict_load(shared, name):
-    model, opt, ckpt = load_fixture(shared, name)
+def test_strict_load(fixtures, name):
+    model, opt, ckpt = load_fixture(fixtures, name)
     assert naaf.is_naaf_checkpoint(ckpt)
     assert opt.precomp_enc_text_type == ("GloVe" if "glove" in name else "basic")
     for ours, ref in zip(model.state_dict(), ckpt["model"]):
@@ -66,7 +66,7 @@ def test_strict_load(shared, name):
         for k in ref:
             assert torch.equal(ours[k], ref[k]), k
     # the optimiser's parameters are the original's, in its order (GloVe table included)
-    ts = np.load(fixture_dir(shared, name) / "train_step.npz")
+    ts = np.load(fixture_dir(fixtures, name) / "train_step.npz")
     by_id = {id(p): n for n, p in named_params(model)}
     assert [by_id[id(p)] for p in model.params] == list(ts["param_names"])
 
@@ -83,9 +83,9 @@ def test_not_naaf_checkpoints():
 # ----------------------------------------------------------------------------- 2. evaluation
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_evaluation(shared, name):
-    model, opt, ckpt = load_fixture(shared, name)
-    d = fixture_dir(shared, name)
+def test_evaluation(fixtures, name):
+    model, opt, ckpt = load_fixture(fixtures, name)
+    d = fixture_dir(fixtures, name)
     inp, exp = np.load(d / "inputs.npz"), np.load(d / "expected.npz")
     assert opt.thres_safe == float(exp["thres_safe_used"])
     model.val_start()
@@ -125,9 +125,9 @@ def spy_clip(monkeypatch):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_train_step(shared, name, monkeypatch):
-    model, opt, _ = load_fixture(shared, name, LoggedOpt)
-    d = fixture_dir(shared, name)
+def test_train_step(fixtures, name, monkeypatch):
+    model, opt, _ = load_fixture(fixtures, name, LoggedOpt)
+    d = fixture_dir(fixtures, name)
     inp, ts = np.load(d / "inputs.npz"), np.load(d / "train_step.npz")
     keys = list(ts["thres_state_keys"])
     np.testing.assert_array_equal([getattr(opt, k) for k in keys], ts["thres_before"])
@@ -171,14 +171,14 @@ def test_train_step(shared, name, monkeypatch):
 
 # ----------------------------------------------------------------------------- 4. learner
 
-def learning_batch(shared):
-    tl = np.load(fixture_dir(shared, FIXTURES[0]) / "thres_learning.npz")
+def learning_batch(fixtures):
+    tl = np.load(fixture_dir(fixtures, FIXTURES[0]) / "thres_learning.npz")
     return (tl, torch.from_numpy(tl["img_emb"]), torch.from_numpy(tl["cap_emb"]),
             tl["cap_lens"].tolist())
 
 
-def test_threshold_learner(shared):
-    tl, img, cap, lens = learning_batch(shared)
+def test_threshold_learner(fixtures):
+    tl, img, cap, lens = learning_batch(fixtures)
     keys = list(tl["state_keys"])
     opt = LoggedOpt(alpha=2.0, lambda_softmax=20.0, **dict(zip(keys, tl["init_state"])))
     opt.log.clear()
@@ -286,21 +286,21 @@ def test_training_grads_match_percaption():
 
 # ----------------------------------------------------------------------------- options, vocab
 
-def test_options_and_vocab(shared, tmp_path):
+def test_options_and_vocab(original_vocab, tmp_path):
     p = naaf.add_naaf_options(argparse.ArgumentParser())
     opt = p.parse_args([])
     assert (opt.lambda_softmax, opt.alpha, opt.thres, opt.thres_safe) == (20.0, 2.0, 0.0, 0.0)
     assert opt.precomp_enc_text_type == "basic" and not opt.freeze_glove
     assert opt.glove_path is None
 
-    glove = naaf.load_naaf_vocab(str(shared / "vocab" / "naaf" / "f30k_precomp.json"))
+    glove = naaf.load_naaf_vocab(str(original_vocab / "naaf" / "f30k_precomp.json"))
     assert len(glove) == 8347
     assert [glove(w) for w in ("<pad>", "<unk>", "<start>", "<end>")] == [0, 1, 2, 3]
     assert glove("no-such-word") == 1
-    scan = naaf.load_naaf_vocab(str(shared / "vocab" / "f30k_precomp_vocab.json"))
+    scan = naaf.load_naaf_vocab(str(original_vocab / "f30k_precomp_vocab.json"))
     assert len(scan) == 8481 and scan("<start>") == 1
     o = argparse.Namespace(data_name="f30k_precomp", precomp_enc_text_type="GloVe")
-    assert naaf.naaf_vocab_file(o, str(shared / "vocab")).endswith("naaf/f30k_precomp.json")
+    assert naaf.naaf_vocab_file(o, str(original_vocab)).endswith("naaf/f30k_precomp.json")
     o.precomp_enc_text_type = "basic"
     assert naaf.naaf_vocab_file(o, "vocab").endswith("f30k_precomp_vocab.json")
 

@@ -133,7 +133,7 @@ def _vocab_of(words):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_cli_authors_checkpoint(shared, tmp_path, name):
+def test_cli_authors_checkpoint(fixtures, tmp_path, name):
     """The original code's checkpoints (vocab 50, img_dim 64, data_name f30k_precomp) on a
     generated dataset of that name: the SCAN vocab for basic, the GloVe json for GloVe."""
     data_path, vocab_path = str(tmp_path / "data"), str(tmp_path / "vocab")
@@ -153,7 +153,7 @@ def test_cli_authors_checkpoint(shared, tmp_path, name):
         json.dump({"word2idx": {w: i for i, w in enumerate(glove)}, "char_level": False,
                    "max_len": 30}, f)
     ckpt = str(tmp_path / "model_best.pth.tar")
-    shutil.copy(shared / "fixtures" / "naaf_ref" / name / "model_best.pth.tar", ckpt)
+    shutil.copy(fixtures / "naaf_ref" / name / "model_best.pth.tar", ckpt)
     out = run_eval("--model_path", ckpt, "--data_path", data_path, "--vocab_path", vocab_path,
                    "--split", "test")
     assert "Images: 6, Captions: 30" in out

@@ -1,4 +1,4 @@
-"""One training step against the original code's (../shared/fixtures/sgraf_ref/*): loss,
+"""One training step against the original code's (tests/fixtures/sgraf_ref/*): loss,
 gradients, BatchNorm running stats and the clipped Adam step, through `SGRAF.train_emb` (the
 fast paths: SGR's max-violation pair subset, SAF's batched per-caption BatchNorm)."""
 import numpy as np
@@ -20,8 +20,8 @@ def is_noise_only(name):
     return name in NOISE_ONLY or name.endswith("graph_key_w.bias")
 
 
-def load(shared, name, dtype=torch.float32):
-    d = shared / "fixtures" / "sgraf_ref" / name
+def load(fixtures, name, dtype=torch.float32):
+    d = fixtures / "sgraf_ref" / name
     ckpt = load_checkpoint(str(d / "model_best.pth.tar"))
     opt = ckpt["opt"]
     opt.device = "cpu"
@@ -74,8 +74,8 @@ def check_grads(grads, ts, rel, abs_):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_train_step(shared, name, monkeypatch):
-    model, batch, ts, after = load(shared, name)
+def test_train_step(fixtures, name, monkeypatch):
+    model, batch, ts, after = load(fixtures, name)
     before = {n: p.detach().clone() for n, p in named_params(model).items()}
     loss, grads = step_capturing_grads(model, batch, monkeypatch)
     assert abs(loss - float(ts["loss"])) <= 1e-5 * abs(float(ts["loss"]))
@@ -108,14 +108,14 @@ def test_train_step(shared, name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_train_step_float64(shared, name, monkeypatch):
+def test_train_step_float64(fixtures, name, monkeypatch):
     """The same step in float64. The fixture was computed in float32: its gradients carry their
     own rounding, up to ~1e-5 relative on the GRU and embedding gradients (long recurrent
     chains), ~1e-7 elsewhere, while float64 gradients are exact to ~1e-12. So float64 cannot
     match the fixture better than the fixture's float32 error; it must match within a tolerance
     a little above that error (rel 3e-5, abs 3e-7: 3x tighter than the float32 test), which
     shows that the remaining float32 differences are rounding, not a formula slip."""
-    model, batch, ts, _ = load(shared, name, torch.float64)
+    model, batch, ts, _ = load(fixtures, name, torch.float64)
     loss, grads = step_capturing_grads(model, batch, monkeypatch)
     assert abs(loss - float(ts["loss"])) <= 2e-6 * abs(float(ts["loss"]))
     check_grads(grads, ts, rel=3e-5, abs_=3e-7)

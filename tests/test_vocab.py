@@ -162,8 +162,8 @@ VOCAB_FILES = {"f30k_precomp_vocab.json": 8481, "coco_precomp_vocab.json": 11353
 
 
 @pytest.mark.parametrize("name", sorted(VOCAB_FILES))
-def test_vocab_round_trip(shared, tmp_path, name):
-    src = shared / "vocab" / name
+def test_vocab_round_trip(original_vocab, tmp_path, name):
+    src = original_vocab / name
     v = vocab.deserialize_vocab(src)
     assert len(v) == VOCAB_FILES[name] == v.idx
     assert [v(w) for w in vocab.SPECIAL_TOKENS] == [0, 1, 2, 3]
