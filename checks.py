@@ -30,7 +30,10 @@ Decisions:
   anything is called; the refusal names the global.
 """
 import argparse
+import fcntl
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -59,8 +62,10 @@ OOV_WARN = 0.10
 # ----------------------------------------------------------------------------- errors
 
 class SGRAFError(Exception):
-    """A mistake in what the run was given; the message is one line: `where: problem; fix`."""
+    """A mistake in what the run was given; the message is one line: `where: problem; fix`.
+    `shared`: every process of a torchrun launch raised it, and rank 0 alone prints it."""
     exit_code = 2
+    shared = False
 
     def __init__(self, message, key=None):
         super().__init__(message)
@@ -114,7 +119,7 @@ PROBLEMS = {
         "(train and dev to train; test or testall to evaluate)"),
     "split_missing": Problem(
         DataError, "{missing} not found (the directory holds: {found})",
-        "download or regenerate the split: expected {expected}"),
+        "download or regenerate the split ({expected})"),
     "features_missing": Problem(
         DataError, "feature file not found", "check the path"),
     "features_unreadable": Problem(
@@ -141,10 +146,10 @@ PROBLEMS = {
         "regenerate or re-download the file; `python checks.py --features FILE` checks "
         "every image"),
     "caption_count": Problem(
-        DataError, "{n_caps} captions for the {n_images} images of {features}: expected "
-        "5 per image ({n_five}) or 1 per image ({n_images}), otherwise every (image, caption) "
-        "pair after the first missing or extra line is shifted",
-        "restore the caption file so that lines 5i..5i+4 describe image i"),
+        DataError, "{n_caps} captions for the {n_images} images of {features}, not 5 per "
+        "image ({n_five}) or 1 ({n_images}): every pair after a missing or extra line is "
+        "shifted",
+        "restore the file (lines 5i..5i+4 describe image i)"),
     "caption_empty": Problem(
         DataError, "line {line} is empty ({count} empty line(s)); an empty line is a lost "
         "caption and shifts every later (image, caption) pair",
@@ -171,7 +176,7 @@ PROBLEMS = {
         "rebuild it: python vocab.py --data_path DATA --data_name {data_name}"),
     "vocab_size": Problem(
         VocabError, "{n_vocab} words, but {checkpoint} was trained with {n_ckpt} "
-        "(txt_enc.embed.weight): the vocabulary is of another dataset",
+        "(txt_enc.embed.weight): a vocabulary of another dataset",
         "pass the --vocab_path and --data_name the checkpoint was trained with"),
     # --------------------------------------------------------------- checkpoints
     "ckpt_missing": Problem(
@@ -195,14 +200,14 @@ PROBLEMS = {
         CheckpointError, "this looks like a checkpoint of the original python2.7 branch "
         "({reason})",
         "use the python3.6 branch's checkpoint, or convert it: python checks.py "
-        "--convert-py2 {where} NEW.pth.tar"),
+        "--convert-py2 {name} NEW.pth.tar"),
     "ckpt_mismatch": Problem(
         CheckpointError, "does not match the model built from the flags: {diff}",
         "pass {flags} (the flags it was trained with)"),
     "ckpt_foreign": Problem(
         CheckpointError, "its weights do not fit the {model} model the flags build: {diff}",
-        "it is a checkpoint of another model or code version: use one written by train.py "
-        "or the authors"),
+        "it is of another model or code version: use one written by train.py or the "
+        "authors"),
     # --------------------------------------------------------------- flags and run directory
     "flag_positive": Problem(
         UsageError, "must be a positive integer", "pass a value of 1 or more"),
@@ -238,26 +243,56 @@ PROBLEMS = {
         "pass a --batch_size that leaves another remainder, e.g. {suggest}"),
     "fold5": Problem(
         UsageError, "the {split} split has {n_images} images, but 5-fold 1K evaluation needs "
-        "5000 (COCO testall)",
+        "{needed} (COCO testall)",
         "drop --fold5, or pass --split testall with COCO"),
     "run_exists": Problem(
-        RunExistsError, "already holds {found} of another run",
-        "pass --resume {latest} to continue it, --overwrite to replace it, or another "
+        RunExistsError, "--model_name holds this checkpoint of another run{also}",
+        "pass --resume with it to continue that run, --overwrite to replace it, or another "
         "--model_name"),
     "file_exists": Problem(
         UsageError, "already exists", "pass a new file name; nothing is written over a file"),
+    "output_dir": Problem(
+        UsageError, "directory not found", "create it, or pass another {flag} path"),
+    "output_not_ours": Problem(
+        UsageError, "exists and was not written by this tool ({why})",
+        "pass another {flag} file, or add --overwrite to replace it"),
+    "output_other_run": Problem(
+        UsageError, "holds the output of another run ({change})",
+        "rerun that command to finish it, pass another {flag} file, or add --overwrite to "
+        "start afresh"),
+    "output_busy": Problem(
+        UsageError, "is being written by another running process (its record is locked)",
+        "wait for that process to finish, or pass another {flag} file"),
     "diverged": Problem(
-        DivergedError, "{what} at iteration {iteration}; the run stopped and saved nothing, so "
-        "the last good checkpoint is kept",
-        "lower --learning_rate, or check the features (python checks.py --features FILE), "
-        "then --resume from the last checkpoint_N.pth.tar"),
+        DivergedError, "{what} at iteration {iteration}; the run stopped and saved nothing",
+        "lower --learning_rate or check the features (python checks.py --features FILE), "
+        "then --resume the last good checkpoint_N.pth.tar"),
 }
 
 
+# an error line (`error: ` and the message) longer than this is hard to read at a glance
+MAX_LINE = 300
+
+
 def message(key, where, **fields):
-    """The one-line message of a problem."""
+    """The one-line message of a problem. A line that would pass MAX_LINE (say a long list of
+    differing keys) has its longest descriptive field cut, never the `where` nor a field the
+    fix needs."""
     p, fields = PROBLEMS[key], dict(fields, where=where)
-    return "%s: %s; %s" % (where, p.problem.format(**fields), p.fix.format(**fields))
+
+    def render():
+        return "%s: %s; %s" % (where, p.problem.format(**fields), p.fix.format(**fields))
+    text = render()
+    over = len(text) + len("error: ") - MAX_LINE
+    in_fix = set(re.findall(r"\{(\w+)", p.fix)) | {"where"}
+    cuttable = [k for k, v in fields.items() if isinstance(v, str) and k not in in_fix]
+    if over > 0 and cuttable:
+        k = max(cuttable, key=lambda k: len(fields[k]))
+        keep = max(20, len(fields[k]) - over - 3)
+        if keep < len(fields[k]):
+            fields[k] = fields[k][:keep].rstrip() + "..."
+            text = render()
+    return text
 
 
 def error(key, where, **fields):
@@ -273,14 +308,25 @@ def exit_on_error(main):
         try:
             return main(argv)
         except SGRAFError as e:
-            print("error: %s" % e, file=sys.stderr)
+            if not (e.shared and os.environ.get("RANK", "0") != "0"):
+                print("error: %s" % e, file=sys.stderr)
             raise SystemExit(e.exit_code) from None
     return wrapper
 
 
+# a library's reason, quoted inside one of our lines, is cut to this length
+REASON_CHARS = 120
+
+
 def first_line(exc):
+    """The first sentence of an exception's message (a library's reason, quoted in our
+    one-line errors): libraries append paragraphs of advice that would bury the line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    m = re.match(r"(.+?[.!?])(\s|$)", lines[0])
+    text = (m.group(1) if m else lines[0]).rstrip(".")
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3].rstrip() + "..."
 
 
 # ----------------------------------------------------------------------------- flags
@@ -334,7 +380,8 @@ def check_run_dir(model_name, resume="", overwrite=False):
     found = (["model_best.pth.tar"] if "model_best.pth.tar" in names else []) + ckpts[-1:]
     if found:
         latest = os.path.join(model_name, ckpts[-1] if ckpts else "model_best.pth.tar")
-        raise error("run_exists", model_name, found=" and ".join(found), latest=latest)
+        also = " and its model_best.pth.tar" if len(found) == 2 else ""
+        raise error("run_exists", latest, also=also)
 
 
 def check_last_batch(n_captions, batch_size):
@@ -347,9 +394,9 @@ def check_last_batch(n_captions, batch_size):
                     suggest=suggest)
 
 
-def check_fold5(fold5, n_images, split):
-    if fold5 and n_images != 5000:
-        raise error("fold5", "--fold5", split=split, n_images=n_images)
+def check_fold5(fold5, n_images, split, needed=5000):
+    if fold5 and n_images != needed:
+        raise error("fold5", "--fold5", split=split, n_images=n_images, needed=needed)
 
 
 # ----------------------------------------------------------------------------- data
@@ -365,7 +412,7 @@ def check_split_files(data_path, split, feat_path, cap_path):
     missing = [os.path.basename(p) for p in (feat_path, cap_path) if not os.path.isfile(p)]
     if missing:
         found = sorted(os.listdir(data_path))
-        shown = ", ".join(found[:8]) + (" ..." if len(found) > 8 else "")
+        shown = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
         raise error("split_missing", data_path, missing=" and ".join(missing),
                     found=shown or "nothing", expected=_expected(split))
 
@@ -492,6 +539,148 @@ def atomic_save(obj, path):
         raise
 
 
+# ----------------------------------------------------------------------------- outputs
+
+# The record beside an output file: "<output>.record"
+RECORD_SUFFIX = ".record"
+
+
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file's contents: what identifies a checkpoint or a data file in a record
+    (a copy or a move keeps it; a retrained or regenerated file changes it)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def _short(value):
+    text = value if isinstance(value, str) else json.dumps(value)
+    if re.fullmatch(r"[0-9a-f]{64}", text):  # a digest: its first 12 digits are enough
+        text = text[:12]
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def identity_change(ours, theirs):
+    """The first entry in which two identities (dicts) differ, as `name X here, Y in its
+    record`, or None when they are equal."""
+    for key in list(ours) + [k for k in theirs if k not in ours]:
+        if ours.get(key) != theirs.get(key):
+            return "%s %s here, %s in its record" % (key, _short(ours.get(key, "none")),
+                                                      _short(theirs.get(key, "none")))
+    return None
+
+
+class OutputRecord:
+    """The record that this project's tools keep beside an output file they write, as
+    `<output>.record`: JSON lines, the first saying what the output is made of (`identity`: the
+    contents of the inputs and the options that determine it, plus `info` for the reader),
+    each later one an entry appended when a part of the output is finished (flushed and
+    fsynced, after the output's part itself). It is what makes an output "ours": a rerun of
+    the same command may continue or reuse it, anything else is refused (`claim_output`).
+    While a run writes, it holds an exclusive lock on the record."""
+
+    def __init__(self, path, file, header, entries):
+        self.path, self.record_path = path, path + RECORD_SUFFIX
+        self._file, self.header, self.entries = file, header, entries
+
+    @property
+    def identity(self):
+        return self.header["identity"]
+
+    def append(self, entry):
+        """Add one entry (a JSON-serialisable dict), durably."""
+        self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.entries.append(entry)
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()  # releases the lock
+            self._file = None
+
+
+def read_record(record_path):
+    """(header, entries) of a record file, or None when it is not one. A last line cut short
+    by a crash is ignored."""
+    try:
+        with open(record_path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    parsed = []
+    for line in lines[:-1]:  # the part after the last newline is an unfinished line
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            break
+    if not parsed or not isinstance(parsed[0], dict) or "identity" not in parsed[0]:
+        return None
+    return parsed[0], [e for e in parsed[1:] if isinstance(e, dict)]
+
+
+def check_output_path(path, flag):
+    """The directory of an output exists and the path is not a directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise error("output_dir", directory, flag=flag)
+    if os.path.isdir(path):
+        raise error("output_not_ours", path, why="it is a directory", flag=flag)
+
+
+def claim_output(path, identity, flag, overwrite=False, info=None):
+    """Take `path` as this run's output, before any compute, or refuse it with a one-line
+    error, writing nothing:
+      - `path` does not exist, or `overwrite`: a fresh record (its header written);
+      - `path` exists with a record of the same `identity`: the record, with the entries of
+        the earlier run, so the caller continues (or reuses) what it finished;
+      - `path` exists with no record beside it (a file of the user's, or of a tool that keeps
+        none): `output_not_ours`; with a record of another identity: `output_other_run`;
+        with a record another process holds: `output_busy`.
+    Returns an OutputRecord, locked until closed. `flag` names the option in the messages
+    (e.g. `--save_sims`). Retrieval caches and figures use it as `--save_sims` does."""
+    check_output_path(path, flag)
+    rec = path + RECORD_SUFFIX
+    exists = os.path.exists(path)
+    if exists and not overwrite and not os.path.isfile(rec):
+        raise error("output_not_ours", path, flag=flag,
+                    why="no %s beside it" % os.path.basename(rec))
+    f = open(rec, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise error("output_busy", path, flag=flag) from None
+        except OSError:  # a file system without locks: go on unlocked
+            pass
+        old = read_record(rec) if exists and not overwrite else None
+        if exists and not overwrite:
+            if old is None:
+                raise error("output_not_ours", path, flag=flag,
+                            why="%s is not a record" % os.path.basename(rec))
+            change = identity_change(identity, old[0]["identity"])
+            if change is not None:
+                raise error("output_other_run", path, flag=flag, change=change)
+            f.seek(0)
+            text = f.read()
+            if not text.endswith("\n"):  # drop a line that a crash cut short
+                f.truncate(text.rfind("\n") + 1)
+            return OutputRecord(path, f, old[0], old[1])
+        # a fresh record; a record left without its output (deleted) describes nothing
+        header = {"record": 1, "output": os.path.basename(path), "identity": identity,
+                  "info": info or {}}
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(header, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+        return OutputRecord(path, f, header, [])
+    except BaseException:
+        f.close()
+        if os.path.exists(rec) and os.path.getsize(rec) == 0:
+            os.remove(rec)  # made by the open above: leave nothing behind
+        raise
+
+
 class H5Features:
     """Array-like view of `feat` in an HDF5 file (np2h.py), opened lazily in each process that
     reads it (an h5py handle must not cross a fork into DataLoader workers)."""
@@ -564,7 +753,7 @@ def _load_reason(exc):
     text = str(exc)
     m = re.search(r"WeightsUnpickler error:\s*(\S.*)", text) or \
         re.search(r"(Unsupported operand \d+)", text)
-    return m.group(1).strip() if m else first_line(exc)
+    return first_line(m.group(1).strip()) if m else first_line(exc)
 
 
 def explain_load_failure(path, exc):
@@ -573,9 +762,9 @@ def explain_load_failure(path, exc):
     refused = re.search(r"GLOBAL ([\w.]+)", text)
     name = refused.group(1).rstrip(".") if refused else None
     if _python2_strings(path) or (name and name.split(".")[0] in _PY2_MODULES):
-        reason = ("Python 2 strings in its pickle: %s" % _load_reason(exc) if not name else
+        reason = ("Python 2 strings in its pickle" if not name else
                   "it pickles the Python 2 global %s" % name)
-        return error("ckpt_py2", path, reason=reason)
+        return error("ckpt_py2", path, reason=reason, name=os.path.basename(path))
     if name:
         return error("ckpt_refused", path, name=name)
     with open(path, "rb") as f:
@@ -608,7 +797,8 @@ def check_checkpoint_structure(ckpt, path):
         raise error("ckpt_not_model", path, reason="'opt' is a %s, not the options"
                     % type(ckpt["opt"]).__name__)
     if any(isinstance(v, bytes) for v in vars(ckpt["opt"]).values()):
-        raise error("ckpt_py2", path, reason="its options hold byte strings")
+        raise error("ckpt_py2", path, reason="its options hold byte strings",
+                    name=os.path.basename(path))
 
 
 def state_shape(sd, key, axis):
@@ -653,7 +843,8 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary", wan
     have = dict(type(model).infer_flags(ours), module_name=model.opt.module_name)
     differ = [k for k in want if want[k] is not None and want[k] != have.get(k)]
     if differ == ["vocab_size"] and not (count or missing or unexpected):
-        raise error("vocab_size", vocab_file, n_vocab=have["vocab_size"], checkpoint=path,
+        raise error("vocab_size", vocab_file, n_vocab=have["vocab_size"],
+                    checkpoint=os.path.basename(path),
                     n_ckpt=want["vocab_size"])
     parts = ["%s in the checkpoint, %s from the flags"
              % (flag_text(k, want[k]), flag_text(k, have[k]))
@@ -663,13 +854,20 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary", wan
                                                               have.get("vocab_size")))
     if count:
         parts.append(count)
-    if missing:
-        parts.append("missing keys %s" % _some(missing))
-    if unexpected:
-        parts.append("unexpected keys %s" % _some(unexpected))
-    if shapes:
-        parts.append("shapes (checkpoint vs flags) %s" % _some(shapes))
     flags = [flag_text(k, want[k]) for k in differ if k != "vocab_size"]
+    if flags:  # the flags say it all: how many keys differ, not which
+        counts = [("%d keys missing", missing), ("%d keys unexpected", unexpected),
+                  ("%d keys of other shapes", shapes)]
+        summary = ", ".join(text % len(keys) for text, keys in counts if keys)
+        if summary:
+            parts.append(summary)
+    else:
+        if missing:
+            parts.append("missing keys %s" % _some(missing, 1))
+        if unexpected:
+            parts.append("unexpected keys %s" % _some(unexpected, 1))
+        if shapes:
+            parts.append("shapes (checkpoint vs flags) %s" % _some(shapes, 1))
     if flags and "vocab_size" in differ:
         flags.append("and its vocabulary")
     if not flags:

@@ -69,6 +69,7 @@ class PrecompDataset(data.Dataset):
         cap_path = os.path.join(data_path, "%s_caps.txt" % data_split)
         feat_path = feature_path(data_path, data_split, feat_format)
         checks.check_split_files(data_path, data_split, feat_path, cap_path)
+        self.files = [feat_path, cap_path]  # what the split is read from
         self.captions = read_captions(cap_path)
         self.images = open_features(feat_path)
         # shapes, caption count, empty lines, NaN on a sample, OOV rate: before any compute

@@ -14,10 +14,21 @@ model encodes the split its own way, and the similarity matrices are averaged.
     python evaluation.py --data_path data --split test \
         --model_path runs/f30k_precomp_<module_name>/checkpoint/model_best.pth.tar
     python evaluation.py --model_path A.pth.tar --model_path2 B.pth.tar --split test
+    torchrun --standalone --nproc_per_node 4 evaluation.py --model_path ... --save_sims s.npy
 With no flags it evaluates DEFAULT_MODEL_PATH on DEFAULT_DATA_PATH (edit them and run, as with
 the original script).
+
+At scale (README, "Evaluate at scale"): the matrix is scored in shards (blocks of images x
+blocks of captions, the same grid whatever the number of processes, so the numbers are too);
+under torchrun every process encodes the split and scores its share of the shards, and rank 0
+assembles the matrix, writes and prints. `--save_sims FILE.npy` writes the matrix as it is
+scored (a memory-mapped .npy) with a record of the finished shards beside it
+(`FILE.npy.record`, see checks.claim_output): the same command run again after a crash or a
+kill continues where it stopped; a file that is not this evaluation's is refused.
 """
 import argparse
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -29,6 +40,7 @@ from tqdm import tqdm
 
 import checks
 import daa
+import distributed
 import matchers
 import opts
 from checkpoint import load_checkpoint
@@ -44,6 +56,8 @@ DEFAULT_MODEL_PATH2 = None  # set to a second checkpoint to evaluate the ensembl
 DEFAULT_DATA_PATH = "data"
 DEFAULT_SPLIT = "test"
 DEFAULT_FOLD5 = False
+# --fold5: COCO 1K, five folds of 1000 images (and their 5000 captions) of the 5K split
+FOLDS, FOLD_IMAGES = 5, 1000
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -59,8 +73,9 @@ class Encoded(tuple):
         return self
 
 
-def encode_data(model, data_loader, img_stride=1):
-    """Embed every item of `data_loader` in eval mode.
+def encode_data(model, data_loader, img_stride=1, progress=True):
+    """Embed every item of `data_loader` in eval mode (a progress bar unless `progress` is
+    False).
 
     Returns img_embs (N, R, d), cap_embs (N, max_len, d) zero padded, cap_lens (N,), in the
     dataset's order, as float32 (the original keeps float64 copies of float32 values; the
@@ -74,7 +89,8 @@ def encode_data(model, data_loader, img_stride=1):
     inputs = getattr(model, "score_inputs", {})
     extra = {k: [None] * (n_img if where == "image" else n) for k, where in inputs.items()}
     img_embs, cap_parts, cap_lens = None, [None] * n, np.zeros(n, dtype=np.int64)
-    for batch in tqdm(data_loader, desc="encode", leave=False, disable=None):
+    for batch in tqdm(data_loader, desc="encode", leave=False,
+                      disable=None if progress else True):
         images, captions, lengths, ids = batch
         with torch.no_grad():
             img_emb, cap_emb, _ = model.forward_emb(images, captions, lengths, **batch.extra)
@@ -198,6 +214,7 @@ def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_fo
     opt.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vocab, vocab_file = matcher.vocabulary(opt)
     opt.vocab_size = len(vocab)
+    opt.vocab_file = vocab_file  # what the --save_sims record identifies the vocabulary by
     model = matcher(opt)
     matchers.check_fits(model, checkpoint, model_path, vocab_file)
     model.load_state_dict(checkpoint["model"])
@@ -216,46 +233,276 @@ def _print_results(r, ri, log=print):
     return rsum
 
 
+# ----------------------------------------------------------------------------- shards
+
+# Scoring is cut into shards of at most IMAGE_BLOCK images x CAPTION_BLOCK captions, and each
+# side into MIN_BLOCKS blocks where that leaves blocks of IMAGE_MIN images and CAPTION_MIN
+# captions or more: Flickr30K's test split is 10 x 10 shards of 100 x 500, 100 images x 500
+# captions 8 x 8 shards, a split of 10 images one shard (tiny shards cost more in per-call
+# overhead than they save). The grid depends on the matrix only, not on the number of
+# processes: every shard is scored the same way whoever scores it, so 1 and N processes give
+# the same matrix, and a rerun with another number of processes continues a --save_sims file.
+IMAGE_BLOCK, CAPTION_BLOCK, MIN_BLOCKS, IMAGE_MIN, CAPTION_MIN = 100, 500, 8, 10, 50
+
+
+def _blocks(start, stop, least, most):
+    size = min(most, max(least, -(-(stop - start) // MIN_BLOCKS)))
+    return [(b, min(b + size, stop)) for b in range(start, stop, size)]
+
+
+def score_regions(n_img, n_cap, fold5=False):
+    """The parts of the (n_img, n_cap) matrix that are scored: all of it, or with `fold5` the
+    five diagonal 1000 x 5000 folds (the original's COCO 1K: 25M pairs instead of 125M)."""
+    if fold5:
+        n = FOLD_IMAGES
+        return [(k * n, (k + 1) * n, 5 * k * n, 5 * (k + 1) * n) for k in range(FOLDS)]
+    return [(0, n_img, 0, n_cap)]
+
+
+def shard_grid(regions):
+    """[(i0, i1, j0, j1)]: images i0..i1-1 x captions j0..j1-1 for every shard of the
+    regions."""
+    return [(i0, i1, j0, j1) for r0, r1, c0, c1 in regions
+            for i0, i1 in _blocks(r0, r1, IMAGE_MIN, IMAGE_BLOCK)
+            for j0, j1 in _blocks(c0, c1, CAPTION_MIN, CAPTION_BLOCK)]
+
+
+def _pairs(shard):
+    i0, i1, j0, j1 = shard
+    return (i1 - i0) * (j1 - j0)
+
+
+def score_shard(scorers, shard):
+    """The mean of the models' scores of one shard (one model: its scores), float64. Each
+    scorer is (model, encoded split); a model sees the block of images x captions only,
+    through its `score`."""
+    i0, i1, j0, j1 = shard
+    sims = None
+    for model, enc in scorers:
+        inputs = getattr(model, "score_inputs", {})
+        extra = {k: enc.extra[k][i0:i1] if where == "image" else enc.extra[k][j0:j1]
+                 for k, where in inputs.items()}
+        img_embs, cap_embs, cap_lens = enc
+        s = model.score(img_embs[i0:i1], cap_embs[j0:j1], cap_lens[j0:j1], **extra)
+        sims = s if sims is None else sims + s
+    return sims / len(scorers)
+
+
+def score_shards(scorers, shards, todo, out, commit=None, bar=None):
+    """Score the shards `todo` (indices into `shards`) and write each into `out` (rank 0's
+    matrix). Under torchrun the shards are dealt out in rounds, one per process, largest
+    first, so that every process gets an equal share of the pairs and a round's shards are of
+    a size; rank 0 collects each round's blocks, writes them, then calls `commit(indices)`
+    (the --save_sims record) and advances `bar` by the round's pairs."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    order = sorted(todo, key=lambda k: -_pairs(shards[k]))  # stable: grid order among equals
+    for model, _ in scorers:  # one bar over the pairs, not one per shard
+        model.show_progress = False
+    try:
+        for start in range(0, len(order), world):
+            batch = order[start:start + world]
+            mine = score_shard(scorers, shards[batch[rank]]) if rank < len(batch) else None
+            blocks = distributed.gather(mine)
+            if rank != 0:
+                continue
+            for k, block in zip(batch, blocks):
+                i0, i1, j0, j1 = shards[k]
+                out[i0:i1, j0:j1] = block
+            if commit is not None:
+                commit(batch)
+            if bar is not None:
+                bar.update(sum(_pairs(shards[k]) for k in batch))
+    finally:
+        for model, _ in scorers:
+            model.show_progress = True
+
+
+# ----------------------------------------------------------------------------- --save_sims
+
+def sims_path(path):
+    """`--save_sims` as np.save names it: `.npy` appended when missing."""
+    return path if path.endswith(".npy") else path + ".npy"
+
+
+def sims_identity(loaded, datasets, split, fold5, shape, grid):
+    """What determines the matrix, for the --save_sims record: the checkpoints' and the
+    split's files by content (sha256), the vocabularies, and the options that change
+    scores. `loaded`: [(model, opt, checkpoint path)]; `datasets`: the split as each model
+    reads it (their `files`)."""
+    ident = {}
+    for k, (model, opt, path) in enumerate(loaded):
+        tag = "checkpoint" if k == 0 else "checkpoint%d" % (k + 1)
+        ident[tag + " sha256"] = checks.file_digest(path)
+        vocab_file = getattr(opt, "vocab_file", None)
+        if vocab_file and os.path.isfile(vocab_file):
+            ident[tag + " vocabulary sha256"] = checks.file_digest(vocab_file)
+        ident[tag + " precision"] = getattr(model.opt, "precision", "fp32")
+    ident["split"] = split
+    for dset in datasets:
+        for f in getattr(dset, "files", None) or [os.path.join(getattr(dset, "data_path", "?"),
+                                                               split)]:
+            key = os.path.basename(f) + " sha256"
+            if key not in ident:
+                ident[key] = checks.file_digest(f) if os.path.isfile(f) else f
+    ident["device"] = torch.device(loaded[0][0].device).type
+    ident["fold5"] = bool(fold5)
+    ident["shape"] = list(shape)
+    # the record's shard numbers index this grid
+    ident["shard grid sha256"] = hashlib.sha256(json.dumps(grid).encode()).hexdigest()
+    return ident
+
+
+class SavedSims:
+    """The --save_sims matrix, written as it is scored: a memory-mapped float64 .npy (NaN where
+    nothing is scored yet, e.g. outside the folds of --fold5) and the record of the finished
+    shards beside it (checks.OutputRecord). A shard's scores reach the disk before the shard
+    is recorded, so the record never names a shard that a crash lost; rerunning the command
+    continues from the recorded shards. Rank 0 only."""
+
+    def __init__(self, path, identity, shape, overwrite=False, info=None):
+        self.record = checks.claim_output(path, identity, "--save_sims", overwrite=overwrite,
+                                          info=info)
+        self.path, self.shape = path, tuple(shape)
+        try:
+            ready = any(e.get("ready") for e in self.record.entries)
+            self.done = {k for e in self.record.entries for k in e.get("done", [])}
+            self.sims = self._open() if ready else None
+            if self.sims is None:  # fresh, or the earlier run stopped before the file was made
+                self.done = set()
+                self.sims = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64,
+                                                      shape=self.shape)
+                self.sims[:] = np.nan
+                self.sims.flush()
+                self.record.append({"ready": True})
+        except BaseException:
+            self.record.close()
+            raise
+
+    def _open(self):
+        try:
+            sims = np.load(self.path, mmap_mode="r+")
+        except (OSError, ValueError):
+            sims = None
+        if sims is None or sims.shape != self.shape or sims.dtype != np.float64:
+            raise checks.error("output_not_ours", self.path, flag="--save_sims",
+                               why="it does not hold the (%d, %d) float64 matrix its record "
+                                   "describes" % self.shape)
+        return sims
+
+    def commit(self, shards):
+        """The shards' scores are on disk (msync), then recorded (fsync)."""
+        self.sims.flush()
+        self.record.append({"done": list(shards)})
+
+    def close(self):
+        self.record.close()
+
+
+# ----------------------------------------------------------------------------- evalrank
+
 def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=None,
              vocab_path=None, data_name=None, save_sims=None, device=None, feat_format=None,
-             precision=None):
+             precision=None, overwrite=False):
     """Evaluate a checkpoint (or the ensemble of two) on a split and print the original lines.
-    `fold5=True`: COCO 5-fold 1K (the split must have 5000 images). `precision='bf16'` scores
-    under bf16 autocast where the matcher supports it (faster where the hardware has bf16; not
-    the original's numbers). Returns a dict of results."""
-    models = []
+    `fold5=True`: COCO 5-fold 1K (the split must have 5000 images; only the folds are scored).
+    `precision='bf16'` scores under bf16 autocast where the matcher supports it (faster where
+    the hardware has bf16; not the original's numbers). `save_sims`: write the matrix there as
+    it is scored, and continue an interrupted run of the same evaluation (`overwrite`: start
+    afresh, replacing whatever the file is). Under torchrun every process scores its share and
+    rank 0 alone prints, writes and returns the dict of results (None elsewhere)."""
+    ddp, rank, local_rank, _ = distributed.env()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ddp:
+        device = distributed.local_device(device, local_rank)
+        distributed.init(device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    saved = None
+    try:
+        loaded, scorers, data_loader, shape = distributed.agree(
+            lambda: _prepare(model_path, model_path2, data_path, split, fold5, vocab_path,
+                             data_name, device, feat_format, precision, say))
+        regions = score_regions(*shape, fold5=fold5)
+        shards = shard_grid(regions)
+
+        def claim():
+            if not save_sims:
+                return set()
+            nonlocal saved
+            path = sims_path(save_sims)
+            datasets = [dl.dataset for dl in dict.fromkeys(dl for _, _, dl in scorers)]
+            ident = sims_identity([(m, o, p) for m, o, p in loaded], datasets, split, fold5,
+                                  shape, shards)
+            info = {"checkpoints": [p for _, _, p in loaded], "data_path": data_path,
+                    "command": " ".join(sys.argv)}
+            saved = SavedSims(path, ident, shape, overwrite=overwrite, info=info)
+            return saved.done
+        done = distributed.agree(claim, master_only=True)
+        todo = [k for k in range(len(shards)) if k not in done]
+
+        encoded = []
+        if todo:
+            say("Computing results...")
+            for model, _, dl in scorers:
+                encoded.append((model, encode_data(model, dl, img_stride=dl.dataset.im_div,
+                                                   progress=rank == 0)))
+        sims = None
+        if rank == 0:
+            sims = saved.sims if saved is not None else np.full(shape, np.nan)
+        total = sum(_pairs(s) for s in shards)
+        bar = tqdm(total=total, initial=total - sum(_pairs(shards[k]) for k in todo),
+                   unit="pair", unit_scale=True, desc="score", leave=False,
+                   disable=None if rank == 0 and todo else True)
+        start = time.time()
+        score_shards(encoded, shards, todo, sims, commit=saved.commit if saved else None,
+                     bar=bar)
+        bar.close()
+        if todo:
+            say("calculate similarity time:", time.time() - start)
+        else:
+            say("=> %s: every shard already scored (%s)" % (saved.path, saved.record.record_path))
+        if rank != 0:
+            distributed.finish()
+            return None
+        say("Images: %d, Captions: %d" % shape)
+        result = report(sims, fold5, captions=data_loader.dataset.captions[:shape[1]])
+        distributed.finish()
+        return result
+    finally:
+        if saved is not None:
+            saved.close()
+        distributed.abandon()
+
+
+def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_name, device,
+             feat_format, precision, say):
+    """Load the checkpoints and the split (every check before any compute): ([(model, opt,
+    path)], [(model, opt, loader)], the first model's loader, matrix shape)."""
+    loaded = []
     for path in [p for p in (model_path, model_path2) if p]:
         model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device, feat_format,
                                              data_name=data_name, precision=precision)
-        print("=> loaded checkpoint_epoch {} of {}".format(ckpt.get("epoch"), path))
-        models.append((model, opt, vocab))
-    opt = models[0][1]
+        say("=> loaded checkpoint_epoch {} of {}".format(ckpt.get("epoch"), path))
+        loaded.append((model, opt, vocab, path))
+    opt = loaded[0][1]
 
-    print("Loading dataset")
+    say("Loading dataset")
     # one loader per matcher class and vocabulary (two models of one class and vocabulary share
     # it): the captions are the same, in the same order, so the similarity matrices line up
-    loaders, sims = {}, None
-    for model, mopt, vocab in models:
+    loaders, scorers = {}, []
+    for model, mopt, vocab, _ in loaded:
         key = (type(model), tuple(sorted(getattr(vocab, "word2idx", {}).items())) or id(vocab))
         if key not in loaders:
             loaders[key] = get_test_loader(split, opt.data_name, vocab, opt.batch_size,
                                            opt.workers, opt, matcher=type(model))
             if len(loaders) == 1:
                 dset = loaders[key].dataset
-                checks.check_fold5(fold5, len(dset) // dset.im_div, split)
-                print("Computing results...")
-        data_loader = loaders[key]
-        enc = encode_data(model, data_loader, img_stride=data_loader.dataset.im_div)
-        start = time.time()
-        s = model.score(*enc, **enc.extra)
-        print("calculate similarity time:", time.time() - start)
-        sims = s if sims is None else sims + s
-    sims = sims / len(models)
-    print("Images: %d, Captions: %d" % (sims.shape[0], sims.shape[1]))
-    if save_sims:
-        np.save(save_sims, sims)
-
-    return report(sims, fold5, captions=data_loader.dataset.captions[:sims.shape[1]])
+                checks.check_fold5(fold5, len(dset) // dset.im_div, split,
+                                   needed=FOLDS * FOLD_IMAGES)
+        scorers.append((model, mopt, loaders[key]))
+    first = scorers[0][2].dataset
+    shape = (-(-len(first) // first.im_div), len(first))
+    return [(m, o, p) for m, o, _, p in loaded], scorers, scorers[0][2], shape
 
 
 def split_asp(sims, tfidf, image_offset=0, caption_slice=None):
@@ -282,12 +529,13 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
             log("ASP: i2t %.1f t2i %.1f" % out["asp"])
         return out
 
-    if sims.shape[0] != 5000:
-        raise ValueError("--fold5 needs a split of 5000 images (COCO testall), got %d"
-                         % sims.shape[0])
+    n = FOLD_IMAGES
+    if sims.shape[0] != FOLDS * n:
+        raise ValueError("--fold5 needs a split of %d images (COCO testall), got %d"
+                         % (FOLDS * n, sims.shape[0]))
     results, asps = [], []
-    for i in range(5):
-        s = sims[i * 1000:(i + 1) * 1000, i * 5000:(i + 1) * 5000]
+    for i in range(FOLDS):
+        s = sims[i * n:(i + 1) * n, 5 * i * n:5 * (i + 1) * n]
         r = i2t(None, None, None, s)
         log("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r)
         ri = t2i(None, None, None, s)
@@ -298,8 +546,8 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
         log("rsum: %.1f ar: %.1f ari: %.1f" % (rsum, ar, ari))
         results.append(list(r) + list(ri) + [ar, ari, rsum])
         if tfidf is not None:
-            asps.append(split_asp(s, tfidf, image_offset=i * 1000,
-                                  caption_slice=slice(i * 5000, (i + 1) * 5000)))
+            asps.append(split_asp(s, tfidf, image_offset=i * n,
+                                  caption_slice=slice(5 * i * n, 5 * (i + 1) * n)))
             log("ASP: i2t %.1f t2i %.1f" % asps[-1])
     log("-----------------------------------")
     log("Mean metrics: ")
@@ -327,7 +575,12 @@ def main(argv=None):
     p.add_argument("--split", default=DEFAULT_SPLIT, help="dev, test or testall")
     p.add_argument("--fold5", default=DEFAULT_FOLD5, action=argparse.BooleanOptionalAction,
                    help="COCO: average of five 1K folds of testall")
-    p.add_argument("--save_sims", default=None, help="write the similarity matrix (.npy)")
+    p.add_argument("--save_sims", default=None,
+                   help="write the similarity matrix (.npy) as it is scored, with a record of "
+                        "the finished shards (FILE.npy.record); the same command continues an "
+                        "interrupted run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --save_sims: start afresh, replacing the file whatever it holds")
     p.add_argument("--device", default=None, help="cuda or cpu")
     p.add_argument("--feat_format", default=None, choices=["auto", "npy", "h5"],
                    help="read {split}_ims.npy or {split}.h5 (default: the checkpoint's, auto)")
@@ -336,11 +589,13 @@ def main(argv=None):
                         "where the matcher supports it, is faster on GPUs and bf16 CPUs, and "
                         "moves the scores by ~1e-3")
     args = p.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    rank = distributed.env()[1]
+    logging.basicConfig(format="%(asctime)s %(message)s",
+                        level=logging.INFO if rank == 0 else logging.WARNING)
     evalrank(args.model_path, data_path=args.data_path, split=args.split, fold5=args.fold5,
              model_path2=args.model_path2, vocab_path=args.vocab_path,
              data_name=args.data_name, save_sims=args.save_sims, device=args.device,
-             feat_format=args.feat_format, precision=args.precision)
+             feat_format=args.feat_format, precision=args.precision, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -339,6 +339,7 @@ class Matcher:
     drop_last = False      # drop the last, smaller training batch
     collate_fn = staticmethod(data.collate_fn)  # items -> data.Batch
     score_inputs = {}      # batch extras scoring needs: {name: "image" or "caption"}
+    show_progress = True   # off while evaluation.py shows one bar over all the pairs
     demo_flags = []        # flags with which demo.py's small model learns in a few minutes
 
     # ------------------------------------------------------------------ options and text
@@ -542,8 +543,17 @@ class Matcher:
     def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
         """The (n_images, n_captions) float64 scores of every pair of the given images and
         captions (numpy arrays from evaluation.encode_data) in eval mode; any block of images
-        x captions may be scored on its own. `extra`: the `score_inputs`."""
+        x captions may be scored on its own, and a pair's score must not depend on the block
+        it is scored in (evaluation.py scores the split shard by shard, in as many processes
+        as torchrun starts). `extra`: the `score_inputs`. A long loop inside shows its bar
+        with `self.progress`."""
         raise NotImplementedError
+
+    def progress(self, iterable, **kwargs):
+        """A tqdm bar over a long loop of this model's (e.g. its scoring blocks), off when
+        `show_progress` is (evaluation.py shows one bar over all pairs instead)."""
+        return tqdm(iterable, leave=False, disable=None if self.show_progress else True,
+                    **kwargs)
 
 
 # ----------------------------------------------------------------------------- SGRAF
@@ -752,7 +762,7 @@ class SGRAF(Matcher):
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         shards = [(i, j) for i in range(0, n_im, im_shard) for j in range(0, n_cap, cap_shard)]
         img_glo, img_at = None, None
-        for i, j in tqdm(shards, desc="shard_attn_scores", leave=False, disable=None):
+        for i, j in self.progress(shards, desc="shard_attn_scores"):
             im_end, ca_end = min(i + im_shard, n_im), min(j + cap_shard, n_cap)
             lens = cap_lens[j:ca_end]
             with torch.no_grad(), amp:

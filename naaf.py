@@ -437,9 +437,8 @@ class NAAF(Matcher):
         if distributed:
             raise checks.error(
                 "torchrun_unsupported", "--module_name NAAF", model="NAAF",
-                why="it learns its threshold inside the training forward, one caption at a time, "
-                    "from the statistics of the batch, so every process would learn its own and "
-                    "the checkpoint would keep only rank 0's")
+                why="it learns its threshold from the statistics of each batch, so every "
+                    "process would learn its own and the checkpoint keep only rank 0's")
         if not opt.max_violation:
             raise checks.error("flag_unsupported", "--no-max_violation", model="NAAF",
                                why="its hinge loss always takes the hardest negatives, as the "

@@ -22,7 +22,6 @@ for it. `--world_size` is only checked against the launcher; it never starts pro
 A matcher may refuse flags or torchrun (its class's `check_opt`, before any compute), and save
 state of its own beside the weights (`checkpoint_extra`, restored by `resume`).
 """
-import datetime
 import logging
 import os
 import random
@@ -38,6 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 import checks
 import daa
 import data
+import distributed
 import matchers
 import opts
 from checkpoint import load_checkpoint, save_checkpoint
@@ -45,19 +45,6 @@ from evaluation import encode_data, report
 from meters import AverageMeter
 
 log = logging.getLogger("train")
-
-# the other processes wait at a collective while rank 0 validates: COCO's dev split may take
-# longer than the default timeout (10 minutes with nccl)
-DIST_TIMEOUT = datetime.timedelta(hours=2)
-
-
-def distributed_env():
-    """(ddp, rank, local_rank, world_size): a torchrun launch sets RANK, LOCAL_RANK and
-    WORLD_SIZE; a plain run is rank 0 of 1."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1
-    return (True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
-            int(os.environ["WORLD_SIZE"]))
 
 
 def check_world_size(opt, world_size, ddp):
@@ -75,10 +62,6 @@ def check_world_size(opt, world_size, ddp):
         "%s: train.py is a single process and does not start others; launch it with "
         "torchrun --standalone --nproc_per_node=%d train.py ... (one node, see README), or "
         "drop --world_size" % (where, opt.world_size), key="world_size")
-
-
-def is_master():
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def seed_everything(seed):
@@ -132,12 +115,8 @@ def validate(opt, val_loader, model, writer=None):
 def validate_on_master(opt, val_loader, model, writer=None):
     """validate() on rank 0 with the bare encoders (no collective call inside), while the other
     processes wait at the broadcast of its result; every process returns rank 0's rsum."""
-    r_sum = validate(opt, val_loader, model, writer) if is_master() else 0.0
-    if dist.is_initialized():
-        box = [r_sum]
-        dist.broadcast_object_list(box, src=0)
-        r_sum = box[0]
-    return r_sum
+    r_sum = validate(opt, val_loader, model, writer) if distributed.is_master() else 0.0
+    return distributed.broadcast(r_sum)
 
 
 def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
@@ -170,7 +149,7 @@ def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
 @checks.exit_on_error
 def main(argv=None):
     opt = opts.parse_opt(argv)
-    ddp, rank, local_rank, world_size = distributed_env()
+    ddp, rank, local_rank, world_size = distributed.env()
     master_process = rank == 0  # logs, validates and saves
     logging.basicConfig(format="%(asctime)s %(message)s",
                         level=logging.INFO if master_process else logging.WARNING)
@@ -182,18 +161,11 @@ def main(argv=None):
     if opt.seed is None and ckpt is not None:  # replay the resumed run's shuffling
         opt.seed = getattr(ckpt["opt"], "seed", None)
     if ddp:
-        if torch.device(opt.device).type == "cuda":
-            opt.device = "cuda:%d" % local_rank
-            torch.cuda.set_device(opt.device)
-        dist.init_process_group(
-            backend="nccl" if torch.device(opt.device).type == "cuda" else "gloo",
-            timeout=DIST_TIMEOUT)
+        opt.device = distributed.local_device(opt.device, local_rank)
+        distributed.init(opt.device)
     if opt.seed is None:  # still seed the shuffling, so that --resume can replay it
-        opt.seed = random.SystemRandom().randrange(2 ** 31)
-        if ddp:  # one seed for all: the DistributedSampler shards one permutation
-            box = [opt.seed]
-            dist.broadcast_object_list(box, src=0)
-            opt.seed = box[0]
+        # one seed for all: the DistributedSampler shards one permutation
+        opt.seed = distributed.broadcast(random.SystemRandom().randrange(2 ** 31))
     # dropout differs between processes; DDP copies rank 0's initial weights to the others
     seed_everything(opt.seed + rank)
     # DAA's convention: learning rate x world size, the batch of each process --batch_size

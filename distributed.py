@@ -1,0 +1,123 @@
+"""torchrun support shared by train.py and evaluation.py: who this process is, its device, the
+process group (nccl on CUDA, gloo on CPU) and its teardown.
+
+As nanoGPT, a torchrun launch is recognised from RANK, LOCAL_RANK and WORLD_SIZE in the
+environment; a plain `python train.py` / `python evaluation.py` is rank 0 of 1 and starts no
+process group. Multi-node launches work the same way (torchrun's rendezvous sets the variables).
+"""
+import datetime
+import gc
+import os
+
+import torch
+import torch.distributed as dist
+
+import checks
+
+# the other processes wait at a collective while rank 0 validates (training) or writes the
+# matrix (evaluation): COCO's dev split may take longer than the default timeout (10 minutes
+# with nccl)
+TIMEOUT = datetime.timedelta(hours=2)
+
+
+def env():
+    """(ddp, rank, local_rank, world_size): a torchrun launch sets RANK, LOCAL_RANK and
+    WORLD_SIZE; a plain run is rank 0 of 1."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1
+    return (True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+            int(os.environ["WORLD_SIZE"]))
+
+
+def local_device(device, local_rank):
+    """The device of this process: CUDA means its own GPU, cuda:LOCAL_RANK (selected as the
+    current device, as nccl needs)."""
+    if torch.device(device).type == "cuda":
+        device = "cuda:%d" % local_rank
+        torch.cuda.set_device(device)
+    return device
+
+
+def init(device):
+    """Join the process group of a torchrun launch: nccl on CUDA, gloo on CPU."""
+    dist.init_process_group(backend="nccl" if torch.device(device).type == "cuda" else "gloo",
+                            timeout=TIMEOUT)
+
+
+def is_master():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every process (itself without a process group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj):
+    """Every process's `obj`, as a list in rank order, on rank 0; None on the others."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def agree(fn, master_only=False):
+    """Run `fn()` on every process (with `master_only`, on rank 0 alone, its result then given
+    to every process) and agree on the outcome: when it raised a one-line error
+    (checks.SGRAFError) anywhere, every process raises it (the lowest rank's), marked `shared`
+    so that rank 0 alone prints it; no process is left waiting at a later collective. Without
+    a process group: `fn()`."""
+    if not dist.is_initialized():
+        return fn()
+    result, mine = None, None
+    if not master_only or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except checks.SGRAFError as e:
+            mine = e
+    failure = None if mine is None else (type(mine), str(mine), mine.key)
+    if master_only:
+        failure, result = broadcast((failure, result))
+    else:
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+        failure = next((f for f in failures if f is not None), None)
+    if failure is not None:
+        cls, message, key = failure
+        err = mine if mine is not None and str(mine) == message else cls(message, key=key)
+        err.shared = True
+        raise err
+    return result
+
+
+def abandon():
+    """Destroy the process group without waiting for the others (after an error that every
+    process raised, or when torchrun is stopping them)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish(*owners):
+    """Leave the process group: wait for every process, release what still uses the group, then
+    destroy it.
+
+    The order matters. A DistributedDataParallel wrapper keeps its own reference to the group
+    (its reducer's), so `destroy_process_group` alone does not free the gloo context while a
+    wrapper is alive: it is freed later, at interpreter exit, when the garbage collector reaches
+    the wrapper, and by then the gloo context's threads may outlive the objects they use. So
+    the callers' `owners` (objects with a `release_ddp()` method, or None) drop their wrappers
+    first, the collector frees them now, and only then is the group destroyed, after a barrier
+    so that no process is still talking to one that left."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    for owner in owners:
+        if owner is not None:
+            owner.release_ddp()
+    gc.collect()
+    dist.destroy_process_group()

@@ -1,0 +1,327 @@
+"""Every problem of the troubleshooting table, rendered for a real bad input, is one line of at
+most 300 characters (issue 16): a line to read at a glance, quoting only the first sentence of
+a library's reason. One case per key of checks.PROBLEMS (errors, warnings and reports); a key
+without a case fails, so that a new message gets one. The paths are pytest's temporary ones
+(about 80 characters to a split file), as long as a user's."""
+import io
+import logging
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import checks
+import evaluation
+import train
+from checkpoint import load_checkpoint
+from conftest import REPO
+from model import SGRAF
+from test_bad_input import (N_TRAIN, Payload, Work, base, python2_checkpoint,  # noqa: F401
+                            tiny_opt)
+
+LIMIT = 300
+
+
+@pytest.fixture
+def work(base, tmp_path):  # noqa: F811
+    shutil.copytree(base, tmp_path / "w")
+    return Work(tmp_path / "w")
+
+
+def cli(main, argv, capsys):
+    """The `error: ...` line a CLI prints for argv, and the error's key."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return e.value.__context__.key, lines[0]
+
+
+def raised(fn, *args, **kwargs):
+    with pytest.raises(checks.SGRAFError) as e:
+        fn(*args, **kwargs)
+    return e.value.key, "error: %s" % e.value
+
+
+def logged(key, caplog, fn, *args):
+    """The message of problem `key` (a warning or a report) that fn logs."""
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    fn(*args)
+    fragment = max(re.split(r"\{[^}]*\}", checks.PROBLEMS[key].problem), key=len)
+    return key, next(r.getMessage() for r in caplog.records if fragment in r.getMessage())
+
+
+# ----------------------------------------------------------------------------- the cases
+
+def data_dir(w, capsys, caplog):
+    shutil.rmtree(w.ds)
+    return cli(evaluation.main, w.eval_args(), capsys)
+
+
+def split_missing(w, capsys, caplog):
+    (w.ds / "test_caps.txt").unlink()
+    return cli(evaluation.main, w.eval_args(), capsys)
+
+
+def features_missing(w, capsys, caplog):
+    return cli(checks.main, ["--features", str(w.ds / "nope_ims.npy")], capsys)
+
+
+def features_unreadable(w, capsys, caplog):
+    (w.ds / "test_ims.npy").write_bytes(b"\x93NUMPY\x01\x00garbage" * 3)
+    return cli(evaluation.main, w.eval_args(), capsys)
+
+
+def features_ndim(w, capsys, caplog):
+    np.save(w.ds / "train_ims.npy", w.features().reshape(N_TRAIN, -1))
+    return cli(train.main, w.train_args(), capsys)
+
+
+def features_dtype(w, capsys, caplog):
+    np.save(w.ds / "train_ims.npy", w.features().astype(np.int32))
+    return cli(train.main, w.train_args(), capsys)
+
+
+def features_empty(w, capsys, caplog):
+    np.save(w.ds / "train_ims.npy", w.features()[:0])
+    return cli(train.main, w.train_args(), capsys)
+
+
+def features_dim(w, capsys, caplog):
+    return cli(train.main, w.train_args("--img_dim", "2048"), capsys)
+
+
+def features_regions(w, capsys, caplog):
+    np.save(w.ds / "train_ims.npy", w.features()[:, :35])
+    return cli(train.main, w.train_args(), capsys)
+
+
+def features_nonfinite(w, capsys, caplog):
+    feats = w.features()
+    feats[checks.sample_indices(N_TRAIN)[-1], 3, 5] = np.inf
+    np.save(w.ds / "train_ims.npy", feats)
+    return cli(train.main, w.train_args(), capsys)
+
+
+def caption_count(w, capsys, caplog):
+    lines = w.captions()
+    w.write_captions(lines[:7] + lines[8:])
+    return cli(train.main, w.train_args(), capsys)
+
+
+def caption_empty(w, capsys, caplog):
+    lines = w.captions()
+    lines[7] = b""
+    w.write_captions(lines)
+    return cli(train.main, w.train_args(), capsys)
+
+
+def caption_utf8(w, capsys, caplog):
+    lines = w.captions()
+    lines[2] = b"a dog \xff\xfe runs"
+    w.write_captions(lines)
+    return logged("caption_utf8", caplog, w.dataset)
+
+
+def oov(w, capsys, caplog):
+    return logged("oov", caplog, w.dataset)
+
+
+def oov_high(w, capsys, caplog):
+    from vocab import Vocabulary
+    v = Vocabulary()
+    for word in ("<pad>", "<start>", "<end>", "<unk>", "a"):
+        v.add_word(word)
+    captions = w.dataset().captions
+    return logged("oov_high", caplog, checks.report_oov, captions, v,
+                  str(w.ds / "train_caps.txt"))
+
+
+def vocab_missing(w, capsys, caplog):
+    w.vocab_file.unlink()
+    return cli(train.main, w.train_args(), capsys)
+
+
+def vocab_invalid(w, capsys, caplog):
+    w.vocab_file.write_text("{not json")
+    return cli(train.main, w.train_args(), capsys)
+
+
+def vocab_size(w, capsys, caplog):
+    shutil.copy(REPO / "vocab" / "f30k_precomp_vocab.json", w.vocab_file)
+    return cli(evaluation.main, w.eval_args(), capsys)
+
+
+def ckpt_missing(w, capsys, caplog):
+    return cli(evaluation.main, w.eval_args(model=w.root / "nope.pth.tar"), capsys)
+
+
+def ckpt_truncated(w, capsys, caplog):
+    raw = w.sgr.read_bytes()
+    cut = w.root / "cut.pth.tar"
+    cut.write_bytes(raw[:200])
+    return cli(evaluation.main, w.eval_args(model=cut), capsys)
+
+
+def ckpt_not_torch(w, capsys, caplog):
+    path = w.root / "x.pth.tar"
+    shutil.copy(w.ds / "test_ims.npy", path)
+    return cli(evaluation.main, w.eval_args(model=path), capsys)
+
+
+def ckpt_not_model(w, capsys, caplog):
+    path = w.root / "x.pth.tar"
+    torch.save(load_checkpoint(str(w.sgr))["model"][0], path)
+    return cli(evaluation.main, w.eval_args(model=path), capsys)
+
+
+def ckpt_refused(w, capsys, caplog):
+    path = w.root / "evil.pth.tar"
+    ckpt = load_checkpoint(str(w.sgr))
+    ckpt["opt"].extra = Payload("shutil.copyfile", str(w.root / "marker"))
+    torch.save(ckpt, path)
+    return cli(evaluation.main, w.eval_args(model=path), capsys)
+
+
+def ckpt_py2(w, capsys, caplog):
+    ckpt = load_checkpoint(str(w.sgr))
+    ckpt["opt"].logger_name = "runs/caf\u00e9/log"
+    old = w.root / "py27.pth.tar"
+    python2_checkpoint(ckpt, old)
+    return cli(evaluation.main, w.eval_args(model=old), capsys)
+
+
+def ckpt_mismatch(w, capsys, caplog):
+    return cli(train.main, w.train_args("--resume", str(w.saf), "--embed_size", "24"), capsys)
+
+
+def ckpt_foreign(w, capsys, caplog):
+    ckpt = load_checkpoint(str(w.sgr))
+    for sd in ckpt["model"]:
+        for k in list(sd):
+            sd["renamed_" + k] = sd.pop(k)
+    path = w.root / "foreign.pth.tar"
+    torch.save(ckpt, path)
+    model = SGRAF(tiny_opt(str(w.data), str(w.vocab)))
+    return raised(checks.check_checkpoint_matches, model, ckpt, str(path))
+
+
+def flag(*flags):
+    def case(w, capsys, caplog):
+        return cli(train.main, w.train_args(*flags), capsys)
+    return case
+
+
+def torchrun_unsupported(w, capsys, caplog):
+    mp = pytest.MonkeyPatch()
+    try:
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+            mp.setenv(k, v)
+        return cli(train.main, w.train_args("--module_name", "NAAF", "--img_dim", "32",
+                                            "--embed_size", "16", "--word_dim", "8"), capsys)
+    finally:
+        mp.undo()
+
+
+def fold5(w, capsys, caplog):
+    return cli(evaluation.main, w.eval_args("--fold5"), capsys)
+
+
+def run_exists(w, capsys, caplog):
+    (w.run / "checkpoint").mkdir(parents=True)
+    shutil.copy(w.sgr, w.run / "checkpoint" / "checkpoint_12.pth.tar")
+    return cli(train.main, w.train_args(), capsys)
+
+
+def file_exists(w, capsys, caplog):
+    ckpt = load_checkpoint(str(w.sgr))
+    old = w.root / "py27.pth.tar"
+    python2_checkpoint(ckpt, old)
+    return cli(checks.main, ["--convert-py2", str(old), str(w.sgr)], capsys)
+
+
+def diverged(w, capsys, caplog):
+    feats = w.features()
+    feats[min(set(range(N_TRAIN)) - set(checks.sample_indices(N_TRAIN))), 4] = np.nan
+    np.save(w.ds / "train_ims.npy", feats)
+    return cli(train.main, w.train_args("--num_epochs", "1", "--seed", "1"), capsys)
+
+
+def save_sims(w, *extra):
+    return w.eval_args("--save_sims", str(w.root / "sims_of_the_test_split.npy"), *extra)
+
+
+def output_dir(w, capsys, caplog):
+    return cli(evaluation.main, w.eval_args("--save_sims", str(w.root / "no" / "s.npy")),
+               capsys)
+
+
+def output_not_ours(w, capsys, caplog):
+    np.save(w.root / "sims_of_the_test_split.npy", np.zeros(3))
+    return cli(evaluation.main, save_sims(w), capsys)
+
+
+def output_other_run(w, capsys, caplog):
+    evaluation.main(save_sims(w))
+    return cli(evaluation.main, save_sims(w, "--precision", "bf16"), capsys)
+
+
+def output_busy(w, capsys, caplog):
+    evaluation.main(save_sims(w))
+    path = str(w.root / "sims_of_the_test_split.npy")
+    held = checks.claim_output(path, checks.read_record(path + ".record")[0]["identity"], "x")
+    try:
+        return cli(evaluation.main, save_sims(w), capsys)
+    finally:
+        held.close()
+
+
+CASES = {
+    "data_dir": data_dir, "split_missing": split_missing, "features_missing": features_missing,
+    "features_unreadable": features_unreadable, "features_ndim": features_ndim,
+    "features_dtype": features_dtype, "features_empty": features_empty,
+    "features_dim": features_dim, "features_regions": features_regions,
+    "features_nonfinite": features_nonfinite, "caption_count": caption_count,
+    "caption_empty": caption_empty, "caption_utf8": caption_utf8, "oov": oov,
+    "oov_high": oov_high, "vocab_missing": vocab_missing, "vocab_invalid": vocab_invalid,
+    "vocab_size": vocab_size, "ckpt_missing": ckpt_missing, "ckpt_truncated": ckpt_truncated,
+    "ckpt_not_torch": ckpt_not_torch, "ckpt_not_model": ckpt_not_model,
+    "ckpt_refused": ckpt_refused, "ckpt_py2": ckpt_py2, "ckpt_mismatch": ckpt_mismatch,
+    "ckpt_foreign": ckpt_foreign, "flag_positive": flag("--batch_size", "0"),
+    "flag_nonnegative": flag("--workers", "-1"), "lr_update": flag("--lr_update", "0"),
+    "learning_rate": flag("--learning_rate", "0"), "margin": flag("--margin", "-0.2"),
+    "module_name": flag("--module_name", "sgr"),
+    "flag_unsupported": flag("--module_name", "NAAF", "--sgr_step", "2"),
+    "torchrun_unsupported": torchrun_unsupported, "batch_one": flag("--batch_size", "1"),
+    "batch_remainder": flag("--batch_size", "11"), "fold5": fold5, "run_exists": run_exists,
+    "file_exists": file_exists, "diverged": diverged, "output_dir": output_dir,
+    "output_not_ours": output_not_ours, "output_other_run": output_other_run,
+    "output_busy": output_busy,
+}
+
+
+@pytest.mark.parametrize("key", list(checks.PROBLEMS))
+def test_every_line_of_the_table_is_short(key, work, capsys, caplog):
+    assert key in CASES, "add a case that renders %r for a real bad input" % key
+    got, line = CASES[key](work, capsys, caplog)
+    with capsys.disabled():
+        print("\nLINE %d %s" % (len(line), line))
+    assert got == key, (got, line)
+    assert "\n" not in line
+    assert len(line) <= LIMIT, (len(line), line)
+
+
+def test_a_library_reason_is_its_first_sentence():
+    long = ("PytorchStreamReader failed reading zip archive: failed finding central directory. "
+            "This is an internal miniz error. If you are seeing this error, there is a high "
+            "likelihood that your checkpoint file is corrupted.")
+    assert checks.first_line(RuntimeError(long)) == \
+        "PytorchStreamReader failed reading zip archive: failed finding central directory"
+    assert checks.first_line(ValueError("x" * 500)).endswith("...")
+    assert len(checks.first_line(ValueError("x" * 500))) == checks.REASON_CHARS
+    assert checks.first_line(KeyError("idx")) == "'idx'"
+    assert checks.first_line(io.UnsupportedOperation()) == "UnsupportedOperation"
