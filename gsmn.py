@@ -1,0 +1,724 @@
+"""GSMN: the Graph Structured Matching Network for image-text matching.
+
+Liu, Mao, Zhang, Xie, Wang, Zhang, "Graph Structured Network for Image-Text Matching", CVPR 2020,
+following the original code (CrossmodalGroup/GSMN, HEAD dcc0f61: `model.py`, `graph_model.py`,
+`layers.py`, `data.py`) formula by formula. Every parameter name is the original's, so the
+authors' checkpoints (`'model'` = [img_enc, txt_enc, i2t_match_G, t2i_match_G] state dicts, the
+heads in old-style weight norm `weight_g`/`weight_v`) load strictly and give the same scores.
+
+What the released code computes (spec gsmn.md, section 2.3), for one (image, caption) pair:
+  node matching  SCAN attention both ways (i2t: each region attends to the words; t2i: each
+                 word attends to the regions), then per node the cosines of its num_block
+                 contiguous chunks with the chunks of its attended context: a (num_block,)
+                 "matching vector" m per region and per word;
+  visual graph   Gaussian kernels on the box-centre pseudo-coordinates, normalised over the 8
+                 KERNELS, applied to each region's OWN vector repeated over its neighbours: so
+                 h_i = concat_k W_k (S_ik m_i), S_ik = sum_j w_ijk, a per-region MLP with a
+                 geometry gain per kernel (no neighbour information flows);
+  textual graph  word-word attention (dense) or dependency arcs (sparse), normalised over the
+                 neighbours, again applied to the node's own vector: h_l = concat_k W_k (g_l m_l)
+                 + b_k with g_l = 1 (dense, and sparse unless an arc is a self-loop), so dense
+                 and sparse score alike and the kernel parameters cancel;
+  heads          out_2(tanh(out_1(h))) per node, weight-normed Linears, mean over the nodes;
+  score          visual-graph score + textual-graph score.
+`--gsmn_propagate` builds the graphs as the paper describes them instead (neighbour vectors,
+visual kernels normalised over the neighbours): a deliberate deviation, not the released numbers.
+
+Read top to bottom:
+  boxes      box_centres, pseudo_coordinates, inplace_divided (the original loader's in-place
+             division, reproduced), normalised_boxes
+  arcs       arc_adjacency (the sparse word graph), validate_arcs
+  modules    WeightNormLinear, ImageQueryGraphConvolution, TextQueryGraphConvolution,
+             VisualGraph, TextualGraph: the original layers; each graph's `forward` is the
+             original per-caption loop op for op (the test oracle, at the original's speed)
+  fast path  gsmn_scores: many images x many captions, both directions, exact algebra
+  wrapper    GSMN: the encoders, both graphs, the hinge loss, Adam and the train step
+
+Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
+n num_block (chunks), q = d / n (chunk size), K kernels (8), h hid_dim.
+"""
+import logging
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.clip_grad import clip_grad_norm_
+
+from loss import ContrastiveLoss
+from meters import LogCollector
+from model import EncoderImage, EncoderText, l2norm
+
+log = logging.getLogger(__name__)
+
+N_KERNELS = 8        # Gaussian kernels of both graph convolutions (hard-coded in the original)
+COS_EPS = 1e-8       # cosine_similarity: x.y / max(|x||y|, eps)
+BLOCK_ELEMS = 2 ** 21  # fast path: elements of its largest intermediate, (n, Bi, R, Cb, L)
+
+
+# ----------------------------------------------------------------------------- boxes
+
+def box_centres(bbox):
+    """(B, R, 4) x1, y1, x2, y2 -> (B, R, 2) centres, as the original: x1 + 0.5 (x2 - x1)."""
+    bb_size = bbox[:, :, 2:] - bbox[:, :, :2]
+    return bbox[:, :, :2] + 0.5 * bb_size
+
+
+def pseudo_coordinates(bbox):
+    """Polar pseudo-coordinates of every region pair: (B, R, 4) -> (B, R, R, 2) (rho, theta),
+    delta = c_i - c_j, theta = atan2(delta_x, delta_y) (the original's argument order)."""
+    c = box_centres(bbox)
+    R = c.size(1)
+    delta = c.view(-1, R, 1, 2) - c.view(-1, 1, R, 2)                  # (B, R, R, 2)
+    rho = torch.sqrt(delta[:, :, :, 0] ** 2 + delta[:, :, :, 1] ** 2)
+    theta = torch.atan2(delta[:, :, :, 0], delta[:, :, :, 1])
+    return torch.cat((rho.unsqueeze(-1), theta.unsqueeze(-1)), dim=-1)
+
+
+def inplace_divided(boxes, sizes, count):
+    """Boxes as the original loader leaves them after dividing them in place `count` times:
+    its `__getitem__` divides x by image_w and y by image_h at EVERY access, in the array's own
+    dtype (numpy in place). boxes (N, R, 4) pixels, sizes (N, 2) (w, h), count (N,) ints.
+    Returns a new array of boxes' dtype. A float32 array underflows to exact 0 after about 17
+    divisions by a few hundred, a float64 one after about 120."""
+    boxes = np.array(boxes)
+    div = np.asarray(sizes, dtype=np.float64)[:, [0, 1, 0, 1]]         # (N, 4)
+    count = np.broadcast_to(np.asarray(count, dtype=np.int64), (len(boxes),))
+    for k in range(int(count.max(initial=0))):
+        rows = count > k
+        if not rows.any():
+            break
+        # numpy divides a float32 scalar by a float64 one in float64 and stores the rounded
+        # float32: the same value as a float32 division (both correctly rounded)
+        boxes[rows] = (boxes[rows] / div[rows][:, None, :]).astype(boxes.dtype)
+    return boxes
+
+
+def normalised_boxes(boxes, sizes):
+    """Boxes divided once by their image's width and height: what the original meant to feed."""
+    return inplace_divided(boxes, sizes, 1)
+
+
+def original_eval_counts(n_captions, im_div, batch_size, memory_shared=True):
+    """How many times the original's evalrank has divided the boxes of each caption row when
+    it collects them: `encode_data` reads the test loader twice (the first pass only measures
+    the captions), each read divides the row's image once more, and with a float32 box file
+    `torch.Tensor(array)` shares memory with the array, so every row of an image in a batch
+    shows the count after the batch's last access (a float64 file is copied at each access).
+    Returns (n_captions,) int64."""
+    n = np.arange(n_captions)
+    first_pass = np.minimum(im_div, n_captions - (n // im_div) * im_div)  # reads of the image
+    if memory_shared:
+        batch_end = np.minimum((n // batch_size + 1) * batch_size, n_captions)
+        second = np.clip(batch_end - (n // im_div) * im_div, 0, im_div)
+    else:
+        second = n % im_div + 1
+    return (first_pass + second).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- arcs
+
+def arc_adjacency(dep, L):
+    """The sparse word graph of one caption, as the original's build_sparse_graph: arcs
+    [governor, dependent] (1-based, item 0 the ROOT arc, skipped), symmetrised, arcs with an
+    index >= L dropped, plus the identity. (L, L) float32."""
+    adj = np.zeros((L, L), dtype=np.int64)
+    for i, pair in enumerate(dep or ()):
+        if i == 0 or pair[0] >= L or pair[1] >= L:
+            continue
+        adj[pair[0], pair[1]] = 1
+        adj[pair[1], pair[0]] = 1
+    return torch.from_numpy(adj + np.eye(L, dtype=np.int64)).float()
+
+
+def validate_arcs(depends, n_captions, path):
+    """Problems of a `{split}_caps.json` dependency file, or None: a list of one arc list per
+    caption, each arc two non-negative integers. Returns a one-line reason."""
+    if not isinstance(depends, list):
+        return "expected a JSON list (one arc list per caption), got %s" % type(depends).__name__
+    if len(depends) != n_captions:
+        return "%d arc lists for %d captions" % (len(depends), n_captions)
+    for i, arcs in enumerate(depends):
+        if not isinstance(arcs, list):
+            return "line %d: expected a list of [governor, dependent] pairs" % (i + 1)
+        for pair in arcs:
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or
+                    not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+                return "line %d: %r is not a [governor, dependent] pair of integers" % (
+                    i + 1, pair)
+            if pair[0] < 0 or pair[1] < 0:
+                return "line %d: arc %r has a negative (out-of-range) index" % (i + 1, pair)
+    return None
+
+
+# ----------------------------------------------------------------------------- modules
+
+class WeightNormLinear(nn.Module):
+    """A Linear under the old `torch.nn.utils.weight_norm` (dim 0): weight = g v / ||v|| row by
+    row, stored as `bias`, `weight_g` (out, 1), `weight_v` (out, in) in that order (the
+    original's state-dict keys and Adam order). Initialised as nn.Linear, then g = ||w||."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        lin = nn.Linear(in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(lin.bias.data.clone())
+        self.weight_g = nn.Parameter(lin.weight.data.norm(dim=1, keepdim=True))
+        self.weight_v = nn.Parameter(lin.weight.data.clone())
+
+    @property
+    def weight(self):
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class ImageQueryGraphConvolution(nn.Module):
+    """The visual graph convolution (Monti et al.'s Gaussian mixture model kernels on polar
+    pseudo-coordinates): K kernels, each a bias-free Linear(in, out // K)."""
+
+    def __init__(self, in_feat_dim, out_feat_dim, n_kernels, coordinate_dim, bias=False):
+        super().__init__()
+        self.n_kernels = n_kernels
+        self.coordinate_dim = coordinate_dim
+        self.in_feat_dim, self.out_feat_dim = in_feat_dim, out_feat_dim
+        self.conv_weights = nn.ModuleList([nn.Linear(in_feat_dim, out_feat_dim // n_kernels,
+                                                     bias=bias) for _ in range(n_kernels)])
+        self.mean_rho = nn.Parameter(torch.empty(n_kernels, 1).uniform_(0, 1.0))
+        self.mean_theta = nn.Parameter(torch.empty(n_kernels, 1).uniform_(-np.pi, np.pi))
+        self.precision_rho = nn.Parameter(torch.empty(n_kernels, 1).uniform_(0.0, 1.0))
+        self.precision_theta = nn.Parameter(torch.empty(n_kernels, 1).uniform_(0.0, 1.0))
+
+    def gaussian_weights(self, pseudo_coord, over_neighbours=False):
+        """(B, R, R, 2) -> (B*R*R, K): each pair's kernel weights, NaN set to 0, then
+        normalised over the KERNELS as the original (so 0/0 stays NaN); or, with
+        over_neighbours (--gsmn_propagate), over each node's neighbours."""
+        diff = (pseudo_coord[:, :, :, 0].contiguous().view(-1, 1) -
+                self.mean_rho.view(1, -1)) ** 2
+        weights_rho = torch.exp(-0.5 * diff / (1e-14 + self.precision_rho.view(1, -1) ** 2))
+        first_angle = torch.abs(pseudo_coord[:, :, :, 1].contiguous().view(-1, 1) -
+                                self.mean_theta.view(1, -1))
+        second_angle = torch.abs(2 * np.pi - first_angle)
+        weights_theta = torch.exp(-0.5 * (torch.min(first_angle, second_angle) ** 2) /
+                                  (1e-14 + self.precision_theta.view(1, -1) ** 2))
+        weights = weights_rho * weights_theta
+        weights[(weights != weights).detach()] = 0
+        if over_neighbours:
+            R = pseudo_coord.size(2)
+            w = weights.view(-1, R, self.n_kernels)
+            return (w / torch.sum(w, dim=1, keepdim=True)).view(-1, self.n_kernels)
+        return weights / torch.sum(weights, dim=1, keepdim=True)
+
+    def forward(self, neighbourhood_features, neighbourhood_pseudo_coord, over_neighbours=False):
+        """(B, R, R, in) features of each node's neighbourhood, (B, R, R, 2) -> (B, R, out)."""
+        batch_size, K, nbh = neighbourhood_features.shape[:3]
+        weights = self.gaussian_weights(neighbourhood_pseudo_coord, over_neighbours)
+        weights = weights.view(batch_size * K, nbh, self.n_kernels)
+        features = neighbourhood_features.view(batch_size * K, nbh, -1)
+        return convolution(self.conv_weights, features, weights).view(-1, K, self.out_feat_dim)
+
+
+class TextQueryGraphConvolution(nn.Module):
+    """The textual graph convolution: one scalar `params` per kernel scales the given neighbour
+    weights, which are then normalised over the neighbours (so it cancels). The original builds
+    it with `bias` as its 4th positional argument set to 2: its Linears HAVE biases."""
+
+    def __init__(self, in_feat_dim, out_feat_dim, n_kernels, bias=True):
+        super().__init__()
+        self.n_kernels = n_kernels
+        self.in_feat_dim, self.out_feat_dim = in_feat_dim, out_feat_dim
+        self.conv_weights = nn.ModuleList([nn.Linear(in_feat_dim, out_feat_dim // n_kernels,
+                                                     bias=bool(bias)) for _ in range(n_kernels)])
+        self.params = nn.Parameter(torch.empty(n_kernels, 1).uniform_(-1.0, 1.0))
+
+    def forward(self, neighbourhood_features, neighbourhood_weights):
+        """(B, L, L, in), (B, L, L, 1) -> (B, L, out)."""
+        batch_size, K, nbh = neighbourhood_features.shape[:3]
+        n_word = neighbourhood_weights.size(1)
+        weights = neighbourhood_weights.view(-1, 1) * self.params.view(1, -1)
+        weights = weights.view(neighbourhood_weights.size(0) * n_word, n_word, -1)
+        weights = weights / torch.sum(weights, dim=1, keepdim=True)   # over the neighbours
+        weights = weights.view(batch_size * K, nbh, self.n_kernels)
+        features = neighbourhood_features.view(batch_size * K, nbh, -1)
+        return convolution(self.conv_weights, features, weights).view(-1, K, self.out_feat_dim)
+
+
+def convolution(conv_weights, neighbourhood, weights):
+    """The patch operator and the per-kernel Linears: (N, nbh, in), (N, nbh, K) -> (N, out)."""
+    weighted = torch.bmm(weights.transpose(1, 2), neighbourhood)        # (N, K, in)
+    parts = [conv_weights[i](weighted[:, i]) for i in range(len(conv_weights))]
+    return torch.cat([p.unsqueeze(1) for p in parts], dim=1).view(weighted.size(0), -1)
+
+
+def cosine_similarity(x1, x2, dim=-1, eps=COS_EPS):
+    """x1.x2 / max(|x1| |x2|, eps) along dim. The original squeezes the result, which drops the
+    image axis of a one-image shard and crashes; this does not."""
+    w12 = torch.sum(x1 * x2, dim)
+    w1 = torch.norm(x1, 2, dim)
+    w2 = torch.norm(x2, 2, dim)
+    return w12 / (w1 * w2).clamp(min=eps)
+
+
+def inter_relations(K, Q, xlambda):
+    """SCAN attention of each query node over the source nodes: scores K Q^T, LeakyReLU(0.1),
+    l2-normalised over the QUERIES, softmax over the sources. K (B, S, d), Q (B, T, d) ->
+    (B, T, S)."""
+    batch_size, queryL, sourceL = Q.size(0), Q.size(1), K.size(1)
+    attn = torch.bmm(K, torch.transpose(Q, 1, 2))                       # (B, S, T)
+    attn = F.leaky_relu(attn, 0.1)
+    attn = l2norm(attn, 2)
+    attn = torch.transpose(attn, 1, 2).contiguous().view(batch_size * queryL, sourceL)
+    attn = torch.softmax(attn * xlambda, dim=1)
+    return attn.view(batch_size, queryL, sourceL)
+
+
+def intra_relations(K, Q, xlambda):
+    """Word-word attention softmax_j(lambda w_i.w_j): (B, L, d) -> (B, L, L)."""
+    batch_size, KL = K.size(0), K.size(1)
+    attn = torch.bmm(Q, torch.transpose(K, 1, 2).contiguous())
+    attn = torch.softmax(attn.view(batch_size * KL, KL) * xlambda, dim=1)
+    return attn.view(batch_size, KL, KL)
+
+
+def matching_vectors(query, context, n_block):
+    """Multi-block cosine of query nodes with their attended contexts: split d into chunks of
+    n_block dimensions (the original's name for the chunk SIZE, d // num_block), stacked as
+    the original does. (B, N, d) x (B, N, d) -> (B, N, d // n_block)."""
+    qry_set = torch.stack(torch.split(query, n_block, dim=2), dim=2)
+    ctx_set = torch.stack(torch.split(context, n_block, dim=2), dim=2)
+    return cosine_similarity(qry_set, ctx_set, dim=-1)
+
+
+class VisualGraph(nn.Module):
+    """Regions query the words; the region graph and its head (i2t_match_G)."""
+
+    def __init__(self, feat_dim, hid_dim, out_dim, dropout=0.5, n_kernels=N_KERNELS):
+        super().__init__()  # `dropout` is accepted, as the original, and used nowhere
+        self.feat_dim, self.out_dim = feat_dim, out_dim
+        self.graph_convolution_1 = ImageQueryGraphConvolution(feat_dim, hid_dim, n_kernels, 2)
+        self.out_1 = WeightNormLinear(hid_dim, hid_dim)
+        self.out_2 = WeightNormLinear(hid_dim, out_dim)
+
+    def node_level_matching(self, tnodes, vnodes, n_block, xlambda):
+        attn = inter_relations(tnodes, vnodes, xlambda)                 # (B, R, L) over words
+        weighted = torch.bmm(torch.transpose(tnodes, 1, 2), torch.transpose(attn, 1, 2))
+        return matching_vectors(vnodes, torch.transpose(weighted, 1, 2), n_block)  # (B, R, n)
+
+    def structure_level_matching(self, vnode_mvector, pseudo_coord, propagate=False):
+        batch, n_region = vnode_mvector.size(0), vnode_mvector.size(1)
+        if propagate:   # neighbour j's vector at [i, j] (the paper)
+            neighbor_image = vnode_mvector.unsqueeze(1).repeat(1, n_region, 1, 1)
+        else:           # the node's own vector at every [i, j] (the released code)
+            neighbor_image = vnode_mvector.unsqueeze(2).repeat(1, 1, n_region, 1)
+        hidden = self.graph_convolution_1(neighbor_image, pseudo_coord, propagate)
+        hidden = hidden.view(batch * n_region, -1)
+        sim = self.out_2(self.out_1(hidden).tanh())
+        return sim.view(batch, -1).mean(dim=1, keepdim=True)            # (B, 1)
+
+    def forward(self, images, captions, bbox, cap_lens, lambda_softmax, num_block,
+                propagate=False):
+        """The original per-caption loop: (B, R, d) images with (B, R, 4) boxes x (C, L, d)
+        captions -> (B, C)."""
+        n_block = captions.size(2) // num_block
+        n_image, n_caption = images.size(0), captions.size(0)
+        pseudo_coord = pseudo_coordinates(bbox)
+        similarities = []
+        for i in range(n_caption):
+            n_word = int(cap_lens[i])
+            cap_i = captions[i, :n_word, :].unsqueeze(0).contiguous()
+            cap_i_expand = cap_i.repeat(n_image, 1, 1)                  # (B, L, d)
+            vnode_mvector = self.node_level_matching(cap_i_expand, images, n_block,
+                                                     lambda_softmax)
+            similarities.append(self.structure_level_matching(vnode_mvector, pseudo_coord,
+                                                              propagate))
+        return torch.cat(similarities, 1)
+
+
+class TextualGraph(nn.Module):
+    """Words query the regions; the word graph and its head (t2i_match_G)."""
+
+    def __init__(self, feat_dim, hid_dim, out_dim, dropout=0.5, n_kernels=N_KERNELS):
+        super().__init__()
+        self.feat_dim, self.out_dim = feat_dim, out_dim
+        # the original passes 2 (meant as a coordinate dim) into `bias`: biases on
+        self.graph_convolution_3 = TextQueryGraphConvolution(feat_dim, hid_dim, n_kernels, 2)
+        self.out_1 = WeightNormLinear(hid_dim, hid_dim)
+        self.out_2 = WeightNormLinear(hid_dim, out_dim)
+
+    def node_level_matching(self, vnodes, tnodes, n_block, xlambda):
+        attn = inter_relations(vnodes, tnodes, xlambda)                 # (B, L, R) over regions
+        weighted = torch.bmm(torch.transpose(vnodes, 1, 2), torch.transpose(attn, 1, 2))
+        return matching_vectors(tnodes, torch.transpose(weighted, 1, 2), n_block)  # (B, L, n)
+
+    def structure_level_matching(self, tnode_mvector, intra_relation, depends, is_sparse,
+                                 propagate=False):
+        batch, n_word = tnode_mvector.size(0), tnode_mvector.size(1)
+        node = tnode_mvector.unsqueeze(1) if propagate else tnode_mvector.unsqueeze(2)
+        if not is_sparse:
+            neighbor_nodes = node.repeat(1, n_word, 1, 1) if propagate else \
+                node.repeat(1, 1, n_word, 1)
+            neighbor_weights = intra_relation.repeat(batch, 1, 1, 1)
+        else:
+            adj = arc_adjacency(depends, n_word).to(tnode_mvector.device, tnode_mvector.dtype)
+            adj = adj.view(n_word, n_word).unsqueeze(0).unsqueeze(-1)   # (1, L, L, 1)
+            neighbor_nodes = adj * node                                 # (B, L, L, n)
+            neighbor_weights = l2norm(adj * intra_relation, dim=2).repeat(batch, 1, 1, 1)
+        hidden = self.graph_convolution_3(neighbor_nodes, neighbor_weights)
+        hidden = hidden.view(batch * n_word, -1)
+        sim = self.out_2(self.out_1(hidden).tanh())
+        return sim.view(batch, -1).mean(dim=1, keepdim=True)            # (B, 1)
+
+    def forward(self, images, captions, depends, cap_lens, lambda_softmax, num_block,
+                is_sparse=False, propagate=False):
+        """The original per-caption loop: (B, R, d) x (C, L, d) captions with their arc lists
+        (sparse) -> (B, C)."""
+        n_block = captions.size(2) // num_block
+        n_image, n_caption = images.size(0), captions.size(0)
+        similarities = []
+        for i in range(n_caption):
+            n_word = int(cap_lens[i])
+            cap_i = captions[i, :n_word, :].unsqueeze(0).contiguous()
+            cap_i_expand = cap_i.repeat(n_image, 1, 1)
+            words_sim = intra_relations(cap_i, cap_i, lambda_softmax).unsqueeze(-1)
+            nodes_sim = self.node_level_matching(images, cap_i_expand, n_block, lambda_softmax)
+            dep = None if depends is None else depends[i]
+            similarities.append(self.structure_level_matching(nodes_sim, words_sim, dep,
+                                                              is_sparse, propagate))
+        return torch.cat(similarities, 1)
+
+
+# ----------------------------------------------------------------------------- fast path
+
+def chunk_gram(x, n):
+    """Per-chunk Gram matrices: (N, M, d) -> (N, n, M, M), [., b, i, j] = x_i^(b) . x_j^(b)."""
+    N, M, d = x.shape
+    xb = x.view(N, M, n, d // n).transpose(1, 2).reshape(N * n, M, d // n)
+    return torch.bmm(xb, xb.transpose(1, 2)).view(N, n, M, M)
+
+
+def chunk_norms(x, n):
+    """(N, M, d) -> (N, M, n): the 2-norm of each chunk."""
+    N, M, d = x.shape
+    return torch.linalg.vector_norm(x.view(N, M, n, d // n), dim=-1)
+
+
+def visual_head_matrices(vgraph, gains):
+    """The visual graph's conv and out_1, folded per region: the released conv is
+    h = concat_k S_k W_k m with no bias, so out_1(h) = V1 diag(S) Wc m + b1. gains (Bi, R, K)
+    -> (Bi*R, n, h), so that out_1's input-to-output map of region r is m @ M[r]."""
+    conv = vgraph.graph_convolution_1
+    Wc = torch.cat([w.weight for w in conv.conv_weights], 0)           # (h, n), kernel-major
+    o = Wc.size(0) // conv.n_kernels
+    s = gains.reshape(-1, conv.n_kernels).repeat_interleave(o, dim=1)  # (Bi*R, h)
+    return torch.matmul((s.unsqueeze(2) * Wc).transpose(1, 2), vgraph.out_1.weight.t())
+
+
+def visual_gains(vgraph, boxes, propagate=False):
+    """From the boxes (Bi, R, 4): the per-kernel gains S (Bi, R, K), S_ik = sum_j w_ijk with w
+    normalised over the kernels (the released code); or, with propagate, the neighbour weights
+    (Bi, R, R, K) normalised over the neighbours."""
+    conv = vgraph.graph_convolution_1
+    Bi, R = boxes.shape[:2]
+    w = conv.gaussian_weights(pseudo_coordinates(boxes), over_neighbours=propagate)
+    w = w.view(Bi, R, R, conv.n_kernels)
+    return w if propagate else w.sum(2)
+
+
+def textual_mixing(cap_emb, L, lambda_softmax, is_sparse, depends=None):
+    """Each caption's neighbour map P (Cb, L, L) of the textual convolution with the kernel
+    parameter cancelled: the conv's input at word i is sum_j P_ij x_ij where x_ij is m_i (the
+    released code) or m_j (--gsmn_propagate). Dense: P = softmax_j(lambda w_i.w_j); sparse:
+    P = A * adj / sum_j (A * adj) * adj with A that attention and adj the arc graph (the
+    original's l2norm of A * adj cancels in the normalisation)."""
+    a = intra_relations(cap_emb, cap_emb, lambda_softmax)              # (Cb, L, L)
+    if not is_sparse:
+        return a
+    adj = torch.stack([arc_adjacency(None if depends is None else depends[c], L)
+                       for c in range(cap_emb.size(0))]).to(a.device, a.dtype)
+    w = a * adj
+    return w / w.sum(2, keepdim=True) * adj
+
+
+def pair_block(vgraph, tgraph, img, cap, img_pre, cap_pre, lambda_softmax, n, propagate):
+    """Scores of Bi images x Cb captions of one length L: img (Bi, R, d), cap (Cb, L, d)
+    -> (Bi, Cb). The two attentions share one blocked GEMM, D[b][r, l] = r^(b) . w_l^(b)
+    (the full score is its sum over the chunks); each direction's cosine numerators are sums of
+    D under its attention, and its context norms come from Gram matrices:
+    |sum_l a_l w_l^(b)|^2 = a^T G^(b) a. So no (.., d)-sized context is ever built."""
+    Bi, R, d = img.shape
+    Cb, L, _ = cap.shape
+    Vb, nr, Gi, gain = img_pre            # (n, Bi*R, q), (Bi, R, n), (Bi, n*R, R), gains
+    Wb, nw, Gc, mix = cap_pre             # (n, q, Cb*L), (Cb, L, n), (Cb, L, n*L), (Cb, L, L)
+    D = torch.bmm(Vb, Wb)                                               # (n, Bi*R, Cb*L)
+    if torch.is_grad_enabled():
+        # training: the scores by their own GEMM. Through D.sum(0) the float32 gradient of
+        # the text encoder carries twice the rounding (7e-5 relative against 4e-5: measured
+        # on the fixtures against float64), for a step that is small anyway
+        A = torch.mm(img.reshape(Bi * R, d), cap.reshape(Cb * L, d).t())
+    else:
+        A = D.sum(0)                                                    # (Bi*R, Cb*L)
+    X = F.leaky_relu(A, 0.1).view(Bi, R, Cb, L)
+    # i2t: each region over the words (scores l2-normalised over the regions)
+    a = torch.softmax(X / (torch.linalg.vecdot(X, X, dim=1).unsqueeze(1).sqrt() + 1e-8)
+                      * lambda_softmax, dim=3)                          # (Bi, R, Cb, L)
+    # t2i: each word over the regions (scores l2-normalised over the words)
+    beta = torch.softmax(X / (torch.linalg.vector_norm(X, dim=3, keepdim=True) + 1e-8)
+                         * lambda_softmax, dim=1)                       # (Bi, R, Cb, L)
+    Dv = D.view(n, Bi, R, Cb, L)
+    num_v = (Dv * a).sum(4)                                             # (n, Bi, R, Cb)
+    num_t = (Dv * beta).sum(2)                                          # (n, Bi, Cb, L)
+    a_c = a.permute(2, 0, 1, 3).reshape(Cb, Bi * R, L)
+    sq_v = (torch.bmm(a_c, Gc).view(Cb, Bi * R, n, L) * a_c.unsqueeze(2)).sum(3)  # (Cb,BiR,n)
+    beta_f = beta.reshape(Bi, R, Cb * L)
+    sq_t = (torch.bmm(Gi, beta_f).view(Bi, n, R, Cb * L) * beta_f.unsqueeze(1)).sum(2)
+    sq_v = sq_v.view(Cb, Bi, R, n).permute(1, 2, 0, 3)                  # (Bi, R, Cb, n)
+    sq_t = sq_t.view(Bi, n, Cb, L).permute(0, 2, 3, 1)                  # (Bi, Cb, L, n)
+    # sqrt of max(q, 1e-16): = max(|c|, 1e-8) up to the clamp, with a finite gradient
+    m_v = num_v.permute(1, 2, 3, 0) / (nr.unsqueeze(2) *
+                                       sq_v.clamp(min=1e-16).sqrt()).clamp(min=COS_EPS)
+    m_t = num_t.permute(1, 2, 3, 0) / (nw.unsqueeze(0) *
+                                       sq_t.clamp(min=1e-16).sqrt()).clamp(min=COS_EPS)
+    return (visual_head(vgraph, m_v, gain, propagate) +
+            textual_head(tgraph, m_t, mix, propagate))                  # (Bi, Cb)
+
+
+def visual_head(vgraph, m_v, gain, propagate):
+    """m_v (Bi, R, Cb, n) -> the visual-graph scores (Bi, Cb). gain: (Bi*R, n, h) folded
+    matrices (visual_head_matrices), or with propagate the neighbour weights (Bi, R, R, K)."""
+    Bi, R, Cb, n = m_v.shape
+    out_1, out_2 = vgraph.out_1, vgraph.out_2
+    if not propagate:
+        pre = torch.baddbmm(out_1.bias, m_v.reshape(Bi * R, Cb, n), gain)  # (Bi*R, Cb, h)
+    else:
+        conv = vgraph.graph_convolution_1
+        K = conv.n_kernels
+        Wc = torch.cat([w.weight for w in conv.conv_weights], 0)       # (h, n)
+        h = Wc.size(0)
+        u = (m_v @ Wc.t()).view(Bi, R, Cb, K, h // K)                  # W_k m_j
+        u = u.permute(0, 3, 1, 2, 4).reshape(Bi, K, R, Cb * (h // K))
+        agg = torch.matmul(gain.permute(0, 3, 1, 2), u)                 # (Bi, K, R, Cb*o)
+        agg = agg.view(Bi, K, R, Cb, h // K).permute(0, 2, 3, 1, 4).reshape(Bi * R, Cb, h)
+        pre = torch.addmm(out_1.bias, agg.reshape(-1, h), out_1.weight.t()).view(Bi * R, Cb, -1)
+    s = torch.matmul(torch.tanh(pre), out_2.weight.t()).squeeze(-1)    # (Bi*R, Cb)
+    return s.view(Bi, R, Cb).mean(1) + out_2.bias                       # (Bi, Cb)
+
+
+def textual_head(tgraph, m_t, mix, propagate):
+    """m_t (Bi, Cb, L, n) -> the textual-graph scores (Bi, Cb). mix: each caption's neighbour
+    map (textual_mixing). The released conv gives W_k (g_l m_l) + b_k with g_l = sum_j P_lj
+    (1 up to rounding, but for a self-loop arc), so conv and out_1 fold into one map."""
+    Bi, Cb, L, n = m_t.shape
+    conv = tgraph.graph_convolution_3
+    Wc = torch.cat([w.weight for w in conv.conv_weights], 0)           # (h, n)
+    has_bias = conv.conv_weights[0].bias is not None
+    bc = torch.cat([w.bias for w in conv.conv_weights], 0) if has_bias else None  # (h,)
+    V1 = tgraph.out_1.weight
+    if propagate:
+        x = torch.matmul(mix.unsqueeze(0), m_t)                         # sum_j P_lj m_j
+    elif mix is not None:
+        x = m_t * mix.sum(2).unsqueeze(0).unsqueeze(-1)                 # g_l m_l
+    else:
+        x = m_t
+    bias = tgraph.out_1.bias if bc is None else tgraph.out_1.bias + V1 @ bc
+    pre = torch.addmm(bias, x.reshape(-1, n), (V1 @ Wc).t())            # (Bi*Cb*L, h)
+    s = torch.matmul(torch.tanh(pre), tgraph.out_2.weight.t()).view(Bi, Cb, L)
+    return s.mean(2) + tgraph.out_2.bias                                # (Bi, Cb)
+
+
+def image_precompute(vgraph, img, boxes, num_block, propagate):
+    """Per image chunk: chunks laid out for the blocked GEMM, chunk norms, chunk Grams, gains."""
+    Bi, R, d = img.shape
+    n = num_block
+    Vb = img.reshape(Bi * R, n, d // n).transpose(0, 1).contiguous()   # (n, Bi*R, q)
+    nr = chunk_norms(img, n)                                           # (Bi, R, n)
+    Gi = chunk_gram(img, n).reshape(Bi, n * R, R)                      # (Bi, n*R, R)
+    g = visual_gains(vgraph, boxes, propagate)
+    gain = g if propagate else visual_head_matrices(vgraph, g)
+    return Vb, nr, Gi, gain
+
+
+def caption_precompute(cap, lambda_softmax, num_block, is_sparse, depends, propagate):
+    """Per caption chunk of one length: the blocked words, chunk norms, chunk Grams, and the
+    textual neighbour map (None where it is exactly the identity in effect: dense, released)."""
+    Cb, L, d = cap.shape
+    n = num_block
+    Wb = cap.reshape(Cb * L, n, d // n).permute(1, 2, 0).contiguous()  # (n, q, Cb*L)
+    nw = chunk_norms(cap, n)                                           # (Cb, L, n)
+    Gc = chunk_gram(cap, n).permute(0, 2, 1, 3).reshape(Cb, L, n * L)  # (Cb, L, n*L)
+    mix = textual_mixing(cap, L, lambda_softmax, is_sparse, depends) \
+        if (is_sparse or propagate) else None
+    return Wb, nw, Gc, mix
+
+
+def gsmn_scores(vgraph, tgraph, img_emb, cap_emb, cap_lens, boxes, depends=None, *,
+                lambda_softmax, num_block, is_sparse=False, propagate=False,
+                block_elems=BLOCK_ELEMS, img_chunk=16):
+    """Every (image, caption) score: img_emb (B, R, d) with boxes (B, R, 4), cap_emb (C, L, d)
+    with lengths and, for sparse, one arc list per caption -> (B, C) in the embeddings' dtype.
+    Captions go in blocks of one length (no padding, no masks), images in chunks of
+    `img_chunk`; a block holds as many captions as keep its largest intermediate, (n, Bi, R,
+    Cb, L), near `block_elems` elements. Works with autograd (training)."""
+    B, R, d = img_emb.shape
+    C = cap_emb.size(0)
+    n = num_block
+    lens = torch.as_tensor([int(x) for x in cap_lens], dtype=torch.int64)
+    Bi = max(1, min(B, img_chunk))
+    chunks = []                                   # (caption indices, words, precomputed)
+    for L in torch.unique(lens).tolist():
+        idx = torch.nonzero(lens == L).squeeze(1)
+        Cb = max(1, block_elems // (n * Bi * R * L))
+        for c0 in range(0, len(idx), Cb):
+            sel = idx[c0:c0 + Cb]
+            cap = cap_emb.index_select(0, sel.to(cap_emb.device))[:, :L]   # (Cb, L, d)
+            dep = None if depends is None else [depends[int(i)] for i in sel]
+            chunks.append((sel, cap, caption_precompute(cap, lambda_softmax, n, is_sparse,
+                                                        dep, propagate)))
+    order = torch.cat([sel for sel, _, _ in chunks])
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(C)
+    inv = inv.to(img_emb.device)
+    rows = []
+    for b0 in range(0, B, Bi):
+        img = img_emb[b0:b0 + Bi]
+        img_pre = image_precompute(vgraph, img, boxes[b0:b0 + Bi], n, propagate)
+        row = torch.cat([pair_block(vgraph, tgraph, img, cap, img_pre, cap_pre,
+                                    lambda_softmax, n, propagate)
+                         for _, cap, cap_pre in chunks], 1)              # (Bi, C) chunk order
+        rows.append(row.index_select(1, inv))
+    return torch.cat(rows, 0)                                            # (B, C)
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+# Our EncoderText names its GRU `cap_rnn` (SGRAF); GSMN's checkpoints call it `rnn`.
+_OURS, _THEIRS = "cap_rnn.", "rnn."
+
+
+def _rename(state_dict, old, new):
+    return type(state_dict)((new + k[len(old):] if k.startswith(old) else k, v)
+                            for k, v in state_dict.items())
+
+
+def check_dims(opt):
+    """A reason why GSMN cannot be built with these dimensions, or None."""
+    if opt.num_block <= 0 or opt.embed_size % opt.num_block:
+        return "--num_block %d must divide --embed_size %d" % (opt.num_block, opt.embed_size)
+    if opt.feat_dim != opt.num_block:
+        return ("--feat_dim %d must equal --num_block %d (the graphs read one cosine per "
+                "chunk)" % (opt.feat_dim, opt.num_block))
+    if opt.hid_dim % N_KERNELS:
+        return "--hid_dim %d must be a multiple of the %d kernels" % (opt.hid_dim, N_KERNELS)
+    if opt.out_dim != 1:
+        return "--out_dim must be 1 (a score per node), got %d" % opt.out_dim
+    return None
+
+
+class GSMN:
+    """The two encoders, the two graphs, the hinge loss, Adam and the train step.
+    `state_dict()` is the original checkpoint's `'model'` entry: [img_enc, txt_enc,
+    i2t_match_G, t2i_match_G] state dicts.
+
+    forward_sim scores every pair with the fast path (gsmn_scores, also in training, with
+    autograd); forward_sim_percaption is the original loop, kept as the reference."""
+
+    def __init__(self, opt, device=None):
+        self.opt = opt
+        self.device = torch.device(device or getattr(opt, "device", None) or
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.grad_clip = opt.grad_clip
+        self.img_enc = EncoderImage(opt.img_dim, opt.embed_size, no_imgnorm=opt.no_imgnorm)
+        self.txt_enc = EncoderText(opt.vocab_size, opt.word_dim, opt.embed_size,
+                                   opt.num_layers, use_bi_gru=opt.bi_gru,
+                                   no_txtnorm=opt.no_txtnorm)
+        self.txt_enc.dropout = nn.Identity()  # the original GSMN text encoder has no dropout
+        self.i2t_match_G = VisualGraph(opt.feat_dim, opt.hid_dim, opt.out_dim, dropout=.5)
+        self.t2i_match_G = TextualGraph(opt.feat_dim, opt.hid_dim, opt.out_dim, dropout=.5)
+        for m in self.modules():
+            m.to(self.device)
+        self.criterion = ContrastiveLoss(margin=opt.margin, max_violation=opt.max_violation)
+        # the original's order (text encoder, img_enc.fc, the two graphs): Adam's follows it
+        self.params = (list(self.txt_enc.parameters()) + list(self.img_enc.fc.parameters()) +
+                       list(self.i2t_match_G.parameters()) + list(self.t2i_match_G.parameters()))
+        self.optimizer = torch.optim.Adam(self.params, lr=opt.learning_rate)
+        self.Eiters = 0
+        self.logger = LogCollector()
+
+    def modules(self):
+        return [self.img_enc, self.txt_enc, self.i2t_match_G, self.t2i_match_G]
+
+    def state_dict(self):
+        sd = [m.state_dict() for m in self.modules()]
+        sd[1] = _rename(sd[1], _OURS, _THEIRS)
+        return sd
+
+    def load_state_dict(self, state_dict, strict=True):
+        if len(state_dict) != 4:
+            raise ValueError("expected 4 state dicts (img_enc, txt_enc, i2t_match_G, "
+                             "t2i_match_G), got %d" % len(state_dict))
+        sds = list(state_dict)
+        sds[1] = _rename(sds[1], _THEIRS, _OURS)
+        for m, sd in zip(self.modules(), sds):
+            m.load_state_dict(sd, strict=strict)
+
+    def train_start(self):
+        for m in self.modules():
+            m.train()
+
+    def val_start(self):
+        for m in self.modules():
+            m.eval()
+
+    def forward_emb(self, images, captions, lengths):
+        images = images.to(self.device, non_blocking=True)
+        captions = captions.to(self.device, non_blocking=True)
+        return self.img_enc(images), self.txt_enc(captions, lengths), lengths
+
+    def _sim_kw(self):
+        o = self.opt
+        return dict(lambda_softmax=o.lambda_softmax, num_block=o.num_block,
+                    is_sparse=o.is_sparse, propagate=getattr(o, "gsmn_propagate", False))
+
+    def forward_sim(self, img_emb, cap_emb, cap_lens, boxes, depends=None, **kw):
+        """(B, C) scores by the fast path; boxes (B, R, 4) as the graphs receive them."""
+        return gsmn_scores(self.i2t_match_G, self.t2i_match_G, img_emb, cap_emb, cap_lens,
+                           boxes.to(img_emb.device, img_emb.dtype), depends,
+                           **self._sim_kw(), **kw)
+
+    def forward_sim_percaption(self, img_emb, cap_emb, cap_lens, boxes, depends=None):
+        """The original forward_sim: both graphs' per-caption loops, summed. (B, C)."""
+        kw = self._sim_kw()
+        boxes = boxes.to(img_emb.device, img_emb.dtype)
+        i2t = self.i2t_match_G(img_emb, cap_emb, boxes, cap_lens, kw["lambda_softmax"],
+                               kw["num_block"], kw["propagate"])
+        t2i = self.t2i_match_G(img_emb, cap_emb, depends, cap_lens, kw["lambda_softmax"],
+                               kw["num_block"], kw["is_sparse"], kw["propagate"])
+        return i2t + t2i
+
+    def forward_loss(self, sims, **kwargs):
+        loss = self.criterion(sims)
+        self.logger.update("Loss", loss.item(), sims.size(0))
+        return loss
+
+    def train_emb(self, images, captions, lengths, ids=None, boxes=None, depends=None):
+        """One optimisation step on a batch whose pair k is (image k, caption k) with the
+        boxes of image k (B, R, 4) and caption k's arcs."""
+        self.Eiters += 1
+        self.logger.update("Eit", self.Eiters)
+        self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
+        img_emb, cap_emb, cap_lens = self.forward_emb(images, captions, lengths)
+        if boxes is None:
+            boxes = torch.zeros(img_emb.shape[:2] + (4,))
+        self.optimizer.zero_grad()
+        sims = self.forward_sim(img_emb, cap_emb, cap_lens, boxes, depends)
+        loss = self.forward_loss(sims)
+        loss.backward()
+        for p in self.params:
+            # parameters that cancel exactly (the textual kernel scalars; the out_2 biases
+            # only shift every score alike): the original's Adam moves them on float noise
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.grad_clip > 0:
+            clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
