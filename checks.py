@@ -161,6 +161,21 @@ PROBLEMS = {
         Warn, "{rate:.1f}% of caption tokens are not in the vocabulary {vocab}",
         "the vocabulary is probably of another dataset: pass the --vocab_path/--data_name "
         "of this dataset, or build one with vocab.py"),
+    # a matcher's optional input files beside the split (boxes, word ids, parses, ...)
+    "input_count": Problem(
+        DataError, "{found} for the {n} {items} of the split: every {item} after a missing or "
+        "extra entry would get another's",
+        "use the file of this split, or delete it ({without})"),
+    "input_shape": Problem(
+        DataError, "{what} of shape {shape}, expected {expected}",
+        "use the file of this split, or delete it ({without})"),
+    "input_invalid": Problem(
+        DataError, "{what}", "{fix}"),
+    "input_unpaired": Problem(
+        DataError, "not found, but {other} is there ({why})",
+        "add it, or delete {other} ({without})"),
+    "input_required": Problem(
+        DataError, "not found ({why})", "add it, or drop {flag}"),
     # --------------------------------------------------------------- vocabulary
     "vocab_missing": Problem(
         VocabError, "vocabulary file not found",
@@ -646,11 +661,20 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary", wan
         unexpected += ["%s.%s" % (name, k) for k in b if k not in a]
         shapes += ["%s.%s %s vs %s" % (name, k, tuple(b[k].shape), tuple(a[k].shape))
                    for k in a if k in b and tuple(a[k].shape) != tuple(b[k].shape)]
-    if not (count or missing or unexpected or shapes):
-        return
     if want is None:
         want = type(model).infer_flags(theirs, ckpt.get("opt"))
-    have = dict(type(model).infer_flags(ours), module_name=model.opt.module_name)
+    have = dict(type(model).infer_flags(ours, model.opt), module_name=model.opt.module_name)
+    if not (count or missing or unexpected or shapes):
+        # the same weights; flags they cannot show (infer_flags reads them from the options,
+        # e.g. a variant that changes the computation but no parameter) must agree too
+        differ = [k for k in want if want[k] is not None and have.get(k) is not None and
+                  want[k] != have[k]]
+        if differ:
+            diff = "; ".join("%s in the checkpoint, %s from the flags"
+                             % (flag_text(k, want[k]), flag_text(k, have[k])) for k in differ)
+            raise error("ckpt_mismatch", path, diff=diff,
+                        flags=" ".join(flag_text(k, want[k]) for k in differ))
+        return
     differ = [k for k in want if want[k] is not None and want[k] != have.get(k)]
     if differ == ["vocab_size"] and not (count or missing or unexpected):
         raise error("vocab_size", vocab_file, n_vocab=have["vocab_size"], checkpoint=path,

@@ -238,8 +238,11 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     for model, mopt, vocab in models:
         key = (type(model), tuple(sorted(getattr(vocab, "word2idx", {}).items())) or id(vocab))
         if key not in loaders:
-            loaders[key] = get_test_loader(split, opt.data_name, vocab, opt.batch_size,
-                                           opt.workers, opt, matcher=type(model))
+            # the model's own options (a matcher's data may depend on them), the first model's
+            # split; `fold5` too, for data that the original prepared differently per protocol
+            mopt.data_name, mopt.fold5 = opt.data_name, fold5
+            loaders[key] = get_test_loader(split, opt.data_name, vocab, mopt.batch_size,
+                                           mopt.workers, mopt, matcher=type(model))
             if len(loaders) == 1:
                 dset = loaders[key].dataset
                 checks.check_fold5(fold5, len(dset) // dset.im_div, split)

@@ -37,17 +37,24 @@ Read top to bottom:
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
 n num_block (chunks), q = d / n (chunk size), K kernels (8), h hid_dim.
 """
+import codecs
+import json
 import logging
+import os
+import pickle
+import re
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.clip_grad import clip_grad_norm_
+from tqdm import tqdm
 
+import checks
+import data
 from loss import ContrastiveLoss
-from meters import LogCollector
-from model import EncoderImage, EncoderText, l2norm
+from model import EncoderImage, EncoderText, Matcher, l2norm, memory_budget
+from vocab import encode_caption
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +156,159 @@ def validate_arcs(depends, n_captions, path):
             if pair[0] < 0 or pair[1] < 0:
                 return "line %d: arc %r has a negative (out-of-range) index" % (i + 1, pair)
     return None
+
+
+# ----------------------------------------------------------------------------- input files
+
+NO_IDS = "then the split's _caps.txt is tokenised"
+NO_BOXES = "then zero boxes, what the original's in-place division leaves"
+NO_ARCS = "sparse GSMN scores the same without it"
+
+
+def read_precaps(path, n_captions, vocab_size):
+    """`{split}_precaps_stan.txt`: one caption per line as comma-separated word ids
+    (<start> ... <end>, the authors' Stanford tokenisation mapped to the SCAN vocabulary).
+    Returns a list of int lists; the line count must be the caption count."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines and lines[-1].strip() == b"":
+        lines.pop()
+    if len(lines) != n_captions:
+        raise checks.error("input_count", path, found="%d lines" % len(lines), n=n_captions,
+                           items="captions", item="caption", without=NO_IDS)
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            ids = [int(t) for t in line.strip().split(b",")]
+        except ValueError:
+            raise checks.error("input_invalid", path, what="line %d is not comma-separated word "
+                               "ids: %r" % (i + 1, line[:40].decode("latin1")),
+                               fix="use the authors' file, or delete it (%s)" % NO_IDS) from None
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise checks.error("input_invalid", path, what="line %d has word id %d, outside the "
+                               "vocabulary's %d words" % (i + 1, bad[0], vocab_size),
+                               fix="pass the vocabulary the ids were made with (--vocab_path, "
+                                   "--data_name), or delete the file (%s)" % NO_IDS)
+        out.append(ids)
+    return out
+
+
+_NUMPY_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _NUMPY_GLOBALS[(_mod, "_reconstruct")] = np.ndarray.__reduce__(np.empty(0))[0]
+    _NUMPY_GLOBALS[(_mod, "scalar")] = np.int64(0).__reduce__()[0]
+
+
+class _SizesUnpickler(pickle.Unpickler):
+    """Unpickles an object array of numbers and dicts and nothing else: the globals a numpy
+    object array and numpy scalars need, no other callable (so nothing in the file runs)."""
+
+    def find_class(self, module, name):
+        if (module, name) in _NUMPY_GLOBALS:
+            return _NUMPY_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError("refused global %s.%s" % (module, name))
+
+
+def _number(x):
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def load_sizes(path, n_images):
+    """`{split}_ims_size.npy`: per image {'image_w', 'image_h'} (a pickled object array; read
+    without running pickled code), or a numeric (N, 2) array of (w, h). Returns (N, 2)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                    np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+            if dtype.hasobject:
+                arr = _SizesUnpickler(f, encoding="latin1").load()
+            else:
+                arr = None
+        if arr is None:
+            arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise checks.error("input_invalid", path, what="not a readable image size file (%s)"
+                           % checks.first_line(e), fix="use the authors' file, or delete it "
+                           "and the box file (%s)" % NO_BOXES) from None
+    if isinstance(arr, np.ndarray) and arr.dtype != object:
+        if arr.shape != (n_images, 2):
+            raise checks.error("input_shape", path, what="image sizes", shape=arr.shape,
+                               expected="(%d, 2), (w, h) for each image" % n_images,
+                               without=NO_BOXES)
+        sizes = arr.astype(np.float64)
+    else:
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1:
+            raise checks.error("input_shape", path, what="image sizes",
+                               shape=getattr(arr, "shape", "?"),
+                               expected="(%d,) {'image_w', 'image_h'} dicts" % n_images,
+                               without=NO_BOXES)
+        if len(arr) != n_images:
+            raise checks.error("input_count", path, found="%d image sizes" % len(arr),
+                               n=n_images, items="images", item="image", without=NO_BOXES)
+        sizes = np.zeros((n_images, 2))
+        for i, d in enumerate(arr):
+            if not (isinstance(d, dict) and _number(d.get("image_w")) and
+                    _number(d.get("image_h")) and all(_number(v) for v in d.values())):
+                raise checks.error("input_invalid", path, what="entry %d is not {'image_w': "
+                                   "number, 'image_h': number}" % i,
+                                   fix="use the authors' file, or delete it and the box file "
+                                       "(%s)" % NO_BOXES)
+            sizes[i] = d["image_w"], d["image_h"]
+    if not (sizes > 0).all():
+        i = int(np.argmin((sizes > 0).all(1)))
+        raise checks.error("input_invalid", path, what="image %d has size %s"
+                           % (i, sizes[i].tolist()),
+                           fix="use the authors' file, or delete it and the box file (%s)"
+                               % NO_BOXES)
+    return sizes
+
+
+def load_boxes(path, n_images, n_regions):
+    """`{split}_ims_bbx.npy`: (N, R, 4) boxes x1, y1, x2, y2 in pixels, one row per image of
+    the split (not memory-mapped: the original divides them in place)."""
+    try:
+        boxes = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise checks.error("input_invalid", path, what="not a readable box file (%s)"
+                           % checks.first_line(e), fix="use the authors' file, or delete it "
+                           "and the size file (%s)" % NO_BOXES) from None
+    if boxes.ndim != 3 or boxes.shape[1:] != (n_regions, 4):
+        raise checks.error("input_shape", path, what="boxes", shape=boxes.shape,
+                           expected="(%d, %d, 4): x1, y1, x2, y2 of each region of each image"
+                                    % (n_images, n_regions), without=NO_BOXES)
+    if len(boxes) != n_images:
+        raise checks.error("input_count", path, found="boxes of %d images" % len(boxes),
+                           n=n_images, items="images", item="image", without=NO_BOXES)
+    if not (np.issubdtype(boxes.dtype, np.floating) or np.issubdtype(boxes.dtype, np.integer)):
+        raise checks.error("input_invalid", path, what="boxes of dtype %s" % boxes.dtype,
+                           fix="use the authors' file, or delete it and the size file (%s)"
+                               % NO_BOXES)
+    return boxes
+
+
+def load_depends(path, n_captions):
+    """`{split}_caps.json`: one list of [governor, dependent] arcs per caption."""
+    fix = ("use the file the original's dependency_parser.py wrote for this split, or delete "
+           "it (%s)" % NO_ARCS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            depends = json.load(f)
+    except Exception as e:
+        raise checks.error("input_invalid", path, what="not a readable JSON file (%s)"
+                           % checks.first_line(e), fix=fix) from None
+    if isinstance(depends, list) and len(depends) != n_captions:
+        raise checks.error("input_count", path, found="%d arc lists" % len(depends),
+                           n=n_captions, items="captions", item="caption", without=NO_ARCS)
+    problem = validate_arcs(depends, n_captions, path)
+    if problem:
+        raise checks.error("input_invalid", path, what=problem, fix=fix)
+    return depends
 
 
 # ----------------------------------------------------------------------------- modules
@@ -589,6 +749,111 @@ def gsmn_scores(vgraph, tgraph, img_emb, cap_emb, cap_lens, boxes, depends=None,
     return torch.cat(rows, 0)                                            # (B, C)
 
 
+# ----------------------------------------------------------------------------- data
+
+BBOX_MODES = ("original", "zero", "correct")
+
+
+class GSMNDataset(data.PrecompDataset):
+    """A split as the original GSMN reads it: items (image, word ids, index, image index,
+    boxes (R, 4), arcs). Optional files beside `{split}_ims.npy` and `{split}_caps.txt`:
+      `{split}_precaps_stan.txt`  the authors' word ids, used instead of tokenising caps.txt;
+      `{split}_ims_bbx.npy`, `{split}_ims_size.npy`  boxes in pixels and image sizes;
+      `{split}_caps.json`  dependency arcs (read for --is_sparse only).
+    Boxes by `opt.bbox_mode`:
+      original  (default) what the original's loader hands the model: without the box files
+                zeros (its in-place division drives the boxes to 0); with them, a training
+                split divides its own copy in place at every access (exact with --workers 0,
+                which the original effectively ran with), an evaluation split gives each row the
+                boxes its evalrank sees after reading the split twice, and, unless `opt.fold5`
+                (set by the evaluation), image k the boxes of caption row k (image k // 5's);
+      zero      always zeros;
+      correct   each image's own boxes divided once by its size (what the original meant)."""
+
+    def __init__(self, data_path, split, vocab, opt, train=False):
+        super().__init__(data_path, split, vocab, feat_format=getattr(opt, "feat_format", "auto"),
+                         img_dim=getattr(opt, "img_dim", None))
+        loc = lambda name: os.path.join(data_path, name % split)  # noqa: E731
+        n_img, n_regions = len(self.images), self.images.shape[1]
+        self.ids = None
+        if os.path.isfile(loc("%s_precaps_stan.txt")):
+            self.ids = read_precaps(loc("%s_precaps_stan.txt"), len(self.captions), len(vocab))
+            log.info("%s: word ids from %s", split, loc("%s_precaps_stan.txt"))
+        self.mode = getattr(opt, "bbox_mode", "original")
+        self.n_regions = n_regions
+        self.state = self.per_item = None
+        box_file, size_file = loc("%s_ims_bbx.npy"), loc("%s_ims_size.npy")
+        have = [os.path.isfile(p) for p in (box_file, size_file)]
+        if self.mode != "zero" and any(have):
+            if not all(have):
+                missing, other = (size_file, box_file) if have[0] else (box_file, size_file)
+                raise checks.error("input_unpaired", missing, other=os.path.basename(other),
+                                   why="the boxes are divided by the image sizes",
+                                   without=NO_BOXES)
+            boxes = load_boxes(box_file, n_img, n_regions)
+            sizes = load_sizes(size_file, n_img)
+            if self.mode == "correct":
+                self.per_image = normalised_boxes(boxes, sizes).astype(np.float32)
+            elif train:  # the original's loader: each access divides the array in place
+                self.state = np.array(boxes)
+                self.divisor = sizes[:, [0, 1, 0, 1]]
+            else:
+                rows = np.arange(self.length) // self.im_div
+                counts = original_eval_counts(self.length, self.im_div, opt.batch_size,
+                                              memory_shared=boxes.dtype == np.float32)
+                seen = inplace_divided(boxes[rows], sizes[rows], counts).astype(np.float32)
+                # evalrank(fold5=False) pairs image k with caption row k's boxes; encode_data
+                # keeps the image of item k * im_div
+                self.per_item = seen if getattr(opt, "fold5", False) else \
+                    seen[np.minimum(np.arange(self.length) // self.im_div, self.length - 1)]
+            log.info("%s: boxes from %s (--bbox_mode %s)", split, box_file, self.mode)
+        elif self.mode == "correct":
+            raise checks.error("input_required", box_file, flag="--bbox_mode correct",
+                               why="--bbox_mode correct needs the boxes and %s"
+                                   % os.path.basename(size_file))
+        # arcs: for sparse training; at evaluation whenever present (a dense and a sparse
+        # model may share one evaluation loader)
+        self.depends = None
+        if (getattr(opt, "is_sparse", False) or not train) and os.path.isfile(loc("%s_caps.json")):
+            self.depends = load_depends(loc("%s_caps.json"), len(self.captions))
+
+    def boxes(self, index, img_id):
+        if self.mode == "correct" and hasattr(self, "per_image"):
+            return torch.from_numpy(self.per_image[img_id])
+        if self.per_item is not None:
+            return torch.from_numpy(self.per_item[index])
+        if self.state is not None:
+            b = self.state[img_id]                  # a view: divided in place, as the original
+            if np.issubdtype(b.dtype, np.integer):  # Python 2's integer division
+                b[...] = (b / self.divisor[img_id]).astype(b.dtype)
+            else:
+                b /= self.divisor[img_id]
+            # a float32 array is shared, as the original's torch.Tensor(array): every row of
+            # this image in the batch shows the last division when the batch is collated
+            return torch.from_numpy(b) if b.dtype == np.float32 else \
+                torch.tensor(b, dtype=torch.float32)
+        return torch.zeros(self.n_regions, 4)
+
+    def __getitem__(self, index):
+        img_id = index // self.im_div
+        image = torch.from_numpy(np.array(self.images[img_id], dtype=np.float32))
+        ids = self.ids[index] if self.ids is not None else \
+            encode_caption(self.vocab, self.captions[index])
+        depend = self.depends[index] if self.depends is not None else None
+        return (image, torch.tensor(ids, dtype=torch.int64), index, img_id,
+                self.boxes(index, img_id), depend)
+
+
+def collate_fn(items):
+    """data.collate_fn's batch (sorted by caption length, longest first) with the extras
+    `boxes` (B, R, 4) and `depends` (one arc list or None per caption)."""
+    items = sorted(items, key=lambda x: len(x[1]), reverse=True)
+    batch = data.collate_fn([x[:4] for x in items])
+    batch.extra["boxes"] = torch.stack([x[4] for x in items], 0)
+    batch.extra["depends"] = [x[5] for x in items]
+    return batch
+
+
 # ----------------------------------------------------------------------------- wrapper
 
 # Our EncoderText names its GRU `cap_rnn` (SGRAF); GSMN's checkpoints call it `rnn`.
@@ -601,32 +866,133 @@ def _rename(state_dict, old, new):
 
 
 def check_dims(opt):
-    """A reason why GSMN cannot be built with these dimensions, or None."""
-    if opt.num_block <= 0 or opt.embed_size % opt.num_block:
-        return "--num_block %d must divide --embed_size %d" % (opt.num_block, opt.embed_size)
+    """(flag, reason) when GSMN cannot be built with these dimensions, else None."""
+    if opt.embed_size % opt.num_block:
+        return "num_block", "it must divide --embed_size %d" % opt.embed_size
     if opt.feat_dim != opt.num_block:
-        return ("--feat_dim %d must equal --num_block %d (the graphs read one cosine per "
-                "chunk)" % (opt.feat_dim, opt.num_block))
+        return "feat_dim", ("it must equal --num_block %d (the graphs read one cosine per "
+                            "chunk)" % opt.num_block)
     if opt.hid_dim % N_KERNELS:
-        return "--hid_dim %d must be a multiple of the %d kernels" % (opt.hid_dim, N_KERNELS)
+        return "hid_dim", "it must be a multiple of the %d kernels" % N_KERNELS
     if opt.out_dim != 1:
-        return "--out_dim must be 1 (a score per node), got %d" % opt.out_dim
+        return "out_dim", "the graphs score each node with one number: --out_dim 1"
     return None
 
 
-class GSMN:
+class GraphScorer(nn.Module):
+    """Both graphs as one module whose forward scores a batch (the fast path), so that a
+    DistributedDataParallel wrapper sees the training forward. Not in the checkpoint (its
+    parameters are the two graphs')."""
+
+    def __init__(self, vgraph, tgraph, opt):
+        super().__init__()
+        self.vgraph, self.tgraph, self.opt = vgraph, tgraph, opt
+
+    def forward(self, img_emb, cap_emb, cap_lens, boxes, depends=None):
+        o = self.opt
+        return gsmn_scores(self.vgraph, self.tgraph, img_emb, cap_emb, cap_lens, boxes, depends,
+                           lambda_softmax=o.lambda_softmax, num_block=o.num_block,
+                           is_sparse=o.is_sparse, propagate=o.gsmn_propagate)
+
+
+class GSMN(Matcher):
     """The two encoders, the two graphs, the hinge loss, Adam and the train step.
     `state_dict()` is the original checkpoint's `'model'` entry: [img_enc, txt_enc,
     i2t_match_G, t2i_match_G] state dicts.
 
-    forward_sim scores every pair with the fast path (gsmn_scores, also in training, with
+    forward_sim scores every pair with the fast path (gsmn_scores; in training too, with
     autograd); forward_sim_percaption is the original loop, kept as the reference."""
 
+    state_names = ("img_enc", "txt_enc", "i2t_match_G", "t2i_match_G")
+    # the original train.py's defaults where they differ from the shared parser's
+    defaults = {"lambda_softmax": 9.0, "num_epochs": 30, "lr_update": 15, "log_step": 100,
+                "val_step": 15000, "is_sparse": False, "num_block": 16, "feat_dim": 16,
+                "hid_dim": 32, "out_dim": 1, "bbox_mode": "original", "gsmn_propagate": False}
+    score_inputs = {"boxes": "image", "depends": "caption"}
+    collate_fn = staticmethod(collate_fn)
+    # 256 / 16 = 16-dimensional chunks; the hardest-negative hinge, a higher learning rate
+    demo_flags = ["--learning_rate", "0.002", "--lambda_softmax", "10"]
+
+    # ------------------------------------------------------------------ the class
+    @classmethod
+    def add_options(cls, parser):
+        g = parser.add_argument_group("GSMN (gsmn.py)")
+        add = cls.add_option
+        add(g, "--is_sparse", action="store_true",
+            help="sparse GSMN: the word graph from the dependency arcs ({split}_caps.json); "
+                 "dense (default): word-word attention")
+        add(g, "--num_block", default=16, type=int,
+            help="chunks of the embedding whose cosines make a node's matching vector")
+        add(g, "--feat_dim", default=16, type=int,
+            help="input size of the graph convolutions (must equal --num_block)")
+        add(g, "--hid_dim", default=32, type=int, help="graph convolution output size")
+        add(g, "--out_dim", default=1, type=int, help="score per node (1)")
+        add(g, "--lambda_softmax", default=9.0, type=float,
+            help="attention softmax temperature (GSMN's default 9; its README trains with 20 "
+                 "on Flickr30K, 10 on COCO)")
+        add(g, "--bbox_mode", default="original", choices=BBOX_MODES,
+            help="boxes fed to the visual graph: original (as the original's loader, which "
+                 "divides them in place at every access; zeros without the box files), zero, "
+                 "or correct (divided once by the image size)")
+        add(g, "--gsmn_propagate", action="store_true",
+            help="graphs as in the paper (neighbour vectors; visual kernels normalised over "
+                 "the neighbours) instead of the released code's per-node graphs; not the "
+                 "published numbers")
+
+    @classmethod
+    def complete_opt(cls, opt):
+        return super().complete_opt(opt)
+
+    @classmethod
+    def check_opt(cls, opt, distributed=False):
+        checks.check_positive(opt, ("num_block", "feat_dim", "hid_dim", "out_dim"))
+        problem = check_dims(opt)
+        if problem:
+            flag, why = problem
+            raise checks.error("flag_unsupported", checks.opt_where(opt, flag), model="GSMN",
+                               why=why)
+
+    @classmethod
+    def dataset(cls, data_path, split, vocab, opt, train=False):
+        return GSMNDataset(data_path, split, vocab, opt, train=train)
+
+    @classmethod
+    def recognise(cls, ckpt):
+        state = ckpt["model"]
+        if (len(state) == 4 and "fc.weight" in state[0] and
+                "graph_convolution_1.mean_rho" in state[2] and
+                "graph_convolution_3.params" in state[3]):
+            return "GSMN"
+        return None
+
+    @classmethod
+    def infer_flags(cls, state, opt=None):
+        img, txt = state[0], state[1] if len(state) > 1 else {}
+        vg = state[2] if len(state) > 2 else {}
+        shape = checks.state_shape
+        layers = [int(m.group(1)) for k in txt
+                  for m in [re.match(r"(?:cap_)?rnn\.weight_ih_l(\d+)", k)] if m]
+        feat = shape(vg, "graph_convolution_1.conv_weights.0.weight", 1)
+        return {"module_name": "GSMN" if len(state) == 4 and vg else None,
+                "img_dim": shape(img, "fc.weight", 1),
+                "embed_size": shape(img, "fc.weight", 0),
+                "vocab_size": shape(txt, "embed.weight", 0),
+                "word_dim": shape(txt, "embed.weight", 1),
+                "num_layers": max(layers) + 1 if layers else None,
+                "bi_gru": any(k.endswith("_reverse") for k in txt) if layers else None,
+                "feat_dim": feat, "num_block": feat,
+                "hid_dim": shape(vg, "out_1.weight_v", 0),
+                "out_dim": shape(vg, "out_2.weight_v", 0),
+                # dense and sparse weights are alike: only the checkpoint's options say
+                "is_sparse": getattr(opt, "is_sparse", None) if opt is not None else None}
+
+    # ------------------------------------------------------------------ the instance
     def __init__(self, opt, device=None):
-        self.opt = opt
-        self.device = torch.device(device or getattr(opt, "device", None) or
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.grad_clip = opt.grad_clip
+        self.complete_opt(opt)
+        super().__init__(opt, device)
+        problem = check_dims(opt)
+        if problem:
+            raise ValueError(problem[1])
         self.img_enc = EncoderImage(opt.img_dim, opt.embed_size, no_imgnorm=opt.no_imgnorm)
         self.txt_enc = EncoderText(opt.vocab_size, opt.word_dim, opt.embed_size,
                                    opt.num_layers, use_bi_gru=opt.bi_gru,
@@ -634,18 +1000,19 @@ class GSMN:
         self.txt_enc.dropout = nn.Identity()  # the original GSMN text encoder has no dropout
         self.i2t_match_G = VisualGraph(opt.feat_dim, opt.hid_dim, opt.out_dim, dropout=.5)
         self.t2i_match_G = TextualGraph(opt.feat_dim, opt.hid_dim, opt.out_dim, dropout=.5)
-        for m in self.modules():
-            m.to(self.device)
+        self.scorer = GraphScorer(self.i2t_match_G, self.t2i_match_G, opt)
         self.criterion = ContrastiveLoss(margin=opt.margin, max_violation=opt.max_violation)
-        # the original's order (text encoder, img_enc.fc, the two graphs): Adam's follows it
-        self.params = (list(self.txt_enc.parameters()) + list(self.img_enc.fc.parameters()) +
-                       list(self.i2t_match_G.parameters()) + list(self.t2i_match_G.parameters()))
-        self.optimizer = torch.optim.Adam(self.params, lr=opt.learning_rate)
-        self.Eiters = 0
-        self.logger = LogCollector()
+        self.setup()
 
     def modules(self):
         return [self.img_enc, self.txt_enc, self.i2t_match_G, self.t2i_match_G]
+
+    def param_groups(self):
+        # the original's order (text encoder, img_enc.fc, the two graphs): Adam's follows it
+        return [{"params": (list(self.txt_enc.parameters()) + list(self.img_enc.fc.parameters()) +
+                            list(self.i2t_match_G.parameters()) +
+                            list(self.t2i_match_G.parameters())),
+                 "lr": self.opt.learning_rate}]
 
     def state_dict(self):
         sd = [m.state_dict() for m in self.modules()]
@@ -654,22 +1021,28 @@ class GSMN:
 
     def load_state_dict(self, state_dict, strict=True):
         if len(state_dict) != 4:
-            raise ValueError("expected 4 state dicts (img_enc, txt_enc, i2t_match_G, "
-                             "t2i_match_G), got %d" % len(state_dict))
+            raise ValueError("expected 4 state dicts (%s), got %d"
+                             % (", ".join(self.state_names), len(state_dict)))
         sds = list(state_dict)
         sds[1] = _rename(sds[1], _THEIRS, _OURS)
         for m, sd in zip(self.modules(), sds):
             m.load_state_dict(sd, strict=strict)
 
-    def train_start(self):
-        for m in self.modules():
-            m.train()
+    def ddp(self, device_ids=None):
+        """The encoders and the graph scorer in DistributedDataParallel; the textual kernel
+        scalars cancel out of the scores and never get a gradient (after_backward fills the
+        exact zero on every process)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        self._ddp = [DDP(self.img_enc, device_ids=device_ids),
+                     DDP(self.txt_enc, device_ids=device_ids),
+                     DDP(self.scorer, device_ids=device_ids, find_unused_parameters=True)]
+        return self
 
-    def val_start(self):
-        for m in self.modules():
-            m.eval()
+    def trained(self):
+        return self._ddp or [self.img_enc, self.txt_enc, self.scorer]
 
-    def forward_emb(self, images, captions, lengths):
+    # ------------------------------------------------------------------ scores
+    def forward_emb(self, images, captions, lengths, **extra):
         images = images.to(self.device, non_blocking=True)
         captions = captions.to(self.device, non_blocking=True)
         return self.img_enc(images), self.txt_enc(captions, lengths), lengths
@@ -677,7 +1050,7 @@ class GSMN:
     def _sim_kw(self):
         o = self.opt
         return dict(lambda_softmax=o.lambda_softmax, num_block=o.num_block,
-                    is_sparse=o.is_sparse, propagate=getattr(o, "gsmn_propagate", False))
+                    is_sparse=o.is_sparse, propagate=o.gsmn_propagate)
 
     def forward_sim(self, img_emb, cap_emb, cap_lens, boxes, depends=None, **kw):
         """(B, C) scores by the fast path; boxes (B, R, 4) as the graphs receive them."""
@@ -695,30 +1068,64 @@ class GSMN:
                                kw["num_block"], kw["is_sparse"], kw["propagate"])
         return i2t + t2i
 
+    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, boxes=None, depends=None,
+              **extra):
+        """(n_images, n_captions) float64 scores in eval mode. boxes: per image (R, 4), as
+        encode_data keeps them (None: zeros); depends: per caption. `shard_size`: shards of
+        shard_size images x shard_size captions (the original's 80); None: caption shards
+        sized by the memory available, all images at once (gsmn_scores chunks them)."""
+        self.val_start()
+        n_im, n_cap = len(img_embs), len(cap_embs)
+        sims = np.zeros((n_im, n_cap))
+        if n_im == 0 or n_cap == 0:
+            return sims
+        R, d = img_embs.shape[1], img_embs.shape[2]
+        if boxes is None:
+            boxes = torch.zeros(n_im, R, 4)
+        elif not torch.is_tensor(boxes):
+            boxes = torch.stack([torch.as_tensor(b) for b in boxes])
+        if shard_size:
+            im_shard = cap_shard = int(shard_size)
+        else:
+            # a caption shard's words are copied twice (chunk layout, Gram matrices)
+            im_shard = n_im
+            cap_shard = max(1, min(n_cap, memory_budget() // (cap_embs.shape[1] * d * 4 * 3)))
+        shards = [(i, j) for i in range(0, n_im, im_shard) for j in range(0, n_cap, cap_shard)]
+        for i, j in tqdm(shards, desc="gsmn scores", leave=False, disable=None):
+            im_end, ca_end = min(i + im_shard, n_im), min(j + cap_shard, n_cap)
+            lens = [int(x) for x in cap_lens[j:ca_end]]
+            with torch.no_grad():
+                im = torch.from_numpy(np.asarray(img_embs[i:im_end], dtype=np.float32))
+                ca = torch.from_numpy(np.ascontiguousarray(cap_embs[j:ca_end, :max(lens)],
+                                                           dtype=np.float32))
+                s = self.forward_sim(im.to(self.device), ca.to(self.device), lens,
+                                     boxes[i:im_end].to(self.device, torch.float32),
+                                     None if depends is None else depends[j:ca_end])
+            sims[i:im_end, j:ca_end] = s.cpu().numpy()
+        return sims
+
+    # ------------------------------------------------------------------ training
     def forward_loss(self, sims, **kwargs):
         loss = self.criterion(sims)
         self.logger.update("Loss", loss.item(), sims.size(0))
         return loss
 
-    def train_emb(self, images, captions, lengths, ids=None, boxes=None, depends=None):
-        """One optimisation step on a batch whose pair k is (image k, caption k) with the
-        boxes of image k (B, R, 4) and caption k's arcs."""
-        self.Eiters += 1
-        self.logger.update("Eit", self.Eiters)
-        self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
-        img_emb, cap_emb, cap_lens = self.forward_emb(images, captions, lengths)
+    def train_loss(self, images, captions, lengths, ids=None, boxes=None, depends=None,
+                   **extra):
+        """The hinge loss of the batch's (B, B) scores; pair k is (image k, caption k) with
+        image k's boxes (B, R, 4) and caption k's arcs."""
+        img_enc, txt_enc, scorer = self.trained()
+        img_emb = img_enc(images.to(self.device, non_blocking=True))           # (B, R, d)
+        cap_emb = txt_enc(captions.to(self.device, non_blocking=True), lengths)  # (B, L, d)
         if boxes is None:
             boxes = torch.zeros(img_emb.shape[:2] + (4,))
-        self.optimizer.zero_grad()
-        sims = self.forward_sim(img_emb, cap_emb, cap_lens, boxes, depends)
+        sims = scorer(img_emb, cap_emb, lengths, boxes.to(self.device, img_emb.dtype), depends)
         loss = self.forward_loss(sims)
-        loss.backward()
+        return loss, loss
+
+    def after_backward(self):
+        # parameters that cancel exactly (the textual kernel scalars) have no gradient: an
+        # exact zero, for Adam and clipping (the original's Adam moves them on float noise)
         for p in self.params:
-            # parameters that cancel exactly (the textual kernel scalars; the out_2 biases
-            # only shift every score alike): the original's Adam moves them on float noise
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.grad_clip > 0:
-            clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        return loss.detach()

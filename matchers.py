@@ -7,6 +7,7 @@ reach it through the functions here and never name it (README, "Adding a matcher
 """
 import checks
 from model import SGRAF
+from gsmn import GSMN
 from naaf import NAAF
 
 # --module_name -> class. SGR and SAF are the two heads of one class (model.SGRAF).
@@ -14,6 +15,7 @@ MATCHERS = {
     "SGR": SGRAF,
     "SAF": SGRAF,
     "NAAF": NAAF,
+    "GSMN": GSMN,
 }
 
 
