@@ -25,14 +25,18 @@ What the released code computes (spec gsmn.md, section 2.3), for one (image, cap
 visual kernels normalised over the neighbours): a deliberate deviation, not the released numbers.
 
 Read top to bottom:
-  boxes      box_centres, pseudo_coordinates, inplace_divided (the original loader's in-place
-             division, reproduced), normalised_boxes
-  arcs       arc_adjacency (the sparse word graph), validate_arcs
-  modules    WeightNormLinear, ImageQueryGraphConvolution, TextQueryGraphConvolution,
-             VisualGraph, TextualGraph: the original layers; each graph's `forward` is the
-             original per-caption loop op for op (the test oracle, at the original's speed)
-  fast path  gsmn_scores: many images x many captions, both directions, exact algebra
-  wrapper    GSMN: the encoders, both graphs, the hinge loss, Adam and the train step
+  boxes        box_centres, pseudo_coordinates, inplace_divided (the original loader's in-place
+               division, reproduced), original_eval_counts, normalised_boxes
+  arcs         arc_adjacency (the sparse word graph), validate_arcs
+  input files  read_precaps, load_sizes (a pickled object array read without running code),
+               load_boxes, load_depends: the optional files, with one-line errors
+  modules      WeightNormLinear, ImageQueryGraphConvolution, TextQueryGraphConvolution,
+               VisualGraph, TextualGraph: the original layers; each graph's `forward` is the
+               original per-caption loop op for op (the test oracle, at the original's speed)
+  fast path    gsmn_scores: many images x many captions, both directions, exact algebra
+  data         GSMNDataset (--bbox_mode), collate_fn (the batch's boxes and arcs)
+  wrapper      GSMN (model.Matcher): flags, checkpoint recognition, encoders, both graphs,
+               the hinge loss, Adam, the train step, score
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
 n num_block (chunks), q = d / n (chunk size), K kernels (8), h hid_dim.
@@ -608,7 +612,7 @@ def pair_block(vgraph, tgraph, img, cap, img_pre, cap_pre, lambda_softmax, n, pr
     |sum_l a_l w_l^(b)|^2 = a^T G^(b) a. So no (.., d)-sized context is ever built."""
     Bi, R, d = img.shape
     Cb, L, _ = cap.shape
-    Vb, nr, Gi, gain = img_pre            # (n, Bi*R, q), (Bi, R, n), (Bi, n*R, R), gains
+    Vb, nr, Gi, gain = img_pre            # (n, Bi*R, q), (Bi, R, n), (Bi, n*R, R) or None, gains
     Wb, nw, Gc, mix = cap_pre             # (n, q, Cb*L), (Cb, L, n), (Cb, L, n*L), (Cb, L, L)
     D = torch.bmm(Vb, Wb)                                               # (n, Bi*R, Cb*L)
     if torch.is_grad_enabled():
@@ -631,9 +635,13 @@ def pair_block(vgraph, tgraph, img, cap, img_pre, cap_pre, lambda_softmax, n, pr
     a_c = a.permute(2, 0, 1, 3).reshape(Cb, Bi * R, L)
     sq_v = (torch.bmm(a_c, Gc).view(Cb, Bi * R, n, L) * a_c.unsqueeze(2)).sum(3)  # (Cb,BiR,n)
     beta_f = beta.reshape(Bi, R, Cb * L)
-    sq_t = (torch.bmm(Gi, beta_f).view(Bi, n, R, Cb * L) * beta_f.unsqueeze(1)).sum(2)
+    if Gi is not None:  # n R^2 multiply-adds per word
+        sq_t = (torch.bmm(Gi, beta_f).view(Bi, n, R, Cb * L) * beta_f.unsqueeze(1)).sum(2)
+        sq_t = sq_t.view(Bi, n, Cb, L).permute(0, 2, 3, 1)              # (Bi, Cb, L, n)
+    else:  # chunks narrower than R: the contexts themselves are cheaper (R d per word)
+        ctx = torch.bmm(beta_f.transpose(1, 2), img)                    # (Bi, Cb*L, d)
+        sq_t = ctx.view(Bi, Cb, L, n, d // n).square().sum(4)           # (Bi, Cb, L, n)
     sq_v = sq_v.view(Cb, Bi, R, n).permute(1, 2, 0, 3)                  # (Bi, R, Cb, n)
-    sq_t = sq_t.view(Bi, n, Cb, L).permute(0, 2, 3, 1)                  # (Bi, Cb, L, n)
     # sqrt of max(q, 1e-16): = max(|c|, 1e-8) up to the clamp, with a finite gradient
     m_v = num_v.permute(1, 2, 3, 0) / (nr.unsqueeze(2) *
                                        sq_v.clamp(min=1e-16).sqrt()).clamp(min=COS_EPS)
@@ -692,7 +700,9 @@ def image_precompute(vgraph, img, boxes, num_block, propagate):
     n = num_block
     Vb = img.reshape(Bi * R, n, d // n).transpose(0, 1).contiguous()   # (n, Bi*R, q)
     nr = chunk_norms(img, n)                                           # (Bi, R, n)
-    Gi = chunk_gram(img, n).reshape(Bi, n * R, R)                      # (Bi, n*R, R)
+    # the t2i context norms from the regions' chunk Grams, unless the chunks are narrower
+    # than R (pair_block then builds the contexts)
+    Gi = chunk_gram(img, n).reshape(Bi, n * R, R) if d // n >= R else None  # (Bi, n*R, R)
     g = visual_gains(vgraph, boxes, propagate)
     gain = g if propagate else visual_head_matrices(vgraph, g)
     return Vb, nr, Gi, gain
@@ -781,7 +791,7 @@ class GSMNDataset(data.PrecompDataset):
             log.info("%s: word ids from %s", split, loc("%s_precaps_stan.txt"))
         self.mode = getattr(opt, "bbox_mode", "original")
         self.n_regions = n_regions
-        self.state = self.per_item = None
+        self.state = self.per_item = self.per_image = None
         box_file, size_file = loc("%s_ims_bbx.npy"), loc("%s_ims_size.npy")
         have = [os.path.isfile(p) for p in (box_file, size_file)]
         if self.mode != "zero" and any(have):
@@ -818,7 +828,7 @@ class GSMNDataset(data.PrecompDataset):
             self.depends = load_depends(loc("%s_caps.json"), len(self.captions))
 
     def boxes(self, index, img_id):
-        if self.mode == "correct" and hasattr(self, "per_image"):
+        if self.per_image is not None:
             return torch.from_numpy(self.per_image[img_id])
         if self.per_item is not None:
             return torch.from_numpy(self.per_item[index])
@@ -910,8 +920,9 @@ class GSMN(Matcher):
                 "hid_dim": 32, "out_dim": 1, "bbox_mode": "original", "gsmn_propagate": False}
     score_inputs = {"boxes": "image", "depends": "caption"}
     collate_fn = staticmethod(collate_fn)
-    # 256 / 16 = 16-dimensional chunks; the hardest-negative hinge, a higher learning rate
-    demo_flags = ["--learning_rate", "0.002", "--lambda_softmax", "10"]
+    # the sum of violations, as SGR's demo: trained from random weights, the hardest-negative
+    # hinge (the default, for real data) risks collapsing the scores, as VSE++ warns
+    demo_flags = ["--no-max_violation"]
 
     # ------------------------------------------------------------------ the class
     @classmethod

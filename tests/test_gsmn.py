@@ -292,16 +292,19 @@ def random_model(dtype, **kw):
         m.to(dtype)
         for p in m.parameters():  # away from the init, so that no term is negligible
             p.data.add_(0.3 * torch.randn_like(p))
+    conv = model.i2t_match_G.graph_convolution_1
+    for p in (conv.precision_rho, conv.precision_theta):  # no kernel of width ~0 (0/0 = NaN)
+        p.data.abs_().add_(0.3)
     model.val_start()
     return model
 
 
-def random_inputs(dtype, n_img=7, n_cap=23, seed=0):
+def random_inputs(dtype, n_img=7, n_cap=23, seed=0, d=32):
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(1, 13, (n_cap,), generator=g).tolist()
     lens[0], lens[1] = 12, 1
-    img = torch.nn.functional.normalize(torch.randn(n_img, 36, 32, generator=g), dim=-1)
-    cap = torch.nn.functional.normalize(torch.randn(n_cap, 12, 32, generator=g), dim=-1)
+    img = torch.nn.functional.normalize(torch.randn(n_img, 36, d, generator=g), dim=-1)
+    cap = torch.nn.functional.normalize(torch.randn(n_cap, 12, d, generator=g), dim=-1)
     cap = cap * (torch.arange(12)[None, :] < torch.tensor(lens)[:, None])[:, :, None]
     xy = torch.rand(n_img, 36, 2, generator=g) * 0.7
     boxes = torch.cat([xy, xy + 0.3 * torch.rand(n_img, 36, 2, generator=g)], 2)
@@ -313,15 +316,18 @@ def random_inputs(dtype, n_img=7, n_cap=23, seed=0):
     return img.to(dtype), cap.to(dtype), lens, boxes.to(dtype), deps
 
 
+@pytest.mark.parametrize("d,n", [(32, 8), (80, 2)])
 @pytest.mark.parametrize("propagate", [False, True])
 @pytest.mark.parametrize("is_sparse", [False, True])
-def test_fast_equals_literal(is_sparse, propagate):
+def test_fast_equals_literal(is_sparse, propagate, d, n):
     """The vectorised scores equal the original per-caption loop's, in float32 within 1e-5
     and in float64 within 1e-12, with caption lengths 1..12 in small blocks (several
-    caption and image chunks) and large ones."""
+    caption and image chunks) and large ones; chunks narrower than the 36 regions (the t2i
+    context norms from the contexts) and wider (from the regions' Gram matrices)."""
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
-        model = random_model(dtype, is_sparse=is_sparse, gsmn_propagate=propagate)
-        img, cap, lens, boxes, deps = random_inputs(dtype)
+        model = random_model(dtype, is_sparse=is_sparse, gsmn_propagate=propagate,
+                             embed_size=d, num_block=n, feat_dim=n)
+        img, cap, lens, boxes, deps = random_inputs(dtype, d=d)
         with torch.no_grad():
             ref = model.forward_sim_percaption(img, cap, lens, boxes, deps)
             for kw in ({}, {"block_elems": 2000, "img_chunk": 3}):

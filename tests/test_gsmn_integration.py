@@ -346,3 +346,64 @@ def test_refused_flags(trained, tmp_path, capsys, flags, fragment):
     with pytest.raises(SystemExit) as e:
         train.main(train_args(data_path, vocab_path, str(tmp_path / "r"), *GSMN_TINY, *flags))
     assert e.value.code == 2 and fragment in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def ddp_model():
+    opt = opts.parse_opt(["--device", "cpu", "--grad_clip", "0", "--img_dim", "32",
+                          "--embed_size", "16", "--word_dim", "8"] + GSMN_TINY +
+                         ["--is_sparse"])
+    opt.vocab_size = 30
+    torch.manual_seed(0)
+    model = gsmn.GSMN(opt)
+    model.train_start()
+    return model
+
+
+def ddp_halves():
+    """Two processes' batches of 5 pairs: (images, captions, lengths, ids, boxes, arcs)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for r in range(2):
+        lens = sorted(torch.randint(3, 9, (5,), generator=g).tolist(), reverse=True)
+        caps = torch.zeros(5, lens[0], dtype=torch.int64)
+        for k, L in enumerate(lens):
+            caps[k, :L] = torch.randint(4, 30, (L,), generator=g)
+        xy = torch.rand(5, 36, 2, generator=g) * 0.7
+        boxes = torch.cat([xy, xy + 0.2], 2)
+        arcs = [[[0, 1], [1, 2], [2, 2]] for _ in range(5)]
+        out.append((torch.randn(5, 36, 32, generator=g), caps, lens, list(range(5)), boxes,
+                    arcs))
+    return out
+
+
+def gsmn_ddp_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank,
+                            world_size=2)
+    images, captions, lens, ids, boxes, arcs = ddp_halves()[rank]
+    model = ddp_model().ddp()
+    model.train_emb(images, captions, lens, ids, boxes=boxes, depends=arcs)
+    torch.save([p.grad.detach().clone() for p in model.params],
+               os.path.join(out_dir, "rank%d.pt" % rank))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_step_gradients(tmp_path, one_thread):
+    """Under torchrun the graph scorer is one DDP module: a step of 2 processes gives each
+    the mean of the two single-process gradients (the textual kernel scalars: exact 0)."""
+    import torch.multiprocessing as mp
+    mp.spawn(gsmn_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    got = [torch.load(str(tmp_path / ("rank%d.pt" % r)), weights_only=True) for r in (0, 1)]
+    per_rank = []
+    for images, captions, lens, ids, boxes, arcs in ddp_halves():
+        model = ddp_model()
+        model.train_emb(images, captions, lens, ids, boxes=boxes, depends=arcs)
+        per_rank.append([p.grad.detach().clone() for p in model.params])
+    for r in range(2):
+        for a, g0, g1 in zip(got[r], *per_rank):
+            torch.testing.assert_close(a, (g0 + g1) / 2, rtol=0, atol=1e-5)
