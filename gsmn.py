@@ -826,6 +826,9 @@ class GSMNDataset(data.PrecompDataset):
         self.depends = None
         if (getattr(opt, "is_sparse", False) or not train) and os.path.isfile(loc("%s_caps.json")):
             self.depends = load_depends(loc("%s_caps.json"), len(self.captions))
+        elif getattr(opt, "is_sparse", False):
+            log.info("%s: no %s: sparse word graphs of the identity (the released code scores "
+                     "the same with the arcs)", split, os.path.basename(loc("%s_caps.json")))
 
     def boxes(self, index, img_id):
         if self.per_image is not None:
