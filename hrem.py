@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.nn.utils.clip_grad import clip_grad_norm_
 
 import checks
+from loss import ContrastiveLoss
 from model import l2norm
 
 log = logging.getLogger(__name__)
@@ -473,6 +474,34 @@ class TripletLoss(nn.Module):
         return loss_im + loss_s
 
 
+class VSELoss(ContrastiveLoss):
+    """`--base_loss vse` / `--gnn_loss vse` (lib/loss.ContrastiveLoss): the VSE++ hinge of
+    v @ t^T; with --mask_repeat every pair of the same image is masked as a positive, else the
+    diagonal only. Sum of violations until `max_violation` is switched on (after
+    --vse_mean_warmup_epochs epochs)."""
+
+    def __init__(self, margin=0.2, max_violation=False, mask_repeat=True):
+        super().__init__(margin=margin, max_violation=max_violation)
+        self.mask_repeat = mask_repeat
+
+    def forward(self, im, s, img_ids):
+        scores = im @ s.t()
+        mask = None
+        if self.mask_repeat:
+            img_ids = img_ids.to(scores.device)
+            mask = img_ids[:, None] == img_ids[None, :]
+        return super().forward(scores, mask=mask)
+
+
+def loss_select(kind, cutoff=1.7, margin=0.2, max_violation=False, mask_repeat=True):
+    """lib/loss.loss_select: 'trip' (the default) or 'vse'."""
+    if kind == "trip":
+        return TripletLoss(cutoff)
+    if kind == "vse":
+        return VSELoss(margin, max_violation, mask_repeat)
+    raise ValueError("loss must be trip or vse, got %r" % (kind,))
+
+
 class AdjacencyLearning(nn.Module):
     """The cross-modal edges of lib/mca.AdjacencyLearning (scan=True, img_len_use=False,
     res=True, T=1, sigma=1). For caption i and image b, from the l2-normalised word features
@@ -600,7 +629,8 @@ class GraphLoss(nn.Module):
 
     def __init__(self, embed_size=1024, nhead=16, dropout=0.1, num_layers_enc=1,
                  threshold=0.5, topk=10, mask_weight=1.0, reg_loss_weight=10.0, warmup=8000,
-                 norm_input=True, cross_loss=True, cutoff=1.7):
+                 norm_input=True, cross_loss=True, cutoff=1.7, base_loss="trip",
+                 gnn_loss="trip", margin=0.2, max_violation=False, mask_repeat=True):
         super().__init__()
         self.iter_count = 0
         self.warmup = warmup
@@ -608,8 +638,8 @@ class GraphLoss(nn.Module):
         self.reg_loss_weight = reg_loss_weight
         self.norm_input = norm_input
         self.cross_loss = cross_loss
-        self.base_loss = TripletLoss(cutoff)
-        self.gnn_loss = TripletLoss(cutoff)
+        self.base_loss = loss_select(base_loss, cutoff, margin, max_violation, mask_repeat)
+        self.gnn_loss = loss_select(gnn_loss, cutoff, margin, max_violation, mask_repeat)
         # sequence first, as the original (one sequence of 2B embeddings)
         layer = nn.TransformerEncoderLayer(d_model=embed_size, nhead=nhead,
                                            dim_feedforward=embed_size, dropout=dropout)
@@ -617,6 +647,13 @@ class GraphLoss(nn.Module):
                                          enable_nested_tensor=False)
         self.adj_model = AdjacencyModel(threshold=threshold, topk=topk)
         self.parts = {}
+
+    def set_max_violation(self, on):
+        """The hardest negative from now on (the VSE losses only; the original switches it on
+        after --vse_mean_warmup_epochs epochs)."""
+        for loss in (self.base_loss, self.gnn_loss):
+            if isinstance(loss, VSELoss):
+                loss.max_violation = on
 
     def forward(self, img, cap, img_ids):
         """img = (v, v unnormalised, regions (B, N, d)); cap = (t, t unnormalised, words
@@ -705,7 +742,9 @@ class HREM:
             num_layers_enc=opt.num_layers_enc, threshold=opt.threshold, topk=opt.topk,
             mask_weight=opt.mask_weight, reg_loss_weight=opt.reg_loss_weight,
             warmup=opt.warmup, norm_input=bool(opt.norm_input),
-            cross_loss=bool(opt.cross_loss), cutoff=loss_cutoff(opt))
+            cross_loss=bool(opt.cross_loss), cutoff=loss_cutoff(opt),
+            base_loss=opt.base_loss, gnn_loss=opt.gnn_loss, margin=opt.margin,
+            max_violation=opt.max_violation, mask_repeat=bool(opt.mask_repeat))
         for m in (self.img_enc, self.txt_enc, self.criterion):
             m.to(self.device)
 

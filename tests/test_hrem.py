@@ -7,6 +7,7 @@ the state after AdamW of the encoders and of the criterion)."""
 import argparse
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,3 +337,39 @@ def test_adjacency_short_captions():
                                  torch.tensor([6, 5, 4, 3]))
     assert relation["t2i"].shape == (4, 4) and torch.isfinite(reg)
     assert all(bool(c.diagonal().all()) for k, c in connect.items() if k in ("i2i", "t2t"))
+
+
+def test_vse_loss():
+    """--base_loss/--gnn_loss vse: the VSE++ hinge of v t^T; --mask_repeat masks every pair of
+    the same image (not only the diagonal) as a positive."""
+    torch.manual_seed(0)
+    im = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    s = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    ids = torch.tensor([0, 0, 1, 2, 2, 3])
+    scores = im @ s.t()
+    pos = ids[:, None] == ids[None, :]
+    for max_violation in (False, True):
+        for repeat in (False, True):
+            mask = pos if repeat else torch.eye(6, dtype=torch.bool)
+            cost_s = (0.2 + scores - scores.diag()[:, None]).clamp(min=0).masked_fill(mask, 0)
+            cost_im = (0.2 + scores - scores.diag()[None, :]).clamp(min=0).masked_fill(mask, 0)
+            if max_violation:
+                cost_s, cost_im = cost_s.max(1)[0], cost_im.max(0)[0]
+            ref = cost_s.sum() + cost_im.sum()
+            loss = hrem.VSELoss(0.2, max_violation, repeat)(im, s, ids)
+            assert torch.allclose(loss, ref), (max_violation, repeat)
+    crit = hrem.GraphLoss(embed_size=4, nhead=2, base_loss="vse", gnn_loss="vse")
+    crit.set_max_violation(True)
+    assert crit.base_loss.max_violation and crit.gnn_loss.max_violation
+
+
+def test_demo_bert_covers_synthetic():
+    """bert_demo/ (the demo's BERT: config and vocabulary, no weights) tokenises every word of
+    the synthetic captions (no [UNK])."""
+    import synthetic
+    path = str(Path(__file__).resolve().parent.parent / "bert_demo")
+    tok = hrem.CaptionTokenizer(hrem.load_tokenizer(path))
+    split = synthetic.generate_split("train", 400, seed=3, img_dim=8)
+    unk = tok.tokenizer.unk_token_id
+    assert all(unk not in tok.encode(c) for c in split.captions)
+    assert hrem.load_bert_config(path).vocab_size == len(tok)
