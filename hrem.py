@@ -19,7 +19,8 @@ Read top to bottom:
                 local Hugging Face directory or a hub name; the weights of a trained model come
                 from its checkpoint
   captions      CaptionTokenizer: BERT WordPiece of raw captions (the `transformers` tokenizer,
-                ids equal to the original's), augment_caption (mask / random token / delete)
+                ids equal to the original's) and their augmentation (mask / random token /
+                delete)
   regions       drop_regions (region dropout), pad_batch (the original collate after
                 augmentation)
   encoders      FC_MLP, maxk_pool / avg_pool over valid positions, EncoderImageAggr,
@@ -29,13 +30,18 @@ Read top to bottom:
                 weights), GraphLoss (fusion transformer, the four triplet losses, the KL
                 regulariser, the warm-up counted in iterations)
   score         dot_scores: the (images, captions) dot products in memory-bounded blocks
+  data          HREMDataset, collate_fn (model.Matcher's data hooks)
+  the matcher   HREM (model.Matcher): options, checkpoints, optimizer groups and schedule,
+                the train step (augmentations, then the criterion), evaluation
 
 Letters in shape comments: B images, C captions (B = C in training), N regions, T tokens,
 d embed_size, h BERT hidden size, K topk.
 """
 import copy
+import json
 import logging
 import os
+import random
 import socket
 from urllib.parse import urlparse
 
@@ -43,11 +49,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.clip_grad import clip_grad_norm_
 
 import checks
+import data
 from loss import ContrastiveLoss
-from model import l2norm
+from model import Matcher, l2norm, memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +68,9 @@ POSITION_IDS = "bert.embeddings.position_ids"
 # ----------------------------------------------------------------------------- BERT
 
 def _looks_like_path(name):
-    return (os.sep in name or name.startswith(".") or name.startswith("~") or
-            name.count("/") > 1 or os.path.exists(name))
+    """A path rather than a hub name ("bert-base-uncased", "org/name")."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or
+            (os.sep != "/" and os.sep in name) or os.path.exists(name))
 
 
 def _hub_reachable(timeout=3.0):
@@ -81,11 +88,8 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-def _bert_error(where, problem):
-    return checks.UsageError("--bert_path %s: %s; pass --bert_path DIR, a directory holding "
-                             "a BERT's config.json and vocab.txt (and its weights to train "
-                             "from them, e.g. a copy of bert-base-uncased)" % (where, problem),
-                             key="bert_path")
+def _where(path):
+    return "--bert_path %s" % path
 
 
 def bert_source(path):
@@ -95,33 +99,30 @@ def bert_source(path):
     if os.path.isdir(path):
         cfg = os.path.join(path, "config.json")
         if not os.path.isfile(cfg):
-            raise _bert_error(path, "no config.json in this directory, so it is not a "
-                                    "Hugging Face model directory")
-        import json
+            raise checks.error("bert_not_model_dir", _where(path))
         try:
             with open(cfg, encoding="utf-8") as f:
                 model_type = json.load(f).get("model_type", "bert")
-        except (OSError, ValueError) as e:
-            raise _bert_error(path, "config.json is not readable json (%s)"
-                              % checks.first_line(e)) from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise checks.error("bert_config", _where(path), reason="is not readable json (%s)"
+                               % checks.first_line(e)) from None
         if model_type != "bert":
-            raise _bert_error(path, "config.json describes a %r model, not BERT" % model_type)
+            raise checks.error("bert_config", _where(path),
+                               reason="describes a %r model, not BERT" % model_type)
         if not any(os.path.isfile(os.path.join(path, f))
                    for f in ("vocab.txt", "tokenizer.json")):
-            raise _bert_error(path, "no vocab.txt (or tokenizer.json): the captions cannot be "
-                                    "tokenised")
+            raise checks.error("bert_no_vocab", _where(path))
         return path, True
     if _looks_like_path(path):
-        raise _bert_error(path, "no such directory")
+        raise checks.error("bert_missing", _where(path))
     from transformers import BertConfig
     try:  # the hub name in the local cache
         BertConfig.from_pretrained(path, local_files_only=True)
         return path, True
-    except OSError:
+    except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise _bert_error(path, "not a local directory, not in the Hugging Face cache, and "
-                                "the hub cannot be reached (offline)")
+        raise checks.error("bert_offline", _where(path))
     return path, False
 
 
@@ -132,19 +133,20 @@ def load_bert_config(path):
     try:
         return BertConfig.from_pretrained(src, local_files_only=local)
     except (OSError, ValueError) as e:
-        raise _bert_error(path, "its config cannot be read (%s)" % checks.first_line(e)) \
-            from None
+        raise checks.error("bert_unreadable", _where(path), what="config",
+                           reason=checks.first_line(e)) from None
 
 
 def load_tokenizer(path):
-    """The BERT WordPiece tokenizer of `--bert_path` (transformers' BertTokenizer)."""
-    from transformers import BertTokenizer
+    """The BERT WordPiece tokenizer of `--bert_path`: transformers' fast BertTokenizer (the
+    `tokenizers` library; its word_ids() group the sub-tokens of each word)."""
+    from transformers import BertTokenizerFast
     src, local = bert_source(path)
     try:
-        return BertTokenizer.from_pretrained(src, local_files_only=local)
+        return BertTokenizerFast.from_pretrained(src, local_files_only=local)
     except (OSError, ValueError) as e:
-        raise _bert_error(path, "its tokenizer cannot be read (%s)" % checks.first_line(e)) \
-            from None
+        raise checks.error("bert_unreadable", _where(path), what="tokenizer",
+                           reason=checks.first_line(e)) from None
 
 
 def has_bert_weights(path):
@@ -165,15 +167,28 @@ def build_bert(path, pretrained=True, config=None):
         return BertModel(load_bert_config(path))
     src, local = bert_source(path)
     if not has_bert_weights(path):
-        raise checks.UsageError(
-            "--bert_path %s: no weights in this directory (%s); add the pretrained weights, or "
-            "pass --bert_init random to train BERT from random weights"
-            % (path, " or ".join(BERT_WEIGHT_FILES[:2])), key="bert_weights")
+        raise checks.error("bert_weights", _where(path),
+                           files=" or ".join(BERT_WEIGHT_FILES[:2]))
     try:
         return BertModel.from_pretrained(src, local_files_only=local)
     except (OSError, ValueError) as e:
-        raise _bert_error(path, "its weights cannot be read (%s)" % checks.first_line(e)) \
-            from None
+        raise checks.error("bert_unreadable", _where(path), what="weights",
+                           reason=checks.first_line(e)) from None
+
+
+def describe_bert(n_layers, hidden, vocab, intermediate):
+    return "hidden size %s, %s layers, %s tokens, feed-forward %s" % (hidden, n_layers, vocab,
+                                                                     intermediate)
+
+
+def bert_of_state(txt_state):
+    """describe_bert of the BERT in a text encoder's state dict."""
+    layers = {k.split(".")[3] for k in txt_state if k.startswith("bert.encoder.layer.")}
+    emb = txt_state.get("bert.embeddings.word_embeddings.weight")
+    inter = txt_state.get("bert.encoder.layer.0.intermediate.dense.weight")
+    return describe_bert(len(layers), None if emb is None else emb.shape[1],
+                         None if emb is None else emb.shape[0],
+                         None if inter is None else inter.shape[0])
 
 
 # ----------------------------------------------------------------------------- captions
@@ -194,19 +209,20 @@ class CaptionTokenizer:
         ids = {k: getattr(tokenizer, k + "_token_id") for k in ("pad", "cls", "sep", "mask")}
         missing = [k for k, v in ids.items() if v is None]
         if missing:
-            raise checks.UsageError("%s: the vocabulary has no %s token; use a BERT vocabulary"
-                                    % (where, ", ".join("[%s]" % k.upper() for k in missing)),
-                                    key="bert_vocab")
+            raise checks.error("bert_vocab", where, problem="has no %s token" % ", ".join(
+                "[%s]" % k.upper() for k in missing))
         if ids["pad"] != 0:
-            raise checks.UsageError("%s: [PAD] has id %d, but HREM masks padding as id 0; use a "
-                                    "BERT vocabulary whose first token is [PAD]"
-                                    % (where, ids["pad"]), key="bert_vocab")
+            raise checks.error("bert_vocab", where, problem="gives [PAD] the id %d, but the "
+                               "text encoder masks padding as id 0" % ids["pad"])
         self.pad_id, self.cls_id, self.sep_id, self.mask_id = (ids["pad"], ids["cls"],
                                                                ids["sep"], ids["mask"])
-        vocab = tokenizer.get_vocab()
-        # the original draws `random.choice(list(tokenizer.vocab.keys()))`: vocab.txt's order
-        self.choice_ids = sorted(vocab.values())
-        self.size = len(vocab)
+        # the original draws `random.choice(list(tokenizer.vocab.keys()))`: vocab.txt's tokens
+        # (no added ones) in its order
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        base = (backend.get_vocab(with_added_tokens=False) if backend is not None else
+                tokenizer.get_vocab())
+        self.choice_ids = sorted(base.values())
+        self.size = len(tokenizer.get_vocab())
 
     def __len__(self):
         return self.size
@@ -705,30 +721,250 @@ def dot_scores(img_embs, cap_embs, device=None, block=4096, dtype=torch.float64)
     return sims
 
 
-# ----------------------------------------------------------------------------- wrapper
+
+
+# ----------------------------------------------------------------------------- data
+
+class HREMDataset(data.PrecompDataset):
+    """A split as the original's PrecompRegionDataset reads it: region features and raw
+    captions, tokenised by BERT's WordPiece (`tokenizer`, a CaptionTokenizer).
+
+    Training items are (image, ids, index, image index, words): the caption's WordPiece ids per
+    word, from which HREM.train_loss draws the augmentations (region dropout, mask / random
+    token / delete) in the training process, from the generators that --seed seeds and
+    checkpoints save (the original draws them unseeded in the loader's workers). Evaluation
+    items are (image, ids, index, image index), and carry the image only with the first
+    caption of each image (an empty one, 0 regions, with the others): each image is encoded
+    once, not once per caption (encode_data keeps every im_div-th image)."""
+
+    def __init__(self, data_path, split, tokenizer, opt, train=False):
+        super().__init__(data_path, split, None, feat_format=getattr(opt, "feat_format", "auto"),
+                         img_dim=getattr(opt, "img_dim", None))
+        self.tokenizer, self.train = tokenizer, train
+
+    def __getitem__(self, index):
+        img_id = index // self.im_div
+        caption = self.captions[index]
+        if self.train or index % self.im_div == 0:
+            image = torch.from_numpy(np.array(self.images[img_id], dtype=np.float32))
+        else:
+            image = torch.zeros(0, self.images.shape[2])
+        if self.train:
+            words = self.tokenizer.words(caption)
+            ids = [self.tokenizer.cls_id] + [t for w in words for t in w] + \
+                [self.tokenizer.sep_id]
+            return image, ids, index, img_id, words
+        return image, self.tokenizer.encode(caption), index, img_id
+
+
+def collate_fn(items):
+    """Items -> data.Batch, in the sampler's order (the training step sorts a batch after
+    augmenting it, as the original's collate): images (B, N, D) zero-padded with
+    `img_lengths` (B,) (0: an image given with another caption), token ids (B, T)
+    zero-padded with `lengths`, `img_ids`, and for training the captions' `words`."""
+    images, caps, ids, img_ids = zip(*[it[:4] for it in items])
+    img_lengths = torch.tensor([len(im) for im in images])
+    all_images = torch.zeros(len(images), max(1, int(img_lengths.max())), images[0].shape[-1])
+    for i, im in enumerate(images):
+        all_images[i, :len(im)] = im
+    lengths = [len(c) for c in caps]
+    targets = torch.zeros(len(caps), max(lengths), dtype=torch.int64)
+    for i, c in enumerate(caps):
+        targets[i, :len(c)] = torch.as_tensor(c, dtype=torch.int64)
+    extra = {"img_ids": list(img_ids), "img_lengths": img_lengths}
+    if len(items[0]) == 5:
+        extra["words"] = [it[4] for it in items]
+    return data.Batch(all_images, targets, lengths, list(ids), **extra)
+
+
+# ----------------------------------------------------------------------------- the matcher
+
+# validation once per epoch only, as the original (its --val_step is never read)
+VAL_PER_EPOCH = 10 ** 9
+BERT_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bert_demo")
+
 
 def loss_cutoff(opt):
     """The distance cut-off of the triplet weights: 1.9 for COCO, 1.7 otherwise (the original
-    chooses by `--dataset coco|f30k`; here `--data_name coco_precomp` says the same)."""
+    chooses by `--dataset coco|f30k`; without it, `--data_name coco_precomp` says the same)."""
     name = getattr(opt, "dataset", None) or getattr(opt, "data_name", "") or ""
     return 1.9 if str(name).startswith("coco") else 1.7
 
 
-class HREM:
-    """The two encoders, the GraphLoss criterion, AdamW and the train step (lib/vse.VSEModel).
-    `state_dict()` is the original checkpoint's 'model' entry: [img_enc, txt_enc] state dicts;
-    the criterion (not saved by the original) is `criterion.state_dict()`.
+class HREM(Matcher):
+    """The two encoders, the GraphLoss criterion, AdamW and the train step (lib/vse.VSEModel),
+    and dot-product scoring. `state_dict()` is the original checkpoint's 'model' entry:
+    [img_enc, txt_enc] state dicts; our checkpoints add the criterion's state and its
+    iteration counter (the graph losses' warm-up), which the original does not save.
 
     AdamW (weight decay 1e-4 on every group) with the original's groups, in its order: the
     text encoder without BERT (lr), BERT (0.1 lr), the image encoder (lr), the criterion
-    (lr x graph_lr_factor). The learning rate is multiplied by decay_rate at each epoch of
+    (lr x graph_lr_factor); the rate is multiplied by decay_rate at each epoch of
     lr_schedules."""
 
+    state_names = ("img_enc", "txt_enc")
+    optional_keys = ("txt_enc." + POSITION_IDS,)
+    drop_last = True
+    collate_fn = staticmethod(collate_fn)
+    vocab_path_unused = "its captions are tokenised by the WordPiece vocabulary of --bert_path"
+    defaults = {"learning_rate": 5e-4, "num_epochs": 30, "max_violation": False,
+                "log_step": 200, "val_step": VAL_PER_EPOCH, "workers": 8}
+    # the demo's BERT (bert_demo/: 2 layers of 128, random weights), the original's batch and
+    # learning rate, and the graph losses from the second epoch on (warm-up in iterations)
+    demo_flags = ["--bert_path", BERT_DEMO, "--bert_init", "random", "--batch_size", "128",
+                  "--learning_rate", "0.0005", "--warmup", "40", "--val_split", "dev",
+                  "--num_epochs", "3"]
+
+    @classmethod
+    def add_options(cls, parser):
+        g = parser.add_argument_group("HREM (hrem.py)")
+        add = cls.add_option
+        add(g, "--bert_path", default=BERT_HUB_DEFAULT,
+            help="BERT: a local Hugging Face directory (config.json, vocab.txt, weights) or a "
+                 "hub name (fetched when online); the original hard-codes bert-base-uncased")
+        add(g, "--bert_init", default="pretrained", choices=["pretrained", "random"],
+            help="start BERT from the weights of --bert_path, or from random weights")
+        add(g, "--dataset", default=None, choices=["f30k", "coco"],
+            help="the triplet loss's distance cut-off (coco 1.9, f30k 1.7); default: from "
+                 "--data_name")
+        add(g, "--val_split", default=None, choices=["test", "testall", "dev"],
+            help="the split that selects model_best (default: the original's test, testall "
+                 "for COCO)")
+        add(g, "--lr_schedules", default=[15, 25], type=int, nargs="+",
+            help="epochs at which the learning rate is multiplied by --decay_rate")
+        add(g, "--decay_rate", default=0.1, type=float, help="learning-rate decay")
+        add(g, "--graph_lr_factor", default=1.0, type=float,
+            help="learning-rate factor of the criterion (instance-level relations)")
+        add(g, "--base_loss", default="trip", choices=["trip", "vse"],
+            help="loss of the embeddings: distance-weighted triplet, or VSE++")
+        add(g, "--gnn_loss", default="trip", choices=["trip", "vse"],
+            help="loss of the relation-enhanced embeddings")
+        add(g, "--warmup", default=8000, type=int,
+            help="iterations before the instance-level graph losses start")
+        add(g, "--residual_weight", default=0.8, type=float,
+            help="weight of the max-pooled embedding against the transformer's")
+        add(g, "--num_layers_enc", default=1, type=int,
+            help="transformer layers of the instance-level relation model")
+        add(g, "--nhead", default=16, type=int, help="attention heads of the transformers")
+        add(g, "--dropout", default=0.1, type=float, help="dropout of the transformers")
+        add(g, "--mask_weight", default=1.0, type=float,
+            help="weight of the relevance in the attention mask (the original's commands: 1.0 "
+                 "Flickr30K, 1.5 COCO)")
+        add(g, "--threshold", default=0.5, type=float,
+            help="share of each row kept as connections")
+        add(g, "--topk", default=10, type=int, help="word-region scores per relevance weight")
+        add(g, "--reg_loss_weight", default=10.0, type=float,
+            help="weight of the relevance regulariser")
+        add(g, "--norm_input", default=1, type=int,
+            help="relate the l2-normalised embeddings (1) or the raw ones (0)")
+        add(g, "--cross_loss", default=1, type=int,
+            help="also the losses of one enhanced against one plain embedding")
+        add(g, "--size_augment", default=1, type=int,
+            help="region dropout (20%%) in training")
+        add(g, "--mask_repeat", default=1, type=int,
+            help="VSE loss: mask every pair of the same image, not only the diagonal")
+        add(g, "--vse_mean_warmup_epochs", default=1, type=int,
+            help="VSE loss: epochs with the sum of violations before the hardest negative")
+
+    @classmethod
+    def add_eval_options(cls, parser):
+        parser.add_argument("--bert_path", default=None,
+                            help="BERT models: the directory (or hub name) of the BERT whose "
+                                 "config and vocabulary the checkpoint was trained with "
+                                 "(default: the checkpoint's; bert-base-uncased for the "
+                                 "original's)")
+        return ["bert_path"]
+
+    @classmethod
+    def option_defaults(cls):
+        """{dest: default} of this matcher's own flags, then `defaults`."""
+        import argparse
+        p = argparse.ArgumentParser()
+        cls.add_options(p)
+        return dict(vars(p.parse_args([])), **cls.defaults)
+
+    @classmethod
+    def complete_opt(cls, opt):
+        """An original checkpoint's opt: its --dataset names the data (f30k -> f30k_precomp),
+        and its --bert_path (the authors' directory, never read: the original hard-codes
+        bert-base-uncased) becomes bert-base-uncased."""
+        if not hasattr(opt, "bert_init"):  # not written by us
+            if not hasattr(opt, "data_name") and getattr(opt, "dataset", None):
+                opt.data_name = "%s_precomp" % opt.dataset
+            if not os.path.isdir(str(getattr(opt, "bert_path", ""))):
+                opt.bert_path = BERT_HUB_DEFAULT
+        for k, v in cls.option_defaults().items():
+            if not hasattr(opt, k):
+                setattr(opt, k, v)
+        return opt
+
+    @classmethod
+    def check_opt(cls, opt, distributed=False):
+        if distributed:
+            raise checks.error("torchrun_unsupported", "--module_name %s" % opt.module_name,
+                               model=opt.module_name,
+                               why="its criterion relates every image and caption of a batch "
+                                   "(a transformer over the batch), so each process would "
+                                   "relate only its own share")
+        checks.check_positive(opt, ("nhead", "topk", "num_layers_enc"))
+        checks.check_nonnegative(opt, ("warmup", "dropout", "reg_loss_weight", "decay_rate",
+                                       "graph_lr_factor"))
+        if opt.embed_size % opt.nhead:
+            raise checks.error("flag_divides", "--nhead %d" % opt.nhead,
+                               what="--embed_size %d" % opt.embed_size)
+        if not 0 < opt.threshold <= 1 or int(opt.batch_size * opt.threshold) < 1:
+            raise checks.error("flag_range", "--threshold %s" % opt.threshold,
+                               range="in (0, 1], with --batch_size x threshold >= 1")
+        if opt.val_split is None:
+            opt.val_split = "testall" if loss_cutoff(opt) == 1.9 else "test"
+        bert_source(opt.bert_path)
+        if opt.bert_init == "pretrained" and not opt.resume and not has_bert_weights(
+                opt.bert_path):
+            raise checks.error("bert_weights", _where(opt.bert_path),
+                               files=" or ".join(BERT_WEIGHT_FILES[:2]))
+
+    @classmethod
+    def vocabulary(cls, opt):
+        """(CaptionTokenizer of --bert_path, --bert_path)."""
+        tok = CaptionTokenizer(load_tokenizer(opt.bert_path), _where(opt.bert_path))
+        size = load_bert_config(opt.bert_path).vocab_size
+        if len(tok) > size:
+            raise checks.error("bert_vocab", _where(opt.bert_path),
+                               problem="has %d tokens, more than the %d of its config"
+                                       % (len(tok), size))
+        return tok, opt.bert_path
+
+    @classmethod
+    def dataset(cls, data_path, split, vocab, opt, train=False):
+        return HREMDataset(data_path, split, vocab, opt, train=train)
+
+    @classmethod
+    def check_train_data(cls, n_captions, batch_size):
+        if n_captions < batch_size:
+            raise checks.error("batch_too_large", "--batch_size %d" % batch_size, n=n_captions)
+
+    @classmethod
+    def recognise(cls, ckpt):
+        state = ckpt["model"]
+        if (len(state) == 2 and "fc.fc.weight" in state[0] and
+                any(k.startswith("bert.") for k in state[1])):
+            return "HREM"
+        return None
+
+    @classmethod
+    def infer_flags(cls, state, opt=None):
+        img = state[0] if state else {}
+        return {"img_dim": checks.state_shape(img, "fc.fc.weight", 1),
+                "embed_size": checks.state_shape(img, "fc.fc.weight", 0)}
+
+    @classmethod
+    def for_checkpoint(cls, opt, device=None):
+        """BERT from the config of --bert_path only: the checkpoint holds its weights."""
+        return cls(opt, device=device, pretrained=False)
+
+    # ------------------------------------------------------------------ the instance
     def __init__(self, opt, device=None, bert=None, pretrained=None):
-        self.opt = opt
-        self.device = torch.device(device or getattr(opt, "device", None) or
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.grad_clip = opt.grad_clip
+        super().__init__(opt, device)
         self.img_enc = EncoderImageAggr(opt.img_dim, opt.embed_size, opt.nhead, opt.dropout,
                                         opt.residual_weight, no_imgnorm=opt.no_imgnorm)
         if bert is None:
@@ -745,17 +981,36 @@ class HREM:
             cross_loss=bool(opt.cross_loss), cutoff=loss_cutoff(opt),
             base_loss=opt.base_loss, gnn_loss=opt.gnn_loss, margin=opt.margin,
             max_violation=opt.max_violation, mask_repeat=bool(opt.mask_repeat))
-        for m in (self.img_enc, self.txt_enc, self.criterion):
-            m.to(self.device)
+        self.criterion.to(self.device)
+        self.captions = None  # the CaptionTokenizer of the augmentations, when first needed
+        self.setup()
 
-        # the original's order (text, image, criterion): clipping and AdamW's state follow it
-        self.params = (list(self.txt_enc.parameters()) + list(self.img_enc.parameters()) +
-                       list(self.criterion.parameters()))
-        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=opt.learning_rate,
-                                           weight_decay=1e-4)
-        self.Eiters = 0
-        self.logger = None
+    def modules(self):
+        return [self.img_enc, self.txt_enc]
 
+    def load_state_dict(self, state_dict, strict=True):
+        load_encoder_states(self.img_enc, self.txt_enc, state_dict, strict=strict)
+
+    def train_start(self):
+        super().train_start()
+        self.criterion.train()
+
+    def val_start(self):
+        super().val_start()
+        self.criterion.eval()
+
+    def check_checkpoint(self, ckpt, path):
+        """An HREM checkpoint's BERT has the size of the one of --bert_path (other
+        checkpoints: the generic comparison says what they are)."""
+        if self.recognise(ckpt) is None:
+            return
+        theirs = bert_of_state(ckpt["model"][1])
+        ours = bert_of_state(self.txt_enc.state_dict())
+        if theirs != ours:
+            raise checks.error("bert_mismatch", _where(self.opt.bert_path), ours=ours,
+                               theirs=theirs, checkpoint=path)
+
+    # ------------------------------------------------------------------ optimisation
     def param_groups(self):
         lr = self.opt.learning_rate
         bert = {id(p) for p in self.txt_enc.bert.parameters()}
@@ -767,61 +1022,96 @@ class HREM:
              "lr": lr * self.opt.graph_lr_factor},
         ]
 
+    def make_optimizer(self, groups):
+        return torch.optim.AdamW(groups, lr=self.opt.learning_rate, weight_decay=1e-4)
+
     def lr_factor(self, epoch):
         """decay_rate per epoch of lr_schedules reached (the original multiplies the current
         rate at the start of those epochs)."""
         n = len({m for m in self.opt.lr_schedules if m <= epoch})
         return self.opt.decay_rate ** n
 
-    def modules(self):
-        return [self.img_enc, self.txt_enc]
+    def start_epoch(self, epoch, lr_scale=1):
+        super().start_epoch(epoch, lr_scale)
+        # the VSE losses take the hardest negative after their warm-up epochs (the triplet
+        # losses, the default, have no such switch)
+        self.criterion.set_max_violation(self.opt.max_violation or
+                                         epoch >= self.opt.vse_mean_warmup_epochs)
 
-    def state_dict(self):
-        return [m.state_dict() for m in self.modules()]
+    def augment(self, images, img_lengths, words, ids, img_ids):
+        """The original's training items and collate: each caption augmented (python's
+        `random`), each image's regions dropped (numpy's global generator), then sorted by
+        caption length and padded. Both generators are seeded by --seed and saved in the
+        checkpoints, so a run and its --resume draw the same."""
+        if self.captions is None:
+            self.captions = CaptionTokenizer(load_tokenizer(self.opt.bert_path),
+                                             _where(self.opt.bert_path))
+        caps = [self.captions.augment(w, random) for w in words]
+        ims = [images[k, :int(n)] for k, n in enumerate(img_lengths)]
+        if self.opt.size_augment:
+            ims = [drop_regions(im, np.random) for im in ims]
+        return pad_batch(ims, caps, ids, img_ids)
 
-    def load_state_dict(self, state_dict, strict=True):
-        load_encoder_states(self.img_enc, self.txt_enc, state_dict, strict=strict)
-
-    def train_start(self):
-        for m in (self.img_enc, self.txt_enc, self.criterion):
-            m.train()
-
-    def val_start(self):
-        for m in (self.img_enc, self.txt_enc, self.criterion):
-            m.eval()
-
-    def forward_emb(self, images, captions, lengths, img_lengths=None):
-        """Global embeddings: images (B, N, D) with img_lengths -> (B, d); token ids (C, T)
-        with lengths -> (C, d)."""
-        images = images.to(self.device, non_blocking=True)
-        captions = captions.to(self.device, non_blocking=True)
-        lengths = torch.as_tensor(lengths)
+    def train_loss(self, images, captions, lengths, ids=None, img_ids=None, img_lengths=None,
+                   words=None, **extra):
+        """The criterion's loss of a batch. With `words` (a training loader's batch) the
+        augmentations are drawn first."""
         if img_lengths is None:
             img_lengths = torch.full((images.shape[0],), images.shape[1])
-        img_emb = self.img_enc(images, torch.as_tensor(img_lengths).to(self.device))
-        cap_emb = self.txt_enc(captions, lengths.to(self.device))
+        if img_ids is None:
+            img_ids = ids
+        if words is not None:
+            images, img_lengths, captions, lengths, ids, img_ids = self.augment(
+                images, img_lengths, words, ids, img_ids)
+        img_enc, txt_enc = self.trained()
+        lengths = torch.as_tensor(lengths).to(self.device)
+        img = img_enc(images.to(self.device, non_blocking=True),
+                      torch.as_tensor(img_lengths).to(self.device), graph=True)
+        cap = txt_enc(captions.to(self.device, non_blocking=True), lengths, graph=True)
+        loss = self.criterion(img, cap + (lengths,), torch.as_tensor(img_ids))
+        n = len(lengths)
+        self.logger.update("Loss", loss.item(), n)
+        parts = self.criterion.parts
+        self.logger.update("Base", parts["base"].item(), n)
+        if "reg" in parts:
+            self.logger.update("GNN", sum(g.item() for g in parts["gnn"]), n)
+            self.logger.update("Reg", parts["reg"].item(), n)
+        return loss, loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_extra(self):
+        return {"criterion": self.criterion.state_dict(),
+                "criterion_iter_count": self.criterion.iter_count}
+
+    def resume(self, ckpt):
+        """Also the criterion's weights and warm-up counter (a checkpoint without them, e.g.
+        the authors': a new criterion, counted from the checkpoint's iteration)."""
+        super().resume(ckpt)
+        if "criterion" in ckpt:
+            self.criterion.load_state_dict(ckpt["criterion"])
+        self.criterion.iter_count = ckpt.get("criterion_iter_count", ckpt["Eiters"])
+
+    # ------------------------------------------------------------------ evaluation
+    def forward_emb(self, images, captions, lengths, img_lengths=None, **extra):
+        """Global embeddings: images (B, N, D) with img_lengths -> (B, d) (zero rows for the
+        images that an evaluation item leaves out, length 0); token ids (C, T) with lengths ->
+        (C, d)."""
+        if img_lengths is None:
+            img_lengths = torch.full((images.shape[0],), images.shape[1])
+        img_lengths = torch.as_tensor(img_lengths)
+        keep = img_lengths > 0
+        img_emb = torch.zeros(len(img_lengths), self.opt.embed_size, device=self.device)
+        if bool(keep.any()):
+            img_emb[keep.to(self.device)] = self.img_enc(
+                images[keep].to(self.device, non_blocking=True),
+                img_lengths[keep].to(self.device))
+        cap_emb = self.txt_enc(captions.to(self.device, non_blocking=True),
+                               torch.as_tensor(lengths).to(self.device))
         return img_emb, cap_emb, lengths
 
-    def train_loss(self, images, img_lengths, captions, lengths, img_ids):
-        """The criterion's loss of a batch (training mode)."""
-        images = images.to(self.device, non_blocking=True)
-        captions = captions.to(self.device, non_blocking=True)
-        img_lengths = torch.as_tensor(img_lengths).to(self.device)
-        lengths = torch.as_tensor(lengths).to(self.device)
-        img = self.img_enc(images, img_lengths, graph=True)
-        cap = self.txt_enc(captions, lengths, graph=True)
-        return self.criterion(img, cap + (lengths,), torch.as_tensor(img_ids))
-
-    def train_emb(self, images, img_lengths, captions, lengths, img_ids):
-        """One optimisation step (lib/vse.VSEModel.train_emb): a NaN loss skips the step."""
-        self.Eiters += 1
-        self.optimizer.zero_grad()
-        loss = self.train_loss(images, img_lengths, captions, lengths, img_ids)
-        if torch.isnan(loss):
-            log.error("NaN loss at iteration %d: step skipped", self.Eiters)
-            return loss.detach()
-        loss.backward()
-        if self.grad_clip > 0:
-            clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        return loss.detach()
+    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
+        """img @ cap^T in float64 (the original's numpy product of float64 copies), in
+        blocks of captions bounded by the memory budget (or `shard_size` captions)."""
+        n_img, d = np.shape(img_embs)
+        block = shard_size or max(1, memory_budget() // (8 * (n_img + d)))
+        return dot_scores(img_embs, cap_embs, device=self.device, block=block)

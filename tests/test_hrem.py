@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hrem
+import model as model_module
 from evaluation import i2t, t2i
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,11 +45,15 @@ def bert_dir(fixtures, tmp_path_factory):
 
 
 def build(fixtures, bert_dir):
+    """The fixture's checkpoint (the original's format and opt) as evaluation.py loads it:
+    the opt completed, BERT built from --bert_path's config, the weights from the checkpoint."""
     d = fixture_dir(fixtures)
     ckpt = torch_load(d / "model_best.pth")
-    opt = argparse.Namespace(**vars(ckpt["opt"]))
+    assert hrem.HREM.recognise(ckpt) == "HREM"
+    opt = hrem.HREM.complete_opt(argparse.Namespace(**vars(ckpt["opt"])))
+    assert opt.bert_path == "bert-base-uncased"  # the authors' path is never read
     opt.bert_path, opt.device = bert_dir, "cpu"
-    model = hrem.HREM(opt, pretrained=False)
+    model = hrem.HREM.for_checkpoint(opt)
     model.load_state_dict(ckpt["model"])
     model.criterion.load_state_dict(torch_load(d / "criterion_init.pth"))
     return model, ckpt
@@ -128,21 +133,44 @@ def test_augment_rules():
     assert rng.choices == [20, 20]  # one draw per sub-token, over the whole vocabulary
 
 
+TRAIN_ORDER = [0, 5, 10, 15, 20, 25, 30, 35, 40, 1]  # the recorded batch's captions
+
+
+def train_items(fixtures, bert_dir):
+    """The training loader's batch of the recorded captions, before augmentation: hrem's
+    dataset items (image, ids, index, image index, words), collated."""
+    inp = np.load(fixture_dir(fixtures) / "inputs.npz")
+    tok = hrem.CaptionTokenizer(hrem.load_tokenizer(bert_dir))
+    items = []
+    for i in TRAIN_ORDER:
+        words = tok.words(str(inp["caption_text"][i]))
+        ids = [tok.cls_id] + [t for w in words for t in w] + [tok.sep_id]
+        items.append((torch.from_numpy(inp["images"][i // 5]), ids, i, i // 5, words))
+    return hrem.collate_fn(items)
+
+
 def test_train_batch(fixtures, bert_dir):
     """The recorded training batch: random.seed(1) / np.random.seed(1), then the original
     dataset's items for captions 0, 5, ..., 40, 1 (caption augmentation, region dropout),
-    collated (sorted by caption length, padded)."""
-    d = fixture_dir(fixtures)
-    inp, ts = np.load(d / "inputs.npz"), np.load(d / "train_step.npz")
+    collated (sorted by caption length, padded): HREM.augment draws the same from the same
+    generators."""
+    model, _ = build(fixtures, bert_dir)
+    ts = np.load(fixture_dir(fixtures) / "train_step.npz")
+    batch = train_items(fixtures, bert_dir)
+    random.seed(1)
+    np.random.seed(1)
+    out = model.augment(batch.images, batch.img_lengths, batch.words, batch.ids, batch.img_ids)
+    for name, ours in zip(["train_images", "train_img_lengths", "train_captions",
+                           "train_lengths", "train_ids", "train_img_ids"], out):
+        np.testing.assert_array_equal(np.asarray(ours), ts[name], err_msg=name)
+    # and the draws are the functions' own, with any generator of the same kind
     tok = hrem.CaptionTokenizer(hrem.load_tokenizer(bert_dir))
     py, nprng = random.Random(1), np.random.RandomState(1)
-    order = [0, 5, 10, 15, 20, 25, 30, 35, 40, 1]
-    caps = [tok.augment(tok.words(str(inp["caption_text"][i])), py) for i in order]
-    ims = [hrem.drop_regions(torch.from_numpy(inp["images"][i // 5]), nprng) for i in order]
-    batch = hrem.pad_batch(ims, caps, order, [i // 5 for i in order])
-    for name, ours in zip(["train_images", "train_img_lengths", "train_captions",
-                           "train_lengths", "train_ids", "train_img_ids"], batch):
-        np.testing.assert_array_equal(np.asarray(ours), ts[name], err_msg=name)
+    caps = [tok.augment(w, py) for w in batch.words]
+    ims = [hrem.drop_regions(im, nprng) for im in batch.images]
+    again = hrem.pad_batch(ims, caps, batch.ids, batch.img_ids)
+    for a, b in zip(out, again):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ----------------------------------------------------------------------------- 3. evaluation
@@ -208,7 +236,7 @@ def test_train_step(fixtures, bert_dir, monkeypatch):
     assert model.criterion.iter_count >= model.criterion.warmup
 
     seen = {"draws": []}
-    clip, multinomial = hrem.clip_grad_norm_, torch.multinomial
+    clip, multinomial = model_module.clip_grad_norm_, torch.multinomial
 
     def spy_clip(ps, max_norm):
         seen["grads"] = {id(p): None if p.grad is None else p.grad.detach().clone()
@@ -224,14 +252,17 @@ def test_train_step(fixtures, bert_dir, monkeypatch):
     def spy_inputs(module, args):
         seen["img_emb"], seen["cap_emb"] = args[0][0].detach(), args[1][0].detach()
 
-    monkeypatch.setattr(hrem, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(model_module, "clip_grad_norm_", spy_clip)
     monkeypatch.setattr(torch, "multinomial", spy_multinomial)
     model.criterion.register_forward_pre_hook(spy_inputs)
     before = {n: p.detach().clone() for n, p in params.items()}
-    torch.manual_seed(1)  # as the recording, right before the step (the draws)
-    loss = model.train_emb(*(torch.from_numpy(ts[k]) for k in (
-        "train_images", "train_img_lengths", "train_captions", "train_lengths",
-        "train_img_ids")))
+    # the training loader's batch, augmented in the step: the recording's seeds (the
+    # augmentations: random and numpy; the negative draws: torch right before the step)
+    batch = train_items(fixtures, bert_dir)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    loss = model.train_emb(*batch, **batch.extra)
 
     # the loss and its terms
     parts = model.criterion.parts
