@@ -36,6 +36,16 @@ peak memories do not mix.
     python bench.py --quick              # small sanity run
     python bench.py --modules SGR --what eval --precision bf16
     python bench.py --modules NAAF       # NAAF only
+    python bench.py --modules HREM       # HREM: 1000 images x 5000 captions, demo and base BERT
+
+- HREM: a dual encoder, so its evaluation is encoding (each image once, each caption once, in
+  batches of 128) plus one blocked matrix product (`HREM.score`): timed end to end on random
+  region features and random token ids (lengths --min_len to --max_len, [CLS]/[SEP] included),
+  `--hrem_n_img` images x 5 captions each, with BERT at the demo's size (bert_demo/config.json,
+  2 layers of 128) and at BERT-base's (12 layers of 768, random weights: no download). Its
+  training step is `HREM.train_emb` at --batch with the instance-level graph losses on (past the
+  warm-up), with the augmentations. No reference here: the speed against the original code is
+  measured side by side with it (README, Speed).
 """
 import argparse
 import os
@@ -50,7 +60,8 @@ import numpy as np
 import torch
 
 
-MODULES = ("SGR", "SAF", "NAAF", "GSMN")
+MODULES = ("SGR", "SAF", "NAAF", "GSMN", "HREM")
+HREM_BERTS = ("demo", "base")
 NAAF_LATENT = 32  # NAAF's embeddings: the dimension of the subspace they lie near (see top)
 NAAF_SHARD = 128  # the original NAAF evaluation's shard_xattn(..., shard_size=128)
 GSMN_SHARD = 80   # the original GSMN evaluation's shard_xattn(..., shard_size=80)
@@ -80,6 +91,10 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modules", default=",".join(MODULES),
                    help="comma-separated: " + ", ".join(MODULES))
+    p.add_argument("--hrem_n_img", type=int, default=1000,
+                   help="HREM evaluation: images (x 5 captions)")
+    p.add_argument("--hrem_bert", default="demo,base",
+                   help="HREM: BERT sizes, comma-separated: demo (bert_demo/), base (BERT-base)")
     p.add_argument("--what", default="encode,eval,train",
                    help="comma-separated: encode, eval, train, daa")
     p.add_argument("--no_ref", action="store_true", help="skip the per-caption reference")
@@ -100,9 +115,13 @@ def get_args(argv=None):
     unknown = [m for m in args.modules.split(",") if m not in MODULES]
     if unknown:
         p.error("--modules: unknown %s (choose from %s)" % (",".join(unknown), ",".join(MODULES)))
+    bad = [b for b in args.hrem_bert.split(",") if b not in HREM_BERTS]
+    if bad:
+        p.error("--hrem_bert: unknown %s (choose from %s)" % (",".join(bad), ",".join(HREM_BERTS)))
     if args.quick:
         args.n_img, args.n_cap, args.batch, args.gsmn_batch = 10, 50, 16, 16
         args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50
+        args.hrem_n_img, args.hrem_bert = 20, "demo"
     return args
 
 
@@ -208,6 +227,100 @@ def make_model(args, module):
         naaf.complete_naaf_opt(opt)
         return naaf.NAAF(opt), opt
     return SGRAF(opt), opt
+
+
+def make_hrem(args, bert):
+    """HREM with the original's defaults and BERT at the demo's size or BERT-base's (random
+    weights)."""
+    import argparse as ap
+
+    from transformers import BertConfig, BertModel
+
+    import hrem
+    opt = ap.Namespace(img_dim=args.img_dim, embed_size=args.embed_size, no_imgnorm=False,
+                       no_txtnorm=False, grad_clip=2.0, margin=0.2, max_violation=False,
+                       device=args.device, data_name="f30k_precomp", bert_path=hrem.BERT_DEMO,
+                       bert_init="random")
+    hrem.HREM.complete_opt(opt)
+    cfg = BertConfig.from_pretrained(hrem.BERT_DEMO) if bert == "demo" else BertConfig()
+    torch.manual_seed(args.seed)
+    return hrem.HREM(opt, bert=BertModel(cfg)), opt
+
+
+def hrem_captions(args, rng, n, vocab_size):
+    """Random token ids ([CLS] 2 ... [SEP] 3, others >= 5), 0-padded, and their lengths."""
+    lens = rng.integers(args.min_len, args.max_len + 1, size=n)
+    ids = torch.zeros(n, int(lens.max()), dtype=torch.int64)
+    for k, L in enumerate(lens):
+        ids[k, 0], ids[k, L - 1] = 2, 3
+        ids[k, 1:L - 1] = torch.from_numpy(rng.integers(5, vocab_size, size=L - 2))
+    return ids, torch.from_numpy(lens)
+
+
+def job_hrem_eval(args, bert):
+    """Encode --hrem_n_img images once and 5x as many captions in batches of 128, then
+    HREM.score: the evaluation's cost on random inputs."""
+    model, opt = make_hrem(args, bert)
+    model.val_start()
+    rng = np.random.default_rng(args.seed)
+    n_img, n_cap, bs = args.hrem_n_img, 5 * args.hrem_n_img, 128
+    images = torch.from_numpy(rng.standard_normal((n_img, 36, args.img_dim))
+                              .astype(np.float32)).abs()
+    caps, lens = hrem_captions(args, rng, n_cap, model.txt_enc.bert.config.vocab_size)
+    full = torch.full((bs,), 36)
+    with torch.no_grad():  # warm-up
+        model.forward_emb(images[:2], caps[:2], lens[:2], img_lengths=full[:2])
+        sync(args.device)
+        t0 = time.perf_counter()
+        img = torch.cat([model.img_enc(images[i:i + bs].to(args.device),
+                                       full[:len(images[i:i + bs])].to(args.device))
+                         for i in range(0, n_img, bs)])
+        sync(args.device)
+        t1 = time.perf_counter()
+        cap = []
+        for j in range(0, n_cap, bs):
+            L = int(lens[j:j + bs].max())
+            cap.append(model.txt_enc(caps[j:j + bs, :L].to(args.device),
+                                     lens[j:j + bs].to(args.device)))
+        cap = torch.cat(cap)
+        sync(args.device)
+        t2 = time.perf_counter()
+        sims = model.score(img.float().cpu().numpy(), cap.float().cpu().numpy(), lens.tolist())
+        t3 = time.perf_counter()
+    return {"time": t3 - t0, "images": t1 - t0, "captions": t2 - t1, "score": t3 - t2,
+            "shape": sims.shape}
+
+
+def job_hrem_train(args, bert):
+    """One HREM.train_emb at --batch, graph losses on, the augmentations drawn in the step (with
+    bert_demo's vocabulary for the random tokens)."""
+    model, opt = make_hrem(args, bert)
+    rng = np.random.default_rng(args.seed + 1)
+    n = args.batch
+    images = torch.from_numpy(rng.standard_normal((n, 36, args.img_dim))
+                              .astype(np.float32)).abs()
+    vocab = model.txt_enc.bert.config.vocab_size
+    words = [[[int(t)] for t in rng.integers(5, vocab, size=rng.integers(
+        args.min_len - 2, args.max_len - 1))] for _ in range(n)]
+    caps = [[2] + [w[0] for w in ws] + [3] for ws in words]
+    lens = [len(c) for c in caps]
+    captions = torch.zeros(n, max(lens), dtype=torch.int64)
+    for k, c in enumerate(caps):
+        captions[k, :len(c)] = torch.tensor(c)
+    img_ids = list(range(n))
+    model.criterion.iter_count = opt.warmup  # the graph losses on
+    model.train_start()
+    extra = dict(img_ids=img_ids, img_lengths=torch.full((n,), 36), words=words)
+    model.train_emb(images[:8], captions[:8], lens[:8], img_ids[:8],
+                    **{k: v[:8] for k, v in extra.items()})  # warm-up
+    times = []
+    for _ in range(args.steps):
+        sync(args.device)
+        t = time.perf_counter()
+        loss = model.train_emb(images, captions, lens, img_ids, **extra)
+        sync(args.device)
+        times.append(time.perf_counter() - t)
+    return {"time": min(times), "loss": float(loss)}
 
 
 def daa_semantics(model, args, rng):
@@ -534,13 +647,17 @@ def job_daa(args, module, ref):
 
 JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_daa,
         "original": job_original_gsmn}
+HREM_JOBS = {"eval": job_hrem_eval, "train": job_hrem_train}
 
 
 def run_job(args):
     what, module, path = args.job.split(":")
     torch.set_num_threads(args.threads)
     base = peak_mem_mb(args.device)
-    res = JOBS[what](args, module, path == "ref")
+    if module == "HREM":  # path: the BERT size
+        res = HREM_JOBS[what](args, path)
+    else:
+        res = JOBS[what](args, module, path == "ref")
     res["peak_mb"] = peak_mem_mb(args.device)
     res["base_mb"] = base
     np.savez(args.out, **{k: np.asarray(v) for k, v in res.items()})
@@ -573,6 +690,9 @@ def main(argv=None):
              args.embed_size, args.sim_dim))
     whats = args.what.split(",")
     for module in args.modules.split(","):
+        if module == "HREM":
+            bench_hrem(argv, args, whats)
+            continue
         if "encode" in whats:
             r = spawn(argv, "encode", module, "fast")
             print("[%s] encode %d images + %d captions: %.3f s, peak %.0f MB"
@@ -652,6 +772,21 @@ def main(argv=None):
                       % (module, r["time"] / f["time"], f["peak_mb"] / r["peak_mb"],
                          float(f["loss"]), float(r["loss"]),
                          np.linalg.norm(g - gr) / np.linalg.norm(gr)))
+
+
+def bench_hrem(argv, args, whats):
+    for bert in args.hrem_bert.split(","):
+        name = "[HREM, %s BERT]" % ("demo (2 x 128)" if bert == "demo" else "base (12 x 768)")
+        if "eval" in whats:
+            r = spawn(argv, "eval", "HREM", bert)
+            print("%s eval %d images x %d captions: %.1f s (images %.1f s, captions %.1f s, "
+                  "scores %.2f s), peak RSS %.0f MB (start %.0f)"
+                  % (name, args.hrem_n_img, 5 * args.hrem_n_img, r["time"], r["images"],
+                     r["captions"], r["score"], r["peak_mb"], r["base_mb"]))
+        if "train" in whats:
+            r = spawn(argv, "train", "HREM", bert)
+            print("%s train step, batch %d, graph losses on: %.2f s, peak RSS %.0f MB "
+                  "(start %.0f)" % (name, args.batch, r["time"], r["peak_mb"], r["base_mb"]))
 
 
 if __name__ == "__main__":

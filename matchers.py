@@ -6,6 +6,7 @@ plus one line in `MATCHERS` below; train.py, evaluation.py, checks.py, opts.py a
 reach it through the functions here and never name it (README, "Adding a matcher").
 """
 import checks
+from hrem import HREM
 from model import SGRAF
 from gsmn import GSMN
 from naaf import NAAF
@@ -16,6 +17,7 @@ MATCHERS = {
     "SAF": SGRAF,
     "NAAF": NAAF,
     "GSMN": GSMN,
+    "HREM": HREM,
 }
 
 
@@ -48,6 +50,14 @@ def add_options(parser):
                                          c.__name__) for c in classes()))
     for cls in classes():
         cls.add_options(parser)
+
+
+def add_eval_options(parser):
+    """The matchers' flags that evaluation.py offers (Matcher.add_eval_options); their dests."""
+    dests = []
+    for cls in classes():
+        dests += [d for d in cls.add_eval_options(parser) if d not in dests]
+    return dests
 
 
 def owners(dest):
@@ -83,4 +93,5 @@ def check_fits(model, ckpt, path, vocab_file="the vocabulary"):
     want = None
     if name is not None:
         want = dict(MATCHERS[name].infer_flags(ckpt["model"], ckpt["opt"]), module_name=name)
+    model.check_checkpoint(ckpt, path)
     checks.check_checkpoint_matches(model, ckpt, path, vocab_file, want=want)
