@@ -191,9 +191,10 @@ def complete_opt(opt, matcher=None):
 
 
 def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_format=None,
-               data_name=None, precision=None):
+               data_name=None, precision=None, overrides=None):
     """The model of a checkpoint (ours or the authors'; its matcher recognised from its
-    contents), its options and its vocabulary: (model, opt, vocab, checkpoint)."""
+    contents), its options and its vocabulary: (model, opt, vocab, checkpoint). `overrides`:
+    {option: value} set over the checkpoint's (the matchers' evaluation flags)."""
     checkpoint = load_checkpoint(model_path)
     name = matchers.recognise(checkpoint, model_path)
     matcher = matchers.matcher_class(name)
@@ -207,6 +208,8 @@ def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_fo
         opt.feat_format = feat_format
     if precision is not None:
         opt.precision = precision
+    for k, v in (overrides or {}).items():
+        setattr(opt, k, v)
     if vocab_path is not None:
         opt.vocab_path = vocab_path
     elif not os.path.isdir(opt.vocab_path):  # the authors' absolute paths
@@ -215,7 +218,7 @@ def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_fo
     vocab, vocab_file = matcher.vocabulary(opt)
     opt.vocab_size = len(vocab)
     opt.vocab_file = vocab_file  # what the --save_sims record identifies the vocabulary by
-    model = matcher(opt)
+    model = matcher.for_checkpoint(opt)
     matchers.check_fits(model, checkpoint, model_path, vocab_file)
     model.load_state_dict(checkpoint["model"])
     return model, opt, vocab, checkpoint
@@ -325,11 +328,11 @@ def sims_path(path):
     return path if path.endswith(".npy") else path + ".npy"
 
 
-def sims_identity(loaded, datasets, split, fold5, shape, grid):
+def sims_identity(loaded, datasets, split, fold5, shape, grid, overrides=None):
     """What determines the matrix, for the --save_sims record: the checkpoints' and the
     split's files by content (sha256), the vocabularies, and the options that change
-    scores. `loaded`: [(model, opt, checkpoint path)]; `datasets`: the split as each model
-    reads it (their `files`)."""
+    scores (precision, the matchers' evaluation flags given). `loaded`: [(model, opt,
+    checkpoint path)]; `datasets`: the split as each model reads it (their `files`)."""
     ident = {}
     for k, (model, opt, path) in enumerate(loaded):
         tag = "checkpoint" if k == 0 else "checkpoint%d" % (k + 1)
@@ -338,6 +341,8 @@ def sims_identity(loaded, datasets, split, fold5, shape, grid):
         if vocab_file and os.path.isfile(vocab_file):
             ident[tag + " vocabulary sha256"] = checks.file_digest(vocab_file)
         ident[tag + " precision"] = getattr(model.opt, "precision", "fp32")
+    for k, v in sorted((overrides or {}).items()):
+        ident["--" + k] = v if isinstance(v, (bool, int, float, str)) else repr(v)
     ident["split"] = split
     for dset in datasets:
         for f in getattr(dset, "files", None) or [os.path.join(getattr(dset, "data_path", "?"),
@@ -403,11 +408,13 @@ class SavedSims:
 
 def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=None,
              vocab_path=None, data_name=None, save_sims=None, device=None, feat_format=None,
-             precision=None, overwrite=False):
+             precision=None, overrides=None, check_flags=False, overwrite=False):
     """Evaluate a checkpoint (or the ensemble of two) on a split and print the original lines.
     `fold5=True`: COCO 5-fold 1K (the split must have 5000 images; only the folds are scored).
     `precision='bf16'` scores under bf16 autocast where the matcher supports it (faster where
-    the hardware has bf16; not the original's numbers). `save_sims`: write the matrix there as
+    the hardware has bf16; not the original's numbers). `overrides`: the matchers' evaluation
+    flags ({option: value}). `check_flags` (the command line): refuse a --vocab_path that no
+    model reads. `save_sims`: write the matrix there as
     it is scored, and continue an interrupted run of the same evaluation (`overwrite`: start
     afresh, replacing whatever the file is). Under torchrun every process scores its share and
     rank 0 alone prints, writes and returns the dict of results (None elsewhere)."""
@@ -421,7 +428,8 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     try:
         loaded, scorers, data_loader, shape = distributed.agree(
             lambda: _prepare(model_path, model_path2, data_path, split, fold5, vocab_path,
-                             data_name, device, feat_format, precision, say))
+                             data_name, device, feat_format, precision, say, overrides,
+                             check_flags))
         regions = score_regions(*shape, fold5=fold5)
         shards = shard_grid(regions)
 
@@ -432,7 +440,7 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
             path = sims_path(save_sims)
             datasets = [dl.dataset for dl in dict.fromkeys(dl for _, _, dl in scorers)]
             ident = sims_identity([(m, o, p) for m, o, p in loaded], datasets, split, fold5,
-                                  shape, shards)
+                                  shape, shards, overrides)
             info = {"checkpoints": [p for _, _, p in loaded], "data_path": data_path,
                     "command": " ".join(sys.argv)}
             saved = SavedSims(path, ident, shape, overwrite=overwrite, info=info)
@@ -475,16 +483,21 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
 
 
 def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_name, device,
-             feat_format, precision, say):
+             feat_format, precision, say, overrides=None, check_flags=False):
     """Load the checkpoints and the split (every check before any compute): ([(model, opt,
     path)], [(model, opt, loader)], the first model's loader, matrix shape)."""
     loaded = []
     for path in [p for p in (model_path, model_path2) if p]:
         model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device, feat_format,
-                                             data_name=data_name, precision=precision)
+                                             data_name=data_name, precision=precision,
+                                             overrides=overrides)
         say("=> loaded checkpoint_epoch {} of {}".format(ckpt.get("epoch"), path))
         loaded.append((model, opt, vocab, path))
     opt = loaded[0][1]
+    unused = [type(m).vocab_path_unused for m, _, _, _ in loaded]
+    if check_flags and vocab_path is not None and all(unused):
+        raise checks.error("flag_unsupported", "--vocab_path %s" % vocab_path,
+                           model=opt.module_name, why=unused[0])
 
     say("Loading dataset")
     # one loader per matcher class and vocabulary (two models of one class and vocabulary share
@@ -493,8 +506,11 @@ def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_
     for model, mopt, vocab, _ in loaded:
         key = (type(model), tuple(sorted(getattr(vocab, "word2idx", {}).items())) or id(vocab))
         if key not in loaders:
-            loaders[key] = get_test_loader(split, opt.data_name, vocab, opt.batch_size,
-                                           opt.workers, opt, matcher=type(model))
+            # the model's own options (a matcher's data may depend on them), the first model's
+            # split; `fold5` too, for data that the original prepared differently per protocol
+            mopt.data_name, mopt.fold5 = opt.data_name, fold5
+            loaders[key] = get_test_loader(split, opt.data_name, vocab, mopt.batch_size,
+                                           mopt.workers, mopt, matcher=type(model))
             if len(loaders) == 1:
                 dset = loaders[key].dataset
                 checks.check_fold5(fold5, len(dset) // dset.im_div, split,
@@ -588,6 +604,7 @@ def main(argv=None):
                    help="similarity precision (default: the checkpoint's, fp32); bf16 autocast, "
                         "where the matcher supports it, is faster on GPUs and bf16 CPUs, and "
                         "moves the scores by ~1e-3")
+    dests = matchers.add_eval_options(p)
     args = p.parse_args(argv)
     rank = distributed.env()[1]
     logging.basicConfig(format="%(asctime)s %(message)s",
@@ -595,7 +612,9 @@ def main(argv=None):
     evalrank(args.model_path, data_path=args.data_path, split=args.split, fold5=args.fold5,
              model_path2=args.model_path2, vocab_path=args.vocab_path,
              data_name=args.data_name, save_sims=args.save_sims, device=args.device,
-             feat_format=args.feat_format, precision=args.precision, overwrite=args.overwrite)
+             feat_format=args.feat_format, precision=args.precision,
+             overrides={d: getattr(args, d) for d in dests if getattr(args, d) is not None},
+             check_flags=True, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
