@@ -39,7 +39,19 @@ def local_device(device, local_rank):
 
 
 def init(device):
-    """Join the process group of a torchrun launch: nccl on CUDA, gloo on CPU."""
+    """Join the process group of a torchrun launch: nccl on CUDA, gloo on CPU.
+
+    torch.distributed.nn.functional is imported first, on purpose. Its ten collectives take
+    `group=group.WORLD` as a default argument, evaluated when the module is first imported;
+    DistributedDataParallel imports it on its first construction, i.e. after this call, so
+    the live default group would be bound into those functions' defaults for the life of the
+    interpreter. Then destroy_process_group cannot free the gloo backend: its threads
+    (gloo_tcp_loop, pt_gloo_runloop) outlive main() and the backend is destroyed only during
+    interpreter shutdown, where it sometimes aborts the process ("terminate called without
+    an active exception", rank 1 after a finished training: the flaky DDP test). Imported
+    before the group exists, the defaults are None (the world group at call time) and
+    finish() really frees the backend."""
+    import torch.distributed.nn.functional  # noqa: F401  (see above: before the group exists)
     dist.init_process_group(backend="nccl" if torch.device(device).type == "cuda" else "gloo",
                             timeout=TIMEOUT)
 
@@ -104,15 +116,15 @@ def abandon():
 
 def finish(*owners):
     """Leave the process group: wait for every process, release what still uses the group, then
-    destroy it.
+    destroy it, so that the backend and its threads are gone before main() returns (see
+    init()).
 
     The order matters. A DistributedDataParallel wrapper keeps its own reference to the group
-    (its reducer's), so `destroy_process_group` alone does not free the gloo context while a
-    wrapper is alive: it is freed later, at interpreter exit, when the garbage collector reaches
-    the wrapper, and by then the gloo context's threads may outlive the objects they use. So
-    the callers' `owners` (objects with a `release_ddp()` method, or None) drop their wrappers
-    first, the collector frees them now, and only then is the group destroyed, after a barrier
-    so that no process is still talking to one that left."""
+    (its reducer's), so `destroy_process_group` alone does not free the backend while a
+    wrapper is alive: it would be freed at interpreter exit, when the garbage collector
+    reaches the wrapper. So the callers' `owners` (objects with a `release_ddp()` method, or
+    None) drop their wrappers first, the collector frees them now, and only then is the group
+    destroyed, after a barrier so that no process is still talking to one that left."""
     if not dist.is_initialized():
         return
     dist.barrier()

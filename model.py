@@ -512,6 +512,11 @@ class Matcher:
         ones."""
         return self._ddp or self.modules()
 
+    def release_ddp(self):
+        """Drop the DDP wrappers (their reducers hold the process group), before the group is
+        destroyed at the end of a torchrun training (distributed.finish)."""
+        self._ddp = None
+
     def train_loss(self, images, captions, lengths, ids=None, **extra):
         """The loss of one batch: (logged loss, tensor to backpropagate)."""
         raise NotImplementedError

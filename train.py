@@ -250,8 +250,7 @@ def main(argv=None):
             dist.barrier()
     if writer is not None:
         writer.close()
-    if ddp:
-        dist.destroy_process_group()
+    distributed.finish(model)  # the backend's threads end here, not at interpreter exit
     return best_rsum
 
 

@@ -26,7 +26,8 @@ from model import SGRAF
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # train.py run as __main__ under torchrun, with a spy on the train step that writes this rank's
-# parameters after the last step (train.py itself saves on rank 0 only)
+# parameters after the last step (train.py itself saves on rank 0 only), and the names of the
+# process's threads once train.py has returned (Linux: /proc)
 PROBE = """
 import os, runpy, sys
 import torch
@@ -46,6 +47,15 @@ try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
     torch.save(last.get("params"), os.path.join(out, "params_rank%s.pt" % os.environ["RANK"]))
+    if os.path.isdir("/proc/self/task"):
+        names = []
+        for t in os.listdir("/proc/self/task"):
+            try:
+                names.append(open("/proc/self/task/%s/comm" % t).read().strip())
+            except OSError:  # a thread that just ended
+                pass
+        with open(os.path.join(out, "threads_rank%s.txt" % os.environ["RANK"]), "w") as f:
+            f.write("\\n".join(sorted(names)))
 """
 
 
@@ -89,6 +99,14 @@ def test_torchrun_trains_saves_on_rank0_and_resumes(dataset, tmp_path, capsys):
     saved.load_state_dict(ck["model"])
     assert all(torch.equal(a, b) for a, b in zip(p0, saved.params))
     assert opt.lr_scale == 2 and ck["optimizer"]["param_groups"][0]["lr"] == 2 * 0.0002
+    # the process group is really gone when train.py returns: no gloo thread is left for the
+    # interpreter's shutdown to destroy (the cause of a rare "terminate called without an
+    # active exception" abort at exit; see distributed.init)
+    for r in (0, 1):
+        path = tmp_path / ("threads_rank%d.txt" % r)
+        if path.exists():
+            threads = path.read_text().split()
+            assert not [t for t in threads if "gloo" in t], (r, threads)
 
     # single-process evaluation of the rank-0 checkpoint
     import evaluation
