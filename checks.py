@@ -110,8 +110,8 @@ class Info:
 Problem = namedtuple("Problem", "cls problem fix")
 
 # the fix of a --bert_path that gives no usable BERT
-BERT_FIX = ("pass --bert_path DIR, a directory holding a BERT's config.json and vocab.txt (and "
-            "its weights, to train from them), e.g. a copy of bert-base-uncased")
+BERT_FIX = ("pass --bert_path DIR holding a BERT's config.json and vocab.txt (and its "
+            "weights, to train from them)")
 
 # key -> (class, problem, fix). The message is "{where}: {problem}; {fix}" with the fields
 # formatted in; TROUBLESHOOTING.md shows the templates.
@@ -172,9 +172,9 @@ PROBLEMS = {
         "of this dataset, or build one with vocab.py"),
     # a matcher's optional input files beside the split (boxes, word ids, parses, ...)
     "input_count": Problem(
-        DataError, "{found} for the {n} {items} of the split: every {item} after a missing or "
-        "extra entry would get another's",
-        "use the file of this split, or delete it ({without})"),
+        DataError, "{found} for the {n} {items} of the split: every later {item} would be "
+        "misaligned",
+        "use this split's file, or delete it ({without})"),
     "input_shape": Problem(
         DataError, "{what} of shape {shape}, expected {expected}",
         "use the file of this split, or delete it ({without})"),
@@ -223,8 +223,8 @@ PROBLEMS = {
         "config"),
     "bert_mismatch": Problem(
         UsageError, "this BERT ({ours}) is not the one {checkpoint} was trained with ({theirs})",
-        "pass --bert_path DIR of the BERT it was trained with (its config.json and vocab.txt: "
-        "the weights come from the checkpoint)"),
+        "pass --bert_path DIR of the BERT it was trained with (its config.json and vocab.txt "
+        "suffice)"),
     # --------------------------------------------------------------- checkpoints
     "ckpt_missing": Problem(
         CheckpointError, "checkpoint not found",
@@ -339,15 +339,17 @@ def message(key, where, **fields):
     def render():
         return "%s: %s; %s" % (where, p.problem.format(**fields), p.fix.format(**fields))
     text = render()
-    over = len(text) + len("error: ") - MAX_LINE
     in_fix = set(re.findall(r"\{(\w+)", p.fix)) | {"where"}
     cuttable = [k for k, v in fields.items() if isinstance(v, str) and k not in in_fix]
-    if over > 0 and cuttable:
-        k = max(cuttable, key=lambda k: len(fields[k]))
-        keep = max(20, len(fields[k]) - over - 3)
-        if keep < len(fields[k]):
-            fields[k] = fields[k][:keep].rstrip() + "..."
-            text = render()
+    while len(text) + len("error: ") > MAX_LINE:  # the longest field first, then the next
+        longest = [k for k in cuttable if len(fields[k]) > 23]
+        if not longest:
+            break
+        k = max(longest, key=lambda k: len(fields[k]))
+        over = len(text) + len("error: ") - MAX_LINE
+        fields[k] = fields[k][:max(20, len(fields[k]) - over - 3)].rstrip() + "..."
+        cuttable.remove(k)
+        text = render()
     return text
 
 

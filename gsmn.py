@@ -165,7 +165,7 @@ def validate_arcs(depends, n_captions, path):
 # ----------------------------------------------------------------------------- input files
 
 NO_IDS = "then the split's _caps.txt is tokenised"
-NO_BOXES = "then zero boxes, what the original's in-place division leaves"
+NO_BOXES = "then zero boxes, as the original's in-place division leaves"
 NO_ARCS = "sparse GSMN scores the same without it"
 
 

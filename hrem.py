@@ -171,7 +171,8 @@ def build_bert(path, pretrained=True, config=None):
                            files=" or ".join(BERT_WEIGHT_FILES[:2]))
     try:
         return BertModel.from_pretrained(src, local_files_only=local)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (a damaged weight file: OSError, or the
+        #                     safetensors library's own error type)
         raise checks.error("bert_unreadable", _where(path), what="weights",
                            reason=checks.first_line(e)) from None
 

@@ -280,6 +280,101 @@ def output_busy(w, capsys, caplog):
         held.close()
 
 
+# --- a matcher's optional input files (the graph matcher's word ids, boxes, sizes, arcs)
+
+def gsmn_dataset(w, split="test", **flags):
+    import gsmn
+    from types import SimpleNamespace
+    opt = SimpleNamespace(**dict(dict(feat_format="auto", img_dim=None, bbox_mode="original",
+                                       batch_size=10, fold5=False, is_sparse=False), **flags))
+    vocab = checks.load_vocab(str(w.vocab_file))
+    return gsmn.GSMNDataset(str(w.ds), split, vocab, opt)
+
+
+def boxes(w, n, regions=36, split="test"):
+    np.save(w.ds / ("%s_ims_bbx.npy" % split), np.ones((n, regions, 4), np.float32))
+
+
+def sizes(w, n, split="test"):
+    np.save(w.ds / ("%s_ims_size.npy" % split), np.full((n, 2), 100.0))
+
+
+def input_count(w, capsys, caplog):
+    boxes(w, 9)
+    sizes(w, 10)
+    return raised(gsmn_dataset, w)
+
+
+def input_shape(w, capsys, caplog):
+    boxes(w, 10, regions=35)
+    sizes(w, 10)
+    return raised(gsmn_dataset, w)
+
+
+def input_invalid(w, capsys, caplog):
+    (w.ds / "test_ims_bbx.npy").write_bytes(b"\x93NUMPY\x01\x00garbage" * 3)
+    sizes(w, 10)
+    return raised(gsmn_dataset, w)
+
+
+def input_unpaired(w, capsys, caplog):
+    boxes(w, 10)
+    return raised(gsmn_dataset, w)
+
+
+def input_required(w, capsys, caplog):
+    return raised(gsmn_dataset, w, bbox_mode="correct")
+
+
+# --- the BERT of the fourth matcher (--bert_path)
+
+BERT_DEMO = REPO / "bert_demo"
+BERT_FLAGS = ["--module_name", "HREM", "--bert_path", str(BERT_DEMO), "--bert_init", "random",
+              "--nhead", "4", "--val_split", "dev"]
+
+
+def bert(*flags, path=None, init=None):
+    """train.main with the fourth matcher; `path(w)` makes the --bert_path directory."""
+    def case(w, capsys, caplog):
+        extra = list(flags)
+        if path is not None:
+            extra += ["--bert_path", str(path(w))]
+        if init is not None:
+            extra += ["--bert_init", init]
+        return cli(train.main, w.train_args(*BERT_FLAGS, *extra), capsys)
+    return case
+
+
+def bert_dir(w, config=True, vocab=True, weights=None, config_text=None):
+    d = w.root / "models" / "bert-base-uncased-copy"
+    d.mkdir(parents=True)
+    if config:
+        (d / "config.json").write_text(config_text or (BERT_DEMO / "config.json").read_text())
+    if vocab:
+        shutil.copy(BERT_DEMO / "vocab.txt", d / "vocab.txt")
+    if weights is not None:
+        (d / "model.safetensors").write_bytes(weights)
+    return d
+
+
+def bert_small_config(w):
+    cfg = (BERT_DEMO / "config.json").read_text().replace('"vocab_size": 193', '"vocab_size": 50')
+    return bert_dir(w, config_text=cfg)
+
+
+def bert_mismatch(w, capsys, caplog):
+    import hrem
+    import opts
+    opt = opts.parse_opt(BERT_FLAGS + ["--img_dim", "32", "--embed_size", "16", "--device",
+                                       "cpu"])
+    tok, _ = hrem.HREM.vocabulary(opt)
+    opt.vocab_size = len(tok)
+    model = hrem.HREM(opt)
+    one_layer = {k: v for k, v in model.txt_enc.state_dict().items() if ".layer.1." not in k}
+    ckpt = {"model": [model.img_enc.state_dict(), one_layer]}
+    return raised(model.check_checkpoint, ckpt, str(w.run / "checkpoint" / "model_best.pth.tar"))
+
+
 CASES = {
     "data_dir": data_dir, "split_missing": split_missing, "features_missing": features_missing,
     "features_unreadable": features_unreadable, "features_ndim": features_ndim,
@@ -301,6 +396,20 @@ CASES = {
     "file_exists": file_exists, "diverged": diverged, "output_dir": output_dir,
     "output_not_ours": output_not_ours, "output_other_run": output_other_run,
     "output_busy": output_busy,
+    "input_count": input_count, "input_shape": input_shape, "input_invalid": input_invalid,
+    "input_unpaired": input_unpaired, "input_required": input_required,
+    "bert_missing": bert(path=lambda w: w.root / "models" / "no-such-bert"),
+    "bert_not_model_dir": bert(path=lambda w: w.vocab),
+    "bert_config": bert(path=lambda w: bert_dir(w, config_text="{not json")),
+    "bert_no_vocab": bert(path=lambda w: bert_dir(w, vocab=False)),
+    "bert_offline": bert("--bert_path", "bert-base-uncased"),
+    "bert_unreadable": bert(path=lambda w: bert_dir(w, weights=b"garbage" * 10),
+                            init="pretrained"),
+    "bert_weights": bert(init="pretrained"),
+    "bert_vocab": bert(path=bert_small_config),
+    "bert_mismatch": bert_mismatch,
+    "flag_divides": bert("--nhead", "5"), "flag_range": bert("--threshold", "0.05"),
+    "batch_too_large": bert("--batch_size", "200"),
 }
 
 
