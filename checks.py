@@ -723,7 +723,10 @@ def claim_output(path, identity, flag, overwrite=False, info=None):
             if not text.endswith("\n"):  # drop a line that a crash cut short
                 f.truncate(text.rfind("\n") + 1)
             return OutputRecord(path, f, old[0], old[1])
-        # a fresh record; a record left without its output (deleted) describes nothing
+        # a fresh record; a record left without its output (deleted) describes nothing, but
+        # a file of that name that is not a record is the user's
+        if not exists and not overwrite and os.path.getsize(rec) and read_record(rec) is None:
+            raise error("output_not_ours", rec, flag=flag, why="it is not a record")
         header = {"record": 1, "output": os.path.basename(path), "identity": identity,
                   "info": info or {}}
         f.seek(0)

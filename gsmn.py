@@ -1105,7 +1105,7 @@ class GSMN(Matcher):
             im_shard = n_im
             cap_shard = max(1, min(n_cap, memory_budget() // (cap_embs.shape[1] * d * 4 * 3)))
         shards = [(i, j) for i in range(0, n_im, im_shard) for j in range(0, n_cap, cap_shard)]
-        for i, j in tqdm(shards, desc="gsmn scores", leave=False, disable=None):
+        for i, j in self.progress(shards, desc="gsmn scores"):
             im_end, ca_end = min(i + im_shard, n_im), min(j + cap_shard, n_cap)
             lens = [int(x) for x in cap_lens[j:ca_end]]
             with torch.no_grad():

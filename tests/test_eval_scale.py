@@ -302,6 +302,13 @@ def test_files_it_did_not_make_are_refused(setup, tmp_path, capsys):
     refused(setup, eval_args(setup, "SGR", "--save_sims", str(precious)), capsys,
             "output_not_ours", "precious.npy.record is not a record")
     assert snapshot(str(precious)) == before
+    # a file of the record's name (no matrix beside it) that is not a record
+    notes = tmp_path / "notes.npy.record"
+    notes.write_text("my notes\n")
+    refused(setup, eval_args(setup, "SGR", "--save_sims", str(tmp_path / "notes.npy")), capsys,
+            "output_not_ours", "notes.npy.record: exists and was not written by this tool (it "
+            "is not a record)")
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "notes.npy").exists()
     # np.save's naming: "--save_sims precious" is precious.npy
     refused(setup, eval_args(setup, "SGR", "--save_sims", str(tmp_path / "precious")), capsys,
             "output_not_ours")
