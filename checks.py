@@ -222,9 +222,8 @@ PROBLEMS = {
         "use the vocabulary of a BERT ([PAD] id 0, [CLS], [SEP], [MASK]) whose size fits its "
         "config"),
     "bert_mismatch": Problem(
-        UsageError, "this BERT ({ours}) is not the one {checkpoint} was trained with ({theirs})",
-        "pass --bert_path DIR of the BERT it was trained with (its config.json and vocab.txt "
-        "suffice)"),
+        UsageError, "this BERT ({ours}) is not {checkpoint}'s ({theirs})",
+        "pass --bert_path DIR of the BERT it was trained with (its config.json and vocab.txt)"),
     # --------------------------------------------------------------- checkpoints
     "ckpt_missing": Problem(
         CheckpointError, "checkpoint not found",

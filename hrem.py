@@ -178,8 +178,8 @@ def build_bert(path, pretrained=True, config=None):
 
 
 def describe_bert(n_layers, hidden, vocab, intermediate):
-    return "hidden size %s, %s layers, %s tokens, feed-forward %s" % (hidden, n_layers, vocab,
-                                                                     intermediate)
+    return "hidden size %s, %s layers, %s tokens, FFN %s" % (hidden, n_layers, vocab,
+                                                            intermediate)
 
 
 def bert_of_state(txt_state):
@@ -1009,7 +1009,7 @@ class HREM(Matcher):
         ours = bert_of_state(self.txt_enc.state_dict())
         if theirs != ours:
             raise checks.error("bert_mismatch", _where(self.opt.bert_path), ours=ours,
-                               theirs=theirs, checkpoint=path)
+                               theirs=theirs, checkpoint=os.path.basename(path))
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self):
