@@ -40,6 +40,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import checks
 
 MODULES = ("SGR", "SAF", "NAAF")
 NAAF_LATENT = 32  # NAAF's embeddings: the dimension of the subspace they lie near (see top)
@@ -47,7 +48,7 @@ NAAF_SHARD = 128  # the original NAAF evaluation's shard_xattn(..., shard_size=1
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = checks.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--n_img", type=int, default=100)
     p.add_argument("--n_cap", type=int, default=500)
     p.add_argument("--min_len", type=int, default=8)
@@ -81,9 +82,18 @@ def get_args(argv=None):
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    unknown = [m for m in args.modules.split(",") if m not in MODULES]
-    if unknown:
-        p.error("--modules: unknown %s (choose from %s)" % (",".join(unknown), ",".join(MODULES)))
+    # every mistake before the first (minutes-long) job
+    checks.check_positive(args, ["n_img", "n_cap", "min_len", "max_len", "img_dim",
+                                 "embed_size", "sim_dim", "word_dim", "threads", "steps"])
+    checks.check_nonnegative(args, ["seed", "daa_weight"])
+    checks.check_min(args, "batch", 2, "a batch of one pair has no negative")
+    checks.check_min(args, "vocab_size", 5, "ids 0-3 are the special tokens")
+    if args.min_len > args.max_len:
+        raise checks.error("flag_order", checks.opt_where(args, "min_len"),
+                           other="--max_len %d" % args.max_len, limit=args.max_len)
+    checks.check_choices(args, "modules", MODULES)
+    checks.check_choices(args, "what", WHATS)
+    checks.check_device(args.device)
     if args.quick:
         args.n_img, args.n_cap, args.batch = 10, 50, 16
         args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50
@@ -404,6 +414,7 @@ def job_daa(args, module, ref):
 
 
 JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_daa}
+WHATS = tuple(JOBS)
 
 
 def run_job(args):
@@ -427,6 +438,7 @@ def spawn(argv, what, module, path):
 
 # ----------------------------------------------------------------------------- main
 
+@checks.exit_on_error
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv)

@@ -223,6 +223,9 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     `fold5=True`: COCO 5-fold 1K (the split must have 5000 images). `precision='bf16'` scores
     under bf16 autocast where the matcher supports it (faster where the hardware has bf16; not
     the original's numbers). Returns a dict of results."""
+    if data_name is not None:
+        checks.check_data_name(data_name, data_path or "DIR")
+    checks.check_device(device)
     models = []
     for path in [p for p in (model_path, model_path2) if p]:
         model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device, feat_format,
@@ -242,7 +245,9 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
                                            opt.workers, opt, matcher=type(model))
             if len(loaders) == 1:
                 dset = loaders[key].dataset
-                checks.check_fold5(fold5, len(dset) // dset.im_div, split)
+                n_images = len(dset) // dset.im_div
+                checks.check_fold5(fold5, n_images, split, len(dset))
+                checks.check_eval_captions(n_images, len(dset), getattr(dset, "cap_path", split))
                 print("Computing results...")
         data_loader = loaders[key]
         enc = encode_data(model, data_loader, img_stride=data_loader.dataset.im_div)
@@ -316,7 +321,8 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
 
 @checks.exit_on_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate checkpoints of any matcher (R@K both ways)")
+    p = checks.ArgumentParser(prog="evaluation.py",
+                              description="Evaluate checkpoints of any matcher (R@K both ways)")
     p.add_argument("--model_path", default=DEFAULT_MODEL_PATH)
     p.add_argument("--model_path2", default=DEFAULT_MODEL_PATH2,
                    help="a second checkpoint: evaluate the ensemble (mean of similarities)")
