@@ -8,6 +8,7 @@ original result lines next to those of the same model before training.
     python demo.py                      # SGR
     python demo.py --module_name SAF
     python demo.py --module_name NAAF
+    python demo.py --module_name HREM   # a small BERT (bert_demo/) from random weights
 
 The run goes to runs/demo_<module_name>/ (marked as the demo's: a later demo replaces it), or
 to --run_dir: a directory that holds another run is refused, never replaced, unless
@@ -33,7 +34,7 @@ from checkpoint import save_checkpoint
 # minutes; then each matcher's own `demo_flags` (argparse: the last value of a flag wins).
 DEMO_FLAGS = ["--embed_size", "256", "--word_dim", "128", "--batch_size", "32",
               "--learning_rate", "0.001", "--log_step", "50", "--val_step", "100000",
-              "--workers", "0"]
+              "--workers", "0", "--num_epochs", "2"]
 
 
 def save_untrained(flags, path):
@@ -74,7 +75,8 @@ def main(argv=None):
     p.add_argument("--run_dir", default=None,
                    help="default runs/demo_<module_name>, which a later demo replaces; a "
                         "directory that holds another run is refused (--overwrite replaces it)")
-    p.add_argument("--num_epochs", type=int, default=2)
+    p.add_argument("--num_epochs", type=int, default=None,
+                   help="default 2, or the matcher's demo_flags'")
     p.add_argument("--lr_update", type=int, default=10)
     p.add_argument("--n_train", type=int, default=1000, help="training images to generate")
     p.add_argument("--seed", type=int, default=0)
@@ -97,10 +99,11 @@ def main(argv=None):
                      expected="a directory for the demo's run (created if missing)")
     flags = (["--data_path", args.data_path, "--data_name", data_name, "--vocab_path",
               args.vocab_path, "--module_name", args.module_name, "--img_dim", str(img_dim),
-              "--num_epochs", str(args.num_epochs), "--lr_update", str(args.lr_update),
+              "--lr_update", str(args.lr_update),
               "--model_name", os.path.join(run_dir, "checkpoint"),
               "--logger_name", os.path.join(run_dir, "log"), "--seed", str(args.seed)] +
              DEMO_FLAGS + matcher.demo_flags + extra +
+             (["--num_epochs", str(args.num_epochs)] if args.num_epochs else []) +
              (["--device", args.device] if args.device else []))
     opt = opts.parse_opt(flags)
     matcher.check_opt(opt)

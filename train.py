@@ -230,7 +230,8 @@ def main(argv=None):
     if ckpt is None:  # a resumed model's biases moved: an all-zero region no longer stops it
         checks.warn_zero_regions(getattr(dset, "images", None), train_features)
 
-    model = matcher(opt)
+    # resumed: the checkpoint's weights replace any pretrained ones the flags name
+    model = matcher(opt) if ckpt is None else matcher.for_checkpoint(opt)
     model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
     checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
     start_epoch, best_rsum = 0, 0
