@@ -271,11 +271,15 @@ def main(argv=None):
         try:
             train_epoch(opt, train_loader, model, epoch, val_loader, writer)
         except checks.DivergedError as e:
-            batch = getattr(e, "batch", None)
-            raise checks.explain_divergence(
-                e, last, images=batch.images if batch is not None else None,
-                image_ids=[i // getattr(dset, "im_div", 1) for i in batch.ids]
-                if batch is not None else None, features=train_features) from None
+            # the batch's images as the file holds them (a matcher's collate may pad or
+            # drop regions): what in them explains it, if anything
+            batch, images, image_ids = getattr(e, "batch", None), None, None
+            if batch is not None and getattr(dset, "images", None) is not None:
+                image_ids = sorted({int(i) // getattr(dset, "im_div", 1) for i in batch.ids})
+                images = np.stack([np.asarray(dset.images[j], dtype=np.float32)
+                                   for j in image_ids])
+            raise checks.explain_divergence(e, last, images=images, image_ids=image_ids,
+                                            features=train_features) from None
         r_sum = validate_on_master(opt, val_loader, model, writer)
 
         is_best = r_sum > best_rsum
