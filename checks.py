@@ -339,6 +339,9 @@ PROBLEMS = {
         UsageError, "is above {other}", "pass at most {limit}"),
     "flag_choice": Problem(
         UsageError, "unknown {unknown}", "choose from {choices}"),
+    "split_name": Problem(
+        UsageError, "is not a split name (the SPLIT of SPLIT_ims.npy in --data_path)",
+        "pass the names separated by spaces, e.g. --splits {suggest}"),
     "device": Problem(
         UsageError, "not a device ({reason})", "pass --device cpu, cuda or cuda:N"),
     "device_unavailable": Problem(
@@ -1433,6 +1436,7 @@ def main(argv=None):
                    help="--convert-py2: replace NEW if it exists")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
+    check_positive(args, ["img_dim"])
     if args.table:
         sys.stdout.write(render_table())
     elif args.features:

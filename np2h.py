@@ -92,6 +92,13 @@ def main(argv=None):
     checks.check_dir(args.data_path, "--data_path %s" % args.data_path,
                      expected="the directory that holds the {split}_ims.npy files, e.g. "
                               "data/f30k_precomp")
+    for split in args.splits:  # "train,dev", "dev_ims.npy", "data/x/dev": not a split's name
+        if not split or "," in split or "/" in split or os.sep in split or \
+                split.endswith(".npy"):
+            suggest = " ".join(s for part in split.replace(",", " ").split()
+                               for s in [os.path.basename(part).replace(".npy", "")
+                                         .replace("_ims", "")] if s) or "train dev test"
+            raise checks.error("split_name", "--splits %s" % split, suggest=suggest)
     jobs = []
     for split in dict.fromkeys(args.splits):  # every split checked before any is converted
         npy = os.path.join(args.data_path, "%s_ims.npy" % split)

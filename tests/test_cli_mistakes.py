@@ -56,6 +56,7 @@ T = "--data_path data --vocab_path vocab --model_name runs/new/checkpoint " \
     "--logger_name runs/new/log " + TINY
 E = "--model_path ckpt/SGR.pth.tar --data_path data --vocab_path vocab --split test " \
     "--device cpu"
+T_OTHER = T.replace(" --sim_dim 8", "")  # for the matchers without --sim_dim
 D = "--data_path data --vocab_path vocab --device cpu --run_dir runs/demo"
 D2 = "--data_path fresh --vocab_path freshvocab --device cpu --run_dir runs/demo"
 MINE = "--model_name runs/mine/checkpoint --logger_name runs/mine/log"
@@ -80,6 +81,11 @@ MISTAKES = [
     ("train.py", T + " --num_epochs 1 --resume runs/mine/checkpoint/checkpoint_0.pth.tar "
      + MINE, "resume_done"),
     ("train.py", T + " --logger_name runs/mine/log", "log_exists"),
+    ("train.py", T_OTHER + " --module_name GSMN --num_block 0", "flag_positive"),
+    ("train.py", T_OTHER + " --module_name GSMN --bbox_mode weird", "arguments"),
+    ("train.py", T_OTHER + " --module_name HREM --bert_path notes.txt", "path_not_dir"),
+    ("train.py", T + " --lr_update 0", "lr_update"),
+    ("train.py", T + " --margin -0.2", "margin"),
     ("evaluation.py", E + " --model_path runs/mine/checkpoint", "path_not_file"),
     ("evaluation.py", E + " --model_path2 runs/mine", "path_not_file"),
     ("evaluation.py", E + " --model_path nope.pth.tar", "ckpt_missing"),
@@ -124,6 +130,8 @@ MISTAKES = [
     ("np2h.py", "--data_path feats --splits train empty", "features_empty"),
     ("np2h.py", "--data_path feats --splits nan", "features_nonfinite"),
     ("np2h.py", "--data_path feats --splits foreign", "file_exists"),
+    ("np2h.py", "--data_path feats --splits train,dir", "split_name"),
+    ("np2h.py", "--data_path feats --splits train_ims.npy", "split_name"),
     ("checks.py", "", "arguments"),
     ("checks.py", "--table --features x.npy", "arguments"),
     ("checks.py", "--convert-py2 missing.pth.tar out.pth.tar", "ckpt_missing"),
@@ -135,6 +143,7 @@ MISTAKES = [
     ("checks.py", "--features data", "path_not_file"),
     ("checks.py", "--features notes.txt", "features_unreadable"),
     ("checks.py", "--features data/synth_precomp/test_ims.npy --img_dim 64", "features_dim"),
+    ("checks.py", "--features data/synth_precomp/test_ims.npy --img_dim 0", "flag_positive"),
     ("synthetic.py", "--n_test -1", "flag_positive"),
     ("synthetic.py", "--img_dim 0", "flag_positive"),
     ("synthetic.py", "--n_regions 4", "flag_min"),
@@ -155,6 +164,9 @@ MISTAKES = [
     ("bench.py", "--batch 1", "flag_min"),
     ("bench.py", "--vocab_size 3", "flag_min"),
     ("bench.py", "--precision fp16", "arguments"),
+    ("bench.py", "--hrem_bert large", "flag_choice"),
+    ("bench.py", "--hrem_n_img 0", "flag_positive"),
+    ("bench.py", "--gsmn_original nowhere", "dir_missing"),
 ]
 
 
