@@ -703,3 +703,15 @@ def test_output_file_rule(tmp_path, shipped):
     with pytest.raises(checks.UsageError) as e:
         checks.check_output_file(str(shipped_copy))
     assert e.value.key == "file_shipped"
+
+
+# evaluation.py --save_sims: issue 16 (branch `scale`) -------------------------------
+
+@pytest.mark.xfail(strict=True, reason="issue 16, branch scale: --save_sims over an existing "
+                                       "file (refused before the compute, or resumed) is "
+                                       "built there; drop this mark when merging it")
+def test_save_sims_never_writes_over_an_existing_file(work, shipped, capsys):
+    with open("sims.npy", "wb") as f:
+        f.write(b"the user's matrix")
+    expect_exit(evaluation.main, split_args(E) + ["--save_sims", "sims.npy"], capsys,
+                "file_exists", "sims.npy: already exists", root=work, new_allowed=False)
