@@ -130,6 +130,10 @@ PROBLEMS = {
     "data_dir": Problem(
         DataError, "dataset directory not found",
         "pass --data_path DIR and --data_name NAME so that DIR/NAME/ holds {expected}"),
+    "data_dir_nested": Problem(
+        DataError, "dataset directory not found, but {parent} holds the {split} split itself",
+        "--data_path is the directory above the dataset's: pass --data_path {above} "
+        "--data_name {name}"),
     "split_missing": Problem(
         DataError, "{missing} not found (the directory holds: {found})",
         "download or regenerate the split: expected {expected}"),
@@ -745,6 +749,12 @@ def check_split_files(data_path, split, feat_path, cap_path):
     """The dataset directory and the two files of a split exist."""
     if not os.path.isdir(data_path):
         check_dir(data_path, data_path, exists=False, expected="the directory of the dataset")
+        parent = os.path.dirname(os.path.normpath(data_path))
+        if parent and os.path.isfile(os.path.join(parent, os.path.basename(cap_path))):
+            # --data_path named the dataset's directory itself, not the one above it
+            raise error("data_dir_nested", data_path, parent=parent,
+                        split=split, above=os.path.dirname(parent) or ".",
+                        name=os.path.basename(parent))
         raise error("data_dir", data_path, expected=_expected(split) + " (train and dev to "
                     "train; test or testall to evaluate)")
     for path in (feat_path, cap_path):
@@ -1489,6 +1499,10 @@ def vocab_command(argv=None):
     expected = " and ".join(DEFAULT_CAPTION_FILES)
     if not os.path.isdir(loc):
         check_dir(loc, loc, exists=False, expected="the directory of the dataset")
+        if os.path.isfile(os.path.join(opt.data_path, DEFAULT_CAPTION_FILES[0])):
+            parent = os.path.normpath(opt.data_path)
+            raise error("data_dir_nested", loc, parent=parent, split="train",
+                        above=os.path.dirname(parent) or ".", name=os.path.basename(parent))
         raise error("data_dir", loc, expected=expected)
     files = [os.path.join(loc, n) for n in DEFAULT_CAPTION_FILES]
     for path in files:
