@@ -612,6 +612,25 @@ def test_divergence_suggests_resume_only_with_a_checkpoint_of_the_run(work, ship
     assert "--resume" not in line
 
 
+def test_divergence_reads_the_images_from_the_file_not_the_padded_batch(
+        work, shipped, capsys, monkeypatch):
+    """A matcher's collate may pad images with zero regions (or drop some): the diagnosis of
+    a diverged run looks at the batch's images as the features file holds them. Here the
+    zeroed regions make the first step diverge, but the file holds none: no image of it is
+    blamed."""
+    import data
+
+    def padded(items):
+        batch = data.collate_fn(items)
+        batch.images[:, -1] = 0  # as a collate that drops regions and pads with zeros
+        return batch
+    monkeypatch.setattr(model.SGRAF, "collate_fn", staticmethod(padded))
+    line = expect_exit(train.main, run_args("runs/a", "--num_epochs", "1"), capsys,
+                       "diverged_start", "at iteration 1, before the run's first checkpoint",
+                       root=work, code=1)
+    assert "all-zero" not in line and "--resume" not in line
+
+
 # checks.py --convert-py2, np2h.py killed ----------------------------------------------
 
 def test_convert_py2_creates_the_output_directory(work, shipped, capsys):
