@@ -58,8 +58,8 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from vocab import (DEFAULT_CAPTION_FILES, SPECIAL_TOKENS, build_vocab, deserialize_vocab,
-                   encode_caption_with_oov, serialize_vocab)
+from vocab import (DEFAULT_CAPTION_FILES, PARTIAL, SPECIAL_TOKENS, build_vocab,
+                   deserialize_vocab, encode_caption_with_oov, partial_path, serialize_vocab)
 
 log = logging.getLogger(__name__)
 
@@ -939,7 +939,6 @@ def vocab_ids_problem(word2idx):
 # (`atomic_output`); the partial files of killed runs are removed by the next write there.
 
 MARKER = ".made_by.json"
-PARTIAL = ".partial"
 # sha256 -> the files shipped in vocab/ (the originals' vocabularies)
 SHIPPED = {
     "ece46633bedb157d3430716d2fe8c90d2631895c97eb5eebfc5c1c3e04ebca44":
@@ -1070,11 +1069,10 @@ def atomic_output(path):
     """Write `path` through a temporary path beside it (the block writes the file there):
     renamed to `path`, fsynced, when the block ends, removed when it raises. A killed process
     leaves its partial file, which the next atomic_output in that directory removes."""
-    directory, name = os.path.split(os.path.abspath(path))
+    directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     clean_partials(directory)
-    tmp = os.path.join(directory, ".%s~%s~%d%s" % (name, socket.gethostname(), os.getpid(),
-                                                   PARTIAL))
+    tmp = partial_path(path)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

@@ -20,7 +20,7 @@ import codecs
 import json
 import logging
 import os
-import tempfile
+import socket
 import threading
 from collections import Counter, defaultdict
 
@@ -113,24 +113,31 @@ class Vocabulary:
         return len(self.word2idx)
 
 
+# a file being written: `.<name>~<host>~<pid>.partial` beside it, renamed over it when complete;
+# checks.clean_partials removes those of processes that are gone (a killed run's)
+PARTIAL = ".partial"
+
+
+def partial_path(path):
+    """The partial file through which `path` is written by this process."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, ".%s~%s~%d%s" % (name, socket.gethostname(), os.getpid(),
+                                                    PARTIAL))
+
+
 def serialize_vocab(vocab, dest):
-    """Write ``vocab`` as json to ``dest`` atomically (temporary file + ``os.replace``)."""
+    """Write ``vocab`` as json to ``dest`` atomically (a partial file, fsynced, then
+    ``os.replace``)."""
     fields = {"word2idx": vocab.word2idx, "idx2word": vocab.idx2word, "idx": vocab.idx}
     order = getattr(vocab, "key_order", DEFAULT_KEY_ORDER)
     text = json.dumps({key: fields[key] for key in order})  # default separators, ascii
 
-    dest = os.fspath(dest)
-    dest_dir = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(prefix=".vocab-", suffix=".tmp", dir=dest_dir)
+    tmp = partial_path(os.fspath(dest))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
     except BaseException:
         try:
