@@ -4,13 +4,13 @@
 'Eiters'}` plus, in ours, `'optimizer'` (the Adam state) for resuming.
 
 Loading never executes pickled code: `torch.load(weights_only=True)` with only
-`argparse.Namespace` allowed besides tensors and plain containers. Saving writes a temporary
-file in the same directory and renames it over the target, so a crash during a save never
-leaves a truncated checkpoint behind.
+`argparse.Namespace` allowed besides tensors and plain containers. Saving writes a partial
+file in the same directory and renames it over the target (checks.atomic_output), so a crash
+during a save never leaves a truncated checkpoint behind, and a killed run's partial file is
+removed by the next save there.
 """
 import os
 import shutil
-import tempfile
 
 import torch
 
@@ -20,6 +20,10 @@ from checks import SAFE_GLOBALS
 
 
 def load_checkpoint(path, map_location="cpu"):
+    if os.path.isdir(path):
+        best = os.path.join(path, "model_best.pth.tar")
+        raise checks.error("path_not_file", path, expected="a checkpoint file in it, e.g. %s"
+                           % best if os.path.isfile(best) else "a checkpoint file")
     if not os.path.isfile(path):
         raise checks.error("ckpt_missing", path)
     try:
@@ -32,16 +36,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def _atomic_copy(src, dst):
-    directory = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=directory)
-    os.close(fd)
-    try:
+    with checks.atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_checkpoint(state, is_best, filename="checkpoint.pth.tar", prefix=""):

@@ -1,11 +1,20 @@
-"""Validation of what a run is given: data, vocabulary, checkpoints, flags and the run directory.
+"""Validation of what a run is given: data, vocabulary, checkpoints, flags, devices, paths, and
+where it writes.
 
 Every mistake is reported as one line, `<file or flag>: <problem>; <fix>`, by an `SGRAFError`
 raised before hours of compute are spent, and without writing to any file the user already
-has. The command-line mains are wrapped in `exit_on_error`: it prints
-`error: <message>` to stderr and exits with the error's code (2 for usage, data, vocabulary,
-checkpoint and run-directory errors, as argparse does; 1 for a run that diverged). Library
-functions raise and never exit.
+has. Every command's main is wrapped in `exit_on_error`: it prints `error: <message>` to
+stderr and exits with the error's code (2 for usage, data, vocabulary, checkpoint and
+run-directory errors, as argparse does; 1 for a run that diverged); their parsers are
+`ArgumentParser`, whose own errors (unknown flags and choices, bad values) are such lines too.
+Library functions raise and never exit.
+
+One rule for every file a command writes (section "what a command writes"): never over a file
+or a run that the command did not make unless the user asked (`--overwrite`), the shipped
+vocabularies never by default (`check_output_file`, `check_run`); what the project made is
+recorded in a marker in its directory (`mark_made`, `made_record`); files are written through
+a partial file renamed at the end, and a killed run's partial files are removed by the next
+write there (`atomic_output`).
 
 This is the bottom of the project's imports (it imports only `vocab`): the data, checkpoint and
 matcher files call it, and it knows no matcher; what is specific to one (its flags, its checkpoint
@@ -16,6 +25,7 @@ All messages are defined in `PROBLEMS` below; `TROUBLESHOOTING.md` is generated 
 Two more commands:
     python checks.py --features data/f30k_precomp/train_ims.npy   # every image finite, shape
     python checks.py --convert-py2 OLD.pth.tar NEW.pth.tar         # python2.7-branch checkpoint
+and vocab.py's (`vocab_command`: vocab.py cannot import this module, which imports it).
 
 Decisions:
 - Caption bytes that are not UTF-8 are replaced (U+FFFD, which maps to <unk>) with a warning
@@ -31,6 +41,7 @@ Decisions:
 """
 import argparse
 import fcntl
+import contextlib
 import functools
 import hashlib
 import json
@@ -39,6 +50,7 @@ import math
 import os
 import pickletools
 import re
+import socket
 import sys
 import warnings
 import zipfile
@@ -47,7 +59,8 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from vocab import SPECIAL_TOKENS, deserialize_vocab, encode_caption_with_oov
+from vocab import (DEFAULT_CAPTION_FILES, PARTIAL, SPECIAL_TOKENS, build_vocab,
+                   deserialize_vocab, encode_caption_with_oov, partial_path, serialize_vocab)
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +132,11 @@ PROBLEMS = {
     # --------------------------------------------------------------- data
     "data_dir": Problem(
         DataError, "dataset directory not found",
-        "pass --data_path DIR and --data_name NAME so that DIR/NAME/ holds {expected} "
-        "(train and dev to train; test or testall to evaluate)"),
+        "pass --data_path DIR and --data_name NAME so that DIR/NAME/ holds {expected}"),
+    "data_dir_nested": Problem(
+        DataError, "dataset directory not found, but {parent} holds the {split} split itself",
+        "--data_path is the directory above the dataset's: pass --data_path {above} "
+        "--data_name {name}"),
     "split_missing": Problem(
         DataError, "{missing} not found (the directory holds: {found})",
         "download or regenerate the split ({expected})"),
@@ -145,6 +161,10 @@ PROBLEMS = {
     "features_regions": Problem(
         DataError, "{regions} regions per image, but the model expects {expected} ({why})",
         "use SCAN's {expected}-region BUTD features"),
+    "features_zero_region": Problem(
+        Warn, "image {index} has an all-zero region (region {region}; {checked})",
+        "training from scratch stops at its first batch (l2norm has no gradient at 0): "
+        "regenerate the features or drop such images"),
     "features_nonfinite": Problem(
         DataError, "image {index} has NaN or Inf features ({checked})",
         "regenerate or re-download the file; `python checks.py --features FILE` checks "
@@ -297,15 +317,62 @@ PROBLEMS = {
         "incomplete batch of every epoch is dropped, so no step would be taken)",
         "pass a --batch_size of {n} or less"),
     "fold5": Problem(
-        UsageError, "the {split} split has {n_images} images, but 5-fold 1K evaluation needs "
-        "{needed} (COCO testall)",
+        UsageError, "the {split} split has {n_images} images and {n_caps} captions, but 5-fold "
+        "1K evaluation needs 5000 images with 5 captions each (COCO testall)",
         "drop --fold5, or pass --split testall with COCO"),
-    "run_exists": Problem(
-        RunExistsError, "--model_name holds this checkpoint of another run{also}",
-        "pass --resume with it to continue that run, --overwrite to replace it, or another "
-        "--model_name"),
+    "eval_captions": Problem(
+        DataError, "{n_caps} captions for {n_images} images: R@K needs 5 captions per image "
+        "(lines 5i..5i+4 describe image i)",
+        "evaluate and validate on a split with 5 captions per image"),
+    "resume_done": Problem(
+        UsageError, "the resumed checkpoint {path} has already trained {epochs} epoch(s)",
+        "pass a --num_epochs above {epochs} to train further"),
+    "world_size": Problem(
+        UsageError, "torchrun started {n} processes (WORLD_SIZE={n})",
+        "pass --world_size {n} or drop it, or launch nnodes x nproc_per_node = {want} "
+        "processes"),
+    "world_size_plain": Problem(
+        UsageError, "train.py is a single process and does not start others",
+        "launch it with torchrun --standalone --nproc_per_node={want} train.py ... (one node, "
+        "see README), or drop --world_size"),
+    # --------------------------------------------------------------- command lines
+    "arguments": Problem(
+        UsageError, "{reason}", "see python {where} --help"),
+    "flag_min": Problem(
+        UsageError, "must be at least {minimum} ({why})", "pass {minimum} or more"),
+    "flag_order": Problem(
+        UsageError, "is above {other}", "pass at most {limit}"),
+    "flag_choice": Problem(
+        UsageError, "unknown {unknown}", "choose from {choices}"),
+    "split_name": Problem(
+        UsageError, "is not a split name (the SPLIT of SPLIT_ims.npy in --data_path)",
+        "pass the names separated by spaces, e.g. --splits {suggest}"),
+    "device": Problem(
+        UsageError, "not a device ({reason})", "pass --device cpu, cuda or cuda:N"),
+    "device_unavailable": Problem(
+        UsageError, "{reason}", "pass --device {available}"),
+    "data_name": Problem(
+        UsageError, "is a path, not a dataset name (the name of a directory under --data_path, "
+        "and of its vocabulary <data_name>_vocab.json)",
+        "pass --data_path {head} --data_name {tail}"),
+    "path_not_dir": Problem(
+        UsageError, "{found} is a file, not a directory", "pass {expected}"),
+    "path_not_file": Problem(
+        UsageError, "is a directory, not a file", "pass {expected}"),
+    "dir_missing": Problem(
+        UsageError, "directory not found", "pass {expected}"),
+    # --------------------------------------------------------------- what a command writes
     "file_exists": Problem(
-        UsageError, "already exists", "pass a new file name; nothing is written over a file"),
+        UsageError, "already exists{detail}",
+        "pass --overwrite to replace it, or {alternative}"),
+    "file_shipped": Problem(
+        UsageError, "is the original {what} shipped with this repository (the authors' "
+        "checkpoints need it)",
+        "pass {alternative} (only --overwrite replaces a shipped file)"),
+    "run_exists": Problem(
+        RunExistsError, "already holds {found} of another run",
+        "pass --resume with its {latest} to continue it, --overwrite to replace it, or "
+        "another --model_name"),
     "output_dir": Problem(
         UsageError, "directory not found", "create it, or pass another {flag} path"),
     "output_not_ours": Problem(
@@ -318,10 +385,43 @@ PROBLEMS = {
     "output_busy": Problem(
         UsageError, "is being written by another running process (its record is locked)",
         "wait for that process to finish, or pass another {flag} file"),
+    "run_later": Problem(
+        RunExistsError, "holds {found}, of epochs after the resumed {resumed}, which the run "
+        "would write over",
+        "pass --resume {latest} to continue the latest, --overwrite to replace them, or "
+        "another --model_name"),
+    "log_exists": Problem(
+        RunExistsError, "already holds the TensorBoard logs of {owner}; a new run there would "
+        "mix its curves with those",
+        "pass another --logger_name (one per run), or --overwrite to replace them"),
+    "run_dir": Problem(
+        RunExistsError, "holds {found} of {whose}",
+        "pass another --run_dir, or --overwrite to replace it"),
+    "synthetic_mismatch": Problem(
+        UsageError, "holds synthetic data made with other arguments ({diff})",
+        "pass the same arguments, --overwrite to remake it, or another --data_path or "
+        "--data_name"),
+    "dataset_foreign": Problem(
+        UsageError, "holds {found}, which synthetic.py did not make (no synthetic.json)",
+        "pass another --data_path or --data_name (--overwrite would replace those files)"),
+    # --------------------------------------------------------------- a diverged run
     "diverged": Problem(
-        DivergedError, "{what} at iteration {iteration}; the run stopped and saved nothing",
-        "lower --learning_rate or check the features (python checks.py --features FILE), "
-        "then --resume the last good checkpoint_N.pth.tar"),
+        DivergedError, "{what} at iteration {iteration}; the run stopped before the optimizer "
+        "step and saved nothing, so {last} is kept",
+        "lower --learning_rate and pass --resume {last}"),
+    "diverged_start": Problem(
+        DivergedError, "{what} at iteration {iteration}, before the run's first checkpoint; "
+        "it stopped and saved nothing",
+        "lower --learning_rate and start again"),
+    "diverged_nonfinite": Problem(
+        DivergedError, "image {image} has NaN or Inf features, so at iteration {iteration} "
+        "the {what}; nothing was saved",
+        "regenerate or re-download the file (`python checks.py --features FILE` checks every "
+        "image)"),
+    "diverged_zero_region": Problem(
+        DivergedError, "image {image} has an all-zero region (region {region}), so at "
+        "iteration {iteration} the {what}; nothing was saved",
+        "regenerate the features or drop such images (l2norm has no gradient at 0)"),
 }
 
 
@@ -353,8 +453,11 @@ def message(key, where, **fields):
 
 
 def error(key, where, **fields):
-    """The exception of a problem, for the caller to raise (so the traceback points there)."""
-    return PROBLEMS[key].cls(message(key, where, **fields), key=key)
+    """The exception of a problem, for the caller to raise (so the traceback points there);
+    `where` and `fields` stay on it (e.g. for a caller to say more)."""
+    exc = PROBLEMS[key].cls(message(key, where, **fields), key=key)
+    exc.where, exc.fields = where, fields
+    return exc
 
 
 def exit_on_error(main):
@@ -386,11 +489,16 @@ def first_line(exc):
     return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3].rstrip() + "..."
 
 
-# ----------------------------------------------------------------------------- flags
+# ----------------------------------------------------------------------------- command lines
 
-_POSITIVE = ("num_epochs", "batch_size", "log_step", "val_step", "img_dim", "word_dim",
-             "embed_size", "num_layers")
-_NONNEGATIVE = ("workers", "grad_clip")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose own mistakes (an unknown flag, a value of the wrong type, an
+    unknown choice, a missing argument) are one-line UsageErrors like every other,
+    `error: train.py: unrecognized arguments: --x; see python train.py --help` with exit code 2
+    (through `exit_on_error`), instead of argparse's usage block."""
+
+    def error(self, message):
+        raise error("arguments", self.prog, reason=message)
 
 
 def opt_where(opt, name):
@@ -399,20 +507,112 @@ def opt_where(opt, name):
 
 
 def check_positive(opt, names):
+    """Each flag (unset: None, or absent) is 1 or more."""
     for name in names:
-        if getattr(opt, name, 1) < 1:
+        if getattr(opt, name, None) is not None and getattr(opt, name) < 1:
             raise error("flag_positive", opt_where(opt, name))
 
 
 def check_nonnegative(opt, names):
+    """Each flag (unset: None, or absent) is 0 or more."""
     for name in names:
-        if getattr(opt, name, 0) < 0:
+        if getattr(opt, name, None) is not None and getattr(opt, name) < 0:
             raise error("flag_nonnegative", opt_where(opt, name))
 
 
+def check_min(opt, name, minimum, why):
+    if getattr(opt, name) < minimum:
+        raise error("flag_min", opt_where(opt, name), minimum=minimum, why=why)
+
+
+def check_choices(opt, name, choices, sep=","):
+    """A `sep`-separated list flag (e.g. bench.py's `--what eval,train`) names only known choices."""
+    unknown = [v for v in str(getattr(opt, name)).split(sep) if v not in choices]
+    if unknown:
+        raise error("flag_choice", opt_where(opt, name), unknown=sep.join(unknown),
+                    choices=sep.join(choices))
+
+
+def check_device(device, where="--device"):
+    """A device that torch knows and this machine has (None: the command's default)."""
+    if device is None:
+        return
+    flag = "%s %s" % (where, device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise error("device", flag, reason=first_line(e)) from None
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ", ".join(["cpu"] + (["cuda"] if n_cuda else []) +
+                          ["cuda:%d" % i for i in range(n_cuda)])
+    if dev.type == "cuda":
+        if n_cuda == 0:
+            raise error("device_unavailable", flag, available=available,
+                        reason="CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= n_cuda:
+            raise error("device_unavailable", flag, available=available,
+                        reason="this machine has %d CUDA device(s)" % n_cuda)
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise error("device_unavailable", flag, available=available,
+                        reason="MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise error("device_unavailable", flag, available=available,
+                    reason="this code runs on cpu and cuda devices")
+
+
+def check_data_name(data_name, data_path="DIR", where="--data_name"):
+    """`--data_name` names a dataset (`<data_path>/<data_name>/`, `<data_name>_vocab.json`):
+    a path there would make os.path.join drop --data_path and --vocab_path, and a trailing
+    slash name the vocabulary `_vocab.json`."""
+    seps = "/" + os.sep + (os.altsep or "")
+    if data_name and not any(c in data_name for c in seps) and data_name not in (".", ".."):
+        return
+    head, tail = os.path.split(data_name.rstrip(seps))
+    raise error("data_name", "%s %s" % (where, data_name), head=head or data_path,
+                tail=tail or "NAME")
+
+
+def _file_in_the_way(path):
+    """`path`, or its nearest existing ancestor, when it exists and is not a directory (no
+    directory can be made there); else None."""
+    p = os.path.normpath(path)
+    while p and not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p if p and os.path.exists(p) and not os.path.isdir(p) else None
+
+
+def check_dir(path, where, expected, exists=True):
+    """`path` is a directory (`exists`), or one can be made there (missing directories are
+    created by the writer): not a file, and no file in the way."""
+    if not path:
+        raise error("dir_missing", where, expected=expected)
+    blocked = _file_in_the_way(path)
+    if blocked:
+        raise error("path_not_dir", where, found=blocked, expected=expected)
+    if exists and not os.path.isdir(path):
+        raise error("dir_missing", where, expected=expected)
+
+
+def check_not_dir(path, where, expected):
+    """`path` names a file to read or write, not a directory."""
+    if os.path.isdir(path):
+        raise error("path_not_file", where, expected=expected)
+
+
+# ----------------------------------------------------------------------------- train.py's flags
+
+_POSITIVE = ("num_epochs", "batch_size", "log_step", "val_step", "img_dim", "word_dim",
+             "embed_size", "num_layers")
+_NONNEGATIVE = ("workers", "grad_clip", "seed")
+
+
 def check_train_opt(opt):
-    """Flags of train.py that cannot work together, then the run directory. (The matcher's own
-    flags are checked by its class's `check_opt`.)"""
+    """Flags of train.py that cannot work together, its device and its paths. (The matcher's
+    own flags are checked by its class's `check_opt`; where the run writes, by `check_run`.)"""
     check_positive(opt, _POSITIVE)
     check_nonnegative(opt, _NONNEGATIVE)
     if opt.lr_update < 1:
@@ -423,22 +623,140 @@ def check_train_opt(opt):
         raise error("margin", opt_where(opt, "margin"))
     if opt.batch_size == 1:
         raise error("batch_one", opt_where(opt, "batch_size"))
-    check_run_dir(opt.model_name, resume=opt.resume, overwrite=opt.overwrite)
+    check_device(opt.device)
+    check_data_name(opt.data_name, opt.data_path)
+    check_dir(opt.data_path, "--data_path %s" % opt.data_path, exists=False,
+              expected="the directory that holds <data_name>/")
+    check_dir(opt.vocab_path, "--vocab_path %s" % opt.vocab_path, exists=False,
+              expected="the directory that holds <data_name>_vocab.json")
+    check_dir(opt.model_name, "--model_name %s" % opt.model_name, exists=False,
+              expected="a directory for the checkpoints (created if missing)")
+    check_dir(opt.logger_name, "--logger_name %s" % opt.logger_name, exists=False,
+              expected="a directory for the TensorBoard logs (created if missing)")
 
 
-def check_run_dir(model_name, resume="", overwrite=False):
-    """Refuse a `--model_name` that holds another run's checkpoints, unless the run is
-    resumed or `--overwrite` is given: its model_best.pth.tar would be replaced."""
-    if resume or overwrite or not os.path.isdir(model_name):
-        return
-    names = os.listdir(model_name)
-    ckpts = sorted((n for n in names if re.fullmatch(r"checkpoint_\d+\.pth\.tar", n)),
-                   key=lambda n: int(re.findall(r"\d+", n)[0]))
-    found = (["model_best.pth.tar"] if "model_best.pth.tar" in names else []) + ckpts[-1:]
-    if found:
-        latest = os.path.join(model_name, ckpts[-1] if ckpts else "model_best.pth.tar")
-        also = " and its model_best.pth.tar" if len(found) == 2 else ""
-        raise error("run_exists", latest, also=also)
+def check_run(opt, ckpt=None):
+    """Where train.py writes, before any compute: never over another run's checkpoints or
+    TensorBoard logs unless `--overwrite`; a resumed run neither writes over the later epochs
+    of its directory nor has nothing left to train. Returns the files of the run it replaces,
+    which train.py removes at its first checkpoint (so that no file of the earlier run stays
+    beside its own, and no advice points at one)."""
+    resumed = None
+    if ckpt is not None:
+        resumed = int(ckpt.get("epoch", 0))
+        if resumed >= opt.num_epochs:
+            raise error("resume_done", opt_where(opt, "num_epochs"), path=opt.resume,
+                        epochs=resumed)
+    stale = check_run_dir(opt.model_name, opt.resume, opt.overwrite, resumed)
+    return stale + check_log_dir(opt.logger_name, opt.model_name, bool(opt.resume),
+                                 opt.overwrite)
+
+
+_CKPT_NAME = re.compile(r"checkpoint_(\d+)\.pth\.tar")
+BEST = "model_best.pth.tar"
+
+
+def run_checkpoints(model_name):
+    """The `checkpoint_N.pth.tar` files of a run directory, as [(N, path)] by N."""
+    if not os.path.isdir(model_name):
+        return []
+    found = [(int(m.group(1)), os.path.join(model_name, n)) for n in os.listdir(model_name)
+             for m in [_CKPT_NAME.fullmatch(n)] if m]
+    return sorted(found)
+
+
+def _same_path(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_run_dir(model_name, resume="", overwrite=False, resumed_epochs=None):
+    """Refuse a `--model_name` that holds another run's checkpoints (its model_best.pth.tar
+    would be replaced), unless `--overwrite`; a run resumed from a checkpoint of that
+    directory (after `resumed_epochs` epochs; read from a checkpoint_N name when not given)
+    may go on there, but not over checkpoints of later epochs. Returns the files that the run
+    replaces (see check_run)."""
+    ckpts = run_checkpoints(model_name)
+    best = os.path.join(model_name, BEST)
+    files = [p for _, p in ckpts] + ([best] if os.path.isfile(best) else [])
+    if not files:
+        return []
+    same_run = bool(resume) and _same_path(os.path.dirname(os.path.abspath(resume)),
+                                           model_name)
+    if not same_run:
+        if overwrite:
+            return files
+        names = ([BEST] if os.path.isfile(best) else []) + [os.path.basename(p)
+                                                            for _, p in ckpts[-1:]]
+        raise error("run_exists", model_name, found=" and ".join(names),
+                    latest=os.path.basename(ckpts[-1][1] if ckpts else best))
+    if resumed_epochs is None:
+        m = _CKPT_NAME.fullmatch(os.path.basename(resume))
+        resumed_epochs = int(m.group(1)) + 1 if m else None
+    later = [p for n, p in ckpts if resumed_epochs is not None and n >= resumed_epochs]
+    if not later:
+        return []
+    if not overwrite:
+        names = [os.path.basename(p) for p in later]
+        found = names[-1] + (" and %d more" % (len(names) - 1) if len(names) > 1 else "")
+        raise error("run_later", "--model_name %s" % model_name, found=found,
+                    resumed=os.path.basename(resume), epochs=resumed_epochs, latest=later[-1])
+    # model_best.pth.tar may be of a later epoch too: then it goes with them
+    if os.path.isfile(best) and not _same_path(best, resume) and \
+            _epochs_of(best) not in range(resumed_epochs + 1):
+        later.append(best)
+    return later
+
+
+def _epochs_of(path):
+    """The epoch count saved in a checkpoint, or None when it cannot be read."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["epoch"])
+    except Exception:  # a damaged or foreign file: not one this run can keep
+        return None
+
+
+TB_EVENTS = "events.out.tfevents."
+
+
+def check_log_dir(logger_name, model_name, resume=False, overwrite=False):
+    """Refuse a `--logger_name` that holds TensorBoard logs of another run (the two runs'
+    curves would mix in one directory), unless `--overwrite`. A resumed run continues the
+    logs of its own run (train.py marks the directory with its `--model_name`). Returns the
+    event files that the run replaces (see check_run)."""
+    if not os.path.isdir(logger_name):
+        return []
+    events = sorted(os.path.join(logger_name, n) for n in os.listdir(logger_name)
+                    if n.startswith(TB_EVENTS))
+    if not events:
+        return []
+    record = made_record(logger_name) or {}
+    owner = record.get("model_name") if record.get("made_by") == "train.py" else None
+    if resume and (owner is None or _same_path(owner, model_name)):
+        return []
+    if overwrite:
+        return events
+    owner = _shown(owner) if owner else None
+    raise error("log_exists", "--logger_name %s" % logger_name,
+                owner="the run in %s" % owner if owner else "another run")
+
+
+def _shown(path):
+    """A path as the user would write it: relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def remove_files(paths, keep=()):
+    """Remove the files of a replaced run (check_run), except those just written."""
+    keep = {os.path.realpath(p) for p in keep}
+    for path in paths:
+        if os.path.realpath(path) not in keep:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 def check_last_batch(n_captions, batch_size):
@@ -451,9 +769,17 @@ def check_last_batch(n_captions, batch_size):
                     suggest=suggest)
 
 
-def check_fold5(fold5, n_images, split, needed=5000):
-    if fold5 and n_images != needed:
-        raise error("fold5", "--fold5", split=split, n_images=n_images, needed=needed)
+def check_fold5(fold5, n_images, split, n_caps=None):
+    """COCO 5-fold 1K: 5000 images with their 25000 captions (five folds of 1000 x 5000)."""
+    n_caps = 5 * n_images if n_caps is None else n_caps
+    if fold5 and (n_images != 5000 or n_caps != 25000):
+        raise error("fold5", "--fold5", split=split, n_images=n_images, n_caps=n_caps)
+
+
+def check_eval_captions(n_images, n_caps, where):
+    """R@K (i2t, t2i) reads captions 5i..5i+4 as those of image i."""
+    if n_caps != 5 * n_images:
+        raise error("eval_captions", where, n_images=n_images, n_caps=n_caps)
 
 
 # ----------------------------------------------------------------------------- data
@@ -465,7 +791,17 @@ def _expected(split):
 def check_split_files(data_path, split, feat_path, cap_path):
     """The dataset directory and the two files of a split exist."""
     if not os.path.isdir(data_path):
-        raise error("data_dir", data_path, expected=_expected(split))
+        check_dir(data_path, data_path, exists=False, expected="the directory of the dataset")
+        parent = os.path.dirname(os.path.normpath(data_path))
+        if parent and os.path.isfile(os.path.join(parent, os.path.basename(cap_path))):
+            # --data_path named the dataset's directory itself, not the one above it
+            raise error("data_dir_nested", data_path, parent=parent,
+                        split=split, above=os.path.dirname(parent) or ".",
+                        name=os.path.basename(parent))
+        raise error("data_dir", data_path, expected=_expected(split) + " (train and dev to "
+                    "train; test or testall to evaluate)")
+    for path in (feat_path, cap_path):
+        check_not_dir(path, path, expected="a file: move the directory away")
     missing = [os.path.basename(p) for p in (feat_path, cap_path) if not os.path.isfile(p)]
     if missing:
         found = sorted(os.listdir(data_path))
@@ -483,23 +819,55 @@ def check_features_finite(images, path, sample=N_SAMPLE_IMAGES, chunk=256):
     """No NaN/Inf in `images` (N, R, img_dim): a sample of images, or all (`sample=None`)."""
     n = len(images)
     if sample is not None:
-        indices = sample_indices(n, sample)
+        indices = sample_indices(n, sample) if sample else []
         for i in indices:
             if not np.isfinite(np.asarray(images[i], dtype=np.float32)).all():
                 raise error("features_nonfinite", path, index=i,
                             checked="found in a sample of %d images" % len(indices))
         return
-    for start in range(0, n, chunk):
-        block = np.asarray(images[start:start + chunk], dtype=np.float32)
-        bad = ~np.isfinite(block).reshape(len(block), -1).all(axis=1)
-        if bad.any():
-            raise error("features_nonfinite", path, index=start + int(np.argmax(bad)),
-                        checked="all %d images checked" % n)
+    bad, _, _ = scan_features(images, chunk)
+    if bad is not None:
+        raise error("features_nonfinite", path, index=bad, checked="all %d images checked" % n)
+
+
+def scan_features(images, chunk=256):
+    """One pass over every image: (the first image with NaN/Inf or None, the number of images
+    with an all-zero region, the first (image, region) all zero or None)."""
+    bad, n_zero, first_zero = None, 0, None
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start:start + chunk], dtype=np.float32)   # (b, R, img_dim)
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if bad is None and not finite.all():
+            bad = start + int(np.argmin(finite))
+        zero = ~(block != 0).any(axis=2)                                   # (b, R)
+        n_zero += int(zero.any(axis=1).sum())
+        if first_zero is None and zero.any():
+            i, r = np.argwhere(zero)[0]
+            first_zero = (start + int(i), int(r))
+    return bad, n_zero, first_zero
+
+
+def warn_zero_regions(images, path, sample=N_SAMPLE_IMAGES):
+    """An all-zero region vector in a sample of the training images: its embedding starts with
+    norm 0 (the encoders' biases start at 0), where the l2 normalisation has no gradient, so
+    training stops at the first batch that holds it. Warned, not refused: evaluation, and a
+    resumed model (whose bias moved), are fine with it."""
+    if images is None or getattr(images, "ndim", 0) != 3 or not len(images):
+        return
+    indices = sample_indices(len(images), sample)
+    for i in indices:
+        zero = ~(np.asarray(images[i]) != 0).any(axis=1)                   # (R,)
+        if zero.any():
+            log.warning(message("features_zero_region", path, index=i,
+                                region=int(np.argmax(zero)),
+                                checked="found in a sample of %d images" % len(indices)))
+            return
 
 
 def check_features(images, path, img_dim=None, sample=N_SAMPLE_IMAGES, regions=None):
     """Shape and dtype from the header (no data read), then NaN/Inf on `sample` images (all
-    with None). `regions`: (count, why) when the model needs that many regions per image."""
+    with None, none with 0). `regions`: (count, why) when the model needs that many regions per
+    image."""
     shape = tuple(images.shape)
     if len(shape) != 3:
         raise error("features_ndim", path, shape=shape)
@@ -556,8 +924,14 @@ def check_split(images, captions, feat_path, cap_path, img_dim=None, vocab=None,
 
 def load_vocab(path, loader=deserialize_vocab):
     """`vocab.deserialize_vocab(path)` (or `loader(path)`, a matcher's reader of
-    another vocabulary format), with a VocabError for a missing or malformed file."""
+    another vocabulary format), with a VocabError for a missing or malformed file, and its ids
+    checked (`check_vocab_ids`)."""
     data_name = re.sub(r"(_vocab)?\.json$", "", os.path.basename(path))
+    blocked = _file_in_the_way(os.path.dirname(path))
+    if blocked:
+        raise error("path_not_dir", path, found=blocked,
+                    expected="the directory that holds %s" % os.path.basename(path))
+    check_not_dir(path, path, expected="the directory that holds it as --vocab_path")
     if not os.path.isfile(path):
         raise error("vocab_missing", path, name=os.path.basename(path), data_name=data_name)
     try:
@@ -565,35 +939,206 @@ def load_vocab(path, loader=deserialize_vocab):
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         reason = ("no %s entry" % e) if isinstance(e, KeyError) else first_line(e)
         raise error("vocab_invalid", path, reason=reason, data_name=data_name) from None
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab.word2idx]
+    word2idx = getattr(vocab, "word2idx", None)
+    if not isinstance(word2idx, dict):
+        raise error("vocab_invalid", path, data_name=data_name,
+                    reason="word2idx is a %s, not a mapping" % type(word2idx).__name__)
+    missing = [t for t in SPECIAL_TOKENS if t not in word2idx]
     if missing:
         raise error("vocab_invalid", path, reason="no %s token" % missing[0],
                     data_name=data_name)
+    reason = vocab_ids_problem(word2idx)
+    if reason:
+        raise error("vocab_invalid", path, reason=reason, data_name=data_name)
     return vocab
 
 
-# ----------------------------------------------------------------------------- files
+def vocab_ids_problem(word2idx):
+    """What is wrong with a vocabulary's ids, or None: each must be an integer, in range (the
+    embedding has one row per word: ids 0..n-1) and of one word only (a duplicate id silently
+    merges two words, and changes the results)."""
+    n, seen = len(word2idx), {}
+    for word, i in word2idx.items():
+        if isinstance(i, bool) or not isinstance(i, int):
+            return "the id of %r is %r, not an integer" % (word, i)
+        if not 0 <= i < n:
+            return "the id of %r is %d, outside 0..%d (%d words)" % (word, i, n - 1, n)
+        if i in seen:
+            return "%r and %r have the same id %d" % (seen[i], word, i)
+        seen[i] = word
+    return None
+
+
+# ------------------------------------------------------------------------ what a command writes
+#
+# One rule for every file a command writes (checkpoints, logs, similarity matrices,
+# vocabularies, h5 files, plots, caches, demo data and runs): never over a file or a run that it
+# did not make unless the user asked (--overwrite), and the vocabularies shipped in vocab/ are
+# never rewritten by default. What this project made is recorded in a marker file, MARKER, in
+# the directory that holds it: a directory's own record (e.g. demo.py's run directory, the log
+# directory of train.py's run) and one per file (valid while the file keeps the size and
+# modification time recorded, so a file the user replaced afterwards is theirs). Every file is
+# written to a temporary `.<name>~<host>~<pid>.partial` beside it and renamed at the end
+# (`atomic_output`); the partial files of killed runs are removed by the next write there.
+
+MARKER = ".made_by.json"
+# sha256 -> the files shipped in vocab/ (the originals' vocabularies)
+SHIPPED = {
+    "ece46633bedb157d3430716d2fe8c90d2631895c97eb5eebfc5c1c3e04ebca44":
+        "vocab/f30k_precomp_vocab.json",
+    "91b208d4673b076bdb3fc8a1441eb4b55cadc6f5be0137d89672f4abd21c9541":
+        "vocab/coco_precomp_vocab.json",
+    "aa5b83eb7a89b579052ee94b870cc68ea24c37eaf728c07626bc08edd50cd3e7":
+        "vocab/naaf/f30k_precomp.json",
+    "a855f2ae6f67cac6e7d6b235e93e9c74e2aa2060543c61ad39908218e6b8433a":
+        "vocab/naaf/coco_precomp.json",
+}
+
+
+def _read_marker(directory):
+    try:
+        with open(os.path.join(directory, MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def made_record(path):
+    """What a command of this project recorded when it made `path` (a directory, or a file
+    still as it was written): a dict with `made_by` (e.g. "np2h.py") and what the maker
+    stored with it; None for anything else."""
+    if os.path.isdir(path):
+        record = _read_marker(path).get("dir")
+        return record if isinstance(record, dict) else None
+    if not os.path.isfile(path):
+        return None
+    directory, name = os.path.split(os.path.abspath(path))
+    record = _read_marker(directory).get("files", {}).get(name)
+    st = os.stat(path)
+    if isinstance(record, dict) and record.get("size") == st.st_size and \
+            record.get("mtime_ns") == st.st_mtime_ns:
+        return record
+    return None
+
+
+def mark_made(path, made_by, **info):
+    """Record that the command `made_by` made `path` (a directory, or a file it has just
+    written), with `info` (json values) for it to recognise the file later."""
+    path = os.path.abspath(path)
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    marker = _read_marker(directory)
+    record = dict(info, made_by=made_by)
+    if directory == path:
+        marker["dir"] = record
+    else:
+        st = os.stat(path)
+        record.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        files = marker.get("files") if isinstance(marker.get("files"), dict) else {}
+        files[os.path.basename(path)] = record
+        marker["files"] = files
+    text = json.dumps(marker, indent=1, sort_keys=True) + "\n"
+    with atomic_output(os.path.join(directory, MARKER)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def shipped_file(path):
+    """The shipped file that `path` is a copy of (by content), or None."""
+    names = {os.path.basename(v) for v in SHIPPED.values()}
+    if os.path.basename(path) not in names or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return SHIPPED.get(hashlib.sha256(f.read()).hexdigest())
+
+
+def check_output_file(path, where=None, made_by=None, overwrite=False,
+                      alternative="another path", expected="a file name"):
+    """The rule, checked before the compute, for a file that a command will write: `path` is
+    not a directory and no file is in the way of its directory; an existing file is refused
+    unless `overwrite`, or unless `made_by` made it (its record is returned: the caller may
+    reuse it, resume it or replace it). A shipped vocabulary gets its own message.
+    `alternative` completes the fix ("pass --overwrite to replace it, or ...")."""
+    where = where or path
+    check_not_dir(path, where, expected=expected)
+    blocked = _file_in_the_way(os.path.dirname(path))
+    if blocked:
+        raise error("path_not_dir", where, found=blocked,
+                    expected="a path whose directories are directories")
+    if not os.path.lexists(path):
+        return None
+    record = made_record(path)
+    if overwrite or (made_by is not None and record and record.get("made_by") == made_by):
+        return record
+    shipped = shipped_file(path)
+    if shipped:
+        raise error("file_shipped", where, what="file %s" % shipped, alternative=alternative)
+    detail = " (written by %s)" % record["made_by"] if record else ""
+    raise error("file_exists", where, detail=detail, alternative=alternative)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_partials(directory):
+    """Remove the partial files that killed runs on this machine left in `directory`
+    (`.<name>~<host>~<pid>.partial` of a process that is gone)."""
+    host = socket.gethostname()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(".") and name.endswith(PARTIAL)):
+            continue
+        parts = name[1:-len(PARTIAL)].rsplit("~", 2)
+        if len(parts) == 3 and parts[1] == host and parts[2].isdigit() and \
+                not _alive(int(parts[2])):
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Write `path` through a temporary path beside it (the block writes the file there):
+    renamed to `path`, fsynced, when the block ends, removed when it raises. A killed process
+    leaves its partial file, which the next atomic_output in that directory removes."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    clean_partials(directory)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
 
 # what a checkpoint may pickle besides tensors and plain containers
 SAFE_GLOBALS = [argparse.Namespace]
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the target's directory, fsynced, then renamed over the
-    target: a crash never leaves a half-written file behind."""
-    import tempfile
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save to a partial file in the target's directory, fsynced, then renamed over the
+    target (atomic_output): a crash never leaves a half-written file behind."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -947,12 +1492,15 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary", wan
     raise error("ckpt_mismatch", path, diff="; ".join(parts), flags=" ".join(flags))
 
 
-def convert_py2_checkpoint(src, dst):
+def convert_py2_checkpoint(src, dst, overwrite=False):
     """Re-save a checkpoint of the original python2.7 branch for Python 3, still loading it
     with weights_only (nothing in it is run). Its byte strings are read as UTF-8 where they
-    are, else as Latin-1. Never writes over an existing file."""
-    if os.path.exists(dst):
-        raise error("file_exists", dst)
+    are, else as Latin-1. Never writes over an existing file unless `overwrite`; the
+    directory of `dst` is created."""
+    check_not_dir(src, src, expected="the checkpoint file to convert")
+    if not os.path.isfile(src):
+        raise error("ckpt_missing", src)
+    check_output_file(dst, overwrite=overwrite, expected="the file to write (NEW.pth.tar)")
     try:
         # torch warns that `encoding` needs weights_only=False, but its weights-only unpickler
         # does decode Python 2 strings with it (tests/test_bad_input.py checks this)
@@ -979,7 +1527,8 @@ def convert_py2_checkpoint(src, dst):
 def stop_on_nonfinite(model):
     """Check the gradients before every optimizer step: a NaN/Inf loss or gradient raises
     DivergedError before the step, so the parameters stay those of the last good step and
-    nothing is saved. One pass over the gradients per step."""
+    nothing is saved (train.py then says why: explain_divergence). One pass over the
+    gradients per step."""
     def hook(optimizer, args, kwargs):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
@@ -988,8 +1537,10 @@ def stop_on_nonfinite(model):
         if loss_bad or (grads and not bool(torch.stack([g.isfinite().all()
                                                         for g in grads]).all())):
             what = ("loss is %s" % loss if loss_bad else
-                    "gradients are not finite (loss %s)" % loss)
-            raise error("diverged", model.opt.model_name, what=what, iteration=model.Eiters)
+                    "gradients are not finite (loss %.4g)" % loss if loss is not None else
+                    "gradients are not finite")
+            raise error("diverged_start", model.opt.model_name, what=what,
+                        iteration=model.Eiters)
     return model.optimizer.register_step_pre_hook(hook)
 
 
@@ -997,7 +1548,43 @@ def check_loss(loss, iteration, where):
     """A non-finite loss returned by a train step (for a step that was not stopped before)."""
     value = float(loss)
     if not math.isfinite(value):
-        raise error("diverged", where, what="loss is %s" % value, iteration=iteration)
+        raise error("diverged_start", where, what="loss is %s" % value, iteration=iteration)
+
+
+def diagnose_images(images):
+    """What in a batch's image features (B, R, img_dim) makes a model's loss or gradients
+    non-finite: ("nonfinite", item, None), ("zero_region", item, region) or None."""
+    if images is None:
+        return None
+    x = torch.as_tensor(images)
+    if x.dim() != 3 or not x.is_floating_point():
+        return None
+    x = x.detach().cpu()
+    finite = torch.isfinite(x).flatten(1).all(1)                            # (B,)
+    if not finite.all():
+        return "nonfinite", int((~finite).nonzero()[0]), None
+    zero = ~(x != 0).any(2)                                                 # (B, R)
+    if zero.any():
+        item, region = zero.nonzero()[0].tolist()
+        return "zero_region", item, region
+    return None
+
+
+def explain_divergence(exc, last=None, images=None, image_ids=None, features="the features"):
+    """The error of a run that diverged (`exc`, raised by stop_on_nonfinite or check_loss):
+    what the batch's features hold that explains it (NaN/Inf, an all-zero region: image
+    `image_ids[item]` of the file `features`), else the advice that applies: `--resume` only
+    when the run has a checkpoint (`last`)."""
+    what, iteration = exc.fields["what"], exc.fields["iteration"]
+    found = diagnose_images(images)
+    if found:
+        kind, item, region = found
+        image = image_ids[item] if image_ids is not None else item
+        return error("diverged_nonfinite" if kind == "nonfinite" else "diverged_zero_region",
+                     features, image=image, region=region, what=what, iteration=iteration)
+    if last:
+        return error("diverged", exc.where, what=what, iteration=iteration, last=last)
+    return error("diverged_start", exc.where, what=what, iteration=iteration)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -1015,9 +1602,10 @@ def render_table():
         "",
         "Generated by `python checks.py --table > TROUBLESHOOTING.md` from the messages in",
         "`checks.py` (a test fails when this file is out of date). Every problem is one line,",
-        "`<file or flag>: <problem>; <fix>`, printed as `error: ...` by train.py and",
-        "evaluation.py before any compute, with the exit code below; no existing file is",
-        "written. Warnings and reports are logged and the run goes on.",
+        "`<file or flag>: <problem>; <fix>`, printed as `error: ...` by every command (train.py,",
+        "evaluation.py, demo.py, vocab.py, np2h.py, synthetic.py, bench.py, checks.py) before",
+        "any compute, with the exit code below; no existing file is written. Warnings and",
+        "reports are logged and the run goes on.",
         "",
         "| Kind | Key | Problem | What to do | Exit |",
         "|---|---|---|---|---|",
@@ -1040,29 +1628,103 @@ def render_table():
 
 @exit_on_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description="SGRAF input checks")
+    p = ArgumentParser(prog="checks.py", description="SGRAF input checks")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--table", action="store_true", help="print TROUBLESHOOTING.md")
     g.add_argument("--features", nargs="+", metavar="FILE",
-                   help="check every image of feature files (.npy or .h5) for NaN/Inf")
+                   help="check every image of feature files (.npy or .h5) for NaN/Inf, and "
+                        "count the images with an all-zero region")
     g.add_argument("--convert-py2", nargs=2, metavar=("OLD", "NEW"),
                    help="re-save a checkpoint of the original python2.7 branch")
     p.add_argument("--img_dim", type=int, default=None, help="expected feature dimension")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--convert-py2: replace NEW if it exists")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
+    check_positive(args, ["img_dim"])
     if args.table:
         sys.stdout.write(render_table())
     elif args.features:
         for path in args.features:
+            check_not_dir(path, path, expected="a feature file ({split}_ims.npy or {split}.h5)")
             if not os.path.isfile(path):
                 raise error("features_missing", path)
             images = open_features(path)
-            check_features(images, path, args.img_dim, sample=None)
+            check_features(images, path, args.img_dim, sample=0)
+            bad, n_zero, first_zero = scan_features(images)
+            if bad is not None:
+                raise error("features_nonfinite", path, index=bad,
+                            checked="all %d images checked" % len(images))
             print("%s: %s images of shape %s, all finite" % (path, len(images),
                                                              tuple(images.shape[1:])))
+            if n_zero:
+                print("warning: " + message(
+                    "features_zero_region", path, index=first_zero[0], region=first_zero[1],
+                    checked="the first of %d such images" % n_zero))
     else:
-        convert_py2_checkpoint(*args.convert_py2)
+        convert_py2_checkpoint(*args.convert_py2, overwrite=args.overwrite)
         print("wrote %s" % args.convert_py2[1])
+    return 0
+
+
+@exit_on_error
+def vocab_command(argv=None):
+    """`python vocab.py` (its main guard runs this; vocab.py cannot import this module, which
+    imports it): build `<vocab_path>/<data_name>_vocab.json` from the train and dev captions
+    (vocab.build_vocab). Every check is made before the captions are read, and no existing
+    vocabulary is replaced unless `--overwrite` (the shipped vocab/ files included): the
+    checkpoints trained with it would no longer fit. A vocabulary that vocab.py built from the
+    same caption files and threshold is up to date, and left as it is."""
+    p = ArgumentParser(prog="vocab.py", description="Build a SCAN/SGRAF vocabulary json.")
+    p.add_argument("--data_path", default="data")
+    p.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp")
+    p.add_argument("--vocab_path", default="vocab",
+                   help="directory the <data_name>_vocab.json is written to")
+    p.add_argument("--threshold", type=int, default=4,
+                   help="minimum word count to enter the vocabulary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing <data_name>_vocab.json")
+    opt = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_min(opt, "threshold", 1, "the number of times a word must be seen")
+    check_data_name(opt.data_name, opt.data_path)
+    check_dir(opt.data_path, "--data_path %s" % opt.data_path,
+              expected="the directory that holds <data_name>/")
+    loc = os.path.join(opt.data_path, opt.data_name)
+    expected = " and ".join(DEFAULT_CAPTION_FILES)
+    if not os.path.isdir(loc):
+        check_dir(loc, loc, exists=False, expected="the directory of the dataset")
+        if os.path.isfile(os.path.join(opt.data_path, DEFAULT_CAPTION_FILES[0])):
+            parent = os.path.normpath(opt.data_path)
+            raise error("data_dir_nested", loc, parent=parent, split="train",
+                        above=os.path.dirname(parent) or ".", name=os.path.basename(parent))
+        raise error("data_dir", loc, expected=expected)
+    files = [os.path.join(loc, n) for n in DEFAULT_CAPTION_FILES]
+    for path in files:
+        check_not_dir(path, path, expected="a caption file: move the directory away")
+    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if missing:
+        found = sorted(os.listdir(loc))
+        raise error("split_missing", loc, missing=" and ".join(missing),
+                    found=", ".join(found[:8]) + (" ..." if len(found) > 8 else "") or
+                    "nothing", expected=expected)
+    check_dir(opt.vocab_path, "--vocab_path %s" % opt.vocab_path, exists=False,
+              expected="a directory for the vocabulary (created if missing)")
+    dest = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
+    sources = {os.path.abspath(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+    record = check_output_file(dest, made_by="vocab.py", overwrite=opt.overwrite,
+                               alternative="another --vocab_path")
+    if record and not opt.overwrite:
+        if record.get("captions") == sources and record.get("threshold") == opt.threshold:
+            print("%s is up to date (built by vocab.py from the same captions)" % dest)
+            return 0
+        raise error("file_exists", dest, alternative="another --vocab_path",
+                    detail=" (built by vocab.py from other captions or another --threshold)")
+    vocab = build_vocab(opt.data_path, opt.data_name, threshold=opt.threshold)
+    os.makedirs(opt.vocab_path, exist_ok=True)
+    serialize_vocab(vocab, dest)
+    mark_made(dest, "vocab.py", captions=sources, threshold=opt.threshold)
+    print("Saved vocabulary file to", dest)
     return 0
 
 

@@ -21,7 +21,7 @@ import torch.utils.data as data
 import checks
 from checks import DataError  # noqa: F401  (data.DataError: missing or malformed files)
 from checks import H5Features, open_features  # noqa: F401  (feature files, checked)
-from vocab import encode_caption
+from vocab import encode_caption, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,10 @@ def feature_path(loc, split, feat_format="auto"):
 
 
 def read_captions(path):
-    """Caption lines of a split, stripped. Bytes that are not UTF-8 are replaced (U+FFFD,
-    which then maps to <unk>) with a warning naming the first such line."""
-    with open(path, "rb") as f:
-        raw = f.read().split(b"\n")
-    if raw and raw[-1] == b"":
-        raw.pop()
-    captions, bad = [], []
-    for i, line in enumerate(raw):
-        try:
-            captions.append(line.decode("utf-8").strip())
-        except UnicodeDecodeError:
-            captions.append(line.decode("utf-8", errors="replace").strip())
-            bad.append(i + 1)
+    """Caption lines of a split, stripped (vocab.read_lines: a byte-order mark is dropped).
+    Bytes that are not UTF-8 are replaced (U+FFFD, which then maps to <unk>) with a warning
+    naming the first such line."""
+    captions, bad = read_lines(path)
     if bad:
         log.warning(checks.message("caption_utf8", path, count=len(bad), line=bad[0]))
     return captions
@@ -72,6 +63,7 @@ class PrecompDataset(data.Dataset):
         self.files = [feat_path, cap_path]  # what the split is read from
         self.captions = read_captions(cap_path)
         self.images = open_features(feat_path)
+        self.feat_path, self.cap_path = feat_path, cap_path
         # shapes, caption count, empty lines, NaN on a sample, OOV rate: before any compute
         checks.check_split(self.images, self.captions, feat_path, cap_path, img_dim, vocab,
                            regions=regions)

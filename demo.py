@@ -9,6 +9,10 @@ original result lines next to those of the same model before training.
     python demo.py --module_name SAF
     python demo.py --module_name NAAF
     python demo.py --module_name HREM   # a small BERT (bert_demo/) from random weights
+
+The run goes to runs/demo_<module_name>/ (marked as the demo's: a later demo replaces it), or
+to --run_dir: a directory that holds another run is refused, never replaced, unless
+--overwrite (flags it does not know go to train.py).
 """
 import argparse
 import logging
@@ -18,6 +22,7 @@ import time
 
 import torch
 
+import checks
 import evaluation
 import matchers
 import opts
@@ -43,12 +48,33 @@ def save_untrained(flags, path):
                      "Eiters": 0}, False, filename=path)
 
 
+def _inside(path, directory):
+    path, directory = os.path.abspath(path), os.path.abspath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def run_files(opt, untrained):
+    """What a run left where `train.py` with these options would write: its checkpoints, its
+    TensorBoard logs, and the demo's untrained checkpoint."""
+    found = [p for _, p in checks.run_checkpoints(opt.model_name)]
+    found += [p for p in (os.path.join(opt.model_name, checks.BEST), untrained)
+              if os.path.isfile(p)]
+    if os.path.isdir(opt.logger_name):
+        found += [os.path.join(opt.logger_name, n) for n in sorted(os.listdir(opt.logger_name))
+                  if n.startswith(checks.TB_EVENTS)]
+    return found
+
+
+@checks.exit_on_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = checks.ArgumentParser(prog="demo.py", description=__doc__.splitlines()[0],
+                              epilog="Other flags are passed on to train.py.")
     p.add_argument("--module_name", default="SGR")
     p.add_argument("--data_path", default="data")
     p.add_argument("--vocab_path", default="vocab")
-    p.add_argument("--run_dir", default=None, help="default runs/demo_<module_name>")
+    p.add_argument("--run_dir", default=None,
+                   help="default runs/demo_<module_name>, which a later demo replaces; a "
+                        "directory that holds another run is refused (--overwrite replaces it)")
     p.add_argument("--num_epochs", type=int, default=None,
                    help="default 2, or the matcher's demo_flags'")
     p.add_argument("--lr_update", type=int, default=10)
@@ -58,35 +84,73 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args, extra = p.parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
 
+    # every check before any compute: the demo's flags, train.py's (the extra ones included),
+    # the synthetic data, and where the run writes
+    checks.check_positive(args, ["num_epochs", "lr_update", "n_train", "threads"])
+    checks.check_nonnegative(args, ["seed"])
+    checks.check_device(args.device)
+    matcher = matchers.matcher_class(args.module_name)
     data_name = "synth_precomp"
-    synthetic.make_synthetic(args.data_path, data_name, args.vocab_path, n_train=args.n_train)
     img_dim = synthetic.DEFAULTS["img_dim"]
     run_dir = args.run_dir or os.path.join("runs", "demo_%s" % args.module_name)
-    model_name = os.path.join(run_dir, "checkpoint")
+    where = "--run_dir %s" % run_dir
+    checks.check_dir(run_dir, where, exists=False,
+                     expected="a directory for the demo's run (created if missing)")
     flags = (["--data_path", args.data_path, "--data_name", data_name, "--vocab_path",
               args.vocab_path, "--module_name", args.module_name, "--img_dim", str(img_dim),
               "--lr_update", str(args.lr_update),
-              "--model_name", model_name, "--logger_name", os.path.join(run_dir, "log"),
-              "--seed", str(args.seed), "--overwrite"] +
-             DEMO_FLAGS + matchers.matcher_class(args.module_name).demo_flags + extra +
+              "--model_name", os.path.join(run_dir, "checkpoint"),
+              "--logger_name", os.path.join(run_dir, "log"), "--seed", str(args.seed)] +
+             DEMO_FLAGS + matcher.demo_flags + extra +
              (["--num_epochs", str(args.num_epochs)] if args.num_epochs else []) +
              (["--device", args.device] if args.device else []))
+    opt = opts.parse_opt(flags)
+    matcher.check_opt(opt)
+    checks.check_train_opt(opt)
+    synthetic.check_synthetic(args.data_path, data_name, args.vocab_path, n_train=args.n_train,
+                              overwrite=opt.overwrite)
+    # a directory the user named (--run_dir, or --model_name/--logger_name among the extra
+    # flags) is never replaced unless --overwrite; the default one only when it holds a run of
+    # an earlier demo
+    untrained = os.path.join(run_dir, "untrained.pth.tar")
+    ours = (args.run_dir is None and _inside(opt.model_name, run_dir) and
+            _inside(opt.logger_name, run_dir) and
+            (checks.made_record(run_dir) or {}).get("made_by") == "demo.py")
+    replace = opt.overwrite or ours
+    if not replace:
+        found = [os.path.relpath(f, run_dir) for f in run_files(opt, untrained)
+                 if _inside(f, run_dir)]
+        if found:
+            raise checks.error("run_dir", where, found=" and ".join(found[:2]) + (
+                " and %d more file(s)" % (len(found) - 2) if len(found) > 2 else ""),
+                whose="another run" if args.run_dir else "a run that demo.py did not make")
+    checks.check_run(argparse.Namespace(**dict(vars(opt), overwrite=replace)))
+    checks.check_output_file(untrained, made_by="demo.py", overwrite=replace,
+                             alternative="another --run_dir")
+    if replace and not opt.overwrite:
+        flags.append("--overwrite")  # the demo's own earlier run, in its own directory
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    os.makedirs(run_dir, exist_ok=True)
+    if args.run_dir is None:
+        checks.mark_made(run_dir, "demo.py")
+    synthetic.make_synthetic(args.data_path, data_name, args.vocab_path, n_train=args.n_train,
+                             overwrite=opt.overwrite)
 
     # the same model before training, for comparison
     print("== untrained %s on the synthetic test split" % args.module_name)
-    untrained = os.path.join(run_dir, "untrained.pth.tar")
     save_untrained(flags, untrained)
+    checks.mark_made(untrained, "demo.py")
     before = evaluation.evalrank(untrained, data_path=args.data_path, split="test",
                                  vocab_path=args.vocab_path, device=args.device)
 
     print("== training %s" % args.module_name)
     train.main(flags)
     print("== trained %s on the synthetic test split" % args.module_name)
-    after = evaluation.evalrank(os.path.join(model_name, "model_best.pth.tar"),
+    after = evaluation.evalrank(os.path.join(opt.model_name, checks.BEST),
                                 data_path=args.data_path, split="test",
                                 vocab_path=args.vocab_path, device=args.device)
     print("demo: rsum %.1f after training, %.1f before (%.1fx) in %.0f s"

@@ -418,6 +418,9 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     it is scored, and continue an interrupted run of the same evaluation (`overwrite`: start
     afresh, replacing whatever the file is). Under torchrun every process scores its share and
     rank 0 alone prints, writes and returns the dict of results (None elsewhere)."""
+    if data_name is not None:
+        checks.check_data_name(data_name, data_path or "DIR")
+    checks.check_device(device)
     ddp, rank, local_rank, _ = distributed.env()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
@@ -513,8 +516,9 @@ def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_
                                            mopt.workers, mopt, matcher=type(model))
             if len(loaders) == 1:
                 dset = loaders[key].dataset
-                checks.check_fold5(fold5, len(dset) // dset.im_div, split,
-                                   needed=FOLDS * FOLD_IMAGES)
+                n_images = len(dset) // dset.im_div
+                checks.check_fold5(fold5, n_images, split, len(dset))
+                checks.check_eval_captions(n_images, len(dset), getattr(dset, "cap_path", split))
         scorers.append((model, mopt, loaders[key]))
     first = scorers[0][2].dataset
     shape = (-(-len(first) // first.im_div), len(first))
@@ -580,7 +584,8 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
 
 @checks.exit_on_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate checkpoints of any matcher (R@K both ways)")
+    p = checks.ArgumentParser(prog="evaluation.py",
+                              description="Evaluate checkpoints of any matcher (R@K both ways)")
     p.add_argument("--model_path", default=DEFAULT_MODEL_PATH)
     p.add_argument("--model_path2", default=DEFAULT_MODEL_PATH2,
                    help="a second checkpoint: evaluate the ensemble (mean of similarities)")

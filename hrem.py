@@ -113,6 +113,10 @@ def bert_source(path):
                    for f in ("vocab.txt", "tokenizer.json")):
             raise checks.error("bert_no_vocab", _where(path))
         return path, True
+    if os.path.isfile(path):
+        raise checks.error("path_not_dir", _where(path), found=path,
+                           expected="--bert_path DIR, a directory holding a BERT's config.json "
+                                    "and vocab.txt")
     if _looks_like_path(path):
         raise checks.error("bert_missing", _where(path))
     from transformers import BertConfig

@@ -2,40 +2,65 @@
 
 As the DAA code's np2h.py, so that training can read features lazily from HDF5; here the
 conversion is chunked (a split is never read whole into RAM: Flickr30K train is 8.5 GB), checks
-every value for NaN/Inf on the way, and writes atomically (a temporary file renamed at the end).
+every value for NaN/Inf on the way, and writes atomically (a partial file renamed at the end;
+the partial file of a killed conversion is removed by the next one). Every split is checked
+before any is converted; an existing `.h5` is replaced only with `--overwrite`, except one that
+np2h.py converted from the same `.npy` (unchanged since), which is up to date and skipped.
 
     python np2h.py --data_path data/f30k_precomp --splits train dev test
 """
-import argparse
 import logging
 import os
 import sys
-import tempfile
 
 import numpy as np
 from tqdm import tqdm
 
+import checks
+
 log = logging.getLogger(__name__)
 
+# a conversion refused (the .npy cannot be converted, or the .h5 exists): a one-line error
+ConversionError = checks.DataError
 
-class ConversionError(Exception):
-    """A feature file that cannot be converted; the message names the file and the fix."""
+
+def _source(npy_path):
+    """What an .h5 was converted from, as np2h.py records it with the .h5."""
+    st = os.stat(npy_path)
+    return {"source": os.path.abspath(npy_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_split(npy_path, h5_path, overwrite=False):
+    """Everything about converting one split that can be checked before converting it: the
+    .npy is a readable 3-D float array with images, the .h5 can be written. Returns the
+    features, or None when the .h5 is up to date (converted by np2h.py from this .npy)."""
+    checks.check_not_dir(npy_path, npy_path, expected="a {split}_ims.npy file")
+    if not os.path.isfile(npy_path):
+        raise checks.error("features_missing", npy_path)
+    record = checks.check_output_file(h5_path, made_by="np2h.py", overwrite=overwrite,
+                                      alternative="move it away")
+    if record and not overwrite:
+        if record.get("from") == _source(npy_path):
+            return None
+        raise checks.error("file_exists", h5_path, alternative="move it away",
+                           detail=" (converted by np2h.py from another .npy)")
+    src = checks.open_features(npy_path)
+    checks.check_features(src, npy_path, sample=0)  # shape, dtype, images: no data read
+    return src
 
 
 def convert(npy_path, h5_path, chunk_images=256, overwrite=False):
     """Copy the (N, R, D) array of `npy_path` to dataset `feat` of `h5_path`, chunk by chunk.
     Returns the shape written."""
+    src = check_split(npy_path, h5_path, overwrite)
+    if src is None:  # up to date
+        return checks.H5Features(h5_path).shape
+    return _write(src, npy_path, h5_path, chunk_images)
+
+
+def _write(src, npy_path, h5_path, chunk_images):
     import h5py
-    if os.path.exists(h5_path) and not overwrite:
-        raise ConversionError("%s exists; pass --overwrite to replace it" % h5_path)
-    src = np.load(npy_path, mmap_mode="r")
-    if src.ndim != 3:
-        raise ConversionError("%s has shape %s, expected (images, regions, features)"
-                              % (npy_path, src.shape))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".h5",
-                               dir=os.path.dirname(os.path.abspath(h5_path)))
-    os.close(fd)
-    try:
+    with checks.atomic_output(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
             dst = f.create_dataset("feat", shape=src.shape, dtype=np.float32,
                                    chunks=(1,) + src.shape[1:])
@@ -44,20 +69,18 @@ def convert(npy_path, h5_path, chunk_images=256, overwrite=False):
                 block = np.asarray(src[start:start + chunk_images], dtype=np.float32)
                 finite = np.isfinite(block).reshape(len(block), -1).all(1)
                 if not finite.all():
-                    bad = start + int(np.argmin(finite))
-                    raise ConversionError("%s: image %d holds NaN or Inf features; re-extract "
-                                          "or re-download this file" % (npy_path, bad))
+                    raise checks.error("features_nonfinite", npy_path,
+                                       index=start + int(np.argmin(finite)),
+                                       checked="found while converting it")
                 dst[start:start + len(block)] = block
-        os.replace(tmp, h5_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    checks.mark_made(h5_path, "np2h.py", **{"from": _source(npy_path)})
     return src.shape
 
 
+@checks.exit_on_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert {split}_ims.npy to {split}.h5 (dataset feat)")
+    p = checks.ArgumentParser(prog="np2h.py",
+                              description="Convert {split}_ims.npy to {split}.h5 (dataset feat)")
     p.add_argument("--data_path", default="data/f30k_precomp",
                    help="directory holding the {split}_ims.npy files")
     p.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
@@ -65,19 +88,27 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace existing .h5 files")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
-    for split in args.splits:
+    checks.check_positive(args, ["chunk"])
+    checks.check_dir(args.data_path, "--data_path %s" % args.data_path,
+                     expected="the directory that holds the {split}_ims.npy files, e.g. "
+                              "data/f30k_precomp")
+    for split in args.splits:  # "train,dev", "dev_ims.npy", "data/x/dev": not a split's name
+        if not split or "," in split or "/" in split or os.sep in split or \
+                split.endswith(".npy"):
+            suggest = " ".join(s for part in split.replace(",", " ").split()
+                               for s in [os.path.basename(part).replace(".npy", "")
+                                         .replace("_ims", "")] if s) or "train dev test"
+            raise checks.error("split_name", "--splits %s" % split, suggest=suggest)
+    jobs = []
+    for split in dict.fromkeys(args.splits):  # every split checked before any is converted
         npy = os.path.join(args.data_path, "%s_ims.npy" % split)
         h5 = os.path.join(args.data_path, "%s.h5" % split)
-        if not os.path.isfile(npy):
-            print("error: %s not found (expected {split}_ims.npy in --data_path)" % npy,
-                  file=sys.stderr)
-            return 2
-        try:
-            shape = convert(npy, h5, args.chunk, args.overwrite)
-        except ConversionError as e:
-            print("error: %s" % e, file=sys.stderr)
-            return 2
-        print("wrote %s %s" % (h5, shape))
+        jobs.append((npy, h5, check_split(npy, h5, args.overwrite)))
+    for npy, h5, src in jobs:
+        if src is None:
+            print("%s is up to date (converted from %s)" % (h5, npy))
+        else:
+            print("wrote %s %s" % (h5, _write(src, npy, h5, args.chunk)))
     return 0
 
 

@@ -29,7 +29,7 @@ def _device_default():
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="SGRAF / DAA image-text matching")
+    p = checks.ArgumentParser(prog="train.py", description="SGRAF / DAA image-text matching")
     # --------------------------- data path -------------------------#
     p.add_argument("--data_path", default="data", help="path to datasets (holds <data_name>/)")
     p.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp")
@@ -73,7 +73,9 @@ def build_parser():
     p.add_argument("--seed", default=None, type=int, help="random seed (reproducible on CPU)")
     p.add_argument("--resume", default="", type=str, help="checkpoint to resume training from")
     p.add_argument("--overwrite", action="store_true",
-                   help="allow writing over an existing run's checkpoints in --model_name")
+                   help="replace an existing run: its checkpoints in --model_name and its "
+                        "TensorBoard logs in --logger_name (removed at the new run's first "
+                        "checkpoint)")
     p.add_argument("--world_size", default=None, type=int,
                    help="accepted for the DAA commands; must equal the torchrun world size")
     p.add_argument("--scale_lr", default=True, action=argparse.BooleanOptionalAction,

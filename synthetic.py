@@ -33,11 +33,12 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+import checks
 
 logger = logging.getLogger(__name__)
 
@@ -354,20 +355,10 @@ def generate_split(split, n_images, seed=0, img_dim=DEFAULTS["img_dim"],
 # ---------------------------------------------------------------------------
 
 def _atomic_write(dest, write):
-    """Call write(binary file) on a temporary file next to dest, then rename it to dest."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(dest)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Call write(binary file) on a partial file next to dest, then rename it to dest
+    (checks.atomic_output: a killed run's partial file is removed by the next write there)."""
+    with checks.atomic_output(dest) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _paths(data_path, data_name, split):
@@ -386,36 +377,121 @@ def is_present(data_path, data_name, vocab_path):
     return all(os.path.isfile(p) for p in files)
 
 
+# a subject (up to 3 regions), an object (up to 2) and a scene (up to 3) in one image
+MIN_REGIONS = 8
+
+
+def check_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=0,
+                    n_train=DEFAULTS["n_train"], n_dev=DEFAULTS["n_dev"],
+                    n_test=DEFAULTS["n_test"], n_testall=DEFAULTS["n_testall"],
+                    img_dim=DEFAULTS["img_dim"], n_regions=DEFAULTS["n_regions"],
+                    overwrite=False, vocab_threshold=4):
+    """What make_synthetic checks before it writes anything (raises a checks.SGRAFError): the
+    arguments, and where it writes. Files that exist are kept only when they are synthetic
+    data made with the same arguments; another dataset (no synthetic.json), synthetic data
+    made with other arguments, or a vocabulary that this data did not make, are refused
+    unless `overwrite` (mixing them would give a dataset that fits no checkpoint). Returns the
+    arguments as synthetic.json records them."""
+    opt = argparse.Namespace(seed=seed, n_train=n_train, n_dev=n_dev, n_test=n_test,
+                             n_testall=n_testall, img_dim=img_dim, n_regions=n_regions,
+                             vocab_threshold=vocab_threshold)
+    checks.check_positive(opt, ["n_train", "n_dev", "n_test", "img_dim", "vocab_threshold"])
+    checks.check_nonnegative(opt, ["n_testall", "seed"])
+    checks.check_min(opt, "n_regions", MIN_REGIONS,
+                     "an image shows up to %d regions of named concepts" % MIN_REGIONS)
+    checks.check_data_name(data_name, data_path)
+    checks.check_dir(data_path, "--data_path %s" % data_path, exists=False,
+                     expected="the directory to hold <data_name>/ (created if missing)")
+    if vocab_path is not None:
+        checks.check_dir(vocab_path, "--vocab_path %s" % vocab_path, exists=False,
+                         expected="the directory to hold <data_name>_vocab.json (created if "
+                                  "missing)")
+    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
+    if n_testall:
+        sizes["testall"] = n_testall
+    args = dict(seed=seed, sizes=sizes, img_dim=img_dim, n_regions=n_regions,
+                vocab_threshold=vocab_threshold)
+    data_dir = os.path.join(data_path, data_name)
+    meta_path = os.path.join(data_dir, "synthetic.json")
+    for split in sizes:
+        for path in _paths(data_path, data_name, split):
+            checks.check_not_dir(path, path, expected="a file: move the directory away")
+    if not overwrite and os.path.isdir(data_dir):
+        if os.path.isfile(meta_path):
+            try:
+                with open(meta_path, encoding="utf-8") as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = None
+            if old != args:
+                diff = ("an unreadable synthetic.json" if not isinstance(old, dict) else
+                        ", ".join("%s %s" % (k, old.get(k)) for k in args
+                                  if old.get(k) != args[k]) or "other arguments")
+                raise checks.error("synthetic_mismatch", data_dir, diff=diff)
+        else:
+            found = sorted(n for n in os.listdir(data_dir)
+                           if n.endswith(("_ims.npy", "_caps.txt", ".h5")))
+            if found:
+                raise checks.error("dataset_foreign", data_dir, found=", ".join(found[:3]) + (
+                    " ..." if len(found) > 3 else ""))
+    if vocab_path is not None:
+        dest = vocab_file(vocab_path, data_name)
+        if not (os.path.isfile(dest) and _unmarked_own_vocab(dest, data_path, data_name,
+                                                             meta_path, args)):
+            record = checks.check_output_file(dest, made_by="synthetic.py",
+                                              overwrite=overwrite,
+                                              alternative="another --vocab_path")
+            if record and not overwrite and record.get("data") != _data_id(data_dir, args):
+                raise checks.error("file_exists", dest, alternative="another --vocab_path",
+                                   detail=" (made by synthetic.py for other data)")
+    return args
+
+
+def _unmarked_own_vocab(dest, data_path, data_name, meta_path, args):
+    """A vocabulary that carries no record (written before records existed) beside synthetic
+    data made with these arguments, whose bytes are those that this data gives: it is this
+    data's own (make_synthetic records it)."""
+    if checks.made_record(dest) or not os.path.isfile(meta_path):
+        return False
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            if json.load(f) != args:
+                return False
+    except (OSError, ValueError):
+        return False
+    from vocab import build_vocab, serialize_vocab  # vocab imports nltk: only here
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        serialize_vocab(build_vocab(data_path, data_name, threshold=args["vocab_threshold"]),
+                        os.path.join(tmp, "v.json"))
+        with open(os.path.join(tmp, "v.json"), "rb") as a, open(dest, "rb") as b:
+            return a.read() == b.read()
+
+
+def _data_id(data_dir, args):
+    """What a synthetic vocabulary was made from: the data's directory and arguments."""
+    return {"data_dir": os.path.abspath(data_dir), "args": args}
+
+
 def make_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=0,
                    n_train=DEFAULTS["n_train"], n_dev=DEFAULTS["n_dev"],
                    n_test=DEFAULTS["n_test"], n_testall=DEFAULTS["n_testall"],
                    img_dim=DEFAULTS["img_dim"], n_regions=DEFAULTS["n_regions"],
                    overwrite=False, vocab_threshold=4):
     """Write the dataset (and, when vocab_path is given, its vocab json); files that exist
-    are kept unless overwrite. testall is written only when n_testall > 0.
+    are kept unless overwrite (after check_synthetic: only the same synthetic data's). testall
+    is written only when n_testall > 0.
 
     Returns {"data_dir", "vocab_file" (None without vocab_path), "written": [paths],
     "skipped": [paths], "sizes": {split: n_images}, "img_dim", "n_regions", "seconds"}.
     """
     t0 = time.perf_counter()
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    if n_testall:
-        sizes["testall"] = n_testall
-    for split, n in sizes.items():
-        if n < 1:
-            raise ValueError("n_%s must be >= 1, got %d" % (split, n))
+    args = check_synthetic(data_path, data_name, vocab_path, seed, n_train, n_dev, n_test,
+                           n_testall, img_dim, n_regions, overwrite, vocab_threshold)
+    sizes = args["sizes"]
     data_dir = os.path.join(data_path, data_name)
     os.makedirs(data_dir, exist_ok=True)
-    args = dict(seed=seed, sizes=sizes, img_dim=img_dim, n_regions=n_regions,
-                vocab_threshold=vocab_threshold)
     meta_path = os.path.join(data_dir, "synthetic.json")
-    if not overwrite and os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old != args:
-            logger.warning("%s holds synthetic data made with %s, not %s; keeping the files "
-                           "that exist (pass overwrite=True / --overwrite to remake them)",
-                           data_dir, old, args)
 
     written, skipped = [], []
 
@@ -448,11 +524,15 @@ def make_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=0
     vocab_dest = None
     if vocab_path is not None:
         vocab_dest = vocab_file(vocab_path, data_name)
+        if os.path.isfile(vocab_dest) and not overwrite and not checks.made_record(vocab_dest):
+            # this data's own vocabulary from before records existed (check_synthetic)
+            checks.mark_made(vocab_dest, "synthetic.py", data=_data_id(data_dir, args))
         if not keep(vocab_dest):
             from vocab import build_vocab, serialize_vocab  # vocab imports nltk: only here
             os.makedirs(vocab_path, exist_ok=True)
             vocab = build_vocab(data_path, data_name, threshold=vocab_threshold)
             serialize_vocab(vocab, vocab_dest)
+            checks.mark_made(vocab_dest, "synthetic.py", data=_data_id(data_dir, args))
             written.append(vocab_dest)
     seconds = time.perf_counter() - t0
     for path in skipped:
@@ -462,8 +542,10 @@ def make_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=0
                 sizes=sizes, img_dim=img_dim, n_regions=n_regions, seconds=seconds)
 
 
+@checks.exit_on_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a small synthetic SCAN-format dataset.")
+    p = checks.ArgumentParser(prog="synthetic.py",
+                              description="Write a small synthetic SCAN-format dataset.")
     p.add_argument("--data_path", default="data")
     p.add_argument("--data_name", default="synth_precomp")
     p.add_argument("--vocab_path", default="vocab")
@@ -476,7 +558,8 @@ def main(argv=None):
                    help="region feature size (real BUTD features: 2048)")
     p.add_argument("--n_regions", type=int, default=DEFAULTS["n_regions"])
     p.add_argument("--vocab_threshold", type=int, default=4)
-    p.add_argument("--overwrite", action="store_true", help="remake files that exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remake files that exist (data and vocabulary), whoever made them")
     opt = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = make_synthetic(opt.data_path, opt.data_name, opt.vocab_path, seed=opt.seed,

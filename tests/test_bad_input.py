@@ -6,7 +6,6 @@ and that every file that existed before is byte for byte the same after. A fuzz 
 corrupted caption files and .npy headers to the loader: every failure must be one of the
 errors of checks.py, and whatever loads must run through the model.
 """
-import hashlib
 import io
 import os
 import pickletools
@@ -27,7 +26,7 @@ import opts
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PrecompDataset, collate_fn
-from helpers import tiny_dataset, train_args
+from helpers import assert_unchanged, expect_exit, snapshot, tiny_dataset, train_args
 from model import SGRAF
 from vocab import UNK, Vocabulary
 
@@ -102,36 +101,6 @@ class Work:
 def work(base, tmp_path):
     shutil.copytree(base, tmp_path / "w")
     return Work(tmp_path / "w")
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
-
-
-def assert_unchanged(before, root):
-    after = snapshot(root)
-    changed = [name for name, digest in before.items() if after.get(name) != digest]
-    assert not changed, "files changed or removed: %s" % changed
-
-
-def expect_exit(main, argv, capsys, key, *fragments, root=None, code=2):
-    """`main(argv)` exits with `code`, prints one `error: ...` line holding the fragments,
-    raised as the problem `key`; no file under `root` changed."""
-    before = snapshot(root) if root else None
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == code
-    err = exc.value.__context__
-    assert isinstance(err, checks.PROBLEMS[key].cls) and err.key == key, err
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and lines[0] == "error: %s" % err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    if root:
-        assert_unchanged(before, root)
-    return lines[0]
 
 
 def expect_error(key, fn, *args, **kwargs):
@@ -440,7 +409,8 @@ def test_inconsistent_flags(work, capsys, flags, key, fragment):
 
 def test_fold5_needs_5000_images(work, capsys):
     expect_exit(evaluation.main, work.eval_args("--fold5"), capsys, "fold5",
-                "the test split has 10 images, but 5-fold 1K evaluation needs 5000",
+                "the test split has 10 images and 50 captions, but 5-fold 1K evaluation needs "
+                "5000 images with 5 captions each",
                 root=work.root)
 
 
@@ -460,14 +430,14 @@ def test_existing_run_is_not_overwritten(work, capsys):
     ckpt_dir.mkdir(parents=True)
     shutil.copy(work.sgr, ckpt_dir / "model_best.pth.tar")
     expect_exit(train.main, work.train_args(), capsys, "run_exists",
-                "%s: --model_name holds this checkpoint of another run; pass --resume with it "
-                "to continue that run, --overwrite" % (ckpt_dir / "model_best.pth.tar"),
+                "%s: already holds model_best.pth.tar of another run; pass --resume with its "
+                "model_best.pth.tar to continue it, --overwrite" % ckpt_dir,
                 root=work.root)
     shutil.copy(work.sgr, ckpt_dir / "checkpoint_2.pth.tar")
     shutil.copy(work.sgr, ckpt_dir / "checkpoint_10.pth.tar")
     (ckpt_dir / "model_best.pth.tar").unlink()
     expect_exit(train.main, work.train_args(), capsys, "run_exists",
-                "%s: --model_name holds this checkpoint" % (ckpt_dir / "checkpoint_10.pth.tar"),
+                "%s: already holds checkpoint_10.pth.tar" % ckpt_dir,
                 root=work.root)
     # what --resume and --overwrite allow
     checks.check_run_dir(str(ckpt_dir), resume=str(ckpt_dir / "checkpoint_10.pth.tar"))
@@ -480,20 +450,22 @@ def test_existing_run_is_not_overwritten(work, capsys):
 def test_nan_loss_stops_the_run_and_saves_nothing(work, capsys):
     """NaN features in an image outside the start-up sample: the first batch with it has NaN
     gradients (and a NaN loss, or not, depending on the loss path); the run stops before the
-    optimizer step, and the last good checkpoint is kept."""
-    feats = work.features()
-    feats[min(set(range(N_TRAIN)) - set(checks.sample_indices(N_TRAIN))), 4] = np.nan
-    np.save(work.ds / "train_ims.npy", feats)
+    optimizer step, names the image, and the run's last checkpoint is kept."""
     ckpt_dir = work.run / "checkpoint"
-    ckpt_dir.mkdir(parents=True)
-    shutil.copy(work.sgr, ckpt_dir / "model_best.pth.tar")  # the last good checkpoint
-    line = expect_exit(train.main, work.train_args("--overwrite", "--num_epochs", "1",
-                                                   "--seed", "1"),
-                       capsys, "diverged", "saved nothing", root=work.root, code=1)
-    assert "checkpoint: loss is nan at iteration " in line or \
-        "checkpoint: gradients are not finite (loss " in line
-    assert int(line.split("iteration ")[1].split(";")[0]) <= N_TRAIN * 5 // 10
-    assert sorted(os.listdir(ckpt_dir)) == ["model_best.pth.tar"]
+    train.main(work.train_args("--num_epochs", "1", "--seed", "1"))  # checkpoint_0, model_best
+    feats = work.features()
+    bad = min(set(range(N_TRAIN)) - set(checks.sample_indices(N_TRAIN)))
+    feats[bad, 4] = np.nan
+    np.save(work.ds / "train_ims.npy", feats)
+    line = expect_exit(train.main, work.train_args("--num_epochs", "2", "--seed", "1",
+                                                   "--resume",
+                                                   str(ckpt_dir / "checkpoint_0.pth.tar")),
+                       capsys, "diverged_nonfinite", "train_ims.npy: image %d has NaN or Inf "
+                       "features, so at iteration " % bad, "nothing was saved",
+                       root=work.root, code=1)
+    assert " the loss is nan;" in line or " the gradients are not finite (loss " in line
+    assert 10 < int(line.split("iteration ")[1].split(" ")[0]) <= 10 + N_TRAIN * 5 // 10
+    assert sorted(os.listdir(ckpt_dir)) == ["checkpoint_0.pth.tar", "model_best.pth.tar"]
 
 
 def test_nonfinite_gradient_stops_before_the_step(base):
@@ -505,7 +477,7 @@ def test_nonfinite_gradient_stops_before_the_step(base):
         p.grad = torch.zeros_like(p)
     model.params[0].grad[0] = float("inf")
     model.logger.update("Loss", 1.5)
-    msg = expect_error("diverged", model.optimizer.step)
+    msg = expect_error("diverged_start", model.optimizer.step)
     assert "gradients are not finite (loss 1.5) at iteration 0" in msg
     assert all(torch.equal(a, p) for a, p in zip(before, model.params))
 

@@ -109,13 +109,26 @@ def test_generic_files_name_no_matcher():
         assert not hits, (name, hits)
 
 
+def is_main_guard(node):
+    """`if __name__ == "__main__":`, whose body runs only when the file is run as a script,
+    never when it is imported (so an import there cannot make an import cycle)."""
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and
+            isinstance(test.left, ast.Name) and test.left.id == "__name__" and
+            [type(c) for c in test.comparators] == [ast.Constant] and
+            test.comparators[0].value == "__main__")
+
+
 def project_imports():
-    """{module: {project modules it imports anywhere, functions included}}."""
+    """{module: {project modules it imports anywhere, functions included; not in a script's
+    main guard}}."""
     modules = {p.stem: p for p in REPO.glob("*.py")}
     graph = {}
     for name, path in modules.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        tree.body = [node for node in tree.body if not is_main_guard(node)]
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 deps |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

@@ -272,7 +272,7 @@ def test_nonfinite_loss_stops_the_step(setup):
     captions, lens = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 2, 0]]), [4, 3, 3]
     with pytest.raises(checks.DivergedError) as e:
         model.train_emb(images, captions, lens)
-    assert e.value.key == "diverged" and "loss is inf at iteration 1" in str(e.value)
+    assert e.value.key == "diverged_start" and "loss is inf at iteration 1" in str(e.value)
     assert all(torch.isfinite(p.grad).all() for p in model.params if p.grad is not None)
     assert all(torch.equal(a, p) for a, p in zip(before, model.params))
 
@@ -284,7 +284,8 @@ def test_nan_features_stop_the_run(tmp_path, capsys):
     data_path, vocab_path = tiny_dataset(str(tmp_path), n_train=n_train, n_dev=4, n_test=4)
     path = os.path.join(data_path, "synth_precomp", "train_ims.npy")
     feats = np.load(path)
-    feats[min(set(range(n_train)) - set(checks.sample_indices(n_train))), 3] = np.nan
+    bad = min(set(range(n_train)) - set(checks.sample_indices(n_train)))
+    feats[bad, 3] = np.nan
     np.save(path, feats)
     run = str(tmp_path / "run")
     with pytest.raises(SystemExit) as e:
@@ -292,7 +293,9 @@ def test_nan_features_stop_the_run(tmp_path, capsys):
                               "--num_epochs", "1", "--seed", "1"))
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert "checkpoint: loss is nan at iteration " in err and "saved nothing" in err, err
+    # the run names the image that made the loss NaN
+    assert "train_ims.npy: image %d has NaN or Inf features, so at iteration " % bad in err \
+        and "loss is nan; nothing was saved" in err, err
     assert not os.path.exists(os.path.join(run, "checkpoint", "checkpoint_0.pth.tar"))
 
 

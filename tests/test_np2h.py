@@ -13,16 +13,39 @@ from checkpoint import load_checkpoint
 from helpers import tiny_dataset, train_args
 
 
-def test_round_trip_exact(tmp_path):
+def expect_exit(argv, capsys, fragment):
+    """np2h.main(argv) exits with code 2 and one `error:` line holding `fragment`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        np2h.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+def test_round_trip_exact(tmp_path, capsys):
     x = np.random.default_rng(0).random((23, 36, 7), dtype=np.float32)
     np.save(tmp_path / "train_ims.npy", x)
     assert np2h.main(["--data_path", str(tmp_path), "--splits", "train", "--chunk", "5"]) == 0
     with h5py.File(tmp_path / "train.h5", "r") as f:
         assert f["feat"].dtype == np.float32 and np.array_equal(f["feat"][:], x)
-    # an existing .h5 is not replaced without --overwrite
+    # converted from this .npy: up to date, left as it is
     before = (tmp_path / "train.h5").read_bytes()
-    assert np2h.main(["--data_path", str(tmp_path), "--splits", "train"]) == 2
+    capsys.readouterr()
+    assert np2h.main(["--data_path", str(tmp_path), "--splits", "train"]) == 0
+    assert "train.h5 is up to date" in capsys.readouterr().out
     assert (tmp_path / "train.h5").read_bytes() == before
+    # an .h5 np2h.py did not write (or one of another .npy) is not replaced without --overwrite
+    np.save(tmp_path / "train_ims.npy", x[:20])
+    expect_exit(["--data_path", str(tmp_path), "--splits", "train"], capsys,
+                "train.h5: already exists (converted by np2h.py from another .npy)")
+    (tmp_path / "train.h5").write_bytes(b"not mine")
+    expect_exit(["--data_path", str(tmp_path), "--splits", "train"], capsys,
+                "train.h5: already exists; pass --overwrite to replace it")
+    assert (tmp_path / "train.h5").read_bytes() == b"not mine"
+    assert np2h.main(["--data_path", str(tmp_path), "--splits", "train", "--overwrite"]) == 0
+    with h5py.File(tmp_path / "train.h5", "r") as f:
+        assert np.array_equal(f["feat"][:], x[:20])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -30,14 +53,14 @@ def test_nan_inf_refused(tmp_path, capsys, bad):
     x = np.ones((10, 36, 4), dtype=np.float32)
     x[7, 3, 1] = bad
     np.save(tmp_path / "dev_ims.npy", x)
-    assert np2h.main(["--data_path", str(tmp_path), "--splits", "dev", "--chunk", "4"]) == 2
-    assert "image 7 holds NaN or Inf" in capsys.readouterr().err
+    expect_exit(["--data_path", str(tmp_path), "--splits", "dev", "--chunk", "4"], capsys,
+                "image 7 has NaN or Inf features (found while converting it)")
     assert sorted(os.listdir(tmp_path)) == ["dev_ims.npy"]  # no partial file left
 
 
 def test_missing_split_named(tmp_path, capsys):
-    assert np2h.main(["--data_path", str(tmp_path), "--splits", "test"]) == 2
-    assert "test_ims.npy not found" in capsys.readouterr().err
+    expect_exit(["--data_path", str(tmp_path), "--splits", "test"], capsys,
+                "test_ims.npy: feature file not found")
 
 
 def test_training_npy_equals_h5(tmp_path):
