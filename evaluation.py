@@ -14,6 +14,7 @@ model encodes the split its own way, and the similarity matrices are averaged.
     python evaluation.py --data_path data --split test \
         --model_path runs/f30k_precomp_<module_name>/checkpoint/model_best.pth.tar
     python evaluation.py --model_path A.pth.tar --model_path2 B.pth.tar --split test
+    python evaluation.py ... --plots plots/   # score distributions, recall@K curves, ranks
 With no flags it evaluates DEFAULT_MODEL_PATH on DEFAULT_DATA_PATH (edit them and run, as with
 the original script).
 """
@@ -161,6 +162,67 @@ def t2i(images, captions, caplens, sims, npts=None, return_ranks=False):
     return _metrics(ranks)
 
 
+# ----------------------------------------------------------------------------- plots
+
+PLOT_KMAX = 100  # recall@K curves for K = 1..PLOT_KMAX
+SCORE_BINS = 60
+
+
+def _recall_at(ranks, ks):
+    # the expression of _metrics, so that K = 1, 5, 10 are the printed numbers to the last bit
+    return np.array([100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in ks])
+
+
+def plot_data(sims, fold5=False, kmax=PLOT_KMAX):
+    """What `--plots` draws for one similarity matrix (plots.evaluation_figures): recall@K for
+    K = 1..kmax both ways, from the ranks of `i2t` and `t2i` (so that K = 1, 5, 10 are the
+    printed R@1, R@5, R@10), the ground truth's ranks (0 = first), and the histograms of the
+    scores of the matching pairs (caption j and image j // 5) and of all the others. `fold5`:
+    within the five 1000-image folds, recalls averaged over the folds as the printed means."""
+    sims = np.asarray(sims)
+    blocks = ([sims] if not fold5 else
+              [sims[i * 1000:(i + 1) * 1000, i * 5000:(i + 1) * 5000] for i in range(5)])
+    ks = np.arange(1, kmax + 1)
+    lo = min(float(b.min()) for b in blocks)
+    hi = max(float(b.max()) for b in blocks)
+    edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, SCORE_BINS + 1)
+    rec = {"i2t": [], "t2i": []}
+    ranks = {"i2t": [], "t2i": []}
+    pos_hist = np.zeros(SCORE_BINS, dtype=np.int64)
+    all_hist = np.zeros(SCORE_BINS, dtype=np.int64)
+    pos_sum = all_sum = 0.0
+    for b in blocks:
+        for way, fn in (("i2t", i2t), ("t2i", t2i)):
+            _, (r, _) = fn(None, None, None, b, return_ranks=True)
+            ranks[way].append(r)
+            rec[way].append(_recall_at(r, ks))
+        per = b.shape[1] // b.shape[0]
+        pos = b[np.arange(b.shape[1]) // per, np.arange(b.shape[1])]   # caption j, image j // 5
+        pos_hist += np.histogram(pos, bins=edges)[0]
+        pos_sum += float(pos.sum())
+        for start in range(0, len(b), 256):  # row chunks: no full-size temporaries
+            chunk = b[start:start + 256]
+            all_hist += np.histogram(chunk, bins=edges)[0]
+            all_sum += float(chunk.sum())
+    n_pos = int(pos_hist.sum())
+    n_neg = int(all_hist.sum()) - n_pos
+    return {"k": ks, "fold5": fold5, "n_images": sims.shape[0], "n_captions": sims.shape[1],
+            "recall_i2t": np.array(rec["i2t"]).mean(axis=0),
+            "recall_t2i": np.array(rec["t2i"]).mean(axis=0),
+            "ranks_i2t": np.concatenate(ranks["i2t"]), "ranks_t2i": np.concatenate(ranks["t2i"]),
+            "edges": edges, "pos_hist": pos_hist, "neg_hist": all_hist - pos_hist,
+            "pos_mean": pos_sum / max(n_pos, 1), "neg_mean": (all_sum - pos_sum) / max(n_neg, 1)}
+
+
+def model_labels(paths, opts_):
+    """Legend labels of the models of an ensemble: matcher and file name (the path where two
+    would read the same)."""
+    labels = ["%s (%s)" % (o.module_name, os.path.basename(p)) for p, o in zip(paths, opts_)]
+    if len(set(labels)) < len(labels):
+        labels = ["%s (%s)" % (o.module_name, p) for p, o in zip(paths, opts_)]
+    return labels
+
+
 # ----------------------------------------------------------------------------- evalrank
 
 def complete_opt(opt, matcher=None):
@@ -218,11 +280,15 @@ def _print_results(r, ri, log=print):
 
 def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=None,
              vocab_path=None, data_name=None, save_sims=None, device=None, feat_format=None,
-             precision=None):
+             precision=None, plots=None):
     """Evaluate a checkpoint (or the ensemble of two) on a split and print the original lines.
     `fold5=True`: COCO 5-fold 1K (the split must have 5000 images). `precision='bf16'` scores
     under bf16 autocast where the matcher supports it (faster where the hardware has bf16; not
-    the original's numbers). Returns a dict of results."""
+    the original's numbers). `plots=DIR`: also draw the score distributions, recall@K curves
+    and ground-truth ranks (plots.py; each model and the ensemble). Returns a dict of results."""
+    if plots:  # before any compute: never over a file that evaluation.py --plots did not make
+        import plots as plotting
+        plotting.check_outputs(plotting.eval_paths(plots), "evaluation.py --plots", "--plots")
     models = []
     for path in [p for p in (model_path, model_path2) if p]:
         model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device, feat_format,
@@ -234,7 +300,7 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     print("Loading dataset")
     # one loader per matcher class and vocabulary (two models of one class and vocabulary share
     # it): the captions are the same, in the same order, so the similarity matrices line up
-    loaders, sims = {}, None
+    loaders, sims, curves = {}, None, []
     for model, mopt, vocab in models:
         key = (type(model), tuple(sorted(getattr(vocab, "word2idx", {}).items())) or id(vocab))
         if key not in loaders:
@@ -249,13 +315,24 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
         start = time.time()
         s = model.score(*enc, **enc.extra)
         print("calculate similarity time:", time.time() - start)
+        if plots:
+            curves.append(plot_data(s, fold5))
         sims = s if sims is None else sims + s
     sims = sims / len(models)
     print("Images: %d, Captions: %d" % (sims.shape[0], sims.shape[1]))
     if save_sims:
         np.save(save_sims, sims)
 
-    return report(sims, fold5, captions=data_loader.dataset.captions[:sims.shape[1]])
+    out = report(sims, fold5, captions=data_loader.dataset.captions[:sims.shape[1]])
+    if plots:
+        paths = [p for p in (model_path, model_path2) if p]
+        curves = list(zip(model_labels(paths, [m[1] for m in models]), curves))
+        if len(models) > 1:
+            curves.append(("ensemble (mean)", plot_data(sims, fold5)))
+        out["plots"] = plotting.evaluation_figures(curves, plots, "%s %s" % (opt.data_name, split))
+        out["plot_data"] = dict(curves)
+        print("plots: " + ", ".join(out["plots"]))
+    return out
 
 
 def split_asp(sims, tfidf, image_offset=0, caption_slice=None):
@@ -335,12 +412,15 @@ def main(argv=None):
                    help="similarity precision (default: the checkpoint's, fp32); bf16 autocast, "
                         "where the matcher supports it, is faster on GPUs and bf16 CPUs, and "
                         "moves the scores by ~1e-3")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="also write score_distributions.png, recall_at_k.png (K = 1..100) and "
+                        "rank_histogram.png there (an ensemble: each model and the ensemble)")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     evalrank(args.model_path, data_path=args.data_path, split=args.split, fold5=args.fold5,
              model_path2=args.model_path2, vocab_path=args.vocab_path,
              data_name=args.data_name, save_sims=args.save_sims, device=args.device,
-             feat_format=args.feat_format, precision=args.precision)
+             feat_format=args.feat_format, precision=args.precision, plots=args.plots)
 
 
 if __name__ == "__main__":

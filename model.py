@@ -13,7 +13,7 @@ Read top to bottom:
                  pairs at once with the exact fast kernels of similarity.py, and
                  `forward_percaption` is the original loop, kept as the reference
   the contract   Matcher: what every matcher (this file's SGRAF, naaf.NAAF, ...) provides to
-                 train.py and evaluation.py; matchers.py registers them
+                 train.py, evaluation.py and retrieve.py; matchers.py registers them
   wrapper        SGRAF: the three encoders, the optimizer, the train step, the sharded scoring
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
@@ -22,6 +22,7 @@ s sim_dim.
 import logging
 import os
 import re
+from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -39,6 +40,7 @@ import similarity
 from daa import DAALoss
 from loss import ContrastiveLoss
 from meters import LogCollector
+from vocab import END, START, encode_caption_with_oov, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +327,13 @@ def memory_budget():
     return min(max(avail // 8, 2 ** 24), 2 ** 26)
 
 
+# A free-text query as a matcher's text encoder takes it (Matcher.query_batch): the batch of one
+# caption for `forward_text` (captions (1, L) ids, lengths [L], extra {name: [value]}), the
+# tokens the encoder sees (one per position: the rows of an attention map) and the tokens the
+# vocabulary does not know (mapped to its unknown token).
+TextQuery = namedtuple("TextQuery", "captions lengths extra tokens unknown")
+
+
 class Matcher:
     """What every matcher provides to train.py, evaluation.py and the checks: a matcher is one
     file with a subclass of this, plus one line in matchers.py's registry. The class itself
@@ -545,6 +554,40 @@ class Matcher:
         x captions may be scored on its own. `extra`: the `score_inputs`."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ search and explanation
+    # retrieve.py: a free-text query goes through `query_batch` and `forward_text`, then `score`
+    # against the split's encodings; `--explain` draws `word_region_attention`.
+    # what word_region_attention returns, in words (the figure's title; may name the options,
+    # "{opt.lambda_softmax:g}"); None: the matcher has no word x region attention
+    attention_info = None
+    # why there is none, when attention_info is None (the one-line error of --explain)
+    no_attention_why = "it declares no word x region attention (model.Matcher.attention_info)"
+
+    def query_batch(self, text, vocab):
+        """Free text -> a TextQuery (above), tokenised exactly as `dataset` tokenises the split's
+        captions, so that a caption of the split gives the ids its evaluation encodes. `vocab`:
+        what `vocabulary(opt)` returned. Default: SCAN's `<start> nltk-tokens <end>` through the
+        vocabulary, unknown words mapped to `<unk>`."""
+        ids, _ = encode_caption_with_oov(vocab, text)
+        tokens = [START] + tokenize(text) + [END]
+        unknown = [t for t in tokens[1:-1] if t not in vocab.word2idx]
+        return TextQuery(torch.tensor([ids], dtype=torch.int64), [len(ids)], {}, tokens, unknown)
+
+    def forward_text(self, captions, lengths, **extra):
+        """The caption half of `forward_emb`: (cap_emb (C, L, d) or (C, d), cap_lens), for a
+        batch of `query_batch`; the caller is in eval mode without autograd. Default: the SCAN
+        family's `self.txt_enc(captions, lengths)`."""
+        return self.txt_enc(captions.to(self.device), lengths), lengths
+
+    def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
+        """The word x region attention weights this matcher computes when it scores the pairs
+        (image k, caption k): a list of (cap_lens[k], R) float64 arrays, each row (a word) a
+        distribution over the image's regions (sums to 1). Inputs as `score` takes them, one
+        image per caption. A matcher that has none keeps `attention_info = None` and says why in
+        `no_attention_why`; this default then refuses with that reason."""
+        raise checks.error("explain_unsupported", "--explain", model=self.opt.module_name,
+                           why=self.no_attention_why)
+
 
 # ----------------------------------------------------------------------------- SGRAF
 
@@ -719,6 +762,25 @@ class SGRAF(Matcher):
             for m in self.sim_enc.SGR_module:
                 if m.graph_key_w.bias.grad is None:
                     m.graph_key_w.bias.grad = torch.zeros_like(m.graph_key_w.bias)
+
+    attention_info = ("SCAN's text-to-image attention: for each word, a softmax over the image's "
+                      "regions (temperature 9)")
+
+    def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
+        """SCAN's text-to-image attention of each pair (image k, caption k), the weights with
+        which SGR and SAF build each word's attended context: (cap_lens[k], R) each, computed
+        by the same function as the scores (similarity.cross_attention)."""
+        self.val_start()
+        out = []
+        with torch.no_grad():
+            for k, n in enumerate(cap_lens):
+                V = torch.as_tensor(np.asarray(img_embs[k:k + 1], dtype=np.float32),
+                                    device=self.device)            # (1, R, d)
+                W = torch.as_tensor(np.asarray(cap_embs[k:k + 1, :int(n)], dtype=np.float32),
+                                    device=self.device)            # (1, L, d)
+                attn = similarity.cross_attention(V, W)            # (1, L, R)
+                out.append(attn[0].double().cpu().numpy())
+        return out
 
     def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
         """The (n_images, n_captions) similarity matrix, float64 as the original, scored shard by

@@ -1,0 +1,482 @@
+"""Search and pictures. retrieve.py: a text or image query against a split gives that query's
+column or row of `evaluation.py --save_sims` (SGR, SAF, NAAF, an ensemble); the cache is used
+the second time and invalidated by a changed checkpoint, feature or caption file; the one-line
+errors; the attention maps of --explain; a matcher with global embeddings and no attention.
+evaluation.py --plots: the three figures, for a single model and an ensemble, whose recall
+curve at K = 1, 5, 10 is the printed R@K."""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checks
+import evaluation
+import matchers
+import model as model_py
+import naaf
+import plots
+import retrieve
+from helpers import tiny_dataset
+from model import SGRAF, l2norm
+from test_contract import Toy
+from test_eval_cli import original_opt
+from test_naaf_integration import original_naaf_opt
+from vocab import deserialize_vocab, tokenize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_TEST = 12  # images of the test split (60 captions)
+CASES = {"SGR": ("SGR",), "SAF": ("SAF",), "NAAF": ("NAAF",), "SGR+NAAF": ("SGR", "NAAF")}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny split, original-format checkpoints of SGR, SAF and NAAF (in their own folder),
+    and each case's --save_sims matrix written by evaluation.py."""
+    root = tmp_path_factory.mktemp("retrieve")
+    data_path, vocab_path = tiny_dataset(str(root), n_train=5, n_dev=4, n_test=N_TEST)
+    n_vocab = len(deserialize_vocab(os.path.join(vocab_path, "synth_precomp_vocab.json")))
+    os.makedirs(root / "ckpt")
+    paths = {}
+    for seed, name in enumerate(["SGR", "SAF", "NAAF"]):
+        torch.manual_seed(seed)
+        opt = original_naaf_opt(n_vocab) if name == "NAAF" else original_opt(name, n_vocab)
+        opt.workers = 0
+        cls = naaf.NAAF if name == "NAAF" else SGRAF
+        m = cls(argparse.Namespace(**vars(opt), device="cpu"))
+        paths[name] = str(root / "ckpt" / ("%s.pth.tar" % name))
+        torch.save({"epoch": 1, "model": m.state_dict(), "best_rsum": 0.0, "opt": opt,
+                    "Eiters": 1}, paths[name])
+    sims = {}
+    for case, names in CASES.items():
+        f = str(root / ("%s.npy" % case))
+        evaluation.main(["--model_path", paths[names[0]], "--data_path", data_path,
+                         "--vocab_path", vocab_path, "--split", "test", "--device", "cpu",
+                         "--save_sims", f] +
+                        (["--model_path2", paths[names[1]]] if len(names) > 1 else []))
+        sims[case] = np.load(f)
+    captions = open(os.path.join(data_path, "synth_precomp", "test_caps.txt"),
+                    encoding="utf-8").read().splitlines()
+    return argparse.Namespace(root=root, data=data_path, vocab=vocab_path, paths=paths,
+                              sims=sims, captions=captions)
+
+
+def args(s, case, *extra, cache=None):
+    names = CASES[case]
+    return (["--model_path", s.paths[names[0]], "--data_path", s.data, "--vocab_path", s.vocab,
+             "--split", "test", "--device", "cpu"] +
+            (["--model_path2", s.paths[names[1]]] if len(names) > 1 else []) +
+            (["--cache_dir", str(cache)] if cache else ["--no_cache"]) + list(extra))
+
+
+def run_json(argv, capsys):
+    capsys.readouterr()
+    assert retrieve.main(argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def assert_same_ranking(results, ref, k):
+    """The results are the top k of `ref` (a column or row of --save_sims) in its order, with
+    its scores (1e-6); two results may only swap where their reference scores tie (1e-6)."""
+    order = np.argsort(-ref, kind="stable")[:k]
+    got = [r["index"] for r in results]
+    assert len(got) == k
+    np.testing.assert_allclose([r["score"] for r in results], ref[got], rtol=0, atol=1e-6)
+    for g, o in zip(got, order):
+        assert g == o or abs(ref[g] - ref[o]) < 1e-6, (got, order.tolist())
+    assert [r["rank"] for r in results] == list(range(1, k + 1))
+
+
+# ----------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_text_and_image_queries_equal_the_save_sims_matrix(setup, case, tmp_path, capsys):
+    s, sims = setup, setup.sims[case]
+    cache = tmp_path / "cache"
+    for j in (0, 17, 59):  # a query equal to caption j: column j
+        out = run_json(args(s, case, "--query", s.captions[j], "--topk", "5", cache=cache),
+                       capsys)
+        assert out["query"]["text"] == s.captions[j]
+        assert_same_ranking(out["results"], sims[:, j], 5)
+        for r in out["results"]:
+            i = r["index"]
+            assert r["captions"] == s.captions[5 * i:5 * i + 5]  # the image's own captions
+    for i in (0, N_TEST - 1):  # --image N: row N
+        out = run_json(args(s, case, "--image", str(i), "--topk", "7", cache=cache), capsys)
+        assert out["query"] == {"image": i, "captions": s.captions[5 * i:5 * i + 5]}
+        assert_same_ranking(out["results"], sims[i], 7)
+        for r in out["results"]:
+            assert r["text"] == s.captions[r["index"]]
+            assert r["image"] == r["index"] // 5 and r["match"] == (r["index"] // 5 == i)
+    # the whole column and row, through the importable function, without the cache
+    hits = retrieve.retrieve(s.paths[CASES[case][0]], query=s.captions[23], topk=N_TEST,
+                             data_path=s.data, vocab_path=s.vocab, device="cpu",
+                             model_path2=(s.paths[CASES[case][1]] if len(CASES[case]) > 1
+                                          else None), cache_dir=None)
+    assert_same_ranking(hits["results"], sims[:, 23], N_TEST)
+
+
+def test_table_reports_unknown_words(setup, capsys):
+    s = setup
+    capsys.readouterr()
+    assert retrieve.main(args(s, "SGR", "--query", "A dog zorbles the Flumph", "--topk",
+                              "3")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert 'query: "A dog zorbles the Flumph" (5 words; 2 not in the vocabulary, mapped to ' \
+           '<unk>: zorbles, flumph)' in out
+    assert out[2].split() == ["rank", "image", "score", "ground-truth", "captions"]
+    assert [int(line.split()[0]) for line in out[3:] if line[:4].strip()] == [1, 2, 3]
+    res = run_json(args(s, "SGR", "--query", "A dog zorbles the Flumph"), capsys)
+    assert res["query"]["unknown"] == ["zorbles", "flumph"] and res["query"]["n_unknown"] == 2
+    assert res["query"]["tokens"] == ["<start>", "a", "dog", "zorbles", "the", "flumph",
+                                      "<end>"]
+    assert len(res["results"]) == 10
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def test_cache_is_used_then_invalidated_by_changed_files(setup, tmp_path, monkeypatch, capsys):
+    s = setup
+    data = tmp_path / "data"
+    shutil.copytree(s.data, data)
+    ckpt = tmp_path / "ckpt" / "SGR.pth.tar"
+    os.makedirs(ckpt.parent)
+    shutil.copy(s.paths["SGR"], ckpt)
+    cache = tmp_path / "cache"
+    calls = []
+    encode = evaluation.encode_data
+    monkeypatch.setattr(evaluation, "encode_data",
+                        lambda *a, **k: calls.append(1) or encode(*a, **k))
+    argv = ["--model_path", str(ckpt), "--data_path", str(data), "--vocab_path", s.vocab,
+            "--device", "cpu", "--cache_dir", str(cache), "--topk", "4"]
+
+    def query(*extra):
+        n = len(calls)
+        out = run_json(argv + list(extra or ["--query", s.captions[3]]), capsys)
+        return out, len(calls) - n
+
+    first, encoded = query()
+    assert encoded == 1 and first["cached"] is False
+    second, encoded = query()
+    assert encoded == 0 and second["cached"] is True
+    assert second["results"] == first["results"]
+    _, encoded = query("--image", "2")  # the other direction from the same entry
+    assert encoded == 0
+    # a changed checkpoint (other weights): encoded again, other scores
+    ck = torch.load(str(ckpt), weights_only=False)
+    torch.manual_seed(11)
+    ck["model"] = SGRAF(argparse.Namespace(**vars(ck["opt"]), device="cpu")).state_dict()
+    torch.save(ck, str(ckpt))
+    third, encoded = query()
+    assert encoded == 1 and third["results"] != first["results"]
+    assert query()[1] == 0
+    # a changed feature file, same shape: encoded again, the scores of the new features
+    feats = data / "synth_precomp" / "test_ims.npy"
+    x = np.load(feats)
+    np.save(feats, x[::-1].copy())
+    fourth, encoded = query()
+    assert encoded == 1 and fourth["results"] != third["results"]
+    # a changed caption file: encoded again
+    caps = data / "synth_precomp" / "test_caps.txt"
+    lines = caps.read_text(encoding="utf-8").splitlines()
+    caps.write_text("\n".join(["a dog"] + lines[1:]) + "\n", encoding="utf-8")
+    _, encoded = query("--image", "0")
+    assert encoded == 1
+    assert query("--image", "0")[1] == 0
+    # every entry is a directory of this tool's; nothing else in the cache
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 4 and sorted(p.name for p in cache.iterdir() if p.is_file()) == \
+        ["digests.json"]
+    for e in entries:
+        assert json.loads((e / "meta.json").read_text())["made_by"] == "retrieve.py"
+
+
+def test_digests_of_unchanged_files_are_remembered(tmp_path, monkeypatch):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    d = retrieve.Digests(str(tmp_path))
+    assert d(str(f)) == hashlib.sha256(b"abc").hexdigest()
+    d.save()
+    reads = []
+    sha = retrieve._sha256
+    monkeypatch.setattr(retrieve, "_sha256", lambda p: reads.append(p) or sha(p))
+    d = retrieve.Digests(str(tmp_path))
+    d(str(f))
+    assert len(reads) == 1  # changed within RACY_NS of its hashing: hashed again
+    d.files[os.path.realpath(f)]["at"] += 10 * retrieve.RACY_NS  # as if hashed long after
+    d(str(f))
+    assert len(reads) == 1  # unchanged: remembered
+    f.write_bytes(b"abd")
+    assert d(str(f)) == hashlib.sha256(b"abd").hexdigest() and len(reads) == 2
+
+
+# ----------------------------------------------------------------------------- errors
+
+def expect_exit(argv, capsys, key, *fragments):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        retrieve.main(argv)
+    assert exc.value.code == 2
+    err = exc.value.__context__
+    assert isinstance(err, checks.SGRAFError) and err.key == key, err
+    lines = capsys.readouterr().err.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(lines)
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def test_errors(setup, tmp_path, capsys):
+    s = setup
+    expect_exit(args(s, "SGR", "--query", ""), capsys, "query_empty", '--query "": the query '
+                'is empty; pass a sentence')
+    expect_exit(args(s, "SGR", "--query", "  \t"), capsys, "query_empty")
+    expect_exit(args(s, "SGR", "--image", str(N_TEST)), capsys, "image_index",
+                "--image 12: the test split has 12 images (indices 0 to 11)")
+    expect_exit(args(s, "SGR", "--image", "-1"), capsys, "image_index")
+    expect_exit(args(s, "SGR", "--query", "a dog", "--topk", "0"), capsys, "flag_positive")
+    # a split without images: no feature file, or a feature file of no images
+    data = tmp_path / "data"
+    shutil.copytree(s.data, data)
+    split = data / "synth_precomp"
+    shutil.copy(split / "test_caps.txt", split / "capsonly_caps.txt")
+    argv = ["--model_path", s.paths["SGR"], "--data_path", str(data), "--vocab_path", s.vocab,
+            "--device", "cpu", "--cache_dir", str(tmp_path / "cache"), "--query", "a dog"]
+    expect_exit(argv + ["--split", "capsonly"], capsys, "split_missing",
+                "capsonly_ims.npy not found")
+    np.save(split / "empty_ims.npy", np.zeros((0, 36, 32), dtype=np.float32))
+    (split / "empty_caps.txt").write_text("")
+    expect_exit(argv + ["--split", "empty"], capsys, "features_empty", "holds no images")
+    # the cache must not go into the data or checkpoint folders
+    expect_exit(args(s, "SGR", "--query", "a dog", cache=os.path.join(s.data, "c")), capsys,
+                "cache_inside", "inside the data folder")
+    expect_exit(args(s, "SGR", "--query", "a dog",
+                     cache=os.path.join(os.path.dirname(s.paths["SGR"]), "c")), capsys,
+                "cache_inside", "inside the checkpoint folder")
+    assert not os.path.exists(os.path.join(s.data, "c"))
+
+
+def test_never_writes_over_a_file_it_did_not_make(setup, tmp_path, capsys):
+    s = setup
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"\x89PNG my picture")
+    expect_exit(args(s, "SGR", "--query", "a dog", "--explain", str(mine)), capsys,
+                "output_not_ours", "already exists and was not written by retrieve.py")
+    assert mine.read_bytes() == b"\x89PNG my picture"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "digests.json").write_text('{"mine": 1}')
+    expect_exit(args(s, "SGR", "--query", "a dog", cache=cache), capsys, "output_not_ours")
+    assert (cache / "digests.json").read_text() == '{"mine": 1}'
+    # its own picture is replaced
+    out = tmp_path / "attention.png"
+    run_json(args(s, "SGR", "--query", "a dog", "--explain", str(out), "--topk", "2"), capsys)
+    first = out.read_bytes()
+    run_json(args(s, "SGR", "--query", "a red car", "--explain", str(out), "--topk", "2"),
+             capsys)
+    assert out.read_bytes() != first and plots.made_by(str(out)) == "retrieve.py --explain"
+
+
+# ----------------------------------------------------------------------------- --explain
+
+def scan_attention_reference(img, cap, smooth):
+    """The weights of model.SCAN_attention (the original's op order), (L, R)."""
+    attn = torch.bmm(img, cap.transpose(1, 2))                    # (1, R, L)
+    attn = l2norm(F.leaky_relu(attn, 0.1), 2)
+    return F.softmax(attn.transpose(1, 2) * smooth, dim=2)[0]     # (L, R)
+
+
+@pytest.mark.parametrize("case", ["SGR", "NAAF", "SGR+NAAF"])
+def test_explain_rows_are_the_matchers_attention(setup, case, tmp_path):
+    s = setup
+    names = CASES[case]
+    out = str(tmp_path / "att.png")
+    hits = retrieve.retrieve(s.paths[names[0]], query="a little dog on a bench", topk=3,
+                             data_path=s.data, vocab_path=s.vocab, device="cpu",
+                             model_path2=s.paths[names[1]] if len(names) > 1 else None,
+                             cache_dir=str(tmp_path / "cache"), explain=out)
+    assert hits["explain"] == out and plots.made_by(out) == "retrieve.py --explain"
+    drawn = hits.context["explain"]["attention"]
+    assert len(drawn) == 3 * len(names)
+    tokens = hits["query"]["tokens"]
+    for w in drawn:
+        assert w.shape == (len(tokens), 36)
+        np.testing.assert_allclose(w.sum(1), 1.0, rtol=0, atol=1e-6)  # one row per word
+        assert (w >= 0).all()
+    # the weights are those of the matcher's own attention, recomputed from the embeddings
+    gallery = retrieve.Gallery(s.paths[names[0]], s.data, "test", None, s.vocab, device="cpu",
+                               cache_dir=str(tmp_path / "cache"))
+    m = gallery.members[0]
+    enc = gallery.encodings(m)
+    q = m.model.query_batch("a little dog on a bench", m.vocab)
+    m.model.val_start()
+    with torch.no_grad():
+        cap = m.model.forward_text(q.captions, q.lengths)[0]
+        for k, r in enumerate(hits["results"]):
+            img = torch.from_numpy(enc.img_embs[r["index"]][None])
+            smooth = 9.0 if names[0] != "NAAF" else m.opt.lambda_softmax
+            ref = scan_attention_reference(img, cap, smooth).double().numpy()
+            np.testing.assert_allclose(drawn[k * len(names)], ref, rtol=0, atol=1e-6)
+
+
+def test_explain_image_query_and_regions_on_images(setup, tmp_path):
+    """An image query: one heatmap per result caption (its words x the query image's regions);
+    with boxes and image files, each word's most attended region is drawn on the image."""
+    s = setup
+    data = tmp_path / "data"
+    shutil.copytree(s.data, data)
+    split = data / "synth_precomp"
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    import matplotlib.image as mpimg
+    for i in range(N_TEST):
+        mpimg.imsave(str(images / ("%d.png" % (1000 + i))), rng.random((40, 60, 3)))
+    (split / "test_ids.txt").write_text("".join("%d\n" % (1000 + i) for i in range(N_TEST)))
+    xy = rng.uniform(0, 30, (N_TEST, 36, 2))
+    np.save(split / "test_ims_bbx.npy", np.concatenate([xy, xy + 10], 2).astype(np.float32))
+    out = str(tmp_path / "att.png")
+    hits = retrieve.retrieve(s.paths["SAF"], image=4, topk=2, data_path=str(data),
+                             vocab_path=s.vocab, device="cpu", cache_dir=None, explain=out,
+                             images=str(images))
+    drawn = hits.context["explain"]["attention"]
+    words = hits.context["explain"]["words"]
+    rows = hits.context["explain"]["rows"]
+    for r, w, ws, row in zip(hits["results"], drawn, words, rows):
+        assert ws == ["<start>"] + tokenize(s.captions[r["index"]]) + ["<end>"]
+        assert len(ws) == w.shape[0]
+        np.testing.assert_allclose(w.sum(1), 1.0, rtol=0, atol=1e-6)
+        image = row[1]
+        assert image["kind"] == "image"
+        boxes = np.load(split / "test_ims_bbx.npy")[4]
+        for word, weights in zip(ws[1:-1], w[1:-1]):  # its box is that of its top region
+            assert any(np.allclose(b[:4], boxes[int(np.argmax(weights))])
+                       for b in image["boxes"] if word in b[4].split(", ")), word
+        assert len(image["boxes"]) == len({int(np.argmax(x)) for x in w[1:-1]})
+    # an id file that does not match the split
+    (split / "test_ids.txt").write_text("1000\n")
+    with pytest.raises(checks.DataError) as e:
+        retrieve.retrieve(s.paths["SAF"], image=4, data_path=str(data), vocab_path=s.vocab,
+                          device="cpu", cache_dir=None, explain=str(tmp_path / "b.png"),
+                          images=str(images))
+    assert e.value.key == "image_ids_count"
+    assert not os.path.exists(tmp_path / "b.png")
+
+
+# ----------------------------------------------------------------------------- any matcher
+
+class GlobalToy(Toy):
+    """test_contract's Toy (global embeddings, dot-product scores, no attention), with the
+    one hook its text encoder needs: it is not called as txt_enc(captions, lengths)."""
+    no_attention_why = "it scores by the dot product of global embeddings"
+
+    def forward_text(self, captions, lengths, **extra):
+        return self.forward_emb(torch.zeros(len(captions), 1, self.opt.img_dim), captions,
+                                lengths)[1:]
+
+
+def test_a_matcher_with_global_embeddings_and_no_attention(setup, tmp_path, monkeypatch,
+                                                           capsys):
+    s = setup
+    monkeypatch.setitem(matchers.MATCHERS, "TOY", GlobalToy)
+    n_vocab = len(deserialize_vocab(os.path.join(s.vocab, "synth_precomp_vocab.json")))
+    opt = argparse.Namespace(**dict(vars(original_opt("TOY", n_vocab)), workers=0))
+    torch.manual_seed(3)
+    toy = GlobalToy(argparse.Namespace(**vars(opt), device="cpu"))
+    path = str(tmp_path / "ckpt" / "toy.pth.tar")
+    os.makedirs(os.path.dirname(path))
+    torch.save({"epoch": 1, "model": toy.state_dict(), "opt": opt, "best_rsum": 0,
+                "Eiters": 0}, path)
+    sims = str(tmp_path / "toy.npy")
+    evaluation.main(["--model_path", path, "--data_path", s.data, "--vocab_path", s.vocab,
+                     "--split", "test", "--device", "cpu", "--save_sims", sims])
+    sims = np.load(sims)
+    base = ["--model_path", path, "--data_path", s.data, "--vocab_path", s.vocab, "--device",
+            "cpu", "--cache_dir", str(tmp_path / "cache"), "--topk", "6"]
+    for _ in range(2):  # encoded, then from the cache
+        out = run_json(base + ["--query", s.captions[8]], capsys)
+        assert_same_ranking(out["results"], sims[:, 8], 6)
+        out = run_json(base + ["--image", "5"], capsys)
+        assert_same_ranking(out["results"], sims[5], 6)
+    assert out["cached"] is True
+    expect_exit(base + ["--query", "a dog", "--explain", str(tmp_path / "t.png")], capsys,
+                "explain_unsupported", "--explain: TOY has no word x region attention to show: "
+                "it scores by the dot product of global embeddings; drop --explain")
+
+
+def test_the_contract_hooks_have_defaults():
+    """A matcher that adds nothing gets the SCAN tokenisation and text encoder call, and an
+    --explain refusal that names it."""
+    for name in ("query_batch", "forward_text", "word_region_attention"):
+        assert callable(getattr(model_py.Matcher, name))
+    assert model_py.Matcher.attention_info is None
+    assert SGRAF.attention_info and naaf.NAAF.attention_info
+
+
+# ----------------------------------------------------------------------------- --plots
+
+@pytest.mark.parametrize("case", ["SGR", "SGR+NAAF"])
+def test_plots_recall_curve_is_the_printed_recall(setup, case, tmp_path, capsys):
+    s = setup
+    names = CASES[case]
+    out_dir = tmp_path / "plots"
+    argv = ["--model_path", s.paths[names[0]], "--data_path", s.data, "--vocab_path", s.vocab,
+            "--split", "test", "--device", "cpu", "--plots", str(out_dir)] + \
+        (["--model_path2", s.paths[names[1]]] if len(names) > 1 else [])
+    capsys.readouterr()
+    evaluation.main(argv)
+    printed = capsys.readouterr().out
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert files == sorted(plots.EVAL_FILES)
+    for name in files:
+        assert plots.made_by(str(out_dir / name)) == "evaluation.py --plots"
+    # the numbers behind the figures: each model, then the ensemble
+    res = evaluation.evalrank(s.paths[names[0]], data_path=s.data, vocab_path=s.vocab,
+                              split="test", device="cpu", plots=str(out_dir),
+                              model_path2=s.paths[names[1]] if len(names) > 1 else None)
+    curves = res["plot_data"]
+    assert len(curves) == (1 if len(names) == 1 else 3)
+    ens = list(curves.values())[-1]
+    i2t_line = re.search(r"^Image to text: (.*)$", printed, re.M).group(1).split()
+    t2i_line = re.search(r"^Text to image: (.*)$", printed, re.M).group(1).split()
+    for way, r, line in (("i2t", res["i2t"], i2t_line), ("t2i", res["t2i"], t2i_line)):
+        rec = ens["recall_" + way]
+        assert len(rec) == 100 and list(ens["k"][[0, 4, 9]]) == [1, 5, 10]
+        assert [rec[0], rec[4], rec[9]] == list(r[:3])                # to the last bit
+        assert ["%.1f" % v for v in (rec[0], rec[4], rec[9])] == line[:3]  # as printed
+        assert np.floor(np.median(ens["ranks_" + way])) + 1 == r[3]   # medr
+        assert (np.diff(rec) >= 0).all() and rec[-1] == 100.0
+    n_img, n_cap = s.sims["SGR"].shape
+    for d in curves.values():
+        assert d["pos_hist"].sum() == n_cap and d["neg_hist"].sum() == n_img * n_cap - n_cap
+    if len(names) > 1:  # each model's own curve is its own matrix's
+        for name, d in zip(names, list(curves.values())[:2]):
+            r = evaluation.i2t(None, None, None, s.sims[name])
+            assert list(d["recall_i2t"][[0, 4, 9]]) == list(r[:3])
+
+
+def test_plots_never_write_over_a_file_they_did_not_make(setup, tmp_path, capsys):
+    s = setup
+    out_dir = tmp_path / "plots"
+    out_dir.mkdir()
+    (out_dir / "recall_at_k.png").write_bytes(b"my own figure")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["--model_path", s.paths["SGR"], "--data_path", s.data,
+                         "--vocab_path", s.vocab, "--split", "test", "--device", "cpu",
+                         "--plots", str(out_dir)])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "error: %s: already exists and was not written by evaluation.py --plots" % (
+        out_dir / "recall_at_k.png") in captured.err
+    assert "rsum" not in captured.out  # refused before any compute
+    assert sorted(os.listdir(out_dir)) == ["recall_at_k.png"]
+    assert (out_dir / "recall_at_k.png").read_bytes() == b"my own figure"
