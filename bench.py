@@ -27,6 +27,14 @@ peak memories do not mix.
     python bench.py --quick              # small sanity run
     python bench.py --modules SGR --what eval --precision bf16
     python bench.py --modules NAAF       # NAAF only
+    python bench.py --what retrieve --modules SGR,NAAF   # one text query, 1000-image gallery
+
+`--what retrieve` times retrieve.py end to end on a gallery written to a temporary directory
+(`--gallery` images of random features at `--img_dim`, 5 synthetic captions each, the shipped
+Flickr30K vocabulary, a randomly initialised checkpoint at full dimensions): one text query
+uncached (load, hash the files, encode the split, cache it, score), then cached (load, read the
+cache, score), then a query on the gallery already loaded (`Gallery.search_text`: the query's
+own cost), and the cached query as a command (`python retrieve.py ...`, imports included).
 """
 import argparse
 import os
@@ -76,6 +84,8 @@ def get_args(argv=None):
                    help="NAAF's test threshold (a checkpoint's learned opt.thres_safe)")
     p.add_argument("--naaf_ref_fp64", action="store_true",
                    help="NAAF's per-caption reference in float64, as the original evaluates")
+    p.add_argument("--gallery", type=int, default=1000,
+                   help="'--what retrieve': images of the gallery (5 captions each)")
     p.add_argument("--quick", action="store_true", help="small sizes, a sanity run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
@@ -87,6 +97,7 @@ def get_args(argv=None):
     if args.quick:
         args.n_img, args.n_cap, args.batch = 10, 50, 16
         args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50
+        args.gallery = 50
     return args
 
 
@@ -403,7 +414,83 @@ def job_daa(args, module, ref):
     return {"with": min(times["with"]), "without": min(times["without"])}
 
 
-JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_daa}
+def write_gallery(args, module, root):
+    """A SCAN-format split `test` of args.gallery images (random non-negative features, the
+    synthetic generator's captions), the shipped Flickr30K vocabulary, and a checkpoint of
+    `module` at the benchmark's dimensions: (checkpoint, data_path, vocab_path)."""
+    import argparse as ap
+    import shutil
+
+    import synthetic
+    from vocab import deserialize_vocab
+    data_path, vocab_path = os.path.join(root, "data"), os.path.join(root, "vocab")
+    split = os.path.join(data_path, "gallery_precomp")
+    os.makedirs(split)
+    os.makedirs(vocab_path)
+    os.makedirs(os.path.join(root, "ckpt"))
+    rng = np.random.default_rng(args.seed)
+    feats = np.lib.format.open_memmap(os.path.join(split, "test_ims.npy"), mode="w+",
+                                      dtype=np.float32, shape=(args.gallery, 36, args.img_dim))
+    for i in range(0, args.gallery, 100):
+        x = rng.standard_normal((min(100, args.gallery - i), 36, args.img_dim))
+        feats[i:i + 100] = np.maximum(x, 0)
+    feats.flush()
+    del feats
+    caps = synthetic.generate_split("test", args.gallery, args.seed, img_dim=8).captions
+    with open(os.path.join(split, "test_caps.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(c + "\n" for c in caps))
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copy(os.path.join(here, "vocab", "f30k_precomp_vocab.json"),
+                os.path.join(vocab_path, "gallery_precomp_vocab.json"))
+    args.vocab_size = len(deserialize_vocab(os.path.join(vocab_path,
+                                                         "gallery_precomp_vocab.json")))
+    model, opt = make_model(args, module)
+    opt = ap.Namespace(**{k: v for k, v in vars(opt).items() if k not in ("device",)},
+                       data_name="gallery_precomp", data_path=data_path, vocab_path=vocab_path,
+                       workers=0, batch_size=128)
+    ckpt = os.path.join(root, "ckpt", "model_best.pth.tar")
+    torch.save({"epoch": 0, "model": model.state_dict(), "best_rsum": 0, "opt": opt,
+                "Eiters": 0}, ckpt)
+    return ckpt, data_path, vocab_path, caps
+
+
+def job_retrieve(args, module, ref):
+    import retrieve
+    with tempfile.TemporaryDirectory() as root:
+        ckpt, data_path, vocab_path, caps = write_gallery(args, module, root)
+        # files older than the cache's "changed just now" window, as a user's data are
+        time.sleep(getattr(args, "settle", retrieve.RACY_NS / 1e9 + 0.5))
+        cache = os.path.join(root, "cache")
+        kw = dict(data_path=data_path, vocab_path=vocab_path, split="test",
+                  device=args.device, cache_dir=cache, topk=10)
+        queries = [caps[7], "a man in a red shirt rides a bike on a street",
+                   "two dogs play with a ball on the beach"]
+        t = time.perf_counter()
+        retrieve.retrieve(ckpt, query=queries[0], **kw)
+        uncached = time.perf_counter() - t
+        t = time.perf_counter()
+        hits = retrieve.retrieve(ckpt, query=queries[1], **kw)
+        cached = time.perf_counter() - t
+        assert hits["cached"]
+        g = retrieve.Gallery(ckpt, data_path, "test", vocab_path=vocab_path,
+                             device=args.device, cache_dir=cache)
+        g.search_text(queries[0])
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            g.search_text(q)
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "retrieve.py"),
+                        "--model_path", ckpt, "--data_path", data_path, "--vocab_path",
+                        vocab_path, "--split", "test", "--device", args.device, "--cache_dir",
+                        cache, "--query", queries[2]], check=True, capture_output=True)
+        command = time.perf_counter() - t
+    return {"uncached": uncached, "cached": cached, "query": min(times), "command": command}
+
+
+JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_daa,
+        "retrieve": job_retrieve}
 
 
 def run_job(args):
@@ -488,6 +575,13 @@ def main(argv=None):
                   "with DAA (weight %g) %.2f s: %+.0f%%, peak RSS %.0f MB"
                   % (module, max(3, args.steps), r["without"], w, r["with"],
                      100 * (r["with"] / r["without"] - 1), r["peak_mb"]))
+        if "retrieve" in whats:
+            r = spawn(argv, "retrieve", module, "fast")
+            print("[%s] one text query against %d images (%d captions): uncached %.2f s "
+                  "(load, hash, encode, cache, score), cached %.2f s (load, read the cache, "
+                  "score), on a loaded gallery %.3f s; as a command, cached: %.2f s; peak RSS "
+                  "%.0f MB" % (module, args.gallery, 5 * args.gallery, r["uncached"],
+                               r["cached"], r["query"], r["command"], r["peak_mb"]))
         if "train" in whats:
             lens = make_lengths(args, args.batch, np.random.default_rng(args.seed + 1))
             # the per-caption step scores all B x B pairs forward (backward ~2x more)

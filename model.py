@@ -579,6 +579,12 @@ class Matcher:
         family's `self.txt_enc(captions, lengths)`."""
         return self.txt_enc(captions.to(self.device), lengths), lengths
 
+    def gallery_inputs(self, img_embs):
+        """What `score` computes from the images alone, computed once for a gallery (and cached
+        with it) instead of at every query: {name: array (n_images, ...)}; retrieve.py passes
+        each to `score(..., name=rows)`, the rows of the images being scored. Default: {}."""
+        return {}
+
     def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
         """The word x region attention weights this matcher computes when it scores the pairs
         (image k, caption k): a list of (cap_lens[k], R) float64 arrays, each row (a word) a
@@ -782,9 +788,21 @@ class SGRAF(Matcher):
                 out.append(attn[0].double().cpu().numpy())
         return out
 
-    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
+    def gallery_inputs(self, img_embs, chunk=256):
+        """VisualSA's global vector of every image (n_images, d), the query-independent part
+        of the scores (at full dimensions about 8x the rest of one caption's scores)."""
+        self.val_start()
+        out = np.empty((len(img_embs), img_embs.shape[-1]), dtype=np.float32)
+        with torch.no_grad():
+            for i in range(0, len(img_embs), chunk):
+                im = torch.from_numpy(np.asarray(img_embs[i:i + chunk], dtype=np.float32))
+                out[i:i + chunk] = self.sim_enc.image_globals(im.to(self.device)).float().cpu()
+        return {"img_glo": out}
+
+    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, img_glo=None, **extra):
         """The (n_images, n_captions) similarity matrix, float64 as the original, scored shard by
-        shard and written into the result as each shard is done.
+        shard and written into the result as each shard is done. `img_glo`: the images' global
+        vectors (n_images, d) when computed beforehand (gallery_inputs).
 
         `shard_size` given: shards of shard_size images x shard_size captions (the original's
         100). None: the shard sizes follow the memory available (`memory_budget`); the peak
@@ -813,7 +831,7 @@ class SGRAF(Matcher):
         bf16 = getattr(self.opt, "precision", "fp32") == "bf16"
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         shards = [(i, j) for i in range(0, n_im, im_shard) for j in range(0, n_cap, cap_shard)]
-        img_glo, img_at = None, None
+        glo, img_at = None, None
         for i, j in tqdm(shards, desc="shard_attn_scores", leave=False, disable=None):
             im_end, ca_end = min(i + im_shard, n_im), min(j + cap_shard, n_cap)
             lens = cap_lens[j:ca_end]
@@ -822,12 +840,14 @@ class SGRAF(Matcher):
                 ca = torch.from_numpy(np.ascontiguousarray(cap_embs[j:ca_end, :max(lens)],
                                                            dtype=np.float32)).to(device)
                 if img_at != i:
-                    img_glo, img_at = sim_enc.image_globals(im), i
+                    img_at = i
+                    glo = (sim_enc.image_globals(im) if img_glo is None else
+                           torch.from_numpy(np.asarray(img_glo[i:im_end])).to(device))
                 cap_glo = cap_glo_cache.get(j)
                 if cap_glo is None:
                     cap_glo = sim_enc.caption_globals(ca, lens)
                     if keep_cap_glo:
                         cap_glo_cache[j] = cap_glo
-                sim = sim_enc(im, ca, lens, img_glo=img_glo, cap_glo=cap_glo)
+                sim = sim_enc(im, ca, lens, img_glo=glo, cap_glo=cap_glo)
             sims[i:im_end, j:ca_end] = sim.float().cpu().numpy()
         return sims

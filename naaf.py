@@ -572,7 +572,8 @@ class NAAF(Matcher):
         return self.eval_sims(img_embs, cap_embs, cap_lens).cpu().numpy()
 
     attention_info = ("SCAN's text-to-image attention of NAAF's relevance branch: for each "
-                      "word, a softmax over the image's regions (temperature {opt.lambda_softmax:g})")
+                      "word, a softmax over the image's regions (temperature "
+                      "{opt.lambda_softmax:g})")
 
     def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
         """The weights of the positive relevance branch (relevance_attention) of each pair

@@ -145,7 +145,7 @@ def _recall_figure(curves, scope):
                         "%.1f" % rec[i] for i in marks)))
             ax.plot(ks[marks], rec[marks], "o", color=c, markersize=4)
         ax.set_xscale("log")
-        ax.set_xlim(1, curves[0][1]["k"][-1])
+        ax.set_xlim(0.9, curves[0][1]["k"][-1] * 1.1)
         ax.set_ylim(0, 100)
         ax.set_xlabel("K (results looked at, log scale)")
         ax.set_title((title % (n_q, n_g)) if not d0["fold5"] else

@@ -24,7 +24,9 @@ unchanged file is not read again; a file changed within 2 s of its hashing is ha
 
 Everything a matcher does differently goes through the contract (model.Matcher):
 `query_batch` (free text -> the batch its text encoder takes, the tokens, the unknown words),
-`forward_text`, `score` and, for `--explain`, `word_region_attention` and `attention_info`.
+`forward_text`, `gallery_inputs` (what its `score` computes from the images alone, computed once
+and cached: SGR/SAF's image global vectors), `score` and, for `--explain`,
+`word_region_attention` and `attention_info`.
 """
 import argparse
 import hashlib
@@ -175,7 +177,7 @@ class Encodings:
     the captions ragged (their words concatenated, (sum of lengths, d)) or global (C, d), the
     lengths, the `score_inputs` extras, and the caption texts."""
 
-    def __init__(self, img_embs, cap_embs, cap_lens, extra, captions, im_div):
+    def __init__(self, img_embs, cap_embs, cap_lens, extra, captions, im_div, gallery=None):
         self.img_embs = img_embs
         self.cap_embs = cap_embs          # (T, d) words of all captions, or (C, d) global
         self.cap_lens = np.asarray(cap_lens, dtype=np.int64)
@@ -184,17 +186,30 @@ class Encodings:
         self.extra = extra
         self.captions = list(captions)
         self.im_div = int(im_div)
+        self.gallery = gallery or {}      # Matcher.gallery_inputs: {name: (n_images, ...)}
 
     @classmethod
-    def from_encoded(cls, enc, captions, im_div):
+    def from_encoded(cls, enc, captions, im_div, gallery=None):
         img_embs, cap_embs, cap_lens = enc
         if cap_embs.ndim == 3:  # per word, zero padded: keep the real words only
             cap_embs = np.concatenate([cap_embs[k, :n] for k, n in enumerate(cap_lens)])
-        return cls(img_embs, cap_embs, cap_lens, enc.extra, captions[:len(cap_lens)], im_div)
+        return cls(img_embs, cap_embs, cap_lens, enc.extra, captions[:len(cap_lens)], im_div,
+                   gallery)
+
+    def gallery_rows(self, rows):
+        """The gallery inputs of some images (a slice or indices), for `score`."""
+        return {k: np.asarray(v[rows]) for k, v in self.gallery.items()}
 
     @property
     def n_images(self):
         return len(self.img_embs)
+
+    def all_images(self):
+        """Every image's encoding in memory (a cache entry is memory-mapped: an image query
+        reads one image, a text query all of them, once)."""
+        if isinstance(self.img_embs, np.memmap):
+            self.img_embs = np.array(self.img_embs)
+        return self.img_embs
 
     def caption_block(self, idx):
         """The captions `idx` as `score` takes them: (len(idx), their longest, d) zero padded,
@@ -222,6 +237,7 @@ class Encodings:
             np.save(os.path.join(tmp, "images.npy"), self.img_embs)
             np.save(os.path.join(tmp, "captions.npy"), self.cap_embs)
             np.save(os.path.join(tmp, "cap_lens.npy"), self.cap_lens)
+            np.savez(os.path.join(tmp, "gallery.npz"), **self.gallery)
             torch.save(extra, os.path.join(tmp, "extra.pt"))
             _write_json(dict(meta, made_by=TOOL, format=CACHE_FORMAT, im_div=self.im_div,
                              captions=self.captions), os.path.join(tmp, "meta.json"))
@@ -246,10 +262,12 @@ class Encodings:
             return None
         try:
             extra = torch.load(os.path.join(entry, "extra.pt"), weights_only=True)
-            return cls(np.load(os.path.join(entry, "images.npy")),
-                       np.load(os.path.join(entry, "captions.npy")),
+            with np.load(os.path.join(entry, "gallery.npz")) as f:
+                gallery = {k: f[k] for k in f.files}
+            return cls(np.load(os.path.join(entry, "images.npy"), mmap_mode="r"),
+                       np.load(os.path.join(entry, "captions.npy"), mmap_mode="r"),
                        np.load(os.path.join(entry, "cap_lens.npy")), _unpack(extra),
-                       meta["captions"], meta["im_div"])
+                       meta["captions"], meta["im_div"], gallery)
         except (OSError, ValueError, KeyError, RuntimeError, EOFError):
             return None
 
@@ -392,7 +410,8 @@ class Gallery:
             log.info("retrieve: %s: encoding %s %s (%d images, %d captions)", m.label,
                      self.data_name, self.split, m.n_images, len(dset))
             enc = evaluation.encode_data(m.model, m.loader, img_stride=dset.im_div)
-            m.enc = Encodings.from_encoded(enc, dset.captions, dset.im_div)
+            m.enc = Encodings.from_encoded(enc, dset.captions, dset.im_div,
+                                           m.model.gallery_inputs(enc[0]))
             if m.entry:
                 if os.path.lexists(m.entry):  # an incomplete entry of ours: replace it
                     shutil.rmtree(m.entry)
@@ -446,8 +465,8 @@ class Gallery:
             inputs = getattr(m.model, "score_inputs", {})
             extra = {k: (enc.extra[k] if where == "image" else q.extra[k])
                      for k, where in inputs.items()}
-            scores.append(m.model.score(enc.img_embs, cap, [int(n) for n in lens],
-                                        **extra)[:, 0])
+            scores.append(m.model.score(enc.all_images(), cap, [int(n) for n in lens],
+                                        **extra, **enc.gallery_rows(slice(None)))[:, 0])
             context.append({"cap": cap, "lens": [int(n) for n in lens], "tokens": q.tokens,
                             "unknown": q.unknown, "extra": q.extra})
         scores = self._ensemble(scores)
@@ -479,7 +498,7 @@ class Gallery:
         for m in self.members:
             enc = self.encodings(m)
             inputs = getattr(m.model, "score_inputs", {})
-            img = enc.img_embs[index:index + 1]
+            img = np.array(enc.img_embs[index:index + 1])
             s = np.empty(len(enc.cap_lens))
             order = np.argsort(enc.cap_lens, kind="stable")  # chunks of similar lengths
             for start in range(0, len(order), CAPTION_CHUNK):
@@ -487,7 +506,8 @@ class Gallery:
                 extra = {k: (enc.extra[k][index:index + 1] if where == "image" else
                              [enc.extra[k][j] for j in idx]) for k, where in inputs.items()}
                 s[idx] = m.model.score(img, enc.caption_block(idx),
-                                       [int(x) for x in enc.cap_lens[idx]], **extra)[0]
+                                       [int(x) for x in enc.cap_lens[idx]], **extra,
+                                       **enc.gallery_rows(slice(index, index + 1)))[0]
             scores.append(s)
         scores = self._ensemble(scores)
         order, results = self._results(scores, topk)
@@ -538,7 +558,8 @@ class Gallery:
                 extra = {key: ([enc.extra[key][i] for i in idx] if where == "image" else
                                list(c["extra"][key]) * len(idx))
                          for key, where in inputs.items()}
-                weights = m.model.word_region_attention(enc.img_embs[idx], caps, lens, **extra)
+                weights = m.model.word_region_attention(np.array(enc.img_embs[idx]), caps,
+                                                        lens, **extra)
                 words = [c["tokens"]] * len(idx)
             else:
                 i = hits.context["index"]
@@ -548,7 +569,8 @@ class Gallery:
                                [enc.extra[key][j] for j in idx])
                          for key, where in inputs.items()}
                 weights = m.model.word_region_attention(
-                    np.repeat(enc.img_embs[i:i + 1], len(idx), axis=0), caps, lens, **extra)
+                    np.repeat(np.array(enc.img_embs[i:i + 1]), len(idx), axis=0), caps, lens,
+                    **extra)
                 words = [m.model.query_batch(enc.captions[j], m.vocab).tokens for j in idx]
             words = [w if len(w) == len(a) else [str(p) for p in range(len(a))]
                      for w, a in zip(words, weights)]

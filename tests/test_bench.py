@@ -94,3 +94,15 @@ def test_daa_cost_job_runs_both_steps():
     args.min_len = 3
     r = bench.job_daa(args, "SGR", False)
     assert set(r) == {"with", "without"} and r["with"] > 0 and r["without"] > 0
+
+
+def test_retrieve_job(tmp_path, monkeypatch):
+    """bench.py --what retrieve at a tiny size: an uncached and a cached query, queries on a
+    loaded gallery, and the command."""
+    args = tiny_args()
+    args.gallery, args.settle = 6, 0
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing in the user's cache
+    r = bench.job_retrieve(args, "SGR", False)
+    assert set(r) == {"uncached", "cached", "query", "command"}
+    assert all(v > 0 for v in r.values())
+    assert not list(tmp_path.iterdir())

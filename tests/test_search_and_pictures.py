@@ -321,7 +321,7 @@ def test_explain_rows_are_the_matchers_attention(setup, case, tmp_path):
     with torch.no_grad():
         cap = m.model.forward_text(q.captions, q.lengths)[0]
         for k, r in enumerate(hits["results"]):
-            img = torch.from_numpy(enc.img_embs[r["index"]][None])
+            img = torch.from_numpy(np.array(enc.img_embs[r["index"]][None]))
             smooth = 9.0 if names[0] != "NAAF" else m.opt.lambda_softmax
             ref = scan_attention_reference(img, cap, smooth).double().numpy()
             np.testing.assert_allclose(drawn[k * len(names)], ref, rtol=0, atol=1e-6)
