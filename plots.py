@@ -136,6 +136,8 @@ def _recall_figure(curves, scope):
         d0 = curves[0][1]
         n_q, n_g = ((d0["n_images"], d0["n_captions"]) if way == "i2t" else
                     (d0["n_captions"], d0["n_images"]))
+        if d0["fold5"]:
+            n_q, n_g = n_q // 5, n_g // 5
         for k, (label, d) in enumerate(curves):
             c = COLOURS[k % len(COLOURS)]
             ks, rec = d["k"], d["recall_" + way]
@@ -148,8 +150,8 @@ def _recall_figure(curves, scope):
         ax.set_xlim(0.9, curves[0][1]["k"][-1] * 1.1)
         ax.set_ylim(0, 100)
         ax.set_xlabel("K (results looked at, log scale)")
-        ax.set_title((title % (n_q, n_g)) if not d0["fold5"] else
-                     title.split(":")[0] + ": per 1K fold", fontsize=10)
+        ax.set_title(title % (n_q, n_g) + (" in each fold" if d0["fold5"] else ""),
+                     fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("recall@K (% of queries with a match in the top K)")

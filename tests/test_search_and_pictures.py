@@ -480,3 +480,23 @@ def test_plots_never_write_over_a_file_they_did_not_make(setup, tmp_path, capsys
     assert "rsum" not in captured.out  # refused before any compute
     assert sorted(os.listdir(out_dir)) == ["recall_at_k.png"]
     assert (out_dir / "recall_at_k.png").read_bytes() == b"my own figure"
+
+
+def test_plots_fold5_are_the_means_over_the_folds(tmp_path):
+    """COCO 5-fold 1K: the recall curves are the means of the folds' curves, as the printed
+    means (to the last bit); scores and ranks are those of the pairs within the folds."""
+    rng = np.random.default_rng(0)
+    sims = np.zeros((5000, 25000), dtype=np.float32)  # only the folds' blocks are read
+    for i in range(5):
+        b = rng.random((1000, 5000), dtype=np.float32)
+        b[np.arange(5000) // 5, np.arange(5000)] += rng.random(5000, dtype=np.float32) * 0.5
+        sims[i * 1000:(i + 1) * 1000, i * 5000:(i + 1) * 5000] = b
+    r = evaluation.report(sims, fold5=True, log=lambda *a: None)
+    d = evaluation.plot_data(sims, fold5=True)
+    assert list(d["recall_i2t"][[0, 4, 9]]) == list(r["i2t"][:3])
+    assert list(d["recall_t2i"][[0, 4, 9]]) == list(r["t2i"][:3])
+    assert d["pos_hist"].sum() == 25000 and d["neg_hist"].sum() == 5 * 1000 * 5000 - 25000
+    assert len(d["ranks_i2t"]) == 5000 and len(d["ranks_t2i"]) == 25000
+    assert d["ranks_t2i"].max() < 1000  # ranks within a fold
+    paths = plots.evaluation_figures([("SGR (x.pth.tar)", d)], str(tmp_path), "coco testall")
+    assert [os.path.basename(p) for p in paths] == list(plots.EVAL_FILES)
