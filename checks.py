@@ -256,6 +256,9 @@ PROBLEMS = {
         UsageError, "already exists and was not written by {tool}",
         "pass another {flag}, or move the file away: nothing is written over a file this "
         "command did not make"),
+    "output_dir": Problem(
+        UsageError, "cannot be written: {reason}",
+        "pass a path in a directory you can write to"),
     "query_empty": Problem(
         UsageError, "the query is empty", 'pass a sentence, e.g. --query "a man rides a bike"'),
     "image_index": Problem(
@@ -268,6 +271,9 @@ PROBLEMS = {
         UsageError, "is inside the {what} {inside}; the retrieval cache must not mix with data "
         "or checkpoints",
         "pass a --cache_dir outside it (the default is {default})"),
+    "cache_unwritable": Problem(
+        UsageError, "the retrieval cache cannot be kept there ({reason})",
+        "pass a --cache_dir you can write to, or --no_cache"),
     "images_dir": Problem(
         DataError, "image directory not found",
         "pass --images DIR holding the split's image files"),

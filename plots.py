@@ -46,10 +46,18 @@ def made_by(path):
 
 
 def check_outputs(paths, tool, flag):
-    """Refuse (one-line UsageError) when one of `paths` exists and was not written by `tool`."""
+    """Refuse (one-line UsageError) when one of `paths` exists and was not written by `tool`,
+    or cannot be written (a parent is a file, or a directory that is not writable)."""
     for path in paths:
         if os.path.isdir(path) or (os.path.lexists(path) and made_by(path) != tool):
             raise checks.error("output_not_ours", path, tool=tool, flag=flag)
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise checks.error("output_dir", path, reason="%s is not a directory" % parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise checks.error("output_dir", path, reason="%s is not writable" % parent)
 
 
 def save(fig, path, tool, flag):
@@ -58,9 +66,12 @@ def save(fig, path, tool, flag):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     check_outputs([path], tool, flag)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
+    except OSError as e:
+        raise checks.error("output_dir", path, reason=checks.first_line(e)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=DPI, metadata={MARK: tool})

@@ -328,7 +328,13 @@ class Gallery:
         self.digests = None
         if self.cache_dir:
             self._check_cache_dir(opt.data_path, paths)
-            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+                if not os.access(self.cache_dir, os.W_OK | os.X_OK):
+                    raise PermissionError("not writable")
+            except OSError as e:
+                raise checks.error("cache_unwritable", self.cache_dir,
+                                   reason=checks.first_line(e)) from None
             self.digests = Digests(self.cache_dir)
         loaders = {}
         for m in self.members:
