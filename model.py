@@ -329,9 +329,11 @@ def memory_budget():
 
 # A free-text query as a matcher's text encoder takes it (Matcher.query_batch): the batch of one
 # caption for `forward_text` (captions (1, L) ids, lengths [L], extra {name: [value]}), the
-# tokens the encoder sees (one per position: the rows of an attention map) and the tokens the
-# vocabulary does not know (mapped to its unknown token).
-TextQuery = namedtuple("TextQuery", "captions lengths extra tokens unknown")
+# tokens the encoder sees (one per position: the rows of an attention map), the words the
+# vocabulary does not know (mapped to its unknown token) and, where tokens are not words
+# (WordPiece), the number of words (None: the tokens but the special ones, <...> and [...]).
+TextQuery = namedtuple("TextQuery", "captions lengths extra tokens unknown n_words",
+                       defaults=(None,))
 
 
 class Matcher:

@@ -45,6 +45,7 @@ import torch
 import checks
 import data
 import evaluation
+import matchers
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,12 @@ def split_files(split_dir, split):
     return sorted(name for name in os.listdir(split_dir)
                   if (name.startswith(split + "_") or name.startswith(split + "."))
                   and os.path.isfile(os.path.join(split_dir, name)))
+
+
+def _special(token):
+    """An encoder's special token (SCAN's <start>, BERT's [CLS], ...), not a word."""
+    return (token.startswith("<") and token.endswith(">")) or \
+        (token.startswith("[") and token.endswith("]"))
 
 
 def _inside(path, folder):
@@ -311,12 +318,17 @@ class Gallery:
 
     def __init__(self, model_path, data_path=None, split="test", model_path2=None,
                  vocab_path=None, data_name=None, device=None, feat_format=None,
-                 cache_dir="default"):
+                 cache_dir="default", overrides=None, check_flags=False):
         self.split = split
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
         paths = [p for p in (model_path, model_path2) if p]
         loaded = [evaluation.load_model(p, data_path, vocab_path, device, feat_format,
-                                        data_name=data_name) for p in paths]
+                                        data_name=data_name, overrides=overrides)
+                  for p in paths]
+        unused = [type(m).vocab_path_unused for m, _, _, _ in loaded]
+        if check_flags and vocab_path is not None and all(unused):
+            raise checks.error("flag_unsupported", "--vocab_path %s" % vocab_path,
+                               model=loaded[0][1].module_name, why=unused[0])
         labels = evaluation.model_labels(paths, [o for _, o, _, _ in loaded])
         self.members = []
         for path, (model, opt, vocab, _), label in zip(paths, loaded, labels):
@@ -473,8 +485,10 @@ class Gallery:
                      for k, where in inputs.items()}
             scores.append(m.model.score(enc.all_images(), cap, [int(n) for n in lens],
                                         **extra, **enc.gallery_rows(slice(None)))[:, 0])
+            n_words = q.n_words if q.n_words is not None else len(
+                [t for t in q.tokens if not _special(t)])
             context.append({"cap": cap, "lens": [int(n) for n in lens], "tokens": q.tokens,
-                            "unknown": q.unknown, "extra": q.extra})
+                            "unknown": q.unknown, "extra": q.extra, "n_words": n_words})
         scores = self._ensemble(scores)
         order, results = self._results(scores, topk)
         enc = self.members[0].enc
@@ -482,8 +496,8 @@ class Gallery:
             i = r["index"]
             r["captions"] = enc.captions[i * enc.im_div:(i + 1) * enc.im_div]
         unknown = context[0]["unknown"]
-        query = {"text": text, "tokens": context[0]["tokens"], "unknown": unknown,
-                 "n_unknown": len(unknown)}
+        query = {"text": text, "tokens": context[0]["tokens"], "n_words": context[0]["n_words"],
+                 "unknown": unknown, "n_unknown": len(unknown)}
         if len(self.members) > 1 and any(c["unknown"] != unknown for c in context):
             query["unknown_per_model"] = {m.label: c["unknown"]
                                           for m, c in zip(self.members, context)}
@@ -685,7 +699,7 @@ class ImageFiles:
         boxes = np.asarray(self.boxes[index], dtype=np.float64)        # (R, 4)
         top = {}
         for w, row in zip(words, np.asarray(weights)):
-            if (w.startswith("<") and w.endswith(">")) or (w.startswith("[") and w.endswith("]")):
+            if _special(w):
                 continue
             top.setdefault(int(np.argmax(row)), []).append(w)
         drawn = [tuple(boxes[r]) + (", ".join(ws),) for r, ws in sorted(top.items())
@@ -703,7 +717,7 @@ def format_table(hits):
     lines = ["%s on %s (%s): %d %s" % (" + ".join(hits["matchers"]), hits["data"],
                                        hits["split"], hits["n_gallery"], hits["gallery"])]
     if "text" in q:
-        n_words = len([t for t in q["tokens"] if not (t.startswith("<") and t.endswith(">"))])
+        n_words = q["n_words"]
         unk = ("all known to the vocabulary" if not q["unknown"] else
                "%d not in the vocabulary, mapped to <unk>: %s"
                % (len(q["unknown"]), ", ".join(q["unknown"])))
@@ -729,10 +743,13 @@ def format_table(hits):
 
 def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split="test",
              model_path2=None, vocab_path=None, data_name=None, device=None, feat_format=None,
-             cache_dir="default", explain=None, images=None, image_ids=None):
+             cache_dir="default", explain=None, images=None, image_ids=None, overrides=None,
+             check_flags=False):
     """One query (free text `query`, or the split's image index `image`) against the split:
     Hits ({"query", "results", ...}). `cache_dir`: "default" (default_cache_dir()), a
-    directory, or None (no cache). `explain=PATH`: also draw the attention (hits["explain"])."""
+    directory, or None (no cache). `explain=PATH`: also draw the attention (hits["explain"]).
+    `overrides`: the matchers' evaluation flags ({option: value}, as evaluation.evalrank);
+    `check_flags` (the command line): refuse a --vocab_path that no model reads."""
     if (query is None) == (image is None):
         raise ValueError("give either query or image")
     if topk < 1:
@@ -743,7 +760,7 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
         import plots
         plots.check_outputs([explain], TOOL + " --explain", "--explain")
     gallery = Gallery(model_path, data_path, split, model_path2, vocab_path, data_name, device,
-                      feat_format, cache_dir)
+                      feat_format, cache_dir, overrides, check_flags)
     if image is not None and not 0 <= image < gallery.n_images:
         raise checks.error("image_index", "--image %d" % image, split=split,
                            n_images=gallery.n_images, last=gallery.n_images - 1)
@@ -794,6 +811,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu")
     p.add_argument("--feat_format", default=None, choices=["auto", "npy", "h5"],
                    help="read {split}_ims.npy or {split}.h5 (default: the checkpoint's, auto)")
+    dests = matchers.add_eval_options(p)
     args = p.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     if args.images and not args.explain:
@@ -804,7 +822,9 @@ def main(argv=None):
                     feat_format=args.feat_format,
                     cache_dir=None if args.no_cache else args.cache_dir,
                     explain=args.explain, images=args.images if args.explain else None,
-                    image_ids=args.image_ids if args.explain else None)
+                    image_ids=args.image_ids if args.explain else None,
+                    overrides={d: getattr(args, d) for d in dests if getattr(args, d) is not None},
+                    check_flags=True)
     print(json.dumps(hits, ensure_ascii=False) if args.json else format_table(hits))
     if args.explain and not args.json:
         print("attention: %s" % hits["explain"])

@@ -21,12 +21,15 @@ import evaluation
 import matchers
 import model as model_py
 import naaf
+import opts
 import plots
 import retrieve
-from helpers import tiny_dataset
+from conftest import REPO
+from helpers import tiny_dataset, train_args
 from model import SGRAF, l2norm
 from test_contract import Toy
 from test_eval_cli import original_opt
+from test_gsmn_integration import add_gsmn_files
 from test_naaf_integration import original_naaf_opt
 from vocab import deserialize_vocab, tokenize
 
@@ -500,3 +503,146 @@ def test_plots_fold5_are_the_means_over_the_folds(tmp_path):
     assert d["ranks_t2i"].max() < 1000  # ranks within a fold
     paths = plots.evaluation_figures([("SGR (x.pth.tar)", d)], str(tmp_path), "coco testall")
     assert [os.path.basename(p) for p in paths] == list(plots.EVAL_FILES)
+
+
+# ----------------------------------------------------------------------------- GSMN and HREM
+
+OTHERS = {"GSMN": ("GSMN",), "HREM": ("HREM",), "GSMN+HREM": ("GSMN", "HREM")}
+OTHER_FLAGS = {"GSMN": ["--module_name", "GSMN", "--is_sparse", "--num_block", "4",
+                        "--feat_dim", "4", "--hid_dim", "8"],
+               "HREM": ["--module_name", "HREM", "--bert_path", str(REPO / "bert_demo"),
+                        "--bert_init", "random", "--nhead", "4"]}
+
+
+@pytest.fixture(scope="module")
+def others(setup, tmp_path_factory):
+    """The split of `setup` with GSMN's optional files (boxes, image sizes, dependency arcs
+    without self-loops), checkpoints of a sparse GSMN and of HREM (the demo's BERT, random
+    weights) built from the flags, and each case's --save_sims matrix."""
+    root = tmp_path_factory.mktemp("retrieve_others")
+    data = str(root / "data")
+    shutil.copytree(setup.data, data)
+    add_gsmn_files(data, "test", N_TEST, 5 * N_TEST)
+    arcs = [[[0, 2]] + [[a, b] for a, b in zip(range(1, 4), range(2, 5))]
+            for _ in range(5 * N_TEST)]
+    with open(os.path.join(data, "synth_precomp", "test_caps.json"), "w") as f:
+        json.dump(arcs, f)
+    os.makedirs(root / "ckpt")
+    paths = {}
+    for seed, name in enumerate(OTHER_FLAGS):
+        torch.manual_seed(seed)
+        opt = opts.parse_opt(train_args(data, setup.vocab, str(root / "run"),
+                                        *OTHER_FLAGS[name]))
+        opt.device, opt.workers = "cpu", 0
+        opt.vocab_size = len(matchers.matcher_class(name).vocabulary(opt)[0])
+        m = matchers.build_model(opt)
+        paths[name] = str(root / "ckpt" / ("%s.pth.tar" % name))
+        torch.save({"epoch": 1, "model": m.state_dict(), "best_rsum": 0.0, "opt": opt,
+                    "Eiters": 1}, paths[name])
+    sims = {}
+    for case, names in OTHERS.items():
+        f = str(root / ("%s.npy" % case))
+        evaluation.main(["--model_path", paths[names[0]], "--data_path", data, "--split",
+                         "test", "--device", "cpu", "--save_sims", f] +
+                        (["--model_path2", paths[names[1]]] if len(names) > 1 else []))
+        sims[case] = np.load(f)
+    return argparse.Namespace(root=root, data=data, vocab=setup.vocab, paths=paths, sims=sims,
+                              captions=setup.captions)
+
+
+def other_args(s, case, *extra, cache=None):
+    names = OTHERS[case]
+    return (["--model_path", s.paths[names[0]], "--data_path", s.data, "--split", "test",
+             "--device", "cpu"] +
+            (["--model_path2", s.paths[names[1]]] if len(names) > 1 else []) +
+            (["--cache_dir", str(cache)] if cache else ["--no_cache"]) + list(extra))
+
+
+@pytest.mark.parametrize("case", list(OTHERS))
+def test_gsmn_and_hrem_queries_equal_the_save_sims_matrix(others, case, tmp_path, capsys,
+                                                          monkeypatch):
+    """The registry's other matchers with no change in retrieve.py: GSMN (a cross-attention
+    matcher with per-image boxes and per-caption arcs), HREM (global embeddings, BERT), and
+    an ensemble of the two (two vocabularies). Encoded once, then from the cache."""
+    s, sims = others, others.sims[case]
+    cache = tmp_path / "cache"
+    calls = []
+    encode = evaluation.encode_data
+    monkeypatch.setattr(evaluation, "encode_data",
+                        lambda *a, **k: calls.append(1) or encode(*a, **k))
+    for j in (0, 31, 59):
+        out = run_json(other_args(s, case, "--query", s.captions[j], "--topk", "5",
+                                  cache=cache), capsys)
+        assert_same_ranking(out["results"], sims[:, j], 5)
+    assert len(calls) == len(OTHERS[case]) and out["cached"] is True
+    for i in (0, 7):
+        out = run_json(other_args(s, case, "--image", str(i), "--topk", "6", cache=cache),
+                       capsys)
+        assert_same_ranking(out["results"], sims[i], 6)
+        assert out["query"]["captions"] == s.captions[5 * i:5 * i + 5]
+    assert len(calls) == len(OTHERS[case])
+
+
+def test_hrem_query_tokens_unknown_words_and_no_explain(others, tmp_path, capsys):
+    s = others
+    capsys.readouterr()
+    assert retrieve.main(other_args(s, "HREM", "--query", "A dog zorbles the Flumph",
+                                    "--topk", "2")) == 0
+    assert 'query: "A dog zorbles the Flumph" (5 words; 2 not in the vocabulary, mapped to ' \
+           '<unk>: zorbles, flumph)' in capsys.readouterr().out
+    res = run_json(other_args(s, "HREM", "--query", "a dog runs"), capsys)
+    assert res["query"]["tokens"] == ["[CLS]", "a", "dog", "runs", "[SEP]"]
+    assert res["query"]["n_words"] == 3 and res["query"]["unknown"] == []
+    expect_exit(other_args(s, "HREM", "--query", "a dog", "--explain",
+                           str(tmp_path / "x.png")), capsys, "explain_unsupported",
+                "--explain: HREM has no word x region attention to show: it is a dual "
+                "encoder")
+    assert not os.path.exists(tmp_path / "x.png")
+    expect_exit(other_args(s, "HREM", "--query", "a dog", "--vocab_path", s.vocab), capsys,
+                "flag_unsupported", "WordPiece vocabulary of --bert_path")
+
+
+@pytest.mark.parametrize("case", ["GSMN", "GSMN+HREM"])
+def test_gsmn_explain_rows_are_its_text_to_image_attention(others, case, tmp_path):
+    """GSMN draws its textual graph's attention (each word over the regions); in an ensemble
+    with HREM only GSMN's maps are drawn, and the title says why HREM has none."""
+    s = others
+    names = OTHERS[case]
+    out = str(tmp_path / "att.png")
+    hits = retrieve.retrieve(s.paths[names[0]], query="a little dog on a bench", topk=3,
+                             data_path=s.data, device="cpu", cache_dir=None, explain=out,
+                             model_path2=s.paths[names[1]] if len(names) > 1 else None)
+    drawn = hits.context["explain"]["attention"]
+    assert len(drawn) == 3 and plots.made_by(out) == "retrieve.py --explain"
+    gallery = retrieve.Gallery(s.paths["GSMN"], s.data, "test", device="cpu", cache_dir=None)
+    m = gallery.members[0]
+    enc = gallery.encodings(m)
+    q = m.model.query_batch("a little dog on a bench", m.vocab)
+    assert q.extra == {"depends": [None]}
+    with torch.no_grad():
+        cap = m.model.forward_text(q.captions, q.lengths)[0]
+        for k, r in enumerate(hits["results"]):
+            w = drawn[k]
+            assert w.shape == (len(q.tokens), 36)
+            np.testing.assert_allclose(w.sum(1), 1.0, rtol=0, atol=1e-6)
+            img = torch.from_numpy(np.array(enc.img_embs[r["index"]][None]))
+            ref = scan_attention_reference(img, cap, m.opt.lambda_softmax).double().numpy()
+            np.testing.assert_allclose(w, ref, rtol=0, atol=1e-6)
+    hits = retrieve.retrieve(s.paths["GSMN"], image=3, topk=2, data_path=s.data, device="cpu",
+                             cache_dir=None, explain=str(tmp_path / "img.png"))
+    for r, w, ws in zip(hits["results"], hits.context["explain"]["attention"],
+                        hits.context["explain"]["words"]):
+        assert ws == ["<start>"] + tokenize(s.captions[r["index"]]) + ["<end>"]
+        np.testing.assert_allclose(w.sum(1), 1.0, rtol=0, atol=1e-6)
+
+
+def test_plots_of_gsmn_and_hrem(others, tmp_path, capsys):
+    s = others
+    capsys.readouterr()
+    res = evaluation.evalrank(s.paths["GSMN"], model_path2=s.paths["HREM"], data_path=s.data,
+                              split="test", device="cpu", plots=str(tmp_path / "p"))
+    assert sorted(os.listdir(tmp_path / "p")) == sorted(plots.EVAL_FILES)
+    ens = list(res["plot_data"].values())
+    assert len(ens) == 3
+    assert list(ens[-1]["recall_t2i"][[0, 4, 9]]) == list(res["t2i"][:3])
+    assert list(ens[-1]["recall_i2t"][[0, 4, 9]]) == list(res["i2t"][:3])
