@@ -105,9 +105,10 @@ def test_retrieve_job(tmp_path, monkeypatch):
     args = tiny_args()
     args.gallery, args.settle = 6, 0
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing in the user's cache
-    r = bench.job_retrieve(args, "SGR", False)
-    assert set(r) == {"uncached", "cached", "query", "query_plain", "command"}
-    assert all(v > 0 for v in r.values())
+    for module, bert in (("SGR", None), ("GSMN", None), ("HREM", "demo")):
+        r = bench.job_retrieve(args, module, False, bert)
+        assert set(r) == {"uncached", "cached", "query", "query_plain", "command"}
+        assert all(v > 0 for v in r.values())
     assert not list(tmp_path.iterdir())
 
 
