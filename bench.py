@@ -37,6 +37,15 @@ peak memories do not mix.
     python bench.py --modules SGR --what eval --precision bf16
     python bench.py --modules NAAF       # NAAF only
     python bench.py --modules HREM       # HREM: 1000 images x 5000 captions, demo and base BERT
+    python bench.py --what retrieve --modules SGR,NAAF   # one text query, 1000-image gallery
+
+`--what retrieve` times retrieve.py end to end on a gallery written to a temporary directory
+(`--gallery` images of random features at `--img_dim`, 5 synthetic captions each, the shipped
+Flickr30K vocabulary, a randomly initialised checkpoint at full dimensions; HREM: each BERT of
+--hrem_bert, with bert_demo's WordPiece vocabulary): one text query uncached (load, hash the
+files, encode the split, cache it, score), then cached (load, read the cache, score), then a
+query on the gallery already loaded (`Gallery.search_text`: the query's own cost), and the
+cached query as a command (`python retrieve.py ...`, imports included).
 
 - HREM: a dual encoder, so its evaluation is encoding (each image once, each caption once, in
   batches of 128) plus one blocked matrix product (`HREM.score`): timed end to end on random
@@ -97,12 +106,14 @@ def get_args(argv=None):
     p.add_argument("--hrem_bert", default="demo,base",
                    help="HREM: BERT sizes, comma-separated: demo (bert_demo/), base (BERT-base)")
     p.add_argument("--what", default="encode,eval,train",
-                   help="comma-separated: encode, eval, train, daa")
+                   help="comma-separated: encode, eval, train, daa, retrieve")
     p.add_argument("--no_ref", action="store_true", help="skip the per-caption reference")
     p.add_argument("--thres_safe", type=float, default=0.3,
                    help="NAAF's test threshold (a checkpoint's learned opt.thres_safe)")
     p.add_argument("--naaf_ref_fp64", action="store_true",
                    help="NAAF's per-caption reference in float64, as the original evaluates")
+    p.add_argument("--gallery", type=int, default=1000,
+                   help="'--what retrieve': images of the gallery (5 captions each)")
     p.add_argument("--gsmn_batch", type=int, default=64,
                    help="GSMN's training batch (its README's Flickr30K batch)")
     p.add_argument("--gsmn_original", default=None, metavar="DIR",
@@ -133,6 +144,7 @@ def get_args(argv=None):
     if args.quick:
         args.n_img, args.n_cap, args.batch, args.gsmn_batch = 10, 50, 16, 16
         args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50
+        args.gallery = 50
         args.hrem_n_img, args.hrem_bert = 20, "demo"
     return args
 
@@ -657,10 +669,105 @@ def job_daa(args, module, ref):
     return {"with": min(times["with"]), "without": min(times["without"])}
 
 
+def write_gallery(args, module, root, bert=None):
+    """A SCAN-format split `test` of args.gallery images (random non-negative features, the
+    synthetic generator's captions), the shipped Flickr30K vocabulary, and a checkpoint of
+    `module` at the benchmark's dimensions: (checkpoint, data_path, vocab_path). HREM: BERT of
+    the size `bert` (make_hrem), its --bert_path a folder of that config and bert_demo's
+    WordPiece vocabulary (which covers the synthetic captions)."""
+    import argparse as ap
+    import shutil
+
+    import synthetic
+    from vocab import deserialize_vocab
+    data_path, vocab_path = os.path.join(root, "data"), os.path.join(root, "vocab")
+    split = os.path.join(data_path, "gallery_precomp")
+    os.makedirs(split)
+    os.makedirs(vocab_path)
+    os.makedirs(os.path.join(root, "ckpt"))
+    rng = np.random.default_rng(args.seed)
+    feats = np.lib.format.open_memmap(os.path.join(split, "test_ims.npy"), mode="w+",
+                                      dtype=np.float32, shape=(args.gallery, 36, args.img_dim))
+    for i in range(0, args.gallery, 100):
+        x = rng.standard_normal((min(100, args.gallery - i), 36, args.img_dim))
+        feats[i:i + 100] = np.maximum(x, 0)
+    feats.flush()
+    del feats
+    caps = synthetic.generate_split("test", args.gallery, args.seed, img_dim=8).captions
+    with open(os.path.join(split, "test_caps.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(c + "\n" for c in caps))
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copy(os.path.join(here, "vocab", "f30k_precomp_vocab.json"),
+                os.path.join(vocab_path, "gallery_precomp_vocab.json"))
+    args.vocab_size = len(deserialize_vocab(os.path.join(vocab_path,
+                                                         "gallery_precomp_vocab.json")))
+    if module == "HREM":
+        import hrem
+        model, opt = make_hrem(args, bert)
+        opt.bert_path = os.path.join(root, "bert")
+        model.txt_enc.bert.config.save_pretrained(opt.bert_path)
+        for f in ("vocab.txt", "tokenizer_config.json"):
+            shutil.copy(os.path.join(hrem.BERT_DEMO, f), opt.bert_path)
+    else:
+        model, opt = make_model(args, module)
+    opt = ap.Namespace(**dict(vars(opt), data_name="gallery_precomp", data_path=data_path,
+                              vocab_path=vocab_path, workers=0, batch_size=128))
+    del opt.device
+    ckpt = os.path.join(root, "ckpt", "model_best.pth.tar")
+    torch.save({"epoch": 0, "model": model.state_dict(), "best_rsum": 0, "opt": opt,
+                "Eiters": 0}, ckpt)
+    return ckpt, data_path, vocab_path, caps
+
+
+def job_retrieve(args, module, ref, bert=None):
+    import retrieve
+    with tempfile.TemporaryDirectory() as root:
+        ckpt, data_path, vocab_path, caps = write_gallery(args, module, root, bert)
+        # files older than the cache's "changed just now" window, as a user's data are
+        time.sleep(getattr(args, "settle", retrieve.RACY_NS / 1e9 + 0.5))
+        cache = os.path.join(root, "cache")
+        kw = dict(data_path=data_path, vocab_path=vocab_path, split="test",
+                  device=args.device, cache_dir=cache, topk=10)
+        queries = [caps[7], "a man in a red shirt rides a bike on a street",
+                   "two dogs play with a ball on the beach"]
+        t = time.perf_counter()
+        retrieve.retrieve(ckpt, query=queries[0], **kw)
+        uncached = time.perf_counter() - t
+        t = time.perf_counter()
+        hits = retrieve.retrieve(ckpt, query=queries[1], **kw)
+        cached = time.perf_counter() - t
+        assert hits["cached"]
+        g = retrieve.Gallery(ckpt, data_path, "test", vocab_path=vocab_path,
+                             device=args.device, cache_dir=cache)
+        g.search_text(queries[0])
+        times, plain = [], []
+        for q in queries:
+            t = time.perf_counter()
+            g.search_text(q)
+            times.append(time.perf_counter() - t)
+        for m in g.members:  # without Matcher.gallery_inputs: score computes them per query
+            m.enc.gallery = {}
+        for q in queries:
+            t = time.perf_counter()
+            g.search_text(q)
+            plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        # (HREM reads no --vocab_path: its checkpoint's --bert_path has the vocabulary)
+        vocab_flag = [] if module == "HREM" else ["--vocab_path", vocab_path]
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "retrieve.py"),
+                        "--model_path", ckpt, "--data_path", data_path] + vocab_flag +
+                       ["--split", "test", "--device", args.device, "--cache_dir", cache,
+                        "--query", queries[2]], check=True, capture_output=True)
+        command = time.perf_counter() - t
+    return {"uncached": uncached, "cached": cached, "query": min(times),
+            "query_plain": min(plain), "command": command}
+
+
 JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_daa,
-        "original": job_original_gsmn}
-HREM_JOBS = {"eval": job_hrem_eval, "train": job_hrem_train}
-WHATS = ("encode", "eval", "train", "daa")  # "original": spawned for --gsmn_original
+        "original": job_original_gsmn, "retrieve": job_retrieve}
+HREM_JOBS = {"eval": job_hrem_eval, "train": job_hrem_train,
+             "retrieve": lambda args, bert: job_retrieve(args, "HREM", False, bert)}
+WHATS = ("encode", "eval", "train", "daa", "retrieve")  # "original": spawned for --gsmn_original
 
 
 def run_job(args):
@@ -762,6 +869,8 @@ def main(argv=None):
                   "with DAA (weight %g) %.2f s: %+.0f%%, peak RSS %.0f MB"
                   % (module, max(3, args.steps), r["without"], w, r["with"],
                      100 * (r["with"] / r["without"] - 1), r["peak_mb"]))
+        if "retrieve" in whats:
+            print_retrieve("[%s]" % module, args, spawn(argv, "retrieve", module, "fast"))
         if "train" in whats:
             batch = args.gsmn_batch if module == "GSMN" else args.batch
             lens = make_lengths(args, batch, np.random.default_rng(args.seed + 1))
@@ -788,6 +897,15 @@ def main(argv=None):
                          np.linalg.norm(g - gr) / np.linalg.norm(gr)))
 
 
+def print_retrieve(name, args, r):
+    print("%s one text query against %d images (%d captions): uncached %.2f s "
+          "(load, hash, encode, cache, score), cached %.2f s (load, read the cache, "
+          "score), on a loaded gallery %.3f s (%.3f s without gallery_inputs); as a "
+          "command, cached: %.2f s; peak RSS %.0f MB"
+          % (name, args.gallery, 5 * args.gallery, r["uncached"], r["cached"],
+             r["query"], r["query_plain"], r["command"], r["peak_mb"]))
+
+
 def bench_hrem(argv, args, whats):
     for bert in args.hrem_bert.split(","):
         name = "[HREM, %s BERT]" % ("demo (2 x 128)" if bert == "demo" else "base (12 x 768)")
@@ -797,6 +915,8 @@ def bench_hrem(argv, args, whats):
                   "scores %.2f s), peak RSS %.0f MB (start %.0f)"
                   % (name, args.hrem_n_img, 5 * args.hrem_n_img, r["time"], r["images"],
                      r["captions"], r["score"], r["peak_mb"], r["base_mb"]))
+        if "retrieve" in whats:
+            print_retrieve(name, args, spawn(argv, "retrieve", "HREM", bert))
         if "train" in whats:
             r = spawn(argv, "train", "HREM", bert)
             print("%s train step, batch %d, graph losses on: %.2f s, peak RSS %.0f MB "

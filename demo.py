@@ -3,7 +3,10 @@
 Generates the synthetic SCAN-format dataset (synthetic.py) if it is missing, trains a small
 model of any matcher of the registry (SGR by default, `--module_name` for the others) with
 train.py, and evaluates the best checkpoint on the test split with evaluation.py, printing the
-original result lines next to those of the same model before training.
+original result lines next to those of the same model before training. Then the pictures
+(README, "Search and pictures"): `evaluation.py --plots` into <run_dir>/plots/, and
+`retrieve.py --query DEMO_QUERY --explain <run_dir>/explain.png` (its top 3 test images and the
+attention behind them).
 
     python demo.py                      # SGR
     python demo.py --module_name SAF
@@ -26,6 +29,8 @@ import checks
 import evaluation
 import matchers
 import opts
+import plots
+import retrieve
 import synthetic
 import train
 from checkpoint import save_checkpoint
@@ -35,6 +40,9 @@ from checkpoint import save_checkpoint
 DEMO_FLAGS = ["--embed_size", "256", "--word_dim", "128", "--batch_size", "32",
               "--learning_rate", "0.001", "--log_step", "50", "--val_step", "100000",
               "--workers", "0", "--num_epochs", "2"]
+
+
+DEMO_QUERY = "a dog kicks an orange ball on the grass"
 
 
 def save_untrained(flags, path):
@@ -97,6 +105,10 @@ def main(argv=None):
     where = "--run_dir %s" % run_dir
     checks.check_dir(run_dir, where, exists=False,
                      expected="a directory for the demo's run (created if missing)")
+    plots_dir, explain = os.path.join(run_dir, "plots"), os.path.join(run_dir, "explain.png")
+    # before training: the pictures will not be written over files these commands did not make
+    plots.check_outputs(plots.eval_paths(plots_dir), "evaluation.py --plots", "--plots")
+    plots.check_outputs([explain], "retrieve.py --explain", "--explain")
     flags = (["--data_path", args.data_path, "--data_name", data_name, "--vocab_path",
               args.vocab_path, "--module_name", args.module_name, "--img_dim", str(img_dim),
               "--lr_update", str(args.lr_update),
@@ -150,12 +162,18 @@ def main(argv=None):
     print("== training %s" % args.module_name)
     train.main(flags)
     print("== trained %s on the synthetic test split" % args.module_name)
-    after = evaluation.evalrank(os.path.join(opt.model_name, checks.BEST),
-                                data_path=args.data_path, split="test",
-                                vocab_path=args.vocab_path, device=args.device)
-    print("demo: rsum %.1f after training, %.1f before (%.1fx) in %.0f s"
+    best = os.path.join(opt.model_name, checks.BEST)
+    after = evaluation.evalrank(best, data_path=args.data_path, split="test",
+                                vocab_path=args.vocab_path, device=args.device, plots=plots_dir)
+    print("== the trained %s's top test images for \"%s\"" % (args.module_name, DEMO_QUERY))
+    explained = matchers.matcher_class(args.module_name).attention_info is not None
+    hits = retrieve.retrieve(best, query=DEMO_QUERY, topk=3, data_path=args.data_path,
+                             vocab_path=args.vocab_path, split="test", device=args.device,
+                             cache_dir=None, explain=explain if explained else None)
+    print(retrieve.format_table(hits))
+    print("demo: rsum %.1f after training, %.1f before (%.1fx) in %.0f s; pictures: %s%s"
           % (after["rsum"], before["rsum"], after["rsum"] / max(before["rsum"], 1e-9),
-             time.time() - t0))
+             time.time() - t0, plots_dir, (", " + explain) if explained else ""))
     return after, before
 
 

@@ -15,6 +15,7 @@ model encodes the split its own way, and the similarity matrices are averaged.
         --model_path runs/f30k_precomp_<module_name>/checkpoint/model_best.pth.tar
     python evaluation.py --model_path A.pth.tar --model_path2 B.pth.tar --split test
     torchrun --standalone --nproc_per_node 4 evaluation.py --model_path ... --save_sims s.npy
+    python evaluation.py ... --plots plots/   # score distributions, recall@K curves, ranks
 With no flags it evaluates DEFAULT_MODEL_PATH on DEFAULT_DATA_PATH (edit them and run, as with
 the original script).
 
@@ -177,6 +178,67 @@ def t2i(images, captions, caplens, sims, npts=None, return_ranks=False):
     return _metrics(ranks)
 
 
+# ----------------------------------------------------------------------------- plots
+
+PLOT_KMAX = 100  # recall@K curves for K = 1..PLOT_KMAX
+SCORE_BINS = 60
+
+
+def _recall_at(ranks, ks):
+    # the expression of _metrics, so that K = 1, 5, 10 are the printed numbers to the last bit
+    return np.array([100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in ks])
+
+
+def plot_data(sims, fold5=False, kmax=PLOT_KMAX):
+    """What `--plots` draws for one similarity matrix (plots.evaluation_figures): recall@K for
+    K = 1..kmax both ways, from the ranks of `i2t` and `t2i` (so that K = 1, 5, 10 are the
+    printed R@1, R@5, R@10), the ground truth's ranks (0 = first), and the histograms of the
+    scores of the matching pairs (caption j and image j // 5) and of all the others. `fold5`:
+    within the five 1000-image folds, recalls averaged over the folds as the printed means."""
+    sims = np.asarray(sims)
+    blocks = ([sims] if not fold5 else
+              [sims[i * 1000:(i + 1) * 1000, i * 5000:(i + 1) * 5000] for i in range(5)])
+    ks = np.arange(1, kmax + 1)
+    lo = min(float(b.min()) for b in blocks)
+    hi = max(float(b.max()) for b in blocks)
+    edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, SCORE_BINS + 1)
+    rec = {"i2t": [], "t2i": []}
+    ranks = {"i2t": [], "t2i": []}
+    pos_hist = np.zeros(SCORE_BINS, dtype=np.int64)
+    all_hist = np.zeros(SCORE_BINS, dtype=np.int64)
+    pos_sum = all_sum = 0.0
+    for b in blocks:
+        for way, fn in (("i2t", i2t), ("t2i", t2i)):
+            _, (r, _) = fn(None, None, None, b, return_ranks=True)
+            ranks[way].append(r)
+            rec[way].append(_recall_at(r, ks))
+        per = b.shape[1] // b.shape[0]
+        pos = b[np.arange(b.shape[1]) // per, np.arange(b.shape[1])]   # caption j, image j // 5
+        pos_hist += np.histogram(pos, bins=edges)[0]
+        pos_sum += float(pos.sum())
+        for start in range(0, len(b), 256):  # row chunks: no full-size temporaries
+            chunk = b[start:start + 256]
+            all_hist += np.histogram(chunk, bins=edges)[0]
+            all_sum += float(chunk.sum())
+    n_pos = int(pos_hist.sum())
+    n_neg = int(all_hist.sum()) - n_pos
+    return {"k": ks, "fold5": fold5, "n_images": sims.shape[0], "n_captions": sims.shape[1],
+            "recall_i2t": np.array(rec["i2t"]).mean(axis=0),
+            "recall_t2i": np.array(rec["t2i"]).mean(axis=0),
+            "ranks_i2t": np.concatenate(ranks["i2t"]), "ranks_t2i": np.concatenate(ranks["t2i"]),
+            "edges": edges, "pos_hist": pos_hist, "neg_hist": all_hist - pos_hist,
+            "pos_mean": pos_sum / max(n_pos, 1), "neg_mean": (all_sum - pos_sum) / max(n_neg, 1)}
+
+
+def model_labels(paths, opts_):
+    """Legend labels of the models of an ensemble: matcher and file name (the path where two
+    would read the same)."""
+    labels = ["%s (%s)" % (o.module_name, os.path.basename(p)) for p, o in zip(paths, opts_)]
+    if len(set(labels)) < len(labels):
+        labels = ["%s (%s)" % (o.module_name, p) for p, o in zip(paths, opts_)]
+    return labels
+
+
 # ----------------------------------------------------------------------------- evalrank
 
 def complete_opt(opt, matcher=None):
@@ -280,7 +342,7 @@ def score_shard(scorers, shard):
     scorer is (model, encoded split); a model sees the block of images x captions only,
     through its `score`."""
     i0, i1, j0, j1 = shard
-    sims = None
+    sims, own = None, []
     for model, enc in scorers:
         inputs = getattr(model, "score_inputs", {})
         extra = {k: enc.extra[k][i0:i1] if where == "image" else enc.extra[k][j0:j1]
@@ -288,15 +350,18 @@ def score_shard(scorers, shard):
         img_embs, cap_embs, cap_lens = enc
         s = model.score(img_embs[i0:i1], cap_embs[j0:j1], cap_lens[j0:j1], **extra)
         sims = s if sims is None else sims + s
-    return sims / len(scorers)
+        own.append(s)
+    return sims / len(scorers), own
 
 
-def score_shards(scorers, shards, todo, out, commit=None, bar=None):
+def score_shards(scorers, shards, todo, out, commit=None, bar=None, each=False, own=None):
     """Score the shards `todo` (indices into `shards`) and write each into `out` (rank 0's
     matrix). Under torchrun the shards are dealt out in rounds, one per process, largest
     first, so that every process gets an equal share of the pairs and a round's shards are of
     a size; rank 0 collects each round's blocks, writes them, then calls `commit(indices)`
-    (the --save_sims record) and advances `bar` by the round's pairs."""
+    (the --save_sims record) and advances `bar` by the round's pairs. `each`: also each model's
+    own block, written into `own` (rank 0's list of matrices, one per model); `out` None: only
+    those."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     order = sorted(todo, key=lambda k: -_pairs(shards[k]))  # stable: grid order among equals
@@ -306,12 +371,17 @@ def score_shards(scorers, shards, todo, out, commit=None, bar=None):
         for start in range(0, len(order), world):
             batch = order[start:start + world]
             mine = score_shard(scorers, shards[batch[rank]]) if rank < len(batch) else None
+            if mine is not None and not each:
+                mine = (mine[0], None)  # the models' own blocks stay home
             blocks = distributed.gather(mine)
             if rank != 0:
                 continue
-            for k, block in zip(batch, blocks):
+            for k, (block, blocks_own) in zip(batch, blocks):
                 i0, i1, j0, j1 = shards[k]
-                out[i0:i1, j0:j1] = block
+                if out is not None:
+                    out[i0:i1, j0:j1] = block
+                for m, b in zip(own or [], blocks_own or []):
+                    m[i0:i1, j0:j1] = b
             if commit is not None:
                 commit(batch)
             if bar is not None:
@@ -408,7 +478,8 @@ class SavedSims:
 
 def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=None,
              vocab_path=None, data_name=None, save_sims=None, device=None, feat_format=None,
-             precision=None, overrides=None, check_flags=False, overwrite=False):
+             precision=None, overrides=None, check_flags=False, overwrite=False,
+             plots=None):
     """Evaluate a checkpoint (or the ensemble of two) on a split and print the original lines.
     `fold5=True`: COCO 5-fold 1K (the split must have 5000 images; only the folds are scored).
     `precision='bf16'` scores under bf16 autocast where the matcher supports it (faster where
@@ -417,7 +488,12 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     model reads. `save_sims`: write the matrix there as
     it is scored, and continue an interrupted run of the same evaluation (`overwrite`: start
     afresh, replacing whatever the file is). Under torchrun every process scores its share and
-    rank 0 alone prints, writes and returns the dict of results (None elsewhere)."""
+    rank 0 alone prints, writes and returns the dict of results (None elsewhere). `plots=DIR`:
+    also draw the score distributions, recall@K curves and ground-truth ranks (plots.py; each
+    model and the ensemble)."""
+    if plots:  # before any compute: never over a file that evaluation.py --plots did not make
+        import plots as plotting
+        plotting.check_outputs(plotting.eval_paths(plots), "evaluation.py --plots", "--plots")
     if data_name is not None:
         checks.check_data_name(data_name, data_path or "DIR")
     checks.check_device(device)
@@ -451,8 +527,10 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
         done = distributed.agree(claim, master_only=True)
         todo = [k for k in range(len(shards)) if k not in done]
 
+        # --plots of an ensemble draws each model too: its own matrix, scored with the mean
+        each = bool(plots) and len(scorers) > 1
         encoded = []
-        if todo:
+        if todo or each:
             say("Computing results...")
             for model, _, dl in scorers:
                 encoded.append((model, encode_data(model, dl, img_stride=dl.dataset.im_div,
@@ -465,9 +543,12 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
                    unit="pair", unit_scale=True, desc="score", leave=False,
                    disable=None if rank == 0 and todo else True)
         start = time.time()
+        own = [np.full(shape, np.nan) for _ in scorers] if each and rank == 0 else None
         score_shards(encoded, shards, todo, sims, commit=saved.commit if saved else None,
-                     bar=bar)
+                     bar=bar, each=each, own=own)
         bar.close()
+        if each and done:  # shards an earlier run scored: each model's own scores for the plots
+            score_shards(encoded, shards, sorted(done), None, each=each, own=own)
         if todo:
             say("calculate similarity time:", time.time() - start)
         else:
@@ -477,6 +558,16 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
             return None
         say("Images: %d, Captions: %d" % shape)
         result = report(sims, fold5, captions=data_loader.dataset.captions[:shape[1]])
+        if plots:
+            paths = [p for _, _, p in loaded]
+            curves = list(zip(model_labels(paths, [o for _, o, _ in loaded]),
+                              [plot_data(m, fold5) for m in (own or [sims])]))
+            if each:
+                curves.append(("ensemble (mean)", plot_data(sims, fold5)))
+            result["plots"] = plotting.evaluation_figures(curves, plots, "%s %s" % (
+                loaded[0][1].data_name, split))
+            result["plot_data"] = dict(curves)
+            say("plots: " + ", ".join(result["plots"]))
         distributed.finish()
         return result
     finally:
@@ -609,6 +700,9 @@ def main(argv=None):
                    help="similarity precision (default: the checkpoint's, fp32); bf16 autocast, "
                         "where the matcher supports it, is faster on GPUs and bf16 CPUs, and "
                         "moves the scores by ~1e-3")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="also write score_distributions.png, recall_at_k.png (K = 1..100) and "
+                        "rank_histogram.png there (an ensemble: each model and the ensemble)")
     dests = matchers.add_eval_options(p)
     args = p.parse_args(argv)
     rank = distributed.env()[1]
@@ -619,7 +713,7 @@ def main(argv=None):
              data_name=args.data_name, save_sims=args.save_sims, device=args.device,
              feat_format=args.feat_format, precision=args.precision,
              overrides={d: getattr(args, d) for d in dests if getattr(args, d) is not None},
-             check_flags=True, overwrite=args.overwrite)
+             check_flags=True, overwrite=args.overwrite, plots=args.plots)
 
 
 if __name__ == "__main__":

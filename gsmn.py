@@ -36,7 +36,7 @@ Read top to bottom:
   fast path    gsmn_scores: many images x many captions, both directions, exact algebra
   data         GSMNDataset (--bbox_mode), collate_fn (the batch's boxes and arcs)
   wrapper      GSMN (model.Matcher): flags, checkpoint recognition, encoders, both graphs,
-               the hinge loss, Adam, the train step, score
+               the hinge loss, Adam, the train step, score; retrieve.py's query and attention
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
 n num_block (chunks), q = d / n (chunk size), K kernels (8), h hid_dim.
@@ -1117,6 +1117,37 @@ class GSMN(Matcher):
                                      None if depends is None else depends[j:ca_end])
             sims[i:im_end, j:ca_end] = s.cpu().numpy()
         return sims
+
+    # ------------------------------------------------------------------ search (retrieve.py)
+    attention_info = ("SCAN's text-to-image attention of GSMN's textual graph (node-level "
+                      "matching): for each word, a softmax over the image's regions "
+                      "(temperature {opt.lambda_softmax:g})")
+
+    def query_batch(self, text, vocab):
+        """SCAN's tokenisation (model.Matcher), with no dependency arcs: a free-text query has
+        no parse, so a sparse model's word graph is the identity, which the released code
+        scores alike (the arcs change a score only through a self-loop arc, see the top). A
+        split read from the authors' `{split}_precaps_stan.txt` was tokenised by their parser,
+        so a query equal to one of its captions may not get the same word ids."""
+        q = super().query_batch(text, vocab)
+        return q._replace(extra={"depends": [None]})
+
+    def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
+        """The textual graph's node-level attention of each pair (image k, caption k): each
+        word over the regions (inter_relations, as TextualGraph.node_level_matching),
+        (cap_lens[k], R) each. (The visual graph's attention runs the other way, each region
+        over the words.)"""
+        self.val_start()
+        out = []
+        with torch.no_grad():
+            for k, n in enumerate(cap_lens):
+                img = torch.as_tensor(np.asarray(img_embs[k:k + 1], dtype=np.float32),
+                                      device=self.device)                       # (1, R, d)
+                cap = torch.as_tensor(np.asarray(cap_embs[k:k + 1, :int(n)], dtype=np.float32),
+                                      device=self.device)                       # (1, L, d)
+                attn = inter_relations(img, cap, self.opt.lambda_softmax)       # (1, L, R)
+                out.append(attn[0].double().cpu().numpy())
+        return out
 
     # ------------------------------------------------------------------ training
     def forward_loss(self, sims, **kwargs):

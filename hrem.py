@@ -32,7 +32,8 @@ Read top to bottom:
   score         dot_scores: the (images, captions) dot products in memory-bounded blocks
   data          HREMDataset, collate_fn (model.Matcher's data hooks)
   the matcher   HREM (model.Matcher): options, checkpoints, optimizer groups and schedule,
-                the train step (augmentations, then the criterion), evaluation
+                the train step (augmentations, then the criterion), evaluation, retrieve.py's
+                query (no attention to --explain)
 
 Letters in shape comments: B images, C captions (B = C in training), N regions, T tokens,
 d embed_size, h BERT hidden size, K topk.
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 import checks
 import data
 from loss import ContrastiveLoss
-from model import Matcher, l2norm, memory_budget
+from model import Matcher, TextQuery, l2norm, memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -1113,6 +1114,34 @@ class HREM(Matcher):
         cap_emb = self.txt_enc(captions.to(self.device, non_blocking=True),
                                torch.as_tensor(lengths).to(self.device))
         return img_emb, cap_emb, lengths
+
+    # ------------------------------------------------------------------ search (retrieve.py)
+    no_attention_why = ("it is a dual encoder: an image and a caption are each one vector, "
+                        "scored by their dot product, with no word x region attention")
+
+    def query_batch(self, text, vocab):
+        """Free text -> [CLS] WordPiece ids [SEP], as HREMDataset encodes the split's captions
+        (`vocab`: the CaptionTokenizer of --bert_path); the unknown words are those that
+        WordPiece cannot split (one [UNK]), as written in the query (lower-cased where the
+        tokenizer lower-cases)."""
+        tok = vocab.tokenizer
+        enc = tok(text, add_special_tokens=False, split_special_tokens=True,
+                  return_offsets_mapping=True)
+        ids = [vocab.cls_id] + list(enc["input_ids"]) + [vocab.sep_id]
+        spans = {}                                           # word -> (start, end, has [UNK])
+        for tid, w, (a, b) in zip(enc["input_ids"], enc.word_ids(), enc["offset_mapping"]):
+            s0, e0, unk = spans.get(w, (a, b, False))
+            spans[w] = (min(s0, a), max(e0, b), unk or tid == tok.unk_token_id)
+        lower = getattr(tok, "do_lower_case", False)
+        unknown = [text[a:b].lower() if lower else text[a:b]
+                   for a, b, unk in spans.values() if unk]
+        return TextQuery(torch.tensor([ids], dtype=torch.int64), [len(ids)], {},
+                         tok.convert_ids_to_tokens(ids), unknown, len(spans))
+
+    def forward_text(self, captions, lengths, **extra):
+        """The caption half of forward_emb: (C, d) global embeddings."""
+        return (self.txt_enc(captions.to(self.device),
+                             torch.as_tensor(lengths).to(self.device)), lengths)
 
     def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
         """img @ cap^T in float64 (the original's numpy product of float64 copies), in

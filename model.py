@@ -13,7 +13,7 @@ Read top to bottom:
                  pairs at once with the exact fast kernels of similarity.py, and
                  `forward_percaption` is the original loop, kept as the reference
   the contract   Matcher: what every matcher (this file's SGRAF, naaf.NAAF, ...) provides to
-                 train.py and evaluation.py; matchers.py registers them
+                 train.py, evaluation.py and retrieve.py; matchers.py registers them
   wrapper        SGRAF: the three encoders, the optimizer, the train step, the sharded scoring
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
@@ -22,6 +22,7 @@ s sim_dim.
 import logging
 import os
 import re
+from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -39,6 +40,7 @@ import similarity
 from daa import DAALoss
 from loss import ContrastiveLoss
 from meters import LogCollector
+from vocab import END, START, encode_caption_with_oov, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +327,15 @@ def memory_budget():
     return min(max(avail // 8, 2 ** 24), 2 ** 26)
 
 
+# A free-text query as a matcher's text encoder takes it (Matcher.query_batch): the batch of one
+# caption for `forward_text` (captions (1, L) ids, lengths [L], extra {name: [value]}), the
+# tokens the encoder sees (one per position: the rows of an attention map), the words the
+# vocabulary does not know (mapped to its unknown token) and, where tokens are not words
+# (WordPiece), the number of words (None: the tokens but the special ones, <...> and [...]).
+TextQuery = namedtuple("TextQuery", "captions lengths extra tokens unknown n_words",
+                       defaults=(None,))
+
+
 class Matcher:
     """What every matcher provides to train.py, evaluation.py and the checks: a matcher is one
     file with a subclass of this, plus one line in matchers.py's registry. The class itself
@@ -581,6 +592,46 @@ class Matcher:
         return tqdm(iterable, leave=False, disable=None if self.show_progress else True,
                     **kwargs)
 
+    # ------------------------------------------------------------------ search and explanation
+    # retrieve.py: a free-text query goes through `query_batch` and `forward_text`, then `score`
+    # against the split's encodings; `--explain` draws `word_region_attention`.
+    # what word_region_attention returns, in words (the figure's title; may name the options,
+    # "{opt.lambda_softmax:g}"); None: the matcher has no word x region attention
+    attention_info = None
+    # why there is none, when attention_info is None (the one-line error of --explain)
+    no_attention_why = "it declares no word x region attention (model.Matcher.attention_info)"
+
+    def query_batch(self, text, vocab):
+        """Free text -> a TextQuery (above), tokenised exactly as `dataset` tokenises the split's
+        captions, so that a caption of the split gives the ids its evaluation encodes. `vocab`:
+        what `vocabulary(opt)` returned. Default: SCAN's `<start> nltk-tokens <end>` through the
+        vocabulary, unknown words mapped to `<unk>`."""
+        ids, _ = encode_caption_with_oov(vocab, text)
+        tokens = [START] + tokenize(text) + [END]
+        unknown = [t for t in tokens[1:-1] if t not in vocab.word2idx]
+        return TextQuery(torch.tensor([ids], dtype=torch.int64), [len(ids)], {}, tokens, unknown)
+
+    def forward_text(self, captions, lengths, **extra):
+        """The caption half of `forward_emb`: (cap_emb (C, L, d) or (C, d), cap_lens), for a
+        batch of `query_batch`; the caller is in eval mode without autograd. Default: the SCAN
+        family's `self.txt_enc(captions, lengths)`."""
+        return self.txt_enc(captions.to(self.device), lengths), lengths
+
+    def gallery_inputs(self, img_embs):
+        """What `score` computes from the images alone, computed once for a gallery (and cached
+        with it) instead of at every query: {name: array (n_images, ...)}; retrieve.py passes
+        each to `score(..., name=rows)`, the rows of the images being scored. Default: {}."""
+        return {}
+
+    def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
+        """The word x region attention weights this matcher computes when it scores the pairs
+        (image k, caption k): a list of (cap_lens[k], R) float64 arrays, each row (a word) a
+        distribution over the image's regions (sums to 1). Inputs as `score` takes them, one
+        image per caption. A matcher that has none keeps `attention_info = None` and says why in
+        `no_attention_why`; this default then refuses with that reason."""
+        raise checks.error("explain_unsupported", "--explain", model=self.opt.module_name,
+                           why=self.no_attention_why)
+
 
 # ----------------------------------------------------------------------------- SGRAF
 
@@ -756,9 +807,40 @@ class SGRAF(Matcher):
                 if m.graph_key_w.bias.grad is None:
                     m.graph_key_w.bias.grad = torch.zeros_like(m.graph_key_w.bias)
 
-    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
+    attention_info = ("SCAN's text-to-image attention: for each word, a softmax over the image's "
+                      "regions (temperature 9)")
+
+    def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
+        """SCAN's text-to-image attention of each pair (image k, caption k), the weights with
+        which SGR and SAF build each word's attended context: (cap_lens[k], R) each, computed
+        by the same function as the scores (similarity.cross_attention)."""
+        self.val_start()
+        out = []
+        with torch.no_grad():
+            for k, n in enumerate(cap_lens):
+                V = torch.as_tensor(np.asarray(img_embs[k:k + 1], dtype=np.float32),
+                                    device=self.device)            # (1, R, d)
+                W = torch.as_tensor(np.asarray(cap_embs[k:k + 1, :int(n)], dtype=np.float32),
+                                    device=self.device)            # (1, L, d)
+                attn = similarity.cross_attention(V, W)            # (1, L, R)
+                out.append(attn[0].double().cpu().numpy())
+        return out
+
+    def gallery_inputs(self, img_embs, chunk=256):
+        """VisualSA's global vector of every image (n_images, d), the query-independent part
+        of the scores (at full dimensions about 8x the rest of one caption's scores)."""
+        self.val_start()
+        out = np.empty((len(img_embs), img_embs.shape[-1]), dtype=np.float32)
+        with torch.no_grad():
+            for i in range(0, len(img_embs), chunk):
+                im = torch.from_numpy(np.asarray(img_embs[i:i + chunk], dtype=np.float32))
+                out[i:i + chunk] = self.sim_enc.image_globals(im.to(self.device)).float().cpu()
+        return {"img_glo": out}
+
+    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, img_glo=None, **extra):
         """The (n_images, n_captions) similarity matrix, float64 as the original, scored shard by
-        shard and written into the result as each shard is done.
+        shard and written into the result as each shard is done. `img_glo`: the images' global
+        vectors (n_images, d) when computed beforehand (gallery_inputs).
 
         `shard_size` given: shards of shard_size images x shard_size captions (the original's
         100). None: the shard sizes follow the memory available (`memory_budget`); the peak
@@ -787,7 +869,7 @@ class SGRAF(Matcher):
         bf16 = getattr(self.opt, "precision", "fp32") == "bf16"
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         shards = [(i, j) for i in range(0, n_im, im_shard) for j in range(0, n_cap, cap_shard)]
-        img_glo, img_at = None, None
+        glo, img_at = None, None
         for i, j in self.progress(shards, desc="shard_attn_scores"):
             im_end, ca_end = min(i + im_shard, n_im), min(j + cap_shard, n_cap)
             lens = cap_lens[j:ca_end]
@@ -796,12 +878,14 @@ class SGRAF(Matcher):
                 ca = torch.from_numpy(np.ascontiguousarray(cap_embs[j:ca_end, :max(lens)],
                                                            dtype=np.float32)).to(device)
                 if img_at != i:
-                    img_glo, img_at = sim_enc.image_globals(im), i
+                    img_at = i
+                    glo = (sim_enc.image_globals(im) if img_glo is None else
+                           torch.from_numpy(np.asarray(img_glo[i:im_end])).to(device))
                 cap_glo = cap_glo_cache.get(j)
                 if cap_glo is None:
                     cap_glo = sim_enc.caption_globals(ca, lens)
                     if keep_cap_glo:
                         cap_glo_cache[j] = cap_glo
-                sim = sim_enc(im, ca, lens, img_glo=img_glo, cap_glo=cap_glo)
+                sim = sim_enc(im, ca, lens, img_glo=glo, cap_glo=cap_glo)
             sims[i:im_end, j:ca_end] = sim.float().cpu().numpy()
         return sims

@@ -209,16 +209,21 @@ def word_region_cosines(img_emb, cap_emb):
     return (img_emb.reshape(B * R, d) @ cap_emb.reshape(C * L, d).t()).view(B, R, C, L)
 
 
-def relevance_scores(A, mask, lambda_softmax):
-    """Positive branch (b): SCAN's text-to-image attention weights, applied to the raw cosines.
-    P = LeakyReLU_0.1(A), l2-normalised over the caption's words for each region;
-    pos_r = sum_k softmax_k(lambda P)[k, l] A[k, l]. (B, R, C, L) -> (B, C, L)."""
+def relevance_attention(A, mask, lambda_softmax):
+    """SCAN's text-to-image attention weights of the positive branch (b): P = LeakyReLU_0.1(A),
+    l2-normalised over the caption's words for each region; beta = softmax_k(lambda P), over
+    the regions. (B, R, C, L) -> (B, R, C, L)."""
     P = F.leaky_relu(A, 0.1)
     if mask is not None and not bool(mask.all()):  # padding must not enter the norm over words
         P = P * mask.to(P.dtype)
     P = l2norm(P, dim=3)
-    beta = torch.softmax(P * lambda_softmax, dim=1)                # over the regions
-    return (A * beta).sum(1)
+    return torch.softmax(P * lambda_softmax, dim=1)                # over the regions
+
+
+def relevance_scores(A, mask, lambda_softmax):
+    """Positive branch (b): SCAN's text-to-image attention weights applied to the raw cosines,
+    pos_r = sum_k beta[k, l] A[k, l]. (B, R, C, L) -> (B, C, L)."""
+    return (A * relevance_attention(A, mask, lambda_softmax)).sum(1)
 
 
 def intra_smoothing(cap_emb, mask):
@@ -564,6 +569,25 @@ class NAAF(Matcher):
         (eval_sims); `shard_size` is not needed."""
         self.val_start()
         return self.eval_sims(img_embs, cap_embs, cap_lens).cpu().numpy()
+
+    attention_info = ("SCAN's text-to-image attention of NAAF's relevance branch: for each "
+                      "word, a softmax over the image's regions (temperature "
+                      "{opt.lambda_softmax:g})")
+
+    def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
+        """The weights of the positive relevance branch (relevance_attention) of each pair
+        (image k, caption k) at evaluation: (cap_lens[k], R) each. (The thresholded branch's
+        weights are not shown: a word whose regions all fall below the threshold has none.)"""
+        self.val_start()
+        out = []
+        with torch.no_grad():
+            for k, n in enumerate(cap_lens):
+                img = torch.as_tensor(img_embs[k:k + 1], device=self.device)       # (1, R, d)
+                cap = torch.as_tensor(cap_embs[k:k + 1, :int(n)], device=self.device)  # (1, L, d)
+                A = word_region_cosines(img, cap)                   # (1, R, 1, L)
+                beta = relevance_attention(A, None, self.opt.lambda_softmax)
+                out.append(beta[0, :, 0, :].t().double().cpu().numpy())  # (L, R)
+        return out
 
     def forward_loss(self, sims, ids=None):
         loss = self.criterion(sims)

@@ -100,6 +100,19 @@ def test_daa_cost_job_runs_both_steps():
     assert set(r) == {"with", "without"} and r["with"] > 0 and r["without"] > 0
 
 
+def test_retrieve_job(tmp_path, monkeypatch):
+    """bench.py --what retrieve at a tiny size: an uncached and a cached query, queries on a
+    loaded gallery, and the command."""
+    args = tiny_args()
+    args.gallery, args.settle = 6, 0
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing in the user's cache
+    for module, bert in (("SGR", None), ("GSMN", None), ("HREM", "demo")):
+        r = bench.job_retrieve(args, module, False, bert)
+        assert set(r) == {"uncached", "cached", "query", "query_plain", "command"}
+        assert all(v > 0 for v in r.values())
+    assert not list(tmp_path.iterdir())
+
+
 def test_gsmn_eval_and_train_jobs_fast_equal_percaption():
     """GSMN's bench jobs: the vectorised scores equal the original shard_xattn's per-caption
     scores (shards of 80), and the fast training step the per-caption one (loss, clipped

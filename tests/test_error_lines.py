@@ -268,6 +268,62 @@ def features_zero_region(w, capsys, caplog):
                   str(w.ds / "train_ims.npy"))
 
 
+def _image_files(w, images, ids=None, n_images=10):
+    import retrieve
+    return raised(retrieve.ImageFiles, str(images), ids and str(ids), str(w.ds), "test",
+                  n_images, 5)
+
+
+def images_dir(w, capsys, caplog):
+    return _image_files(w, w.root / "no_such_images")
+
+
+def _images(w, names=()):
+    d = w.root / "the_split_s_images"
+    d.mkdir(exist_ok=True)
+    for n in names:
+        (d / n).write_bytes(b"")
+    return d
+
+
+def image_ids_missing(w, capsys, caplog):
+    return _image_files(w, _images(w))
+
+
+def _ids(w, lines):
+    path = w.root / "test_image_ids.txt"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def image_file(w, capsys, caplog):
+    return _image_files(w, _images(w), _ids(w, ["1000092795"] * 10))
+
+
+def boxes_missing(w, capsys, caplog):
+    names = ["%d.jpg" % k for k in range(10)]
+    return _image_files(w, _images(w, names), _ids(w, names))
+
+
+def boxes_shape(w, capsys, caplog):
+    names = ["%d.jpg" % k for k in range(10)]
+    np.save(w.ds / "test_ims_bbx.npy", np.zeros((9, 36, 4), np.float32))
+    return _image_files(w, _images(w, names), _ids(w, names))
+
+
+def output_unwritable(w, capsys, caplog):
+    (w.root / "a_file").write_text("not a directory")
+    return cli(evaluation.main, w.eval_args("--plots", str(w.root / "a_file" / "plots")),
+               capsys)
+
+
+def cache_unwritable(w, capsys, caplog):
+    import retrieve
+    (w.root / "a_file").write_text("not a directory")
+    return cli(retrieve.main, w.eval_args("--query", "a dog", "--cache_dir",
+                                          str(w.root / "a_file" / "cache")), capsys)
+
+
 def save_sims(w, *extra):
     return w.eval_args("--save_sims", str(w.root / "sims_of_the_test_split.npy"), *extra)
 
@@ -410,7 +466,10 @@ CASES = {
     "flag_unsupported": flag("--module_name", "NAAF", "--sgr_step", "2"),
     "torchrun_unsupported": torchrun_unsupported, "batch_one": flag("--batch_size", "1"),
     "batch_remainder": flag("--batch_size", "11"), "fold5": fold5, "run_exists": run_exists,
-    "file_exists": file_exists, "diverged_nonfinite": diverged, "world_size": world_size,
+    "file_exists": file_exists, "diverged_nonfinite": diverged,
+    "images_dir": images_dir, "image_ids_missing": image_ids_missing, "image_file": image_file,
+    "boxes_missing": boxes_missing, "boxes_shape": boxes_shape,
+    "output_unwritable": output_unwritable, "cache_unwritable": cache_unwritable, "world_size": world_size,
     "features_zero_region": features_zero_region, "output_dir": output_dir,
     "output_not_ours": output_not_ours, "output_other_run": output_other_run,
     "output_busy": output_busy,
@@ -432,10 +491,13 @@ CASES = {
 
 
 def keys_driven_elsewhere():
-    """The problems that tests/test_cli_mistakes.py raises for real bad inputs through
-    helpers.expect_exit, which holds every line it checks to the same limit."""
-    with open(REPO / "tests" / "test_cli_mistakes.py", encoding="utf-8") as f:
-        text = f.read()
+    """The problems that tests/test_cli_mistakes.py and tests/test_search_and_pictures.py raise
+    for real bad inputs through their expect_exit, which holds every line it checks to the
+    same limit."""
+    text = ""
+    for name in ("test_cli_mistakes.py", "test_search_and_pictures.py"):
+        with open(REPO / "tests" / name, encoding="utf-8") as f:
+            text += f.read()
     return {k for k in checks.PROBLEMS if re.search(r"[\"']%s[\"']" % k, text)}
 
 

@@ -1,0 +1,835 @@
+"""Search a split with a sentence or an image, and show the attention behind each result.
+
+What none of the originals answers: "what does this checkpoint return for my sentence?". The
+gallery is a split of the dataset: its images for a text query (`--query`), its captions for an
+image of the split (`--image N`). The split is encoded once, by `evaluation.encode_data` exactly
+as `evaluation.py` encodes it, and cached; the query is scored against every gallery item by the
+matcher's own `score` (for the cross-attention matchers, the batched fast path), so the scores
+are those of `evaluation.py --save_sims`: a query equal to caption j of the split gets column j
+of that matrix, `--image N` gets row N. Two checkpoints (`--model_path2`) score as evaluation.py's
+ensemble does, by the mean of the two.
+
+    python retrieve.py --model_path runs/f30k_precomp_SGR/checkpoint/model_best.pth.tar \
+        --data_path data --split test --query "a man rides a bike down a hill"
+    python retrieve.py --model_path SGR.pth.tar --model_path2 SAF.pth.tar --image 12 --json
+    python retrieve.py ... --query "two dogs in the snow" --explain dogs.png \
+        [--images flickr30k-images --image_ids data/f30k_precomp/test_ids.txt]
+
+The cache (`--cache_dir`, default ~/.cache/sgraf/retrieve, or $XDG_CACHE_HOME/sgraf/retrieve;
+never inside the data or checkpoint folders) holds each model's encodings of a split, keyed by
+the sha256 of the checkpoint, of the split's files (every `{split}_*` and `{split}.*` file of the
+split's directory), of the vocabulary and of the code that encodes, so that a changed file is
+never served stale. Digests are remembered by each file's inode, size, mtime and ctime, so an
+unchanged file is not read again; a file changed within 2 s of its hashing is hashed again.
+
+Everything a matcher does differently goes through the contract (model.Matcher):
+`query_batch` (free text -> the batch its text encoder takes, the tokens, the unknown words),
+`forward_text`, `gallery_inputs` (what its `score` computes from the images alone, computed once
+and cached: SGR/SAF's image global vectors), `score` and, for `--explain`,
+`word_region_attention` and `attention_info`.
+"""
+import argparse
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import checks
+import data
+import evaluation
+import matchers
+
+log = logging.getLogger(__name__)
+
+TOOL = "retrieve.py"
+CACHE_FORMAT = 1
+CAPTION_CHUNK = 1024  # captions scored at once for an image query (padded to their longest)
+RACY_NS = 2 * 10 ** 9  # a file changed this close to its hashing is hashed again next time
+# the files whose code makes the encodings (besides the matcher's own file)
+ENCODING_CODE = ("model.py", "data.py", "vocab.py", "evaluation.py")
+
+
+def default_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sgraf", "retrieve")
+
+
+# ----------------------------------------------------------------------------- file digests
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(obj, path):
+    """Atomically: a temporary file in the same directory, renamed over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _is_ours(path):
+    """A JSON file of the cache written by this tool."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("made_by") == TOOL
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class Digests:
+    """sha256 of files, remembered (in `<cache_dir>/digests.json`) by each file's device, inode,
+    size, mtime and ctime, so that an unchanged file is read once. A file whose ctime is within
+    RACY_NS of its hashing is hashed again: a second change inside the same timestamp tick
+    could leave all of its stat unchanged (git's "racy clean" rule)."""
+
+    def __init__(self, cache_dir=None):
+        self.path = os.path.join(cache_dir, "digests.json") if cache_dir else None
+        self.files, self.dirty = {}, False
+        if self.path and os.path.lexists(self.path):
+            if not _is_ours(self.path):
+                raise checks.error("file_not_made", self.path, tool=TOOL + "'s cache",
+                                   flag="--cache_dir")
+            with open(self.path, encoding="utf-8") as f:
+                self.files = json.load(f).get("files", {})
+
+    def __call__(self, path):
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        stat = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        known = self.files.get(real)
+        if known and known["stat"] == stat and known["at"] - st.st_ctime_ns > RACY_NS:
+            return known["sha256"]
+        at = time.time_ns()
+        digest = _sha256(real)
+        self.files[real] = {"stat": stat, "at": at, "sha256": digest}
+        self.dirty = True
+        return digest
+
+    def save(self):
+        if self.path and self.dirty:
+            _write_json({"made_by": TOOL, "files": self.files}, self.path)
+            self.dirty = False
+
+
+def split_files(split_dir, split):
+    """The files of a split in its directory: `{split}_*` and `{split}.*` (features, captions,
+    and whatever else a matcher reads there: boxes, parses, ...)."""
+    if not os.path.isdir(split_dir):
+        return []
+    return sorted(name for name in os.listdir(split_dir)
+                  if (name.startswith(split + "_") or name.startswith(split + "."))
+                  and os.path.isfile(os.path.join(split_dir, name)))
+
+
+def _special(token):
+    """An encoder's special token (SCAN's <start>, BERT's [CLS], ...), not a word."""
+    return (token.startswith("<") and token.endswith(">")) or \
+        (token.startswith("[") and token.endswith("]"))
+
+
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+# ----------------------------------------------------------------------------- encodings
+
+def _pack(x):
+    """Batch extras as torch.load(weights_only=True) reads them back (numpy arrays as tensors);
+    TypeError for anything else."""
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(x))}
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_pack(v) for v in x)
+    if isinstance(x, dict) and all(isinstance(k, str) for k in x):
+        return {k: _pack(v) for k, v in x.items()}
+    if x is None or isinstance(x, (bool, int, float, str, torch.Tensor)):
+        return x
+    raise TypeError("cannot cache a %s" % type(x).__name__)
+
+
+def _unpack(x):
+    if isinstance(x, dict):
+        if set(x) == {"__ndarray__"}:
+            return x["__ndarray__"].numpy()
+        return {k: _unpack(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unpack(v) for v in x)
+    return x
+
+
+class Encodings:
+    """A split as one model encoded it (evaluation.encode_data): the images (N, R, d) or (N, d),
+    the captions ragged (their words concatenated, (sum of lengths, d)) or global (C, d), the
+    lengths, the `score_inputs` extras, and the caption texts."""
+
+    def __init__(self, img_embs, cap_embs, cap_lens, extra, captions, im_div, gallery=None):
+        self.img_embs = img_embs
+        self.cap_embs = cap_embs          # (T, d) words of all captions, or (C, d) global
+        self.cap_lens = np.asarray(cap_lens, dtype=np.int64)
+        self.ragged = cap_embs.ndim == 2 and img_embs.ndim == 3
+        self.offsets = np.concatenate([[0], np.cumsum(self.cap_lens)]) if self.ragged else None
+        self.extra = extra
+        self.captions = list(captions)
+        self.im_div = int(im_div)
+        self.gallery = gallery or {}      # Matcher.gallery_inputs: {name: (n_images, ...)}
+
+    @classmethod
+    def from_encoded(cls, enc, captions, im_div, gallery=None):
+        img_embs, cap_embs, cap_lens = enc
+        if cap_embs.ndim == 3:  # per word, zero padded: keep the real words only
+            cap_embs = np.concatenate([cap_embs[k, :n] for k, n in enumerate(cap_lens)])
+        return cls(img_embs, cap_embs, cap_lens, enc.extra, captions[:len(cap_lens)], im_div,
+                   gallery)
+
+    def gallery_rows(self, rows):
+        """The gallery inputs of some images (a slice or indices), for `score`."""
+        return {k: np.asarray(v[rows]) for k, v in self.gallery.items()}
+
+    @property
+    def n_images(self):
+        return len(self.img_embs)
+
+    def all_images(self):
+        """Every image's encoding in memory (a cache entry is memory-mapped: an image query
+        reads one image, a text query all of them, once)."""
+        if isinstance(self.img_embs, np.memmap):
+            self.img_embs = np.array(self.img_embs)
+        return self.img_embs
+
+    def caption_block(self, idx):
+        """The captions `idx` as `score` takes them: (len(idx), their longest, d) zero padded,
+        or (len(idx), d)."""
+        if not self.ragged:
+            return self.cap_embs[idx]
+        lens = self.cap_lens[idx]
+        out = np.zeros((len(idx), int(lens.max()), self.cap_embs.shape[1]), dtype=np.float32)
+        for k, j in enumerate(idx):
+            out[k, :lens[k]] = self.cap_embs[self.offsets[j]:self.offsets[j + 1]]
+        return out
+
+    # ------------------------------------------------------------------ the cache
+    def save(self, entry, meta):
+        """Write the cache entry `entry` (a directory) atomically: into a temporary directory,
+        renamed into place. Returns False (nothing written) when an extra cannot be cached."""
+        try:
+            extra = _pack(self.extra)
+        except TypeError as e:
+            log.warning("retrieve: encodings not cached (%s)", e)
+            return False
+        parent = os.path.dirname(entry)
+        tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+        try:
+            np.save(os.path.join(tmp, "images.npy"), self.img_embs)
+            np.save(os.path.join(tmp, "captions.npy"), self.cap_embs)
+            np.save(os.path.join(tmp, "cap_lens.npy"), self.cap_lens)
+            np.savez(os.path.join(tmp, "gallery.npz"), **self.gallery)
+            torch.save(extra, os.path.join(tmp, "extra.pt"))
+            _write_json(dict(meta, made_by=TOOL, format=CACHE_FORMAT, im_div=self.im_div,
+                             captions=self.captions), os.path.join(tmp, "meta.json"))
+            try:
+                os.rename(tmp, entry)
+            except OSError:  # another process wrote it meanwhile: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return True
+
+    @classmethod
+    def load(cls, entry):
+        """The encodings of a cache entry, or None when it is not a complete entry of ours."""
+        meta_path = os.path.join(entry, "meta.json")
+        if not _is_ours(meta_path):
+            return None
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format") != CACHE_FORMAT:
+            return None
+        try:
+            extra = torch.load(os.path.join(entry, "extra.pt"), weights_only=True)
+            with np.load(os.path.join(entry, "gallery.npz")) as f:
+                gallery = {k: f[k] for k in f.files}
+            return cls(np.load(os.path.join(entry, "images.npy"), mmap_mode="r"),
+                       np.load(os.path.join(entry, "captions.npy"), mmap_mode="r"),
+                       np.load(os.path.join(entry, "cap_lens.npy")), _unpack(extra),
+                       meta["captions"], meta["im_div"], gallery)
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError):
+            return None
+
+
+class Member:
+    """One checkpoint of the gallery: its model, options, vocabulary, and its encodings of the
+    split (from the cache, or encoded on first use)."""
+
+    def __init__(self, path, model, opt, vocab, vocab_file, label):
+        self.path, self.model, self.opt, self.vocab = path, model, opt, vocab
+        self.vocab_file, self.label = vocab_file, label
+        self.enc, self.loader, self.entry, self.key_inputs = None, None, None, None
+        self.cached = False
+
+    @property
+    def n_images(self):
+        if self.enc is not None:
+            return self.enc.n_images
+        dset = self.loader.dataset
+        return (len(dset) + dset.im_div - 1) // dset.im_div
+
+
+# ----------------------------------------------------------------------------- the gallery
+
+class Hits(dict):
+    """The answer to a query, as `--json` prints it: {"query": ..., "results": [{"rank",
+    "index", "score", ...}], ...}. `context` (not printed) keeps what --explain needs."""
+    context = None
+
+
+class Gallery:
+    """A split, searched with one checkpoint or the ensemble of two (the mean of their scores,
+    as evaluation.py's ensemble). The split's encodings come from the cache in `cache_dir`
+    (None: no cache) or are made on first use and cached.
+
+        g = Gallery("model_best.pth.tar", data_path="data", split="test")
+        hits = g.search_text("a man rides a bike", topk=5)
+        hits = g.search_image(12)
+        g.explain(hits, "attention.png")
+    """
+
+    def __init__(self, model_path, data_path=None, split="test", model_path2=None,
+                 vocab_path=None, data_name=None, device=None, feat_format=None,
+                 cache_dir="default", overrides=None, check_flags=False):
+        self.split = split
+        self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+        paths = [p for p in (model_path, model_path2) if p]
+        loaded = [evaluation.load_model(p, data_path, vocab_path, device, feat_format,
+                                        data_name=data_name, overrides=overrides)
+                  for p in paths]
+        unused = [type(m).vocab_path_unused for m, _, _, _ in loaded]
+        if check_flags and vocab_path is not None and all(unused):
+            raise checks.error("flag_unsupported", "--vocab_path %s" % vocab_path,
+                               model=loaded[0][1].module_name, why=unused[0])
+        labels = evaluation.model_labels(paths, [o for _, o, _, _ in loaded])
+        self.members = []
+        for path, (model, opt, vocab, _), label in zip(paths, loaded, labels):
+            vocab_file = type(model).vocabulary(opt)[1]
+            self.members.append(Member(path, model, opt, vocab, vocab_file, label))
+        opt = self.members[0].opt
+        self.data_name = opt.data_name
+        self.split_dir = os.path.join(opt.data_path, opt.data_name)
+        self.digests = None
+        if self.cache_dir:
+            self._check_cache_dir(opt.data_path, paths)
+            try:
+                os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+                if not os.access(self.cache_dir, os.W_OK | os.X_OK):
+                    raise PermissionError("not writable")
+            except OSError as e:
+                raise checks.error("cache_unwritable", self.cache_dir,
+                                   reason=checks.first_line(e)) from None
+            self.digests = Digests(self.cache_dir)
+        loaders = {}
+        for m in self.members:
+            self._prepare(m, loaders)
+        if self.digests:
+            self.digests.save()
+
+    # ------------------------------------------------------------------ cache
+    def _check_cache_dir(self, data_path, paths):
+        # a folder that holds the per-user cache base itself (the home directory) is no data
+        # or checkpoint folder to keep the cache out of
+        base = os.path.dirname(os.path.dirname(default_cache_dir()))
+        for what, folder in ([("data folder", data_path)] +
+                             [("checkpoint folder", os.path.dirname(os.path.abspath(p)))
+                              for p in paths]):
+            if _inside(self.cache_dir, folder) and not _inside(base, folder):
+                raise checks.error("cache_inside", self.cache_dir, what=what, inside=folder,
+                                   default=default_cache_dir())
+
+    def _key(self, m):
+        """(key, inputs): what the encodings of member m depend on, by content."""
+        files = split_files(self.split_dir, self.split)
+        if not files:  # no split: let the dataset say what is missing
+            return None, None
+        vocab = m.vocab_file
+        vocab_files = ([vocab] if os.path.isfile(vocab) else
+                       sorted(os.path.join(r, f) for r, _, fs in os.walk(vocab) for f in fs)
+                       if os.path.isdir(vocab) else [])
+        code = hashlib.sha256()
+        here = os.path.dirname(os.path.abspath(__file__))
+        for src in sorted({inspect.getsourcefile(type(m.model))} |
+                          {os.path.join(here, f) for f in ENCODING_CODE}):
+            with open(src, "rb") as f:
+                code.update(f.read())
+        inputs = {
+            "checkpoint": self.digests(m.path),
+            "split": self.split,
+            "split_files": {f: self.digests(os.path.join(self.split_dir, f)) for f in files},
+            "vocabulary": [self.digests(f) for f in vocab_files],
+            "matcher": "%s.%s %s" % (type(m.model).__module__, type(m.model).__name__,
+                                     m.opt.module_name),
+            "feat_format": getattr(m.opt, "feat_format", "auto"),
+            "device": m.model.device.type,
+            "torch": torch.__version__,
+            "code": code.hexdigest(),
+        }
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+        return key, inputs
+
+    def _prepare(self, m, loaders):
+        """The cached encodings of member m, or a loader to encode the split (which checks the
+        split's files before any compute)."""
+        if self.cache_dir:
+            key, m.key_inputs = self._key(m)
+            if key:
+                m.entry = os.path.join(self.cache_dir, key[:40])
+                if os.path.lexists(m.entry):
+                    m.enc = Encodings.load(m.entry)
+                    if m.enc is not None:
+                        m.cached = True
+                        log.info("retrieve: %s: the encodings of %s %s from the cache %s",
+                                 m.label, self.data_name, self.split, m.entry)
+                        return
+                    if not _is_ours(os.path.join(m.entry, "meta.json")):
+                        raise checks.error("file_not_made", m.entry,
+                                           tool=TOOL + "'s cache", flag="--cache_dir")
+        vkey = (type(m.model), tuple(sorted(getattr(m.vocab, "word2idx", {}).items())) or
+                id(m.vocab))
+        if vkey not in loaders:
+            loaders[vkey] = data.get_test_loader(self.split, m.opt.data_name, m.vocab,
+                                                 m.opt.batch_size, m.opt.workers, m.opt,
+                                                 matcher=type(m.model))
+        m.loader = loaders[vkey]
+
+    def encodings(self, m):
+        """Member m's encodings of the split: cached, or encoded now (and cached)."""
+        if m.enc is None:
+            dset = m.loader.dataset
+            log.info("retrieve: %s: encoding %s %s (%d images, %d captions)", m.label,
+                     self.data_name, self.split, m.n_images, len(dset))
+            enc = evaluation.encode_data(m.model, m.loader, img_stride=dset.im_div)
+            m.enc = Encodings.from_encoded(enc, dset.captions, dset.im_div,
+                                           m.model.gallery_inputs(enc[0]))
+            if m.entry:
+                if os.path.lexists(m.entry):  # an incomplete entry of ours: replace it
+                    shutil.rmtree(m.entry)
+                meta = {"checkpoint": m.path, "data": self.split_dir, "inputs": m.key_inputs,
+                        "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                if m.enc.save(m.entry, meta):
+                    size = sum(os.path.getsize(os.path.join(m.entry, f))
+                               for f in os.listdir(m.entry))
+                    log.info("retrieve: cached in %s (%.1f MB)", m.entry, size / 2 ** 20)
+        return m.enc
+
+    @property
+    def n_images(self):
+        return self.members[0].n_images
+
+    @property
+    def cached(self):
+        return all(m.cached for m in self.members)
+
+    # ------------------------------------------------------------------ queries
+    def _ensemble(self, scores):
+        # as evaluation.evalrank: the sum over the models, divided by their number
+        total = None
+        for s in scores:
+            total = s if total is None else total + s
+        return total / len(scores)
+
+    def _results(self, scores, topk):
+        order = np.argsort(-scores, kind="stable")[:topk]
+        return order, [{"rank": r + 1, "index": int(i), "score": float(scores[i])}
+                       for r, i in enumerate(order)]
+
+    def _meta(self, query):
+        return {"query": query, "models": [m.path for m in self.members],
+                "matchers": [m.opt.module_name for m in self.members],
+                "data": self.split_dir, "split": self.split, "cached": self.cached}
+
+    def search_text(self, text, topk=10):
+        """The top `topk` images of the split for free text: Hits with each image's index, score
+        and ground-truth captions, and the query's unknown words."""
+        if text is None or not str(text).strip():
+            raise checks.error("query_empty", "--query %s" % json.dumps(text or ""))
+        scores, context = [], []
+        for m in self.members:
+            enc = self.encodings(m)
+            q = m.model.query_batch(text, m.vocab)
+            m.model.val_start()
+            with torch.no_grad():
+                cap_emb, lens = m.model.forward_text(q.captions, q.lengths, **q.extra)
+            cap = cap_emb.float().cpu().numpy()
+            inputs = getattr(m.model, "score_inputs", {})
+            extra = {k: (enc.extra[k] if where == "image" else q.extra[k])
+                     for k, where in inputs.items()}
+            scores.append(m.model.score(enc.all_images(), cap, [int(n) for n in lens],
+                                        **extra, **enc.gallery_rows(slice(None)))[:, 0])
+            n_words = q.n_words if q.n_words is not None else len(
+                [t for t in q.tokens if not _special(t)])
+            context.append({"cap": cap, "lens": [int(n) for n in lens], "tokens": q.tokens,
+                            "unknown": q.unknown, "extra": q.extra, "n_words": n_words})
+        scores = self._ensemble(scores)
+        order, results = self._results(scores, topk)
+        enc = self.members[0].enc
+        for r in results:
+            i = r["index"]
+            r["captions"] = enc.captions[i * enc.im_div:(i + 1) * enc.im_div]
+        unknown = context[0]["unknown"]
+        query = {"text": text, "tokens": context[0]["tokens"], "n_words": context[0]["n_words"],
+                 "unknown": unknown, "n_unknown": len(unknown)}
+        if len(self.members) > 1 and any(c["unknown"] != unknown for c in context):
+            query["unknown_per_model"] = {m.label: c["unknown"]
+                                          for m, c in zip(self.members, context)}
+        hits = Hits(self._meta(query), results=results, n_gallery=len(scores),
+                    gallery="images")
+        hits.context = {"kind": "text", "members": context, "order": order}
+        return hits
+
+    def search_image(self, index, topk=10):
+        """The top `topk` captions of the split for its image `index`: Hits with each caption's
+        index, score, text and image (`match`: it is one of the query image's captions)."""
+        n = self.n_images
+        if not 0 <= int(index) < n:
+            raise checks.error("image_index", "--image %d" % index, split=self.split,
+                               n_images=n, last=n - 1)
+        index = int(index)
+        scores = []
+        for m in self.members:
+            enc = self.encodings(m)
+            inputs = getattr(m.model, "score_inputs", {})
+            img = np.array(enc.img_embs[index:index + 1])
+            s = np.empty(len(enc.cap_lens))
+            order = np.argsort(enc.cap_lens, kind="stable")  # chunks of similar lengths
+            for start in range(0, len(order), CAPTION_CHUNK):
+                idx = order[start:start + CAPTION_CHUNK]
+                extra = {k: (enc.extra[k][index:index + 1] if where == "image" else
+                             [enc.extra[k][j] for j in idx]) for k, where in inputs.items()}
+                s[idx] = m.model.score(img, enc.caption_block(idx),
+                                       [int(x) for x in enc.cap_lens[idx]], **extra,
+                                       **enc.gallery_rows(slice(index, index + 1)))[0]
+            scores.append(s)
+        scores = self._ensemble(scores)
+        order, results = self._results(scores, topk)
+        enc = self.members[0].enc
+        for r in results:
+            j = r["index"]
+            r.update(text=enc.captions[j], image=j // enc.im_div, match=j // enc.im_div == index)
+        query = {"image": index,
+                 "captions": enc.captions[index * enc.im_div:(index + 1) * enc.im_div]}
+        hits = Hits(self._meta(query), results=results, n_gallery=len(scores),
+                    gallery="captions")
+        hits.context = {"kind": "image", "index": index, "order": order}
+        return hits
+
+    # ------------------------------------------------------------------ attention
+    def check_explain(self, path, images=None, image_ids=None):
+        """Everything --explain needs, before any compute: the output file, a matcher with
+        attention, and for --images the image files (ImageFiles) and the region boxes."""
+        import plots
+        plots.check_outputs([path], TOOL + " --explain", "--explain")
+        if all(type(m.model).attention_info is None for m in self.members):
+            m = self.members[0]
+            raise checks.error("explain_unsupported", "--explain", model=m.opt.module_name,
+                               why=m.model.no_attention_why)
+        if images is None:
+            if image_ids is not None:
+                raise checks.error("images_dir", "--images (needed by --image_ids)")
+            return None
+        return ImageFiles(images, image_ids, self.split_dir, self.split, self.n_images,
+                          self.members[0].enc.im_div if self.members[0].enc else
+                          self.members[0].loader.dataset.im_div)
+
+    def attention(self, hits):
+        """Per member with attention: (member, [(words, (L, R) weights) per result]); the pairs
+        are (result image, query) for a text query, (query image, result caption) for an image
+        query."""
+        out = []
+        for k, m in enumerate(self.members):
+            if type(m.model).attention_info is None:
+                continue
+            enc = self.encodings(m)
+            idx = [r["index"] for r in hits["results"]]
+            inputs = getattr(m.model, "score_inputs", {})
+            if hits.context["kind"] == "text":
+                c = hits.context["members"][k]
+                caps = np.repeat(c["cap"], len(idx), axis=0)
+                lens = c["lens"] * len(idx)
+                extra = {key: ([enc.extra[key][i] for i in idx] if where == "image" else
+                               list(c["extra"][key]) * len(idx))
+                         for key, where in inputs.items()}
+                weights = m.model.word_region_attention(np.array(enc.img_embs[idx]), caps,
+                                                        lens, **extra)
+                words = [c["tokens"]] * len(idx)
+            else:
+                i = hits.context["index"]
+                caps = enc.caption_block(np.array(idx))
+                lens = [int(enc.cap_lens[j]) for j in idx]
+                extra = {key: ([enc.extra[key][i]] * len(idx) if where == "image" else
+                               [enc.extra[key][j] for j in idx])
+                         for key, where in inputs.items()}
+                weights = m.model.word_region_attention(
+                    np.repeat(np.array(enc.img_embs[i:i + 1]), len(idx), axis=0), caps, lens,
+                    **extra)
+                words = [m.model.query_batch(enc.captions[j], m.vocab).tokens for j in idx]
+            words = [w if len(w) == len(a) else [str(p) for p in range(len(a))]
+                     for w, a in zip(words, weights)]
+            out.append((m, list(zip(words, weights))))
+        return out
+
+    def explain(self, hits, path, images=None, image_ids=None, files=None):
+        """Draw, for the query and each result, the word x region attention weights of every
+        model that has them (plots.attention_figure), and with `images` each word's most
+        attended region on the image. Returns {"path", "attention": the (L, R) arrays as drawn
+        (for each result, each model's), "words": their row labels, "rows": the panels}."""
+        import plots
+        files = files or self.check_explain(path, images, image_ids)
+        maps = self.attention(hits)
+        text = hits.context["kind"] == "text"
+        rows = []
+        for r_i, res in enumerate(hits["results"]):
+            row = []
+            for m, per_result in maps:
+                words, weights = per_result[r_i]
+                what = ("image %d" % res["index"] if text else "caption %d (image %d%s)" % (
+                    res["index"], res["image"], ", the query's" if res["match"] else ""))
+                row.append({"kind": "heatmap", "weights": weights, "words": words,
+                            "title": "#%d %s, score %.4f%s" % (
+                                res["rank"], what, res["score"],
+                                "" if len(self.members) == 1 else "\n" + m.label)})
+                if files is not None:
+                    img_index = res["index"] if text else hits.context["index"]
+                    row.append(files.panel(img_index, words, weights,
+                                           "image %d: each word's most attended region"
+                                           % img_index))
+            rows.append(row)
+        q = hits["query"]
+        head = ('query "%s"' % q["text"] if text else
+                "query: image %d (its first caption: \"%s\")" % (q["image"], q["captions"][0]))
+        lines = ["%s, on %s %s" % (head, self.data_name, self.split)]
+        for m in self.members:
+            info = type(m.model).attention_info
+            lines.append("%s: %s" % (m.label, info.format(opt=m.opt) if info is not None else
+                                     "no word x region attention (%s)" % m.model.no_attention_why))
+        drawn = plots.attention_figure(rows, "\n".join(lines), path)
+        return {"path": path, "attention": drawn, "rows": rows,
+                "words": [per[r][0] for r in range(len(rows)) for _, per in maps]}
+
+
+class ImageFiles:
+    """The split's image files (`--images DIR`, `--image_ids FILE`: one line per image of the
+    split, or one per caption, each a file name under DIR, or an id found as DIR/<id>.jpg,
+    DIR/<id>.png or COCO's DIR/*_<12-digit id>.jpg) and region boxes (`{split}_ims_bbx.npy`,
+    (images, regions, 4) x1 y1 x2 y2 in pixels), checked when made."""
+
+    def __init__(self, images, image_ids, split_dir, split, n_images, im_div):
+        if not os.path.isdir(images):
+            raise checks.error("images_dir", images)
+        ids = image_ids or os.path.join(split_dir, "%s_ids.txt" % split)
+        if not os.path.isfile(ids):
+            raise checks.error("image_ids_missing", ids)
+        with open(ids, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if len(lines) == n_images * im_div and im_div > 1:
+            lines = lines[::im_div]
+            step = im_div
+        elif len(lines) == n_images:
+            step = 1
+        else:
+            raise checks.error("image_ids_count", ids, n_lines=len(lines), n_images=n_images)
+        names = set(os.listdir(images))
+        self.paths = []
+        for k, name in enumerate(lines):
+            found = self._find(images, name, names)
+            if found is None:
+                raise checks.error("image_file", ids, image_id=name, line=k * step + 1,
+                                   images=images, tried=", ".join(self._candidates(name)))
+            self.paths.append(found)
+        box_path = os.path.join(split_dir, "%s_ims_bbx.npy" % split)
+        if not os.path.isfile(box_path):
+            raise checks.error("boxes_missing", box_path, name=os.path.basename(box_path))
+        self.boxes = np.load(box_path, mmap_mode="r")
+        if self.boxes.ndim != 3 or self.boxes.shape[0] != n_images or self.boxes.shape[2] != 4:
+            raise checks.error("boxes_shape", box_path, shape=tuple(self.boxes.shape),
+                               n_images=n_images, regions="regions")
+
+    @staticmethod
+    def _candidates(name):
+        out = [name]
+        if name.isdigit():
+            out += ["%s.jpg" % name, "%s.png" % name, "*_%012d.jpg" % int(name)]
+        return out
+
+    def _find(self, images, name, names):
+        if os.path.isfile(os.path.join(images, name)):
+            return os.path.join(images, name)
+        if not name.isdigit():
+            return None
+        for cand in ("%s.jpg" % name, "%s.png" % name):
+            if cand in names:
+                return os.path.join(images, cand)
+        suffix = "_%012d.jpg" % int(name)
+        hits = [n for n in names if n.endswith(suffix)]
+        return os.path.join(images, hits[0]) if hits else None
+
+    def panel(self, index, words, weights, title):
+        """The image with the most attended region of each word (words sharing a region share
+        its box; the encoder's special tokens are left out)."""
+        import matplotlib.image as mpimg
+        boxes = np.asarray(self.boxes[index], dtype=np.float64)        # (R, 4)
+        top = {}
+        for w, row in zip(words, np.asarray(weights)):
+            if _special(w):
+                continue
+            top.setdefault(int(np.argmax(row)), []).append(w)
+        drawn = [tuple(boxes[r]) + (", ".join(ws),) for r, ws in sorted(top.items())
+                 if r < len(boxes)]
+        return {"kind": "image", "image": mpimg.imread(self.paths[index]), "boxes": drawn,
+                "title": title}
+
+
+# ----------------------------------------------------------------------------- output
+
+def format_table(hits):
+    """The printed answer: a header, then one line per result (and the ground-truth captions
+    of each image under it)."""
+    q = hits["query"]
+    lines = ["%s on %s (%s): %d %s" % (" + ".join(hits["matchers"]), hits["data"],
+                                       hits["split"], hits["n_gallery"], hits["gallery"])]
+    if "text" in q:
+        n_words = q["n_words"]
+        unk = ("all known to the vocabulary" if not q["unknown"] else
+               "%d not in the vocabulary, mapped to <unk>: %s"
+               % (len(q["unknown"]), ", ".join(q["unknown"])))
+        lines.append('query: "%s" (%d words; %s)' % (q["text"], n_words, unk))
+        for label, words in q.get("unknown_per_model", {}).items():
+            lines.append("  %s: %d unknown: %s" % (label, len(words), ", ".join(words)))
+        lines.append("%4s  %6s  %10s  %s" % ("rank", "image", "score", "ground-truth captions"))
+        for r in hits["results"]:
+            caps = r["captions"] or [""]
+            lines.append("%4d  %6d  %10.6f  %s" % (r["rank"], r["index"], r["score"], caps[0]))
+            lines += ["%s  %s" % (" " * 24, c) for c in caps[1:]]
+    else:
+        lines.append("query: image %d; its captions:" % q["image"])
+        lines += ["    %s" % c for c in q["captions"]]
+        lines.append("%4s  %7s  %6s  %10s  %s" % ("rank", "caption", "image", "score",
+                                                  "text (* a caption of the query image)"))
+        for r in hits["results"]:
+            lines.append("%4d  %7d  %6d  %10.6f  %s%s" % (r["rank"], r["index"], r["image"],
+                                                          r["score"], "* " if r["match"] else "",
+                                                          r["text"]))
+    return "\n".join(lines)
+
+
+def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split="test",
+             model_path2=None, vocab_path=None, data_name=None, device=None, feat_format=None,
+             cache_dir="default", explain=None, images=None, image_ids=None, overrides=None,
+             check_flags=False):
+    """One query (free text `query`, or the split's image index `image`) against the split:
+    Hits ({"query", "results", ...}). `cache_dir`: "default" (default_cache_dir()), a
+    directory, or None (no cache). `explain=PATH`: also draw the attention (hits["explain"]).
+    `overrides`: the matchers' evaluation flags ({option: value}, as evaluation.evalrank);
+    `check_flags` (the command line): refuse a --vocab_path that no model reads."""
+    if (query is None) == (image is None):
+        raise ValueError("give either query or image")
+    if topk < 1:
+        raise checks.error("flag_positive", "--topk %d" % topk)
+    if query is not None and not str(query).strip():
+        raise checks.error("query_empty", "--query %s" % json.dumps(query))
+    if explain:
+        import plots
+        plots.check_outputs([explain], TOOL + " --explain", "--explain")
+    gallery = Gallery(model_path, data_path, split, model_path2, vocab_path, data_name, device,
+                      feat_format, cache_dir, overrides, check_flags)
+    if image is not None and not 0 <= image < gallery.n_images:
+        raise checks.error("image_index", "--image %d" % image, split=split,
+                           n_images=gallery.n_images, last=gallery.n_images - 1)
+    files = gallery.check_explain(explain, images, image_ids) if explain else None
+    hits = (gallery.search_text(query, topk) if query is not None else
+            gallery.search_image(image, topk))
+    if explain:
+        out = gallery.explain(hits, explain, files=files)
+        hits["explain"] = out["path"]
+        hits.context["explain"] = out
+    if gallery.digests:
+        gallery.digests.save()
+    return hits
+
+
+@checks.exit_on_error
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Search a split with a sentence (--query: its top images) or one of its "
+                    "images (--image N: its top captions), with any checkpoint of the registry")
+    p.add_argument("--model_path", default=evaluation.DEFAULT_MODEL_PATH)
+    p.add_argument("--model_path2", default=None,
+                   help="a second checkpoint: rank by the mean of the two models' scores")
+    p.add_argument("--data_path", default=evaluation.DEFAULT_DATA_PATH,
+                   help="directory holding <data_name>/ (overrides the checkpoint's)")
+    p.add_argument("--data_name", default=None, help="override the checkpoint's data_name")
+    p.add_argument("--vocab_path", default=None, help="directory of <data_name>_vocab.json")
+    p.add_argument("--split", default=evaluation.DEFAULT_SPLIT,
+                   help="the gallery: this split's images or captions (dev, test, testall)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--query", help="free text: the split's images that match it best")
+    g.add_argument("--image", type=int, metavar="N",
+                   help="the split's image N: the split's captions that match it best")
+    p.add_argument("--topk", type=int, default=10, help="number of results")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--cache_dir", default=default_cache_dir(),
+                   help="where the split's encodings are cached (default %(default)s)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="encode the split without reading or writing the cache")
+    p.add_argument("--explain", metavar="OUT.png", default=None,
+                   help="draw the word x region attention of the query and each result")
+    p.add_argument("--images", metavar="DIR", default=None,
+                   help="with --explain: the image files, to draw each word's most attended "
+                        "region (needs the split's {split}_ims_bbx.npy)")
+    p.add_argument("--image_ids", metavar="FILE", default=None,
+                   help="one line per image of the split: its file name under --images "
+                        "(default: the split's {split}_ids.txt)")
+    p.add_argument("--device", default=None, help="cuda or cpu")
+    p.add_argument("--feat_format", default=None, choices=["auto", "npy", "h5"],
+                   help="read {split}_ims.npy or {split}.h5 (default: the checkpoint's, auto)")
+    dests = matchers.add_eval_options(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    if args.images and not args.explain:
+        log.warning("retrieve: --images is used by --explain only")
+    hits = retrieve(args.model_path, query=args.query, image=args.image, topk=args.topk,
+                    data_path=args.data_path, split=args.split, model_path2=args.model_path2,
+                    vocab_path=args.vocab_path, data_name=args.data_name, device=args.device,
+                    feat_format=args.feat_format,
+                    cache_dir=None if args.no_cache else args.cache_dir,
+                    explain=args.explain, images=args.images if args.explain else None,
+                    image_ids=args.image_ids if args.explain else None,
+                    overrides={d: getattr(args, d) for d in dests if getattr(args, d) is not None},
+                    check_flags=True)
+    print(json.dumps(hits, ensure_ascii=False) if args.json else format_table(hits))
+    if args.explain and not args.json:
+        print("attention: %s" % hits["explain"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
