@@ -10,7 +10,7 @@ peak memories do not mix.
 - SGR, SAF: `shard_attn_scores` (similarity.py) against the original's shards of 100 x 100
   pairs scored caption by caption (`EncoderSimilarity.forward_percaption`); the training step
   (`SGRAF.train_emb`) against the original's (all B x B pairs, caption by caption, one graph).
-- NAAF: `evaluation.score_all`, i.e. `NAAF.forward_sim` after `val_start()` (every pair at the
+- NAAF: `NAAF.score`, i.e. `NAAF.forward_sim` after `val_start()` (every pair at the
   fixed test threshold `opt.thres_safe`, vectorised over captions), against the original's
   `shard_xattn`: shards of 128 x 128 pairs, caption by caption (`naaf.naaf_sims_percaption`,
   the original `xattn_score_test`). Both in float32 (the original evaluates float64 copies:
@@ -289,9 +289,8 @@ def percaption_shard_scores(model, img_embs, cap_embs, cap_lens, shard_size=100)
 
 
 def job_eval_naaf(args, ref):
-    """NAAF: evaluation.score_all (the vectorised NAAF.forward_sim) or the original's shards of
+    """NAAF: NAAF.score (the vectorised NAAF.forward_sim) or the original's shards of
     128 x 128 pairs, caption by caption, both at opt.thres_safe."""
-    from evaluation import score_all
     model, opt = make_model(args, "NAAF")
     model.val_start()
     img, cap, lens = make_embeddings(args, np.random.default_rng(args.seed), "NAAF")
@@ -299,13 +298,13 @@ def job_eval_naaf(args, ref):
         if ref:
             percaption_naaf_scores(model, img[:2], cap[:3], lens[:3], args.naaf_ref_fp64)
         else:
-            score_all(model, img[:2], cap[:3], lens[:3], opt)
+            model.score(img[:2], cap[:3], lens[:3])
     sync(args.device)
     t = time.perf_counter()
     if ref:
         sims = percaption_naaf_scores(model, img, cap, lens, args.naaf_ref_fp64)
     else:
-        sims = score_all(model, img, cap, lens, opt)
+        sims = model.score(img, cap, lens)
     sync(args.device)
     elapsed = time.perf_counter() - t
     return {"time": elapsed, "sims": sims}

@@ -8,7 +8,6 @@ Loading never executes pickled code: `torch.load(weights_only=True)` with only
 file in the same directory and renames it over the target, so a crash during a save never
 leaves a truncated checkpoint behind.
 """
-import argparse
 import os
 import shutil
 import tempfile
@@ -17,8 +16,7 @@ import torch
 
 import checks
 from checks import CheckpointError  # noqa: F401  (a checkpoint that cannot be used)
-
-SAFE_GLOBALS = [argparse.Namespace]
+from checks import SAFE_GLOBALS
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -31,21 +29,6 @@ def load_checkpoint(path, map_location="cpu"):
         raise checks.explain_load_failure(path, e) from None
     checks.check_checkpoint_structure(ckpt, path)
     return ckpt
-
-
-def _atomic_torch_save(obj, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _atomic_copy(src, dst):
@@ -65,6 +48,6 @@ def save_checkpoint(state, is_best, filename="checkpoint.pth.tar", prefix=""):
     """Write `prefix + filename` and, if `is_best`, `prefix + 'model_best.pth.tar'`, each
     atomically."""
     path = prefix + filename
-    _atomic_torch_save(state, path)
+    checks.atomic_save(state, path)
     if is_best:
         _atomic_copy(path, prefix + "model_best.pth.tar")

@@ -2,10 +2,14 @@
 
 Every mistake is reported as one line, `<file or flag>: <problem>; <fix>`, by an `SGRAFError`
 raised before hours of compute are spent, and without writing to any file the user already
-has. `train.main` and `evaluation.main` are wrapped in `exit_on_error`: it prints
+has. The command-line mains are wrapped in `exit_on_error`: it prints
 `error: <message>` to stderr and exits with the error's code (2 for usage, data, vocabulary,
 checkpoint and run-directory errors, as argparse does; 1 for a run that diverged). Library
 functions raise and never exit.
+
+This is the bottom of the project's imports (it imports only `vocab`): the data, checkpoint and
+matcher files call it, and it knows no matcher; what is specific to one (its flags, its checkpoint
+layout, the number of regions it needs) reaches it as arguments.
 
 All messages are defined in `PROBLEMS` below; `TROUBLESHOOTING.md` is generated from them:
     python checks.py --table > TROUBLESHOOTING.md
@@ -44,8 +48,6 @@ from vocab import SPECIAL_TOKENS, deserialize_vocab, encode_caption_with_oov
 
 log = logging.getLogger(__name__)
 
-# VisualSA's BatchNorm1d(36) in model.py: the running statistics have one entry per region.
-NUM_REGIONS = 36
 # images whose features are checked for NaN/Inf at start-up, evenly spaced over the file
 N_SAMPLE_IMAGES = 8
 # captions tokenised for the out-of-vocabulary report when a split is loaded
@@ -132,9 +134,8 @@ PROBLEMS = {
         "pass --img_dim {dim} to train on these features, or use the features of the "
         "checkpoint's dataset"),
     "features_regions": Problem(
-        DataError, "{regions} regions per image, but the model expects 36 (VisualSA's "
-        "BatchNorm1d(36))",
-        "use SCAN's 36-region BUTD features"),
+        DataError, "{regions} regions per image, but the model expects {expected} ({why})",
+        "use SCAN's {expected}-region BUTD features"),
     "features_nonfinite": Problem(
         DataError, "image {index} has NaN or Inf features ({checked})",
         "regenerate or re-download the file; `python checks.py --features FILE` checks "
@@ -182,8 +183,8 @@ PROBLEMS = {
     "ckpt_not_torch": Problem(
         CheckpointError, "not a PyTorch checkpoint ({reason})",
         "pass a .pth.tar file written by train.py (or the authors' model_best.pth.tar)"),
-    "ckpt_not_sgraf": Problem(
-        CheckpointError, "not an SGRAF or NAAF checkpoint ({reason})",
+    "ckpt_not_model": Problem(
+        CheckpointError, "not a checkpoint of an image-text matcher ({reason})",
         "pass a checkpoint_N.pth.tar or model_best.pth.tar written by train.py or the "
         "authors"),
     "ckpt_refused": Problem(
@@ -218,16 +219,15 @@ PROBLEMS = {
         UsageError, "a negative margin rewards ranking a wrong caption above the right one",
         "pass a margin of 0 or more (the paper uses 0.2)"),
     "module_name": Problem(
-        UsageError, "unknown similarity module",
-        "pass --module_name SGR or --module_name SAF (SGRAF), or --module_name NAAF"),
-    "naaf_flag": Problem(
-        UsageError, "does not apply to NAAF: {why}",
-        "drop it (NAAF's hinge loss always takes the hardest negatives, as the original)"),
-    "naaf_torchrun": Problem(
-        UsageError, "NAAF learns its threshold inside the training forward, one caption at a "
-        "time, from the statistics of the batch; under torchrun every process would learn its "
-        "own threshold and the checkpoint would keep only rank 0's",
-        "train NAAF in one process (python train.py --module_name NAAF ...), as the original"),
+        UsageError, "unknown matcher",
+        "pass --module_name {choices}"),
+    "flag_unsupported": Problem(
+        UsageError, "does not apply to {model}: {why}",
+        "drop it"),
+    "torchrun_unsupported": Problem(
+        UsageError, "{model} cannot train under torchrun: {why}",
+        "train it in one process (python train.py --module_name {model} ...), as the "
+        "original"),
     "batch_one": Problem(
         UsageError, "a batch of one pair has no negative, so the max-violation hinge loss is "
         "always 0 (and BatchNorm cannot train on one image)",
@@ -286,47 +286,41 @@ def first_line(exc):
 # ----------------------------------------------------------------------------- flags
 
 _POSITIVE = ("num_epochs", "batch_size", "log_step", "val_step", "img_dim", "word_dim",
-             "embed_size", "sim_dim", "num_layers", "sgr_step")
-_NONNEGATIVE = ("workers", "grad_clip", "daa_weight")
+             "embed_size", "num_layers")
+_NONNEGATIVE = ("workers", "grad_clip")
+
+
+def opt_where(opt, name):
+    """How a flag is named in a message: `--name value`."""
+    return "--%s %s" % (name, getattr(opt, name))
+
+
+def check_positive(opt, names):
+    for name in names:
+        if getattr(opt, name, 1) < 1:
+            raise error("flag_positive", opt_where(opt, name))
+
+
+def check_nonnegative(opt, names):
+    for name in names:
+        if getattr(opt, name, 0) < 0:
+            raise error("flag_nonnegative", opt_where(opt, name))
 
 
 def check_train_opt(opt):
-    """Flags of train.py that cannot work together, then the run directory."""
-    def where(name):
-        return "--%s %s" % (name, getattr(opt, name))
-
-    for name in _POSITIVE:
-        if getattr(opt, name, 1) < 1:
-            raise error("flag_positive", where(name))
-    for name in _NONNEGATIVE:
-        if getattr(opt, name, 0) < 0:
-            raise error("flag_nonnegative", where(name))
+    """Flags of train.py that cannot work together, then the run directory. (The matcher's own
+    flags are checked by its class's `check_opt`.)"""
+    check_positive(opt, _POSITIVE)
+    check_nonnegative(opt, _NONNEGATIVE)
     if opt.lr_update < 1:
-        raise error("lr_update", where("lr_update"))
+        raise error("lr_update", opt_where(opt, "lr_update"))
     if not opt.learning_rate > 0:
-        raise error("learning_rate", where("learning_rate"))
+        raise error("learning_rate", opt_where(opt, "learning_rate"))
     if opt.margin < 0:
-        raise error("margin", where("margin"))
-    if opt.module_name not in ("SGR", "SAF", "NAAF"):
-        raise error("module_name", where("module_name"))
-    if opt.module_name == "NAAF":
-        check_naaf_opt(opt)
+        raise error("margin", opt_where(opt, "margin"))
     if opt.batch_size == 1:
-        raise error("batch_one", where("batch_size"))
+        raise error("batch_one", opt_where(opt, "batch_size"))
     check_run_dir(opt.model_name, resume=opt.resume, overwrite=opt.overwrite)
-
-
-def check_naaf_opt(opt):
-    """Flags of SGRAF's training that NAAF would silently ignore: its hinge loss is the
-    hardest-negative one, hard-wired, and it has no DAA."""
-    if not opt.max_violation:
-        raise error("naaf_flag", "--no-max_violation",
-                    why="its hinge loss always takes the hardest negatives")
-    if opt.sum_violation_warmup:
-        raise error("naaf_flag", "--sum_violation_warmup %s" % opt.sum_violation_warmup,
-                    why="its hinge loss always takes the hardest negatives")
-    if getattr(opt, "daa_weight", 0):
-        raise error("naaf_flag", "--daa_weight %s" % opt.daa_weight, why="it has no DAA loss")
 
 
 def check_run_dir(model_name, resume="", overwrite=False):
@@ -399,9 +393,9 @@ def check_features_finite(images, path, sample=N_SAMPLE_IMAGES, chunk=256):
                         checked="all %d images checked" % n)
 
 
-def check_features(images, path, img_dim=None, sample=N_SAMPLE_IMAGES):
+def check_features(images, path, img_dim=None, sample=N_SAMPLE_IMAGES, regions=None):
     """Shape and dtype from the header (no data read), then NaN/Inf on `sample` images (all
-    with None)."""
+    with None). `regions`: (count, why) when the model needs that many regions per image."""
     shape = tuple(images.shape)
     if len(shape) != 3:
         raise error("features_ndim", path, shape=shape)
@@ -411,8 +405,9 @@ def check_features(images, path, img_dim=None, sample=N_SAMPLE_IMAGES):
         raise error("features_empty", path, shape=shape)
     if img_dim is not None and shape[2] != img_dim:
         raise error("features_dim", path, dim=shape[2], img_dim=img_dim)
-    if shape[1] != NUM_REGIONS:
-        raise error("features_regions", path, regions=shape[1])
+    if regions is not None and shape[1] != regions[0]:
+        raise error("features_regions", path, regions=shape[1], expected=regions[0],
+                    why=regions[1])
     check_features_finite(images, path, sample)
 
 
@@ -445,9 +440,9 @@ def report_oov(captions, vocab, cap_path, max_captions=N_SAMPLE_CAPTIONS):
     return rate
 
 
-def check_split(images, captions, feat_path, cap_path, img_dim=None, vocab=None):
+def check_split(images, captions, feat_path, cap_path, img_dim=None, vocab=None, regions=None):
     """Everything about a loaded split that is cheap to check; reports the OOV rate."""
-    check_features(images, feat_path, img_dim)
+    check_features(images, feat_path, img_dim, regions=regions)
     check_captions(captions, len(images), cap_path, feat_path)
     if vocab is not None:
         report_oov(captions, vocab, cap_path)
@@ -456,8 +451,8 @@ def check_split(images, captions, feat_path, cap_path, img_dim=None, vocab=None)
 # ----------------------------------------------------------------------------- vocabulary
 
 def load_vocab(path, loader=deserialize_vocab):
-    """`vocab.deserialize_vocab(path)` (or `loader(path)`, e.g. naaf.load_naaf_vocab for
-    NAAF's GloVe vocab), with a VocabError for a missing or malformed file."""
+    """`vocab.deserialize_vocab(path)` (or `loader(path)`, a matcher's reader of
+    another vocabulary format), with a VocabError for a missing or malformed file."""
     data_name = re.sub(r"(_vocab)?\.json$", "", os.path.basename(path))
     if not os.path.isfile(path):
         raise error("vocab_missing", path, name=os.path.basename(path), data_name=data_name)
@@ -471,6 +466,73 @@ def load_vocab(path, loader=deserialize_vocab):
         raise error("vocab_invalid", path, reason="no %s token" % missing[0],
                     data_name=data_name)
     return vocab
+
+
+# ----------------------------------------------------------------------------- files
+
+# what a checkpoint may pickle besides tensors and plain containers
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the target's directory, fsynced, then renamed over the
+    target: a crash never leaves a half-written file behind."""
+    import tempfile
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class H5Features:
+    """Array-like view of `feat` in an HDF5 file (np2h.py), opened lazily in each process that
+    reads it (an h5py handle must not cross a fork into DataLoader workers)."""
+
+    def __init__(self, path):
+        import h5py
+        self.path = path
+        with h5py.File(path, "r") as f:
+            ds = f["feat"]
+            self.shape, self.dtype = tuple(ds.shape), ds.dtype
+        self._file = None
+        self._pid = None
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __getitem__(self, idx):
+        import h5py
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._file["feat"][idx]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"], state["_pid"] = None, None
+        return state
+
+
+def open_features(path):
+    """A read-only array of shape (N, R, img_dim) that does not load the file into RAM
+    (a memory-mapped `.npy`, or an `.h5`), or a DataError for a file that cannot be read."""
+    try:
+        if path.endswith(".h5"):
+            return H5Features(path)
+        return np.load(path, mmap_mode="r")
+    except Exception as e:  # a damaged header or a short file: whatever numpy or h5py raise
+        raise error("features_unreadable", path, reason=first_line(e)) from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -528,70 +590,36 @@ def explain_load_failure(path, exc):
 
 
 def check_checkpoint_structure(ckpt, path):
-    """The original format: a dict with 'model' = [img_enc, txt_enc, sim_enc] state dicts
-    (SGRAF) or [img_enc, txt_enc] (NAAF) and 'opt' = an argparse.Namespace."""
+    """The originals' format, common to every matcher: a dict with 'model' = a list of state
+    dicts (e.g. [img_enc, txt_enc, sim_enc]) and 'opt' = an argparse.Namespace. Which matcher
+    it is, is for the registry to say (matchers.recognise)."""
     if not isinstance(ckpt, dict):
-        raise error("ckpt_not_sgraf", path, reason="it holds a %s" % type(ckpt).__name__)
+        raise error("ckpt_not_model", path, reason="it holds a %s" % type(ckpt).__name__)
     if "model" not in ckpt or "opt" not in ckpt:
         keys = ", ".join(sorted(map(str, ckpt))[:5]) or "none"
-        raise error("ckpt_not_sgraf", path, reason="no 'model'/'opt' entries; its keys: %s"
+        raise error("ckpt_not_model", path, reason="no 'model'/'opt' entries; its keys: %s"
                     % keys)
     model = ckpt["model"]
-    if not (isinstance(model, (list, tuple)) and len(model) in (2, 3) and
+    if not (isinstance(model, (list, tuple)) and len(model) >= 1 and
             all(isinstance(sd, dict) for sd in model)):
-        raise error("ckpt_not_sgraf", path,
-                    reason="'model' is neither the [img_enc, txt_enc, sim_enc] state dicts "
-                           "(SGRAF) nor [img_enc, txt_enc] (NAAF)")
+        raise error("ckpt_not_model", path,
+                    reason="'model' is not a list of state dicts ([img_enc, txt_enc, ...])")
     if not isinstance(ckpt["opt"], argparse.Namespace):
-        raise error("ckpt_not_sgraf", path, reason="'opt' is a %s, not the options"
+        raise error("ckpt_not_model", path, reason="'opt' is a %s, not the options"
                     % type(ckpt["opt"]).__name__)
     if any(isinstance(v, bytes) for v in vars(ckpt["opt"]).values()):
         raise error("ckpt_py2", path, reason="its options hold byte strings")
 
 
-def is_naaf_state(state, opt=None):
-    """NAAF's state list: [img_enc, txt_enc] with the image encoder's `fc` and the text GRU
-    under NAAF's name `rnn` (SGRAF's is `cap_rnn`), and, when the checkpoint's `opt` is given,
-    the threshold state in it (SCAN's checkpoints have the same keys, but no `thres_safe`). Any
-    other two state dicts (a truncated SGRAF checkpoint, another model) are not NAAF's."""
-    return (len(state) == 2 and "fc.weight" in state[0] and
-            any(k.startswith("rnn.") for k in state[1]) and
-            (opt is None or hasattr(opt, "thres_safe")))
+def state_shape(sd, key, axis):
+    """Size `axis` of state dict entry `key`, or None (for the matchers' `infer_flags`)."""
+    return tuple(sd[key].shape)[axis] if key in sd and sd[key].dim() > axis else None
 
 
-def infer_flags(state, opt=None):
-    """The model flags a state list [img_enc, txt_enc, sim_enc] (SGRAF) or [img_enc, txt_enc]
-    (NAAF: is_naaf_state; `opt` is the checkpoint's) was built with (None where its keys do not
-    say: module_name is None for two state dicts that are not NAAF's)."""
-    img, txt = state[0], state[1]
-    sim = state[2] if len(state) > 2 else {}
-    naaf = is_naaf_state(state, opt)
-
-    def shape(sd, key, axis):
-        return tuple(sd[key].shape)[axis] if key in sd and sd[key].dim() > axis else None
-
-    # the GRU is `cap_rnn` in SGRAF's text encoder, `rnn` in NAAF's
-    layers = [int(m.group(1)) for k in txt
-              for m in [re.match(r"(?:cap_)?rnn\.weight_ih_l(\d+)", k)] if m]
-    embed = "embed.glove.weight" if "embed.glove.weight" in txt else "embed.weight"
-    steps = {k.split(".")[1] for k in sim if k.startswith("SGR_module.")}
-    module = ("NAAF" if naaf else "SGR" if steps else
-              "SAF" if any(k.startswith("SAF_module.") for k in sim) else None)
-    return {"module_name": module, "img_dim": shape(img, "fc.weight", 1),
-            "embed_size": shape(img, "fc.weight", 0),
-            "vocab_size": shape(txt, embed, 0),
-            "word_dim": shape(txt, embed, 1),
-            "num_layers": max(layers) + 1 if layers else None,
-            "bi_gru": any(k.endswith("_reverse") for k in txt) if layers else None,
-            "sim_dim": shape(sim, "sim_eval_w.weight", 1),
-            "sgr_step": len(steps) if steps else None,
-            "precomp_enc_text_type": (("GloVe" if embed != "embed.weight" else "basic")
-                                      if naaf else None)}
-
-
-def _flag(name, value):
-    if name == "bi_gru":
-        return "--bi_gru" if value else "--no-bi_gru"
+def flag_text(name, value):
+    """A flag as the user would write it: `--name value`, `--name`, `--no-name`."""
+    if isinstance(value, bool):
+        return ("--%s" if value else "--no-%s") % name
     return "--%s %s" % (name, value)
 
 
@@ -599,17 +627,20 @@ def _some(keys, n=2):
     return ", ".join(keys[:n]) + (" and %d more" % (len(keys) - n) if len(keys) > n else "")
 
 
-def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary"):
+def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary", want=None):
     """The checkpoint's state dicts have the keys and shapes of `model` (built from the
-    flags); otherwise name the flags and keys that differ. Run before load_state_dict."""
-    names = ("img_enc", "txt_enc", "sim_enc")
+    flags); otherwise name the flags and keys that differ. Run before load_state_dict.
+    `want`: the flags the checkpoint was built with, from its own matcher class's
+    `infer_flags` (with its module_name) when the caller recognised it; default: read by the
+    model's class."""
+    names = model.state_names
     ours, theirs = model.state_dict(), ckpt["model"]
     missing, unexpected, shapes = [], [], []
-    # e.g. SGRAF's three modules vs NAAF's two, or a checkpoint that lost its sim_enc: said
-    # neutrally (infer_flags names the model where the keys say which)
+    # e.g. three state dicts against two, or a checkpoint that lost one: said neutrally
+    # (infer_flags names the model where the keys say which)
     count = (None if len(ours) == len(theirs) else
-             "%d state dicts (%s) in the checkpoint, %d from the flags"
-             % (len(theirs), ", ".join(names[:len(theirs)]), len(ours)))
+             "%d state dicts in the checkpoint, %d (%s) from the flags"
+             % (len(theirs), len(ours), ", ".join(names)))
     for name, a, b in zip(names, ours, theirs):
         missing += ["%s.%s" % (name, k) for k in a if k not in b]
         unexpected += ["%s.%s" % (name, k) for k in b if k not in a]
@@ -617,16 +648,19 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary"):
                    for k in a if k in b and tuple(a[k].shape) != tuple(b[k].shape)]
     if not (count or missing or unexpected or shapes):
         return
-    want, have = infer_flags(theirs, ckpt.get("opt")), infer_flags(ours)
-    differ = [k for k in want if want[k] is not None and want[k] != have[k]]
+    if want is None:
+        want = type(model).infer_flags(theirs, ckpt.get("opt"))
+    have = dict(type(model).infer_flags(ours), module_name=model.opt.module_name)
+    differ = [k for k in want if want[k] is not None and want[k] != have.get(k)]
     if differ == ["vocab_size"] and not (count or missing or unexpected):
         raise error("vocab_size", vocab_file, n_vocab=have["vocab_size"], checkpoint=path,
                     n_ckpt=want["vocab_size"])
-    parts = ["%s in the checkpoint, %s from the flags" % (_flag(k, want[k]), _flag(k, have[k]))
-             for k in differ if k != "vocab_size" and have[k] is not None]
+    parts = ["%s in the checkpoint, %s from the flags"
+             % (flag_text(k, want[k]), flag_text(k, have[k]))
+             for k in differ if k != "vocab_size" and have.get(k) is not None]
     if "vocab_size" in differ:
-        parts.append("a vocabulary of %d words, %s has %d" % (want["vocab_size"], vocab_file,
-                                                              have["vocab_size"]))
+        parts.append("a vocabulary of %d words, %s has %s" % (want["vocab_size"], vocab_file,
+                                                              have.get("vocab_size")))
     if count:
         parts.append(count)
     if missing:
@@ -635,11 +669,11 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary"):
         parts.append("unexpected keys %s" % _some(unexpected))
     if shapes:
         parts.append("shapes (checkpoint vs flags) %s" % _some(shapes))
-    flags = [_flag(k, want[k]) for k in differ if k != "vocab_size"]
+    flags = [flag_text(k, want[k]) for k in differ if k != "vocab_size"]
     if flags and "vocab_size" in differ:
         flags.append("and its vocabulary")
     if not flags:
-        raise error("ckpt_foreign", path, diff="; ".join(parts), model=have["module_name"] or "SGRAF")
+        raise error("ckpt_foreign", path, diff="; ".join(parts), model=model.opt.module_name)
     raise error("ckpt_mismatch", path, diff="; ".join(parts), flags=" ".join(flags))
 
 
@@ -647,8 +681,6 @@ def convert_py2_checkpoint(src, dst):
     """Re-save a checkpoint of the original python2.7 branch for Python 3, still loading it
     with weights_only (nothing in it is run). Its byte strings are read as UTF-8 where they
     are, else as Latin-1. Never writes over an existing file."""
-    from checkpoint import SAFE_GLOBALS, _atomic_torch_save  # here: checkpoint imports checks
-
     if os.path.exists(dst):
         raise error("file_exists", dst)
     try:
@@ -669,7 +701,7 @@ def convert_py2_checkpoint(src, dst):
         ckpt["opt"] = argparse.Namespace(**{k: fix(v) if isinstance(v, str) else v
                                             for k, v in vars(ckpt["opt"]).items()})
     check_checkpoint_structure(ckpt, src)
-    _atomic_torch_save(ckpt, dst)
+    atomic_save(ckpt, dst)
 
 
 # ----------------------------------------------------------------------------- training
@@ -751,7 +783,6 @@ def main(argv=None):
     if args.table:
         sys.stdout.write(render_table())
     elif args.features:
-        from data import open_features  # here: data imports checks
         for path in args.features:
             if not os.path.isfile(path):
                 raise error("features_missing", path)

@@ -20,6 +20,7 @@ import torch.utils.data as data
 
 import checks
 from checks import DataError  # noqa: F401  (data.DataError: missing or malformed files)
+from checks import H5Features, open_features  # noqa: F401  (feature files, checked)
 from vocab import encode_caption
 
 log = logging.getLogger(__name__)
@@ -34,48 +35,6 @@ def feature_path(loc, split, feat_format="auto"):
     if feat_format == "h5" or (feat_format == "auto" and os.path.exists(h5)):
         return h5
     return npy
-
-
-class H5Features:
-    """Array-like view of `feat` in an HDF5 file, opened lazily in each process that reads it
-    (an h5py handle must not cross a fork into DataLoader workers)."""
-
-    def __init__(self, path):
-        import h5py
-        self.path = path
-        with h5py.File(path, "r") as f:
-            ds = f["feat"]
-            self.shape, self.dtype = tuple(ds.shape), ds.dtype
-        self._file = None
-        self._pid = None
-
-    def __len__(self):
-        return self.shape[0]
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-    def __getitem__(self, idx):
-        import h5py
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
-        return self._file["feat"][idx]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_file"], state["_pid"] = None, None
-        return state
-
-
-def open_features(path):
-    """A read-only array of shape (N, R, img_dim) that does not load the file into RAM."""
-    try:
-        if path.endswith(".h5"):
-            return H5Features(path)
-        return np.load(path, mmap_mode="r")
-    except Exception as e:  # a damaged header or a short file: whatever numpy or h5py raise
-        raise checks.error("features_unreadable", path, reason=checks.first_line(e)) from None
 
 
 def read_captions(path):
@@ -98,18 +57,23 @@ def read_captions(path):
 
 
 class PrecompDataset(data.Dataset):
-    """(image features, caption word ids, index, image index) for every caption of a split."""
+    """(image features, caption word ids, index, image index) for every caption of a split.
+    `regions`: (count, why) when the model needs that many regions per image (checked at
+    start-up with the rest of the split)."""
 
-    def __init__(self, data_path, data_split, vocab, feat_format="auto", img_dim=None):
+    def __init__(self, data_path, data_split, vocab, feat_format="auto", img_dim=None,
+                 regions=None):
         self.vocab = vocab
         self.split = data_split
+        self.data_path = data_path
         cap_path = os.path.join(data_path, "%s_caps.txt" % data_split)
         feat_path = feature_path(data_path, data_split, feat_format)
         checks.check_split_files(data_path, data_split, feat_path, cap_path)
         self.captions = read_captions(cap_path)
         self.images = open_features(feat_path)
         # shapes, caption count, empty lines, NaN on a sample, OOV rate: before any compute
-        checks.check_split(self.images, self.captions, feat_path, cap_path, img_dim, vocab)
+        checks.check_split(self.images, self.captions, feat_path, cap_path, img_dim, vocab,
+                           regions=regions)
         self.length = len(self.captions)
         # SCAN data repeats each image for its 5 captions
         self.im_div = 5 if len(self.images) != self.length else 1
@@ -127,9 +91,34 @@ class PrecompDataset(data.Dataset):
         return self.length
 
 
+class Batch:
+    """A collated batch: the original four, `images` (B, R, img_dim), `captions` (B, L) padded
+    with 0, `lengths` (list) and `ids` (the captions' indices in the split, list), plus whatever
+    a matcher's collate adds in `extra` (also readable as attributes: e.g. `batch.img_ids`).
+    It unpacks as the original 4-tuple: `images, captions, lengths, ids = batch`; a train step
+    is called as `model.train_emb(*batch, **batch.extra)`."""
+
+    def __init__(self, images, captions, lengths, ids, **extra):
+        self.images, self.captions, self.lengths, self.ids = images, captions, lengths, ids
+        self.extra = extra
+
+    def __iter__(self):
+        return iter((self.images, self.captions, self.lengths, self.ids))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getattr__(self, name):
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(name)
+
+
 def collate_fn(data):
     """Batch (image, caption, index, img_id) tuples, sorted by caption length, longest first.
-    Returns images (B, R, img_dim), captions (B, L) padded with 0, lengths (list), ids (list)."""
+    Returns a Batch: images (B, R, img_dim), captions (B, L) padded with 0, lengths (list),
+    ids (list), and img_ids (list) in `extra`."""
     data = sorted(data, key=lambda x: len(x[1]), reverse=True)
     images, captions, ids, img_ids = zip(*data)
     images = torch.stack(images, 0)
@@ -137,35 +126,50 @@ def collate_fn(data):
     targets = torch.zeros(len(captions), max(lengths), dtype=torch.int64)
     for i, cap in enumerate(captions):
         targets[i, :lengths[i]] = cap
-    return images, targets, lengths, list(ids)
+    return Batch(images, targets, lengths, list(ids), img_ids=list(img_ids))
+
+
+def precomp_dataset(data_path, split, vocab, opt, train=False):
+    """The default dataset of a matcher (`Matcher.dataset`): PrecompDataset with the flags'
+    feature format and dimension."""
+    return PrecompDataset(data_path, split, vocab, feat_format=getattr(opt, "feat_format", "auto"),
+                          img_dim=getattr(opt, "img_dim", None))
 
 
 def get_precomp_loader(data_path, data_split, vocab, opt, batch_size=100, shuffle=True,
-                       num_workers=2, sampler=None, generator=None):
+                       num_workers=2, sampler=None, generator=None, matcher=None, train=False):
     """`sampler`: a Sampler, or a function of the dataset that returns one (a
-    DistributedSampler needs the dataset, which is built here)."""
-    dset = PrecompDataset(data_path, data_split, vocab,
-                          feat_format=getattr(opt, "feat_format", "auto"),
-                          img_dim=getattr(opt, "img_dim", None))
+    DistributedSampler needs the dataset, which is built here). `matcher`: the model's class,
+    which makes its dataset (`matcher.dataset`) and batches (`matcher.collate_fn`, and
+    `matcher.drop_last` in training); without it, PrecompDataset and collate_fn."""
+    if matcher is None:
+        dset = precomp_dataset(data_path, data_split, vocab, opt, train)
+        collate, drop_last = collate_fn, False
+    else:
+        dset = matcher.dataset(data_path, data_split, vocab, opt, train=train)
+        collate, drop_last = matcher.collate_fn, train and matcher.drop_last
     if callable(sampler) and not isinstance(sampler, torch.utils.data.Sampler):
         sampler = sampler(dset)
     on_cuda = str(getattr(opt, "device", "cpu")).startswith("cuda")
     return torch.utils.data.DataLoader(dataset=dset, batch_size=batch_size,
                                        shuffle=shuffle and sampler is None, sampler=sampler,
                                        pin_memory=on_cuda, num_workers=num_workers,
-                                       collate_fn=collate_fn, generator=generator,
-                                       persistent_workers=num_workers > 0)
+                                       collate_fn=collate, generator=generator,
+                                       drop_last=drop_last, persistent_workers=num_workers > 0)
 
 
 def get_loaders(data_name, vocab, batch_size, workers, opt, train_sampler=None,
-                generator=None):
+                generator=None, matcher=None):
     dpath = os.path.join(opt.data_path, data_name)
     train_loader = get_precomp_loader(dpath, "train", vocab, opt, batch_size, True, workers,
-                                      sampler=train_sampler, generator=generator)
-    val_loader = get_precomp_loader(dpath, "dev", vocab, opt, 100, False, workers)
+                                      sampler=train_sampler, generator=generator,
+                                      matcher=matcher, train=True)
+    val_loader = get_precomp_loader(dpath, getattr(opt, "val_split", "dev"), vocab, opt, 100,
+                                    False, workers, matcher=matcher)
     return train_loader, val_loader
 
 
-def get_test_loader(split_name, data_name, vocab, batch_size, workers, opt):
+def get_test_loader(split_name, data_name, vocab, batch_size, workers, opt, matcher=None):
     dpath = os.path.join(opt.data_path, data_name)
-    return get_precomp_loader(dpath, split_name, vocab, opt, 100, False, workers)
+    return get_precomp_loader(dpath, split_name, vocab, opt, 100, False, workers,
+                              matcher=matcher)

@@ -1,13 +1,13 @@
 """The whole job in a few minutes on a laptop CPU, with no dataset to download.
 
 Generates the synthetic SCAN-format dataset (synthetic.py) if it is missing, trains a small
-SGR (or SAF, NAAF with --module_name) with train.py, and evaluates the best checkpoint on the
-test split with evaluation.py, printing the original result lines next to those of the same
-model before training.
+model of any matcher of the registry (SGR by default, `--module_name` for the others) with
+train.py, and evaluates the best checkpoint on the test split with evaluation.py, printing the
+original result lines next to those of the same model before training.
 
     python demo.py                      # SGR
     python demo.py --module_name SAF
-    python demo.py --module_name NAAF   # hardest-negative hinge (hard-wired in NAAF)
+    python demo.py --module_name NAAF
 """
 import argparse
 import logging
@@ -18,31 +18,25 @@ import time
 import torch
 
 import evaluation
+import matchers
 import opts
 import synthetic
 import train
 from checkpoint import save_checkpoint
-from model import build_model
 
 # Small dims, a smaller batch and a larger learning rate than the paper's, so that it learns in
-# minutes. And the sum of violations: from random weights on this small dataset, whose images
-# share concepts, the hardest-negative hinge (the default for real data) collapses every score
-# to one value, as VSE++ warns for training from scratch.
-DEMO_FLAGS = ["--embed_size", "256", "--word_dim", "128", "--sim_dim", "64",
-              "--batch_size", "32", "--learning_rate", "0.001", "--no-max_violation",
-              "--log_step", "50", "--val_step", "100000", "--workers", "0"]
-# NAAF's hinge always takes the hardest negatives (train.py refuses --no-max_violation for it):
-# with them, a smaller batch and NAAF's own learning rate keep it from collapsing here
-NAAF_DROP = ("--no-max_violation",)
-NAAF_FLAGS = ["--batch_size", "16", "--learning_rate", "0.0005"]
+# minutes; then each matcher's own `demo_flags` (argparse: the last value of a flag wins).
+DEMO_FLAGS = ["--embed_size", "256", "--word_dim", "128", "--batch_size", "32",
+              "--learning_rate", "0.001", "--log_step", "50", "--val_step", "100000",
+              "--workers", "0"]
 
 
 def save_untrained(flags, path):
     """A checkpoint, in the original format, of the model that `train.py flags` starts from."""
     opt = opts.parse_opt(flags)
     train.seed_everything(opt.seed)
-    opt.vocab_size = len(evaluation.model_vocab(opt)[0])
-    model = build_model(opt)
+    opt.vocab_size = len(matchers.matcher_class(opt.module_name).vocabulary(opt)[0])
+    model = matchers.build_model(opt)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_checkpoint({"epoch": 0, "model": model.state_dict(), "best_rsum": 0, "opt": opt,
                      "Eiters": 0}, False, filename=path)
@@ -76,8 +70,7 @@ def main(argv=None):
               "--num_epochs", str(args.num_epochs), "--lr_update", str(args.lr_update),
               "--model_name", model_name, "--logger_name", os.path.join(run_dir, "log"),
               "--seed", str(args.seed), "--overwrite"] +
-             [f for f in DEMO_FLAGS if not (args.module_name == "NAAF" and f in NAAF_DROP)] +
-             (NAAF_FLAGS if args.module_name == "NAAF" else []) + extra +
+             DEMO_FLAGS + matchers.matcher_class(args.module_name).demo_flags + extra +
              (["--device", args.device] if args.device else []))
 
     # the same model before training, for comparison

@@ -12,13 +12,17 @@ Read top to bottom:
   score          EncoderSimilarity: sigmoid(Linear(similarity vector)); `forward` scores all
                  pairs at once with the exact fast kernels of similarity.py, and
                  `forward_percaption` is the original loop, kept as the reference
-  wrapper        SGRAF: the three encoders, the optimizer and the train step
-  factory        build_model: SGRAF for --module_name SGR/SAF, naaf.NAAF for NAAF
+  the contract   Matcher: what every matcher (this file's SGRAF, naaf.NAAF, ...) provides to
+                 train.py and evaluation.py; matchers.py registers them
+  wrapper        SGRAF: the three encoders, the optimizer, the train step, the sharded scoring
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
 s sim_dim.
 """
 import logging
+import os
+import re
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -26,11 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from tqdm import tqdm
 
+import checks
 import daa
+import data
 import similarity
 from daa import DAALoss
-from loss import ContrastiveLoss  # noqa: F401  (the original exposes it from model.py)
+from loss import ContrastiveLoss
 from meters import LogCollector
 
 log = logging.getLogger(__name__)
@@ -211,7 +218,7 @@ def SCAN_attention(query, context, smooth, eps=1e-8):
 class EncoderSimilarity(nn.Module):
     """Score every (image, caption) pair: (B, R, d) x (C, L, d) -> (B, C) in (0, 1)."""
 
-    def __init__(self, embed_size, sim_dim, module_name="AVE", sgr_step=3, num_region=36):
+    def __init__(self, embed_size, sim_dim, module_name, sgr_step=3, num_region=36):
         super().__init__()
         self.module_name = module_name
         self.v_global_w = VisualSA(embed_size, 0.4, num_region)
@@ -229,20 +236,40 @@ class EncoderSimilarity(nn.Module):
         # Only the direct Linear children: the sub-modules above initialised their own layers.
         init_xavier(self.children())
 
+    def scorer(self, bn_stats=None):
+        """The head as similarity.py's kernels take it: nodes of a block of pairs -> scores."""
+        if self.module_name == "SGR":
+            return similarity.sgr_scorer(self.SGR_module, self.sim_eval_w)
+        return similarity.saf_scorer(self.SAF_module, self.sim_eval_w, bn_stats)
+
     def forward(self, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=None, out=None,
-                loss_fn=None):
+                loss_fn=None, word_pairs=None):
         """All pairs at once (similarity.py): img_emb (B, R, d), cap_emb (C, L, d) -> (B, C).
         The global vectors may be given precomputed (`image_globals`, `caption_globals`);
-        without autograd the scores can be written into `out` (B, C).
+        without autograd the scores can be written into `out` (B, C). `word_pairs`: (image,
+        word) pairs per block (memory; similarity.WORD_PAIRS by default).
 
-        With `loss_fn` (SGR training) it returns `similarity.subset_loss(self, ..., loss_fn)`,
-        (loss, surrogate, scores), instead: going through `forward` lets a
-        DistributedDataParallel wrapper see the step (its reducer is prepared from the
-        outputs of `forward`, and subset_loss calls the submodules directly)."""
+        In SAF training the BatchNorm statistics are per caption and its running stats are
+        updated once per caption, as the original.
+
+        With `loss_fn` (SGR training) it returns `similarity.subset_loss(...)`, (loss,
+        surrogate, scores), instead: going through `forward` lets a DistributedDataParallel
+        wrapper see the step (its reducer is prepared from the outputs of `forward`)."""
+        if img_glo is None:
+            img_glo = self.image_globals(img_emb)                 # (B, d)
+        if cap_glo is None:
+            cap_glo = self.caption_globals(cap_emb, cap_lens)     # (C, d)
+        parts = (img_emb, cap_emb, cap_lens, img_glo, cap_glo, self.sim_tranloc_w,
+                 self.sim_tranglo_w)
         if loss_fn is not None:
-            return similarity.subset_loss(self, img_emb, cap_emb, cap_lens, loss_fn)
-        return similarity.similarity_matrix(self, img_emb, cap_emb, cap_lens, img_glo, cap_glo,
-                                            out=out)
+            return similarity.subset_loss(*parts, self.scorer(), loss_fn)
+        saf_train = self.module_name == "SAF" and self.SAF_module.bn.training
+        stats, order = ([], []) if saf_train else (None, None)
+        sims = similarity.similarity_matrix(*parts, self.scorer(stats), per_caption=saf_train,
+                                            block_order=order, word_pairs=word_pairs, out=out)
+        if saf_train:
+            similarity.update_bn_per_caption(self.SAF_module.bn, stats, torch.cat(order))
+        return sims
 
     def image_globals(self, img_emb):
         """VisualSA global vectors (B, d)."""
@@ -281,77 +308,146 @@ class EncoderSimilarity(nn.Module):
         return torch.cat(sim_all, 1)                              # (B, C)
 
 
-# ----------------------------------------------------------------------------- wrapper
+# ----------------------------------------------------------------------------- the contract
 
-class SGRAF:
-    """The three encoders, the hinge loss, Adam, and the train step. `state_dict()` is the
-    original checkpoint's `'model'` entry: [img_enc, txt_enc, sim_enc] state dicts.
+def memory_budget():
+    """Bytes a scoring shard may use: an eighth of the available memory, kept between 16 MB and
+    64 MB, so that the peak stays below the per-caption path's (the result matrix is the
+    caller's, outside this budget)."""
+    avail = 2 ** 31
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return min(max(avail // 8, 2 ** 24), 2 ** 26)
 
-    Under torchrun, `ddp()` wraps the encoders in DistributedDataParallel for the train step
-    only: `img_enc`, `txt_enc`, `sim_enc` stay the bare modules, so `state_dict()` never has
-    DDP's `module.` prefix and evaluation never makes a collective call."""
 
+class Matcher:
+    """What every matcher provides to train.py, evaluation.py and the checks: a matcher is one
+    file with a subclass of this, plus one line in matchers.py's registry. The class itself
+    (without an instance) owns its flags, its vocabulary, its data, its checkpoint layout; an
+    instance owns its modules, optimizer, train step and scoring. Override what differs.
+
+    Letters: B images, C captions, R regions, L words, d embed_size.
+    """
+    state_names = ("img_enc", "txt_enc")  # the state dicts of the checkpoint's 'model', in order
+    defaults = {}          # flag defaults that differ from the shared parser's for this matcher
+    num_regions = None     # (count, why) when the model needs that many regions per image
+    drop_last = False      # drop the last, smaller training batch
+    collate_fn = staticmethod(data.collate_fn)  # items -> data.Batch
+    score_inputs = {}      # batch extras scoring needs: {name: "image" or "caption"}
+    demo_flags = []        # flags with which demo.py's small model learns in a few minutes
+
+    # ------------------------------------------------------------------ options and text
+    @classmethod
+    def add_option(cls, parser, *flags, **kwargs):
+        """parser.add_argument for one of this matcher's flags, recorded as its own (a flag of
+        other matchers only is refused with this one). A flag another matcher already added
+        (e.g. --lambda_softmax) is shared, not added twice: its default for this matcher goes
+        into `defaults`."""
+        action = next((parser._option_string_actions[f] for f in flags  # noqa: SLF001
+                       if f in parser._option_string_actions), None)  # noqa: SLF001
+        if action is None:
+            action = parser.add_argument(*flags, **kwargs)
+        cls.own_options().add(action.dest)
+        return action
+
+    @classmethod
+    def own_options(cls):
+        """The dests of the flags this class added with `add_option`."""
+        if "_own_options" not in cls.__dict__:
+            cls._own_options = set()
+        return cls._own_options
+
+    @classmethod
+    def add_options(cls, parser):
+        """The matcher's own flags, with `cls.add_option` (an argument group of the shared
+        parser)."""
+
+    @classmethod
+    def complete_opt(cls, opt):
+        """Fill what an older or an original checkpoint's `opt` lacks with this matcher's
+        defaults (the shared ones are filled by the caller)."""
+        for k, v in cls.defaults.items():
+            if not hasattr(opt, k):
+                setattr(opt, k, v)
+        return opt
+
+    @classmethod
+    def check_opt(cls, opt, distributed=False):
+        """Flags that cannot work with this matcher: raise checks.error(...) before any
+        compute (keys flag_unsupported, torchrun_unsupported, flag_positive, ...)."""
+
+    @classmethod
+    def vocabulary(cls, opt):
+        """(vocab, path): what turns a caption into ids. SCAN's `<data_name>_vocab.json`."""
+        path = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
+        return checks.load_vocab(path), path
+
+    # ------------------------------------------------------------------ data
+    @classmethod
+    def dataset(cls, data_path, split, vocab, opt, train=False):
+        """The split as this matcher reads it (its items go through `collate_fn`)."""
+        return data.PrecompDataset(data_path, split, vocab,
+                                   feat_format=getattr(opt, "feat_format", "auto"),
+                                   img_dim=getattr(opt, "img_dim", None),
+                                   regions=cls.num_regions)
+
+    @classmethod
+    def check_train_data(cls, n_captions, batch_size):
+        """What the training split must satisfy for this model (e.g. no last batch of one)."""
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def recognise(cls, ckpt):
+        """The --module_name of a checkpoint (ours or the authors') if it is this matcher's,
+        read from its contents; else None."""
+        return None
+
+    @classmethod
+    def infer_flags(cls, state, opt=None):
+        """{flag: value or None}: the flags a state list was built with, as far as its keys
+        and shapes say (for the "pass --flag X" of a mismatch)."""
+        return {}
+
+    # ------------------------------------------------------------------ the instance
     def __init__(self, opt, device=None):
         self.opt = opt
         self.device = torch.device(device or getattr(opt, "device", None) or
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         self.grad_clip = opt.grad_clip
-        self.img_enc = EncoderImage(opt.img_dim, opt.embed_size, no_imgnorm=opt.no_imgnorm)
-        self.txt_enc = EncoderText(opt.vocab_size, opt.word_dim, opt.embed_size,
-                                   opt.num_layers, use_bi_gru=opt.bi_gru,
-                                   no_txtnorm=opt.no_txtnorm)
-        self.sim_enc = EncoderSimilarity(opt.embed_size, opt.sim_dim, opt.module_name,
-                                         opt.sgr_step)
+        self.Eiters = 0
+        self.logger = LogCollector()
+        self._ddp = None
+
+    def setup(self):
+        """After the subclass built its modules: move them to the device, build the optimizer
+        from `param_groups()` and remember each group's base learning rate."""
         for m in self.modules():
             m.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-
-        self.criterion = ContrastiveLoss(margin=opt.margin, max_violation=opt.max_violation)
-        # The original's parameter order (text, image, similarity): Adam's state follows it.
-        self.params = (list(self.txt_enc.parameters()) + list(self.img_enc.parameters()) +
-                       list(self.sim_enc.parameters()))
-        self.optimizer = torch.optim.Adam(self.params, lr=opt.learning_rate)
-        self.Eiters = 0
-        self.logger = LogCollector()
-        self.daa = (DAALoss(opt.daa_weight, rowwise=getattr(opt, "daa_rowwise", False))
-                    if getattr(opt, "daa_weight", 0) > 0 else None)
-        self.tfidf = None
-        self._ddp = None  # (img, txt, sim) DistributedDataParallel wrappers after ddp()
-
-    def ddp(self, device_ids=None):
-        """Wrap the encoders in DistributedDataParallel (the process group must be initialised;
-        `device_ids=[local_rank]` on CUDA, None on CPU). DDP averages the gradients over the
-        processes in the backward pass and broadcasts rank 0's BatchNorm buffers at each
-        training forward. On CUDA the BatchNorm layers become SyncBatchNorm (the same
-        parameters and buffers, so the optimizer and the checkpoint keys are unchanged).
-        sim_enc needs `find_unused_parameters`: in SGR's pair-subset step SGR's folded key bias
-        (graph_key_w.bias) is never in the graph, and in a batch where no pair violates the
-        margin only the global vectors are; such parameters keep grad None on every rank and
-        train_emb fills the exact zero, as in a single process."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        if self.device.type == "cuda":
-            self.sim_enc = nn.SyncBatchNorm.convert_sync_batchnorm(self.sim_enc)
-        self._ddp = (DDP(self.img_enc, device_ids=device_ids),
-                     DDP(self.txt_enc, device_ids=device_ids),
-                     DDP(self.sim_enc, device_ids=device_ids, find_unused_parameters=True))
-        return self
-
-    def _trained(self):
-        """The modules the train step calls: the DDP wrappers after ddp(), else the bare
-        encoders."""
-        return self._ddp or (self.img_enc, self.txt_enc, self.sim_enc)
+        groups = self.param_groups()
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = self.make_optimizer(groups)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
     def modules(self):
-        return [self.img_enc, self.txt_enc, self.sim_enc]
+        """The nn.Modules whose state dicts make the checkpoint's 'model', in `state_names`
+        order."""
+        raise NotImplementedError
 
     def state_dict(self):
         return [m.state_dict() for m in self.modules()]
 
     def load_state_dict(self, state_dict, strict=True):
         if len(state_dict) != len(self.modules()):
-            raise ValueError("expected %d state dicts (img_enc, txt_enc, sim_enc), got %d"
-                             % (len(self.modules()), len(state_dict)))
+            raise ValueError("expected %d state dicts (%s), got %d"
+                             % (len(self.modules()), ", ".join(self.state_names),
+                                len(state_dict)))
         for m, sd in zip(self.modules(), state_dict):
             m.load_state_dict(sd, strict=strict)
 
@@ -363,7 +459,210 @@ class SGRAF:
         for m in self.modules():
             m.eval()
 
-    def forward_emb(self, images, captions, lengths):
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self):
+        """[{'params': [...], 'lr': base learning rate}, ...] for the optimizer; one group of
+        every module's parameters by default."""
+        return [{"params": [p for m in self.modules() for p in m.parameters()
+                            if p.requires_grad],
+                 "lr": self.opt.learning_rate}]
+
+    def make_optimizer(self, groups):
+        return torch.optim.Adam(groups, lr=self.opt.learning_rate)
+
+    def lr_factor(self, epoch):
+        """The learning-rate schedule: x0.1 every `lr_update` epochs (the originals')."""
+        return 0.1 ** (epoch // self.opt.lr_update)
+
+    def start_epoch(self, epoch, lr_scale=1):
+        """Set every group's learning rate to its own base rate x lr_scale x the schedule, and
+        start the epoch's running averages of the log."""
+        factor = self.lr_factor(epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * lr_scale * factor
+        self.logger = LogCollector()
+
+    def ddp(self, device_ids=None):
+        """Wrap the modules in DistributedDataParallel for the train step (torchrun); the bare
+        modules stay what `state_dict()` and evaluation see."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        self._ddp = [DDP(m, device_ids=device_ids) for m in self.modules()]
+        return self
+
+    def trained(self):
+        """The modules the train step calls: the DDP wrappers after ddp(), else the bare
+        ones."""
+        return self._ddp or self.modules()
+
+    def train_loss(self, images, captions, lengths, ids=None, **extra):
+        """The loss of one batch: (logged loss, tensor to backpropagate)."""
+        raise NotImplementedError
+
+    def train_emb(self, images, captions, lengths, ids=None, **extra):
+        """One optimisation step on a batch whose pair k is (image k, caption k); returns the
+        loss, detached."""
+        self.Eiters += 1
+        self.logger.update("Eit", self.Eiters)
+        self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
+        self.optimizer.zero_grad()
+        loss, objective = self.train_loss(images, captions, lengths, ids, **extra)
+        objective.backward()
+        self.after_backward()
+        if self.grad_clip > 0:
+            clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def after_backward(self):
+        """Between the backward pass and the clipping (e.g. exact zero gradients for
+        parameters outside the graph)."""
+
+    def set_semantics(self, captions):
+        """The training split's captions, for losses that need them (DAA's TF-IDF)."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_extra(self):
+        """Entries saved beside 'model' in our checkpoints (the state the original loses)."""
+        return {}
+
+    def resume(self, ckpt):
+        """Continue from one of our checkpoints: weights, optimizer, iteration and extra
+        state."""
+        self.load_state_dict(ckpt["model"])
+        if "optimizer" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.Eiters = ckpt["Eiters"]
+
+    # ------------------------------------------------------------------ evaluation
+    def forward_emb(self, images, captions, lengths, **extra):
+        """Embeddings for evaluation: (img_emb, cap_emb, cap_lens), per region and per word
+        ((B, R, d), (C, L, d)) or global ((B, d), (C, d))."""
+        raise NotImplementedError
+
+    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
+        """The (n_images, n_captions) float64 scores of every pair of the given images and
+        captions (numpy arrays from evaluation.encode_data) in eval mode; any block of images
+        x captions may be scored on its own. `extra`: the `score_inputs`."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- SGRAF
+
+class SGRAF(Matcher):
+    """The three encoders, the hinge loss (and DAA), Adam, the train step and the sharded
+    scoring. `state_dict()` is the original checkpoint's `'model'` entry: [img_enc, txt_enc,
+    sim_enc] state dicts.
+
+    Under torchrun, `ddp()` wraps the encoders in DistributedDataParallel for the train step
+    only: `img_enc`, `txt_enc`, `sim_enc` stay the bare modules, so `state_dict()` never has
+    DDP's `module.` prefix and evaluation never makes a collective call."""
+
+    state_names = ("img_enc", "txt_enc", "sim_enc")
+    num_regions = (36, "VisualSA's BatchNorm1d(36)")
+    # the sum of violations: from random weights on the demo's small dataset, whose images
+    # share concepts, the hardest-negative hinge (the default for real data) collapses every
+    # score to one value, as VSE++ warns for training from scratch
+    demo_flags = ["--sim_dim", "64", "--no-max_violation"]
+
+    @classmethod
+    def add_options(cls, parser):
+        g = parser.add_argument_group("SGR, SAF (model.py)")
+        add = cls.add_option
+        add(g, "--sim_dim", default=256, type=int, help="dimension of the similarity vectors")
+        add(g, "--sgr_step", default=3, type=int, help="number of SGR reasoning steps")
+        add(g, "--daa_weight", default=0.0, type=float,
+            help="weight of the DAA ranking loss (0 disables it)")
+        add(g, "--daa_rowwise", action="store_true",
+            help="rank each query's candidates within its own row (fixes the original's index "
+                 "slip; changes the numbers)")
+        add(g, "--sum_violation_warmup", default=0, type=int,
+            help="epochs of sum-of-violations hinge before the hardest negative (as "
+                 "VSE-infinity's warm-up; 0, the original, disables it)")
+
+    @classmethod
+    def check_opt(cls, opt, distributed=False):
+        checks.check_positive(opt, ("sim_dim", "sgr_step"))
+        checks.check_nonnegative(opt, ("daa_weight", "sum_violation_warmup"))
+
+    @classmethod
+    def check_train_data(cls, n_captions, batch_size):
+        # a shuffled epoch whose last batch holds one pair crashes in BatchNorm1d
+        checks.check_last_batch(n_captions, batch_size)
+
+    @classmethod
+    def recognise(cls, ckpt):
+        state = ckpt["model"]
+        if len(state) == 3 and "fc.weight" in state[0]:
+            return cls.infer_flags(state)["module_name"]
+        return None
+
+    @classmethod
+    def infer_flags(cls, state, opt=None):
+        img, txt = state[0], state[1] if len(state) > 1 else {}
+        sim = state[2] if len(state) > 2 else {}
+        shape = checks.state_shape
+        layers = [int(m.group(1)) for k in txt
+                  for m in [re.match(r"cap_rnn\.weight_ih_l(\d+)", k)] if m]
+        steps = {k.split(".")[1] for k in sim if k.startswith("SGR_module.")}
+        module = ("SGR" if steps else
+                  "SAF" if any(k.startswith("SAF_module.") for k in sim) else None)
+        return {"module_name": module, "img_dim": shape(img, "fc.weight", 1),
+                "embed_size": shape(img, "fc.weight", 0),
+                "vocab_size": shape(txt, "embed.weight", 0),
+                "word_dim": shape(txt, "embed.weight", 1),
+                "num_layers": max(layers) + 1 if layers else None,
+                "bi_gru": any(k.endswith("_reverse") for k in txt) if layers else None,
+                "sim_dim": shape(sim, "sim_eval_w.weight", 1),
+                "sgr_step": len(steps) if steps else None}
+
+    def __init__(self, opt, device=None):
+        super().__init__(opt, device)
+        self.img_enc = EncoderImage(opt.img_dim, opt.embed_size, no_imgnorm=opt.no_imgnorm)
+        self.txt_enc = EncoderText(opt.vocab_size, opt.word_dim, opt.embed_size,
+                                   opt.num_layers, use_bi_gru=opt.bi_gru,
+                                   no_txtnorm=opt.no_txtnorm)
+        self.sim_enc = EncoderSimilarity(opt.embed_size, opt.sim_dim, opt.module_name,
+                                         opt.sgr_step)
+        self.criterion = ContrastiveLoss(margin=opt.margin, max_violation=opt.max_violation)
+        self.daa = (DAALoss(opt.daa_weight, rowwise=getattr(opt, "daa_rowwise", False))
+                    if getattr(opt, "daa_weight", 0) > 0 else None)
+        self.tfidf = None
+        self.setup()
+
+    def modules(self):
+        return [self.img_enc, self.txt_enc, self.sim_enc]
+
+    def param_groups(self):
+        # The original's parameter order (text, image, similarity): Adam's state follows it.
+        return [{"params": (list(self.txt_enc.parameters()) + list(self.img_enc.parameters()) +
+                            list(self.sim_enc.parameters())),
+                 "lr": self.opt.learning_rate}]
+
+    def start_epoch(self, epoch, lr_scale=1):
+        super().start_epoch(epoch, lr_scale)
+        # optional warm-up (not in the original): the sum of violations for the first epochs
+        self.criterion.max_violation = (self.opt.max_violation and
+                                        epoch >= getattr(self.opt, "sum_violation_warmup", 0))
+
+    def ddp(self, device_ids=None):
+        """Wrap the encoders in DistributedDataParallel (the process group must be initialised;
+        `device_ids=[local_rank]` on CUDA, None on CPU). DDP averages the gradients over the
+        processes in the backward pass and broadcasts rank 0's BatchNorm buffers at each
+        training forward. On CUDA the BatchNorm layers become SyncBatchNorm (the same
+        parameters and buffers, so the optimizer and the checkpoint keys are unchanged).
+        sim_enc needs `find_unused_parameters`: in SGR's pair-subset step SGR's folded key bias
+        (graph_key_w.bias) is never in the graph, and in a batch where no pair violates the
+        margin only the global vectors are; such parameters keep grad None on every rank and
+        after_backward fills the exact zero, as in a single process."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        if self.device.type == "cuda":
+            self.sim_enc = nn.SyncBatchNorm.convert_sync_batchnorm(self.sim_enc)
+        self._ddp = (DDP(self.img_enc, device_ids=device_ids),
+                     DDP(self.txt_enc, device_ids=device_ids),
+                     DDP(self.sim_enc, device_ids=device_ids, find_unused_parameters=True))
+        return self
+
+    def forward_emb(self, images, captions, lengths, **extra):
         """Region and word embeddings by the bare encoders (evaluation)."""
         return self._embed(self.img_enc, self.txt_enc, images, captions, lengths)
 
@@ -377,7 +676,7 @@ class SGRAF:
     def forward_sim(self, img_embs, cap_embs, cap_lens):
         return self.sim_enc(img_embs, cap_embs, cap_lens)
 
-    def forward_loss(self, sims, ids=None, **kwargs):
+    def forward_loss(self, sims, ids=None):
         """The hinge loss of a (B, B) score matrix, plus DAA's two terms when `--daa_weight`
         is set (`ids`: the batch's caption indices in the split, for the semantics)."""
         loss = self.criterion(sims)
@@ -396,52 +695,77 @@ class SGRAF:
         if self.daa is not None:
             self.tfidf = daa.caption_tfidf(captions)
 
-    def train_emb(self, images, captions, lengths, ids=None, *args):
-        """One optimisation step on a batch whose pair k is (image k, caption k)."""
-        self.Eiters += 1
-        self.logger.update("Eit", self.Eiters)
-        self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
-
+    def train_loss(self, images, captions, lengths, ids=None, **extra):
         # through the DDP wrappers under torchrun (each process scores its own batch; the
         # backward averages the gradients over the processes)
-        img_enc, txt_enc, sim_enc = self._trained()
+        img_enc, txt_enc, sim_enc = self.trained()
         img_embs, cap_embs, cap_lens = self._embed(img_enc, txt_enc, images, captions, lengths)
-        self.optimizer.zero_grad()
         if self.sim_enc.module_name == "SGR" and self.daa is None:
             # only the pairs whose score the loss's gradient touches get a graph (exact: every
             # score is a function of its pair alone once the global vectors are computed):
-            # similarity.subset_loss, called by EncoderSimilarity.forward. Not with DAA, whose
+            # EncoderSimilarity.subset_loss, called through forward. Not with DAA, whose
             # gradient reaches every pair: there one pass with autograd over the whole matrix
             # is cheaper than a no-grad pass followed by that same pass.
             loss, surrogate, _ = sim_enc(img_embs, cap_embs, cap_lens,
                                          loss_fn=lambda sims: self.forward_loss(sims, ids=ids))
-            surrogate.backward()
-        else:
-            # SAF's training BatchNorm ties all images of a caption; DAA's gradient is dense:
-            # the full graph
-            sims = sim_enc(img_embs, cap_embs, cap_lens)
-            loss = self.forward_loss(sims, ids=ids)
-            loss.backward()
+            return loss, surrogate
+        # SAF's training BatchNorm ties all images of a caption; DAA's gradient is dense: the
+        # full graph
+        loss = self.forward_loss(sim_enc(img_embs, cap_embs, cap_lens), ids=ids)
+        return loss, loss
+
+    def after_backward(self):
         if self.sim_enc.module_name == "SGR":  # the folded key bias: exactly zero gradient
             for m in self.sim_enc.SGR_module:
                 if m.graph_key_w.bias.grad is None:
                     m.graph_key_w.bias.grad = torch.zeros_like(m.graph_key_w.bias)
-        if self.grad_clip > 0:
-            clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        return loss.detach()
 
+    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
+        """The (n_images, n_captions) similarity matrix, float64 as the original, scored shard by
+        shard and written into the result as each shard is done.
 
-# ----------------------------------------------------------------------------- factory
-
-MODULE_NAMES = ("SGR", "SAF", "NAAF")
-
-
-def build_model(opt, device=None):
-    """The matcher `--module_name` names: SGR or SAF (SGRAF above) or NAAF (naaf.NAAF, the
-    same interface: train_start/val_start, forward_emb, forward_sim, train_emb,
-    state_dict, optimizer, logger, Eiters)."""
-    if opt.module_name == "NAAF":
-        import naaf  # here: naaf imports this module
-        return naaf.NAAF(opt, device=device)
-    return SGRAF(opt, device=device)
+        `shard_size` given: shards of shard_size images x shard_size captions (the original's
+        100). None: the shard sizes follow the memory available (`memory_budget`); the peak
+        does not grow with the number of images or captions. The image global vectors are
+        computed once per image shard, the caption ones once per caption shard (kept when they
+        are small). `opt.precision == 'bf16'` scores under bf16 autocast (CUDA, or CPUs with
+        bf16)."""
+        self.val_start()
+        device, sim_enc = self.device, self.sim_enc
+        n_im, n_cap = len(img_embs), len(cap_embs)
+        sims = np.zeros((n_im, n_cap))
+        if n_im == 0 or n_cap == 0:
+            return sims
+        r, d = img_embs.shape[1], img_embs.shape[2]
+        if shard_size:
+            im_shard = cap_shard = int(shard_size)
+        else:
+            budget = memory_budget()
+            # per image: the regions and VisualSA's temporaries; per caption: its words, a
+            # length-block copy, the score columns
+            im_shard = max(1, min(n_im, budget // 2 // (4 * r * d * 4)))
+            per_cap = cap_embs.shape[1] * d * 4 * 2 + im_shard * 4 * 2
+            cap_shard = max(1, min(n_cap, budget // 2 // per_cap))
+        keep_cap_glo = n_cap * d * 4 <= 2 ** 27
+        cap_glo_cache = {}
+        bf16 = getattr(self.opt, "precision", "fp32") == "bf16"
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        shards = [(i, j) for i in range(0, n_im, im_shard) for j in range(0, n_cap, cap_shard)]
+        img_glo, img_at = None, None
+        for i, j in tqdm(shards, desc="shard_attn_scores", leave=False, disable=None):
+            im_end, ca_end = min(i + im_shard, n_im), min(j + cap_shard, n_cap)
+            lens = cap_lens[j:ca_end]
+            with torch.no_grad(), amp:
+                im = torch.from_numpy(np.asarray(img_embs[i:im_end], dtype=np.float32)).to(device)
+                ca = torch.from_numpy(np.ascontiguousarray(cap_embs[j:ca_end, :max(lens)],
+                                                           dtype=np.float32)).to(device)
+                if img_at != i:
+                    img_glo, img_at = sim_enc.image_globals(im), i
+                cap_glo = cap_glo_cache.get(j)
+                if cap_glo is None:
+                    cap_glo = sim_enc.caption_globals(ca, lens)
+                    if keep_cap_glo:
+                        cap_glo_cache[j] = cap_glo
+                sim = sim_enc(im, ca, lens, img_glo=img_glo, cap_glo=cap_glo)
+            sims[i:im_end, j:ca_end] = sim.float().cpu().numpy()
+        return sims

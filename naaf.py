@@ -8,7 +8,7 @@ has a negative branch, and a threshold that is learned by statistics inside the 
 ("Discriminative Mismatch Mining"), not by gradient. It adds no parameters to the encoders.
 
 Read top to bottom:
-  options     add_naaf_options, complete_naaf_opt, is_naaf_checkpoint, the vocab helpers
+  options     add_naaf_options, complete_naaf_opt, is_naaf_state, the vocab helpers
   encoders    model.EncoderImage; model.EncoderText (basic: random table) or with the GloVe table,
               both without dropout and with the GRU saved under the original's name `rnn`
   score       word_region_cosines (A), relevance_scores (positive branch b),
@@ -16,7 +16,7 @@ Read top to bottom:
               at a fixed threshold), naaf_sims_percaption (the original loop, kept as the oracle)
   threshold   ThresholdLearner and train_sims: one caption at a time, the threshold moving
               between captions
-  wrapper     NAAF: the encoders, the hinge loss, Adam and the train step (SGRAF's interface)
+  wrapper     NAAF: the encoders, the hinge loss, Adam and the train step (model.Matcher)
 
 The threshold state lives in `opt`, as in the original, so that every checkpoint carries it:
 `opt.thres` (used in training), `opt.thres_safe` (used at evaluation), `opt.mean_pos`,
@@ -28,15 +28,16 @@ import argparse
 import json
 import logging
 import os
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.clip_grad import clip_grad_norm_
 
+import checks
 from loss import ContrastiveLoss
-from meters import LogCollector
-from model import EncoderImage, EncoderText, l1norm, l2norm
+from model import EncoderImage, EncoderText, Matcher, l1norm, l2norm
+from similarity import word_mask
 from vocab import Vocabulary, deserialize_vocab
 
 log = logging.getLogger(__name__)
@@ -49,36 +50,38 @@ EMA_NEW = 0.7            # new = 0.7 * estimate + 0.3 * value before the update
 
 # ----------------------------------------------------------------------------- options
 
-def add_naaf_options(parser):
+def add_naaf_options(parser, add=None):
     """NAAF's flags, with the original names and defaults (train.py of the original). Flags
     that SGRAF's opts.py already has (margin, word_dim, embed_size, ...) are not repeated.
     Deviation: `--precomp_enc_text_type` defaults to `basic`, because the GloVe 840B tables of
-    the default `GloVe` encoder cannot be obtained offline (give them with `--glove_path`)."""
-    g = parser.add_argument_group("NAAF")
-    g.add_argument("--lambda_softmax", default=20.0, type=float,
-                   help="attention softmax temperature")
-    g.add_argument("--alpha", default=2.0, type=float,
-                   help="penalty weight of the mismatched distribution in the threshold solve")
-    g.add_argument("--thres", default=0.0, type=float,
-                   help="initial training threshold (then learned; saved in the checkpoint opt)")
-    g.add_argument("--thres_safe", default=0.0, type=float,
-                   help="initial test threshold (then learned; saved in the checkpoint opt)")
+    the default `GloVe` encoder cannot be obtained offline (give them with `--glove_path`).
+    `add(group, *flags, **kw)`: how a flag is added (NAAF.add_option records it as NAAF's)."""
+    g = parser.add_argument_group("NAAF (naaf.py)")
+    add = add or (lambda grp, *flags, **kw: grp.add_argument(*flags, **kw))
+    add(g, "--lambda_softmax", default=20.0, type=float,
+        help="attention softmax temperature (NAAF: 20)")
+    add(g, "--alpha", default=2.0, type=float,
+        help="penalty weight of the mismatched distribution in the threshold solve")
+    add(g, "--thres", default=0.0, type=float,
+        help="initial training threshold (then learned; saved in the checkpoint opt)")
+    add(g, "--thres_safe", default=0.0, type=float,
+        help="initial test threshold (then learned; saved in the checkpoint opt)")
     for name, what in (("mean_pos", "mean of the matched"), ("stnd_pos", "std of the matched"),
                        ("mean_neg", "mean of the mismatched"),
                        ("stnd_neg", "std of the mismatched")):
-        g.add_argument("--" + name, default=0.0, type=float,
-                       help="%s word-region similarity distribution (learned)" % what)
-    g.add_argument("--precomp_enc_text_type", default="basic", choices=["basic", "GloVe"],
-                   help="basic: Bi-GRU on a random word table (SCAN vocab); GloVe: Bi-GRU on a "
-                        "GloVe table (NAAF GloVe vocab, --glove_path)")
-    g.add_argument("--glove_path", default=None,
-                   help="GloVe matrix (vocab_size, word_dim) saved with torch.save, e.g. the "
-                        "original's glove_840B_f30k_precomp.json.pkl")
-    g.add_argument("--freeze_glove", action="store_true",
-                   help="freeze the GloVe table (the original means to, but fine-tunes it)")
-    g.add_argument("--using_intra_info", action="store_true",
-                   help="accepted for the original's commands; evaluation always uses the "
-                        "intra-caption smoothing of the negative mask, as the original")
+        add(g, "--" + name, default=0.0, type=float,
+            help="%s word-region similarity distribution (learned)" % what)
+    add(g, "--precomp_enc_text_type", default="basic", choices=["basic", "GloVe"],
+        help="basic: Bi-GRU on a random word table (SCAN vocab); GloVe: Bi-GRU on a GloVe table "
+             "(NAAF GloVe vocab, --glove_path)")
+    add(g, "--glove_path", default=None,
+        help="GloVe matrix (vocab_size, word_dim) saved with torch.save, e.g. the original's "
+             "glove_840B_f30k_precomp.json.pkl")
+    add(g, "--freeze_glove", action="store_true",
+        help="freeze the GloVe table (the original means to, but fine-tunes it)")
+    add(g, "--using_intra_info", action="store_true",
+        help="accepted for the original's commands; evaluation always uses the intra-caption "
+             "smoothing of the negative mask, as the original")
     return parser
 
 
@@ -97,11 +100,6 @@ def complete_naaf_opt(opt):
     return opt
 
 
-def threshold_state(opt):
-    """The learned threshold state as a dict (THRESHOLD_STATE order)."""
-    return {k: getattr(opt, k) for k in THRESHOLD_STATE}
-
-
 def restore_threshold_state(opt, ckpt_opt):
     """Copy the threshold state of a checkpoint's opt into `opt` (when resuming training with
     new command-line options)."""
@@ -111,30 +109,14 @@ def restore_threshold_state(opt, ckpt_opt):
     return opt
 
 
-def is_naaf_checkpoint(ckpt):
-    """True for a NAAF checkpoint (the original's or ours): two state dicts (image, text
-    encoder) and the threshold state in its opt. SCAN checkpoints also hold two state dicts
-    but no `thres_safe`; SGRAF ones hold three."""
-    if not isinstance(ckpt, dict):
-        return False
-    model, opt = ckpt.get("model"), ckpt.get("opt")
-    return (isinstance(model, (list, tuple)) and len(model) == 2 and opt is not None and
-            hasattr(opt, "thres_safe") and "fc.weight" in model[0] and
-            any(k.startswith("rnn.") for k in model[1]))
-
-
-def load_naaf_checkpoint(path, map_location="cpu"):
-    """A NAAF checkpoint, loaded as checkpoint.load_checkpoint does (weights_only, only
-    argparse.Namespace allowed besides tensors and containers) but checked for NAAF's two
-    state dicts instead of SGRAF's three."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not is_naaf_checkpoint(ckpt):
-        raise ValueError("%s is not a NAAF checkpoint ({'model': [img_enc, txt_enc], 'opt' "
-                         "with the threshold state})" % path)
-    return ckpt
+def is_naaf_state(state, opt=None):
+    """NAAF's state list: [img_enc, txt_enc] with the image encoder's `fc` and the text GRU
+    under NAAF's name `rnn` (SGRAF's is `cap_rnn`), and, when the checkpoint's `opt` is given,
+    the threshold state in it (SCAN's checkpoints have the same keys, but no `thres_safe`). Any
+    other two state dicts (a truncated SGRAF checkpoint, another model) are not NAAF's."""
+    return (len(state) == 2 and "fc.weight" in state[0] and
+            any(k.startswith("rnn.") for k in state[1]) and
+            (opt is None or hasattr(opt, "thres_safe")))
 
 
 def load_glove_vocab(path):
@@ -225,12 +207,6 @@ def word_region_cosines(img_emb, cap_emb):
     B, R, d = img_emb.shape
     C, L, _ = cap_emb.shape
     return (img_emb.reshape(B * R, d) @ cap_emb.reshape(C * L, d).t()).view(B, R, C, L)
-
-
-def word_mask(cap_lens, L, device):
-    """(C, L) True on real words."""
-    lens = torch.as_tensor(cap_lens, device=device).view(-1, 1)
-    return torch.arange(L, device=device).view(1, -1) < lens
 
 
 def relevance_scores(A, mask, lambda_softmax):
@@ -427,7 +403,7 @@ def train_sims(img_emb, cap_emb, cap_lens, opt, learner=None):
 
 # ----------------------------------------------------------------------------- wrapper
 
-class NAAF:
+class NAAF(Matcher):
     """The two encoders, the hinge loss (max violation, hard-wired), Adam and the train step.
     `state_dict()` is the original checkpoint's `'model'` entry: [img_enc, txt_enc] state dicts.
 
@@ -437,33 +413,86 @@ class NAAF:
     """
 
     sim_budget = 2 ** 27
+    # its hinge always takes the hardest negatives: with them, a smaller batch and its own
+    # learning rate keep the demo from collapsing
+    demo_flags = ["--batch_size", "16", "--learning_rate", "0.0005"]
+    # the original train.py's defaults where they differ from SGRAF's
+    defaults = {"learning_rate": 0.0005, "lr_update": 20, "num_epochs": 20,
+                "lambda_softmax": 20.0}
 
+    # ------------------------------------------------------------------ the class
+    @classmethod
+    def add_options(cls, parser):
+        add_naaf_options(parser, add=cls.add_option)
+
+    @classmethod
+    def complete_opt(cls, opt):
+        super().complete_opt(opt)
+        return complete_naaf_opt(opt)
+
+    @classmethod
+    def check_opt(cls, opt, distributed=False):
+        """Its hinge loss always takes the hardest negatives (hard-wired in the original), so
+        --no-max_violation is refused rather than ignored; and it trains in one process."""
+        if distributed:
+            raise checks.error(
+                "torchrun_unsupported", "--module_name NAAF", model="NAAF",
+                why="it learns its threshold inside the training forward, one caption at a time, "
+                    "from the statistics of the batch, so every process would learn its own and "
+                    "the checkpoint would keep only rank 0's")
+        if not opt.max_violation:
+            raise checks.error("flag_unsupported", "--no-max_violation", model="NAAF",
+                               why="its hinge loss always takes the hardest negatives, as the "
+                                   "original")
+
+    @classmethod
+    def vocabulary(cls, opt):
+        """SCAN's vocab for the basic text encoder, NAAF's GloVe vocab for the GloVe one."""
+        path = naaf_vocab_file(opt, opt.vocab_path)
+        return checks.load_vocab(path, loader=load_naaf_vocab), path
+
+    @classmethod
+    def recognise(cls, ckpt):
+        return "NAAF" if is_naaf_state(ckpt["model"], ckpt["opt"]) else None
+
+    @classmethod
+    def infer_flags(cls, state, opt=None):
+        img, txt = state[0], state[1] if len(state) > 1 else {}
+        shape = checks.state_shape
+        layers = [int(m.group(1)) for k in txt
+                  for m in [re.match(r"rnn\.weight_ih_l(\d+)", k)] if m]
+        embed = "embed.glove.weight" if "embed.glove.weight" in txt else "embed.weight"
+        return {"module_name": "NAAF" if is_naaf_state(state, opt) else None,
+                "img_dim": shape(img, "fc.weight", 1),
+                "embed_size": shape(img, "fc.weight", 0),
+                "vocab_size": shape(txt, embed, 0),
+                "word_dim": shape(txt, embed, 1),
+                "num_layers": max(layers) + 1 if layers else None,
+                "precomp_enc_text_type": (("GloVe" if embed != "embed.weight" else "basic")
+                                          if layers else None)}
+
+    # ------------------------------------------------------------------ the instance
     def __init__(self, opt, device=None):
         complete_naaf_opt(opt)
-        self.opt = opt
-        self.device = torch.device(device or getattr(opt, "device", None) or
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.grad_clip = opt.grad_clip
+        super().__init__(opt, device)
         if opt.precomp_enc_type != "basic":
             raise ValueError("only precomp_enc_type 'basic' is supported, got %r"
                              % (opt.precomp_enc_type,))
         self.img_enc = EncoderImage(opt.img_dim, opt.embed_size, no_imgnorm=opt.no_imgnorm)
         self.txt_enc = build_text_encoder(opt)
-        for m in self.modules():
-            m.to(self.device)
-
         self.criterion = ContrastiveLoss(margin=opt.margin, max_violation=True)
-        # the original's order (text encoder, then img_enc.fc): Adam's state follows it
-        self.params = ([p for p in self.txt_enc.parameters() if p.requires_grad] +
-                       list(self.img_enc.fc.parameters()))
-        self.optimizer = torch.optim.Adam(self.params, lr=opt.learning_rate)
-        self.Eiters = 0
-        self.logger = LogCollector()
         self.learner = ThresholdLearner(opt)
         self.training = True
+        self.setup()
 
     def modules(self):
         return [self.img_enc, self.txt_enc]
+
+    def param_groups(self):
+        # the original's order (text encoder, then img_enc.fc): Adam's state follows it
+        return [{"params": ([p for p in self.txt_enc.parameters() if p.requires_grad] +
+                            list(self.img_enc.fc.parameters())),
+                 "lr": self.opt.learning_rate}]
 
     def state_dict(self):
         return [self.img_enc.state_dict(), _rename(self.txt_enc.state_dict(), _OURS, _THEIRS)]
@@ -475,17 +504,20 @@ class NAAF:
         self.img_enc.load_state_dict(state_dict[0], strict=strict)
         self.txt_enc.load_state_dict(_rename(state_dict[1], _THEIRS, _OURS), strict=strict)
 
+    def resume(self, ckpt):
+        """Weights, optimizer, iteration, and the learned threshold, which lives in opt."""
+        super().resume(ckpt)
+        restore_threshold_state(self.opt, ckpt["opt"])
+
     def train_start(self):
         self.training = True
-        for m in self.modules():
-            m.train()
+        super().train_start()
 
     def val_start(self):
         self.training = False
-        for m in self.modules():
-            m.eval()
+        super().val_start()
 
-    def forward_emb(self, images, captions, lengths):
+    def forward_emb(self, images, captions, lengths, **extra):
         images = images.to(self.device, non_blocking=True)
         captions = captions.to(self.device, non_blocking=True)
         img_embs = self.img_enc(images)                            # (B, R, d)
@@ -528,28 +560,23 @@ class NAAF:
                     start += len(idx)
         return sims
 
-    def forward_loss(self, sims, ids=None, **kwargs):
+    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
+        """Every pair at the fixed test threshold `opt.thres_safe`, in memory-bounded blocks
+        (eval_sims); `shard_size` is not needed."""
+        self.val_start()
+        return self.eval_sims(img_embs, cap_embs, cap_lens).cpu().numpy()
+
+    def forward_loss(self, sims, ids=None):
         loss = self.criterion(sims)
         # "Loss" as SGRAF's (the original NAAF's log says "Le"): the log line, TensorBoard and
         # checks.stop_on_nonfinite, which stops a non-finite loss before the step, read it
         self.logger.update("Loss", loss.item(), sims.size(0))
         return loss
 
-    def set_semantics(self, captions):
-        """SGRAF's DAA hook: NAAF has no DAA (no-op)."""
-
-    def train_emb(self, images, captions, lengths, ids=None, *args):
-        """One optimisation step on a batch whose pair k is (image k, caption k); the batch's
-        captions are in collate order (longest first), which the threshold learner sees."""
-        self.Eiters += 1
-        self.logger.update("Eit", self.Eiters)
-        self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
+    def train_loss(self, images, captions, lengths, ids=None, **extra):
+        """The batch's captions are in collate order (longest first), which the threshold
+        learner sees."""
         img_embs, cap_embs, cap_lens = self.forward_emb(images, captions, lengths)
-        self.optimizer.zero_grad()
         sims = train_sims(img_embs, cap_embs, cap_lens, self.opt, self.learner)
         loss = self.forward_loss(sims, ids=ids)
-        loss.backward()
-        if self.grad_clip > 0:
-            clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        return loss.detach()
+        return loss, loss

@@ -7,11 +7,20 @@ Differences from the original (see README, "Differences from the original"):
   `store_false` meant that passing the flag turned the feature OFF. Here they are
   `--max_violation/--no-max_violation` and `--bi_gru/--no-bi_gru`;
 - `parse_opt(argv=None)` takes an argument list (tests) and does not print the options;
-- NAAF's options (naaf.add_naaf_options) are here too, with NAAF's names and defaults, and
-  `--num_epoches` (the spelling of NAAF's README commands) is accepted for `--num_epochs`.
+- `--num_epoches` (a misspelling in some originals' README commands) is accepted for
+  `--num_epochs`.
+
+The flags every matcher shares are here; `--module_name` and each matcher's own flags come from
+the registry (matchers.py), with the originals' names and defaults. Where a matcher's original
+has another default for a shared flag (a learning rate, say), its class's `defaults` apply to
+every flag not given on the command line; a flag that belongs to other matchers only is refused
+with a one-line error rather than ignored.
 """
 import argparse
 import os
+
+import checks
+import matchers
 
 
 def _device_default():
@@ -35,7 +44,7 @@ def build_parser():
 
     # ----------------------- training setting ----------------------#
     p.add_argument("--batch_size", default=128, type=int, help="size of a training mini-batch")
-    # --num_epoches: the spelling of NAAF's README commands, which its argparse rejected
+    # --num_epoches: a misspelling in an original's README commands (its argparse rejected it)
     p.add_argument("--num_epochs", "--num_epoches", dest="num_epochs", default=40, type=int,
                    help="number of training epochs")
     p.add_argument("--lr_update", default=30, type=int,
@@ -48,30 +57,16 @@ def build_parser():
     p.add_argument("--margin", default=0.2, type=float, help="rank loss margin")
     p.add_argument("--max_violation", default=True, action=argparse.BooleanOptionalAction,
                    help="hardest negative instead of the sum of violations in the rank loss")
-    p.add_argument("--sum_violation_warmup", default=0, type=int,
-                   help="epochs of sum-of-violations hinge before the hardest negative (as "
-                        "VSE-infinity's warm-up; 0, the original, disables it)")
 
     # ------------------------- model setting -----------------------#
     p.add_argument("--img_dim", default=2048, type=int, help="dimension of the image features")
     p.add_argument("--word_dim", default=300, type=int, help="dimension of the word embedding")
     p.add_argument("--embed_size", default=1024, type=int, help="dimension of the joint embedding")
-    p.add_argument("--sim_dim", default=256, type=int, help="dimension of the similarity vectors")
     p.add_argument("--num_layers", default=1, type=int, help="number of GRU layers")
     p.add_argument("--bi_gru", default=True, action=argparse.BooleanOptionalAction,
                    help="bidirectional GRU (halves averaged)")
     p.add_argument("--no_imgnorm", action="store_true", help="do not l2-normalise image embeddings")
     p.add_argument("--no_txtnorm", action="store_true", help="do not l2-normalise text embeddings")
-    p.add_argument("--module_name", default="SGR", type=str,
-                   help="SGR, SAF (model.SGRAF) or NAAF (naaf.NAAF)")
-    p.add_argument("--sgr_step", default=3, type=int, help="number of SGR reasoning steps")
-
-    # ------------------------- DAA ---------------------------------#
-    p.add_argument("--daa_weight", default=0.0, type=float,
-                   help="weight of the DAA ranking loss (0 disables it)")
-    p.add_argument("--daa_rowwise", action="store_true",
-                   help="rank each query's candidates within its own row (fixes the original's "
-                        "index slip; changes the numbers)")
 
     # ------------------------- running -----------------------------#
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -86,10 +81,32 @@ def build_parser():
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="similarity precision at evaluation (bf16 autocast)")
 
-    # ------------------------- NAAF (--module_name NAAF) -----------#
-    import naaf  # here: naaf imports model, which is heavier than this parser
-    naaf.add_naaf_options(p)
+    # ------------------------- the matchers (matchers.py) ----------#
+    matchers.add_options(p)
     return p
+
+
+def given_flags(parser, argv):
+    """The dests of the flags given on the command line `argv` (not left at their default)."""
+    for action in parser._actions:  # noqa: SLF001 (argparse has no public way to say this)
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def apply_matcher(opt, given):
+    """The chosen matcher's defaults for the flags not given; a flag of other matchers only is
+    refused."""
+    cls = matchers.matcher_class(opt.module_name)
+    for dest, value in cls.defaults.items():
+        if dest not in given:
+            setattr(opt, dest, value)
+    for dest in sorted(given):
+        owners = matchers.owners(dest)
+        if owners and opt.module_name not in owners:
+            raise checks.error("flag_unsupported", checks.flag_text(dest, getattr(opt, dest)),
+                               model=opt.module_name,
+                               why="it is an option of %s" % ", ".join(owners))
+    return opt
 
 
 def finalize(opt):
@@ -105,4 +122,6 @@ def finalize(opt):
 
 
 def parse_opt(argv=None):
-    return finalize(build_parser().parse_args(argv))
+    parser = build_parser()
+    opt = parser.parse_args(argv)
+    return finalize(apply_matcher(opt, given_flags(parser, argv)))

@@ -41,6 +41,7 @@ MIN_BLOCK_PAIRS = 256  # captions of rarer lengths are merged (padded, masked) u
 
 DENSE_SUPPORT = 0.25  # subset_loss: above this fraction of pairs, recompute the whole matrix
 
+
 def _out(sc, name, shape, like):
     """{'out': a reused buffer} with a Scratch, else {} (allocate, as autograd needs)."""
     return {} if sc is None else {"out": sc.get(name, shape, like)}
@@ -114,8 +115,9 @@ def length_blocks(cap_lens, n_images, min_pairs=MIN_BLOCK_PAIRS):
 
 
 def word_mask(lens, L, device):
-    """(Cg, L) bool, True on real words."""
-    return torch.arange(L, device=device).unsqueeze(0) < lens.to(device).unsqueeze(1)
+    """(C, L) bool, True on real words; lens: a tensor or a sequence of C lengths."""
+    lens = torch.as_tensor(lens, device=device).view(-1, 1)
+    return torch.arange(L, device=device).view(1, -1) < lens
 
 
 # ----------------------------------------------------------------------------- global vectors
@@ -421,12 +423,25 @@ def pair_nodes(V, W, img_glo, cap_glo, lin_loc, lin_glo, lens=None):
 
 # ----------------------------------------------------------------------------- drivers
 
-def _score(sim, nodes, weights, node_mask, n_img, bn_stats, sc=None):
-    if sim.module_name == "SGR":
+def sgr_scorer(sgr_modules, lin_eval):
+    """SGR's score of a block of pairs: scorer(nodes (P, N, s), node_mask (P, N) or None,
+    n_img, sc) -> (P, 1), sigmoid(Linear(the final global node))."""
+    weights = sgr_weights(sgr_modules)
+
+    def scorer(nodes, node_mask, n_img, sc=None):
         vec = sgr_head(weights, nodes, node_mask, sc)
-    else:
-        vec = saf_head(sim.SAF_module, nodes, node_mask, n_img, bn_stats)
-    return torch.sigmoid(torch.addmm(sim.sim_eval_w.bias, vec, sim.sim_eval_w.weight.t()))
+        return torch.sigmoid(torch.addmm(lin_eval.bias, vec, lin_eval.weight.t()))
+    return scorer
+
+
+def saf_scorer(saf, lin_eval, bn_stats=None):
+    """SAF's score of a block of pairs (see sgr_scorer). In training its BatchNorm statistics
+    are per caption (the block must hold all images of its captions, image-major) and are
+    appended to `bn_stats`."""
+    def scorer(nodes, node_mask, n_img, sc=None):
+        vec = saf_head(saf, nodes, node_mask, n_img, bn_stats)
+        return torch.sigmoid(torch.addmm(lin_eval.bias, vec, lin_eval.weight.t()))
+    return scorer
 
 
 def node_mask_of(lens, L, n_img, device):
@@ -436,25 +451,23 @@ def node_mask_of(lens, L, n_img, device):
     return m.unsqueeze(0).expand(n_img, -1, -1).reshape(n_img * len(lens), L + 1)
 
 
-def similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=None,
-                      scratch=None, word_pairs=None, attn_words=None, out=None):
-    """All (image, caption) scores: img_emb (B, R, d), cap_emb (C, L, d) -> (B, C).
+def similarity_matrix(img_emb, cap_emb, cap_lens, img_glo, cap_glo, lin_loc, lin_glo, scorer,
+                      per_caption=False, block_order=None, scratch=None, word_pairs=None,
+                      attn_words=None, out=None):
+    """All (image, caption) scores: img_emb (B, R, d), cap_emb (C, L, d), their global vectors
+    img_glo (B, d), cap_glo (C, d) -> (B, C). `lin_loc`, `lin_glo`: the Linear layers of the
+    local and global similarity vectors; `scorer`: the head (sgr_scorer, saf_scorer).
 
-    Works with and without autograd. In SAF training the BatchNorm statistics are per caption
-    and its running stats are updated once per caption, as the original. Without autograd the
-    intermediates live in `scratch` (a Scratch, made here if None) and the result is written
-    into `out` (B, C) if given."""
+    Works with and without autograd. `per_caption`: every block holds all images of its
+    captions (SAF's per-caption BatchNorm in training); the captions' order of processing is
+    appended to `block_order` (a list) when given. Without autograd the intermediates live in
+    `scratch` (a Scratch, made here if None) and the result is written into `out` (B, C) if
+    given."""
     B, R, d = img_emb.shape
     C = cap_emb.size(0)
     dev = img_emb.device
     # autocast does not take out= buffers: then the allocating path (as with autograd)
     grad = torch.is_grad_enabled() or torch.is_autocast_enabled(dev.type)
-    if img_glo is None:
-        img_glo = sim.v_global_w(img_emb, img_emb.mean(1))       # (B, d)
-    if cap_glo is None:
-        cap_glo = caption_globals(sim.t_global_w, cap_emb, cap_lens)  # (C, d)
-    saf_train = sim.module_name == "SAF" and sim.SAF_module.bn.training
-    weights = sgr_weights(sim.SGR_module) if sim.module_name == "SGR" else None
     sc = None if grad else (scratch if scratch is not None else Scratch())
     if word_pairs is None:
         word_pairs = WORD_PAIRS_GRAD if torch.is_grad_enabled() else WORD_PAIRS
@@ -462,13 +475,13 @@ def similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=Non
     if out is None and not grad:
         out = torch.empty(B, C, dtype=img_emb.dtype, device=dev)
     gram = None if grad else torch.bmm(img_emb, img_emb.transpose(1, 2))  # (B, R, R)
-    cols, order, bn_stats = [], [], ([] if saf_train else None)
+    cols, order = [], []
     for L, idx, lens in length_blocks(cap_lens, B):
         idx_d = idx.to(dev)
         Wg = cap_emb.index_select(0, idx_d)[:, :L].contiguous()   # (Cg, L, d)
         Gg = cap_glo.index_select(0, idx_d)                       # (Cg, d)
         Cg = len(idx)
-        if saf_train:  # per-caption BatchNorm: all images of a caption in one block
+        if per_caption:  # all images of a caption in one block
             Cb, Bi = max(1, word_pairs // (B * L)), B
         else:  # the attention of many words at once, then image chunks
             Cb = max(1, min(Cg, attn_words // L))
@@ -482,20 +495,19 @@ def similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=Non
             for b0 in range(0, B, Bi):
                 b1 = min(b0 + Bi, B)
                 nodes = cross_nodes(attn[b0:b1], img_emb[b0:b1], Wg[c0:c1], img_glo[b0:b1],
-                                    Gg[c0:c1], sim.sim_tranloc_w, sim.sim_tranglo_w, sc,
+                                    Gg[c0:c1], lin_loc, lin_glo, sc,
                                     None if gram is None else gram[b0:b1], negw)
                 nm = None if lens_c is None else node_mask_of(lens_c, L, b1 - b0, dev)
-                sims = _score(sim, nodes, weights, nm, b1 - b0, bn_stats, sc).view(b1 - b0,
-                                                                                c1 - c0)
+                sims = scorer(nodes, nm, b1 - b0, sc).view(b1 - b0, c1 - c0)
                 if grad:
                     blk.append(sims)
                 else:
                     out[b0:b1].index_copy_(1, idx_d[c0:c1], sims)
+            order.append(idx[c0:c1])
             if grad:
                 cols.append(torch.cat(blk, 0))
-                order.append(idx[c0:c1])
-    if saf_train:
-        update_bn_per_caption(sim.SAF_module.bn, bn_stats, torch.cat(order))
+    if block_order is not None:
+        block_order.extend(order)
     if grad:
         order = torch.cat(order)
         inv = torch.empty_like(order)
@@ -505,19 +517,18 @@ def similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo=None, cap_glo=Non
     return out
 
 
-def pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx):
-    """Scores of the pairs (img_idx[p], cap_idx[p]), (P,), with autograd; SGR only (SAF's
-    training BatchNorm ties all images of a caption)."""
+def pair_scores(img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx, lin_loc, lin_glo,
+                scorer):
+    """Scores of the pairs (img_idx[p], cap_idx[p]), (P,), with autograd; for a scorer whose
+    pairs are independent (SGR: SAF's training BatchNorm ties all images of a caption)."""
     lens = torch.as_tensor([int(x) for x in cap_lens], dtype=torch.int64)[cap_idx.cpu()]
-    weights = sgr_weights(sim.SGR_module)
     P = len(img_idx)
     parts, order = [], []
     for L in torch.unique(lens).tolist():
         sel = torch.nonzero(lens == L).squeeze(1)
         i, j = img_idx[sel.to(img_idx.device)], cap_idx[sel.to(cap_idx.device)]
-        nodes = pair_nodes(img_emb[i], cap_emb[j, :L], img_glo[i], cap_glo[j],
-                           sim.sim_tranloc_w, sim.sim_tranglo_w)
-        parts.append(_score(sim, nodes, weights, None, None, None).squeeze(1))
+        nodes = pair_nodes(img_emb[i], cap_emb[j, :L], img_glo[i], cap_glo[j], lin_loc, lin_glo)
+        parts.append(scorer(nodes, None, None).squeeze(1))
         order.append(sel)
     order = torch.cat(order)
     inv = torch.empty_like(order)
@@ -525,23 +536,23 @@ def pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_
     return torch.cat(parts).index_select(0, inv.to(img_emb.device))  # (P,)
 
 
-def subset_loss(sim, img_emb, cap_emb, cap_lens, loss_fn):
-    """Any loss of the batch score matrix, for SGR, with a graph only for the pairs whose score
-    the loss's gradient touches.
+def subset_loss(img_emb, cap_emb, cap_lens, img_glo, cap_glo, lin_loc, lin_glo, scorer,
+                loss_fn):
+    """Any loss of the batch score matrix, for a scorer whose pairs are independent (SGR),
+    with a graph only for the pairs whose score the loss's gradient touches.
 
-    The encoders' outputs and the global vectors (VisualSA's BatchNorm uses batch statistics)
-    are computed once with autograd; the B x B matrix S is scored without autograd; the loss
-    and its gradient G = dloss/dS are taken on a detached copy of S; then only the pairs where
-    G != 0 are recomputed with gradients, and `surrogate = sum G * s` has exactly the gradient
-    of loss(S) with respect to every parameter (the chain rule through S). With the hinge and
-    max-violation G has at most 3B non-zeros (positives, hardest negatives), so a step costs one
-    no-grad pass over B x B pairs plus a training pass over a few hundred.
+    The encoders' outputs and the global vectors (img_glo, cap_glo: VisualSA's BatchNorm uses
+    batch statistics) come with autograd; the B x B matrix S is scored without autograd; the
+    loss and its gradient G = dloss/dS are taken on a detached copy of S; then only the pairs
+    where G != 0 are recomputed with gradients, and `surrogate = sum G * s` has exactly the
+    gradient of loss(S) with respect to every parameter (the chain rule through S). With the
+    hinge and max-violation G has at most 3B non-zeros (positives, hardest negatives), so a
+    step costs one no-grad pass over B x B pairs plus a training pass over a few hundred.
     Returns (loss value (detached), surrogate to backpropagate, S)."""
-    img_glo = sim.v_global_w(img_emb, img_emb.mean(1))           # (B, d), BN updated once
-    cap_glo = caption_globals(sim.t_global_w, cap_emb, cap_lens)  # (B, d)
+    args = (lin_loc, lin_glo, scorer)
     with torch.no_grad():
-        scores = similarity_matrix(sim, img_emb.detach(), cap_emb.detach(), cap_lens,
-                                   img_glo.detach(), cap_glo.detach())  # (B, B)
+        scores = similarity_matrix(img_emb.detach(), cap_emb.detach(), cap_lens,
+                                   img_glo.detach(), cap_glo.detach(), *args)  # (B, B)
     leaf = scores.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(leaf)
@@ -552,8 +563,7 @@ def subset_loss(sim, img_emb, cap_emb, cap_lens, loss_fn):
     if len(img_idx) > DENSE_SUPPORT * grad.numel():
         # a dense gradient (e.g. DAA's, or the sum of violations early on): the batched
         # full-matrix pass with autograd is cheaper than pair by pair
-        s_all = similarity_matrix(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo)
+        s_all = similarity_matrix(img_emb, cap_emb, cap_lens, img_glo, cap_glo, *args)
         return loss.detach(), (grad * s_all).sum(), scores
-    s = pair_scores(sim, img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx)
+    s = pair_scores(img_emb, cap_emb, cap_lens, img_glo, cap_glo, img_idx, cap_idx, *args)
     return loss.detach(), (grad[img_idx, cap_idx] * s).sum(), scores
-

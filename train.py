@@ -1,16 +1,14 @@
-"""Train SGR or SAF (optionally with the DAA loss), as the original SGRAF `train.py`, or NAAF
-(naaf.py) as the original NAAF `train.py`.
+"""Train any matcher of the registry (matchers.py), as the originals' `train.py`.
 
-    python train.py --data_name f30k_precomp --num_epochs 40 --lr_update 30 --module_name SGR
-    python train.py --data_name f30k_precomp --module_name SAF --learning_rate 0.0003
-    python train.py --data_name f30k_precomp --module_name NAAF --lambda_softmax 20 \
-        --num_epochs 20 --lr_update 10 --learning_rate 0.0005 --batch_size 128
+    python train.py --data_name f30k_precomp --num_epochs 40 --lr_update 30 --module_name <name>
     torchrun --standalone --nproc_per_node=4 train.py --data_name coco_precomp ...
+(README: each matcher's published commands.)
 
-Adam, learning rate x0.1 every `lr_update` epochs (set at the start of each epoch), gradient
-norm clipped at `grad_clip`, hinge loss with the hardest negatives; R@K on dev after every epoch
-and every `val_step` iterations; `checkpoint_{epoch}.pth.tar` and `model_best.pth.tar` (by dev
-rsum) under `--model_name` in the original format, plus the optimizer and RNG state so that
+The matcher owns its optimizer (Adam for the SCAN family), its learning-rate schedule (x0.1 every
+`lr_update` epochs, set at the start of each epoch, each parameter group from its own base
+rate), its loss and its train step; gradient norm clipped at `grad_clip`. R@K on dev after every
+epoch and every `val_step` iterations; `checkpoint_{epoch}.pth.tar` and `model_best.pth.tar` (by
+dev rsum) under `--model_name` in the original format, plus the optimizer and RNG state so that
 `--resume` continues exactly where the run stopped. TensorBoard scalars under `--logger_name`.
 
 Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the environment, as nanoGPT) every process
@@ -21,11 +19,8 @@ CPU); the learning rate is multiplied by the world size unless `--no-scale_lr`. 
 master process) alone validates, logs, writes TensorBoard and checkpoints while the others wait
 for it. `--world_size` is only checked against the launcher; it never starts processes.
 
-NAAF trains in one process only (refused under torchrun): its threshold is learned inside the
-training forward from one batch's statistics, so each process would learn its own. Its hinge
-loss always takes the hardest negatives (hard-wired in the original), so `--no-max_violation`,
-`--sum_violation_warmup` and `--daa_weight` are refused with it rather than ignored. Its
-threshold state lives in `opt` and is saved there; `--resume` restores it.
+A matcher may refuse flags or torchrun (its class's `check_opt`, before any compute), and save
+state of its own beside the weights (`checkpoint_extra`, restored by `resume`).
 """
 import datetime
 import logging
@@ -43,12 +38,11 @@ from torch.utils.data.distributed import DistributedSampler
 import checks
 import daa
 import data
+import matchers
 import opts
 from checkpoint import load_checkpoint, save_checkpoint
-from evaluation import encode_data, i2t, model_vocab, score_all, split_asp, t2i
-from meters import AverageMeter, LogCollector
-from model import build_model
-from naaf import restore_threshold_state
+from evaluation import encode_data, report
+from meters import AverageMeter
 
 log = logging.getLogger("train")
 
@@ -111,41 +105,28 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def adjust_learning_rate(opt, optimizer, epoch):
-    """The initial learning rate (x the world size under torchrun with --scale_lr), divided by
-    10 every `lr_update` epochs."""
-    lr = opt.learning_rate * getattr(opt, "lr_scale", 1) * (0.1 ** (epoch // opt.lr_update))
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
-
-
 def validate(opt, val_loader, model, writer=None):
     """R@K on the validation split, and DAA's ASP (logged, not used for model selection);
     returns the sum of the six recalls."""
-    img_embs, cap_embs, cap_lens = encode_data(model, val_loader, opt.log_step, log.info,
-                                               img_stride=val_loader.dataset.im_div)
+    img_embs, cap_embs, cap_lens = enc = encode_data(model, val_loader,
+                                                     img_stride=val_loader.dataset.im_div)
     start = time.time()
-    sims = score_all(model, img_embs, cap_embs, cap_lens, opt)
+    sims = model.score(img_embs, cap_embs, cap_lens, **enc.extra)
     log.info("calculate similarity time: %.2f", time.time() - start)
-    (r1, r5, r10, medr, meanr) = i2t(img_embs, cap_embs, cap_lens, sims)
-    log.info("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % (r1, r5, r10, medr, meanr))
-    (r1i, r5i, r10i, medri, meanri) = t2i(img_embs, cap_embs, cap_lens, sims)
-    log.info("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f" % (r1i, r5i, r10i, medri, meanri))
-    r_sum = r1 + r5 + r10 + r1i + r5i + r10i
-    scalars = [("r1", r1), ("r5", r5), ("r10", r10), ("medr", medr), ("meanr", meanr),
-               ("r1i", r1i), ("r5i", r5i), ("r10i", r10i), ("medri", medri),
-               ("meanri", meanri), ("r_sum", r_sum)]
     # DAA's ASP metric, with the semantics of the split's own captions (TF-IDF fitted once)
     dset = val_loader.dataset
     if getattr(dset, "tfidf", None) is None:
         dset.tfidf = daa.caption_tfidf(dset.captions[:len(dset)])
-    asp_i2t, asp_t2i = split_asp(sims, dset.tfidf)
-    log.info("ASP: i2t %.1f t2i %.1f" % (asp_i2t, asp_t2i))
-    scalars += [("asp_i2t", asp_i2t), ("asp_t2i", asp_t2i)]
+    res = report(sims, tfidf=dset.tfidf, log=log.info)
+    (r1, r5, r10, medr, meanr), (r1i, r5i, r10i, medri, meanri) = res["i2t"], res["t2i"]
+    scalars = [("r1", r1), ("r5", r5), ("r10", r10), ("medr", medr), ("meanr", meanr),
+               ("r1i", r1i), ("r5i", r5i), ("r10i", r10i), ("medri", medri),
+               ("meanri", meanri), ("r_sum", res["rsum"]),
+               ("asp_i2t", res["asp"][0]), ("asp_t2i", res["asp"][1])]
     if writer is not None:
         for k, v in scalars:
             writer.add_scalar(k, v, global_step=model.Eiters)
-    return r_sum
+    return res["rsum"]
 
 
 def validate_on_master(opt, val_loader, model, writer=None):
@@ -161,12 +142,11 @@ def validate_on_master(opt, val_loader, model, writer=None):
 
 def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
     batch_time, data_time = AverageMeter(), AverageMeter()
-    model.logger = LogCollector()
     end = time.time()
-    for i, train_data in enumerate(train_loader):
+    for i, batch in enumerate(train_loader):
         model.train_start()
         data_time.update(time.time() - end, 1)
-        checks.check_loss(model.train_emb(*train_data), model.Eiters, opt.model_name)
+        checks.check_loss(model.train_emb(*batch, **batch.extra), model.Eiters, opt.model_name)
         batch_time.update(time.time() - end, 1)
         end = time.time()
 
@@ -195,8 +175,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(message)s",
                         level=logging.INFO if master_process else logging.WARNING)
     check_world_size(opt, world_size, ddp)
-    if ddp and opt.module_name == "NAAF":
-        raise checks.error("naaf_torchrun", "--module_name NAAF")
+    matcher = matchers.matcher_class(opt.module_name)
+    matcher.check_opt(opt, distributed=ddp)  # the matcher's own flags and refusals
     checks.check_train_opt(opt)  # flags, and never over another run's checkpoints
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
     if opt.seed is None and ckpt is not None:  # replay the resumed run's shuffling
@@ -223,7 +203,7 @@ def main(argv=None):
                  world_size, dist.get_backend(), opt.learning_rate, opt.lr_scale,
                  world_size * opt.batch_size)
 
-    vocab, vocab_file = model_vocab(opt)  # NAAF's GloVe encoder reads its own vocab
+    vocab, vocab_file = matcher.vocabulary(opt)
     opt.vocab_size = len(vocab)
 
     # single process: a generator for the shuffling, reseeded every epoch, so that a resumed run
@@ -234,27 +214,21 @@ def main(argv=None):
                        seed=opt.seed) if ddp else None)
     train_loader, val_loader = data.get_loaders(opt.data_name, vocab, opt.batch_size,
                                                 opt.workers, opt, train_sampler=sampler,
-                                                generator=generator)
+                                                generator=generator, matcher=matcher)
     # the captions of one process's epoch (the DistributedSampler pads the split to a multiple
-    # of the world size); a last batch of 1 breaks SGRAF's BatchNorm, NAAF has none
-    if opt.module_name != "NAAF":
-        checks.check_last_batch(len(train_loader.sampler) if ddp else len(train_loader.dataset),
-                                opt.batch_size)
+    # of the world size), e.g. against a last batch of 1 for BatchNorm
+    matcher.check_train_data(len(train_loader.sampler) if ddp else len(train_loader.dataset),
+                             opt.batch_size)
 
-    model = build_model(opt)
+    model = matcher(opt)
     dset = train_loader.dataset
     model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
     checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
     start_epoch, best_rsum = 0, 0
     if ckpt is not None:
-        checks.check_checkpoint_matches(model, ckpt, opt.resume, vocab_file)
-        model.load_state_dict(ckpt["model"])
-        if "optimizer" in ckpt:
-            model.optimizer.load_state_dict(ckpt["optimizer"])
+        matchers.check_fits(model, ckpt, opt.resume, vocab_file)
+        model.resume(ckpt)  # weights, optimizer, iteration, the matcher's own state
         start_epoch, best_rsum = ckpt["epoch"], ckpt["best_rsum"]
-        model.Eiters = ckpt["Eiters"]
-        if opt.module_name == "NAAF":  # the learned threshold, which lives in opt
-            restore_threshold_state(opt, ckpt["opt"])
         # every process's generators when the checkpoint was written by as many processes
         rngs = ckpt.get("rng_ranks", [ckpt["rng"]] if "rng" in ckpt else None)
         if rngs is not None and len(rngs) == world_size:
@@ -272,12 +246,7 @@ def main(argv=None):
 
     for epoch in range(start_epoch, opt.num_epochs):
         log.info("%s\n%s", opt.logger_name, opt.model_name)
-        adjust_learning_rate(opt, model.optimizer, epoch)
-        # optional warm-up (not in the original): the sum of violations for the first epochs
-        # (NAAF's hardest negatives are hard-wired; checks.check_naaf_opt refuses the flags)
-        if opt.module_name != "NAAF":
-            model.criterion.max_violation = (opt.max_violation and
-                                             epoch >= opt.sum_violation_warmup)
+        model.start_epoch(epoch, lr_scale=opt.lr_scale)  # learning rates, the matcher's hooks
         if ddp:
             train_loader.sampler.set_epoch(epoch)
         else:
@@ -296,6 +265,7 @@ def main(argv=None):
             "Eiters": model.Eiters,
             "optimizer": model.optimizer.state_dict(),
             "rng": rng_state(),
+            **model.checkpoint_extra(),
         }
         if ddp:  # every process's generators, for an exact --resume with as many processes
             state["rng_ranks"] = [None] * world_size

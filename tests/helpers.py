@@ -3,7 +3,13 @@ import os
 
 from synthetic import make_synthetic
 
-TINY_DIMS = ["--img_dim", "32", "--embed_size", "16", "--word_dim", "8", "--sim_dim", "8"]
+TINY_DIMS = ["--img_dim", "32", "--embed_size", "16", "--word_dim", "8"]
+# the tiny dims of a matcher's own flags (a flag of another matcher is refused)
+TINY_OWN = {"SGR": ["--sim_dim", "8"], "SAF": ["--sim_dim", "8"]}
+
+
+def tiny_dims(module="SGR"):
+    return TINY_DIMS + TINY_OWN.get(module, [])
 
 
 def tiny_dataset(root, n_train=40, n_dev=10, n_test=10, img_dim=32, seed=0, **kw):
@@ -15,8 +21,9 @@ def tiny_dataset(root, n_train=40, n_dev=10, n_test=10, img_dim=32, seed=0, **kw
 
 
 def train_args(data_path, vocab_path, run_dir, *extra):
+    module = extra[extra.index("--module_name") + 1] if "--module_name" in extra else "SGR"
     return (["--data_path", data_path, "--data_name", "synth_precomp", "--vocab_path",
              vocab_path, "--model_name", os.path.join(run_dir, "checkpoint"),
              "--logger_name", os.path.join(run_dir, "log"), "--workers", "0",
-             "--batch_size", "10", "--log_step", "2", "--device", "cpu"] + TINY_DIMS +
+             "--batch_size", "10", "--log_step", "2", "--device", "cpu"] + tiny_dims(module) +
             list(extra))

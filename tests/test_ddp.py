@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 import opts
 from checkpoint import load_checkpoint
-from helpers import TINY_DIMS, tiny_dataset, train_args
+from helpers import tiny_dataset, tiny_dims, train_args
 from model import SGRAF
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,7 @@ B, V = 6, 30  # pairs per process, vocabulary size
 
 
 def make_opt(name):
-    opt = opts.parse_opt(TINY_DIMS + ["--device", "cpu", "--grad_clip", "0"] + CONFIGS[name])
+    opt = opts.parse_opt(tiny_dims() + ["--device", "cpu", "--grad_clip", "0"] + CONFIGS[name])
     opt.vocab_size = V
     return opt
 

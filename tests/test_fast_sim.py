@@ -10,7 +10,7 @@ import torch
 import similarity
 from evaluation import shard_attn_scores
 from loss import ContrastiveLoss
-from model import EncoderSimilarity, l2norm
+from model import SGRAF, EncoderSimilarity, l2norm
 
 D, S = 32, 16
 
@@ -42,6 +42,17 @@ def make_sim(module, seed=0, train=False):
     return sim
 
 
+def sgraf_with(sim):
+    """A SGRAF model (small encoders) whose similarity encoder is `sim`."""
+    opt = SimpleNamespace(img_dim=8, embed_size=D, word_dim=4, vocab_size=10, num_layers=1,
+                          bi_gru=True, no_imgnorm=False, no_txtnorm=False,
+                          module_name=sim.module_name, sim_dim=S, sgr_step=3, grad_clip=2.0,
+                          margin=0.2, max_violation=True, learning_rate=1e-3, device="cpu")
+    model = SGRAF(opt)
+    model.sim_enc = sim
+    return model
+
+
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Small chunks, so that images are split too and the scratch buffers are reused."""
@@ -57,7 +68,7 @@ def test_eval_matches_percaption(module, min_pairs, monkeypatch):
     with torch.no_grad():
         ref = sim.forward_percaption(img, cap, lens)
         for word_pairs in (64, 4096):
-            got = similarity.similarity_matrix(sim, img, cap, lens, word_pairs=word_pairs)
+            got = sim(img, cap, lens, word_pairs=word_pairs)
             assert (got - ref).abs().max().item() <= 1e-5
 
 
@@ -66,7 +77,7 @@ def test_eval_matches_percaption(module, min_pairs, monkeypatch):
 def test_shard_attn_scores(module, shard_size, tiny_blocks):
     sim = make_sim(module)
     img, cap, lens = make_inputs(10, 23, seed=1)
-    model = SimpleNamespace(sim_enc=sim, device=torch.device("cpu"))
+    model = sgraf_with(sim)
     with torch.no_grad():
         ref = sim.forward_percaption(img, cap, lens).double().numpy()
     got = shard_attn_scores(model, img.numpy(), cap.numpy(), lens, SimpleNamespace(),
@@ -125,8 +136,8 @@ def test_max_violation_subset_matches_full_graph(dense, monkeypatch):
     img_b, cap_b = img.clone().requires_grad_(), cap.clone().requires_grad_()
     ref = ContrastiveLoss(margin=0.2, max_violation=True)(
         ref_sim.forward_percaption(img_a, cap_a, lens))
-    got, surrogate, _ = similarity.subset_loss(sim, img_b, cap_b, lens,
-                                               ContrastiveLoss(margin=0.2, max_violation=True))
+    got, surrogate, _ = sim(img_b, cap_b, lens,
+                                  loss_fn=ContrastiveLoss(margin=0.2, max_violation=True))
     assert abs(got.item() - ref.item()) <= 1e-5
     ref.backward()
     surrogate.backward()
@@ -143,7 +154,7 @@ def test_max_violation_subset_matches_full_graph(dense, monkeypatch):
 def test_bf16_autocast_runs():
     sim = make_sim("SGR")
     img, cap, lens = make_inputs(4, 7, seed=6)
-    model = SimpleNamespace(sim_enc=sim, device=torch.device("cpu"))
+    model = sgraf_with(sim)
     with torch.no_grad():
         ref = sim.forward_percaption(img, cap, lens).double().numpy()
     got = shard_attn_scores(model, img.numpy(), cap.numpy(), lens,
@@ -161,7 +172,7 @@ def test_eval_one_image_chunks(module, monkeypatch):
     img, cap, lens = make_inputs(5, 11, seed=7, lo=2, hi=20)
     with torch.no_grad():
         ref = sim.forward_percaption(img, cap, lens)
-        got = similarity.similarity_matrix(sim, img, cap, lens)
+        got = sim(img, cap, lens)
     assert (got - ref).abs().max().item() <= 1e-5
 
 

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import matchers
+import model as model_module
 import naaf
+from checkpoint import load_checkpoint
 from evaluation import i2t, t2i
 from naaf import NAAF
 
@@ -37,7 +40,7 @@ def fixture_dir(fixtures, name):
 
 def load_fixture(fixtures, name, opt_cls=argparse.Namespace):
     d = fixture_dir(fixtures, name)
-    ckpt = naaf.load_naaf_checkpoint(str(d / "model_best.pth.tar"))
+    ckpt = load_checkpoint(str(d / "model_best.pth.tar"))
     opt = opt_cls(**vars(ckpt["opt"]))
     opt.device = "cpu"
     model = NAAF(opt)
@@ -59,7 +62,7 @@ def named_params(model):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_strict_load(fixtures, name):
     model, opt, ckpt = load_fixture(fixtures, name)
-    assert naaf.is_naaf_checkpoint(ckpt)
+    assert matchers.recognise(ckpt, name) == "NAAF"
     assert opt.precomp_enc_text_type == ("GloVe" if "glove" in name else "basic")
     for ours, ref in zip(model.state_dict(), ckpt["model"]):
         assert list(ours.keys()) == list(ref.keys())
@@ -74,10 +77,10 @@ def test_strict_load(fixtures, name):
 def test_not_naaf_checkpoints():
     opt = argparse.Namespace(thres_safe=0.0)
     sd_img, sd_txt = {"fc.weight": 0}, {"rnn.weight_ih_l0": 0}
-    assert not naaf.is_naaf_checkpoint({"model": [sd_img, sd_txt, {}], "opt": opt})  # SGRAF
-    assert not naaf.is_naaf_checkpoint({"model": [sd_img, sd_txt],
-                                        "opt": argparse.Namespace()})               # SCAN
-    assert naaf.is_naaf_checkpoint({"model": [sd_img, sd_txt], "opt": opt})
+    assert NAAF.recognise({"model": [sd_img, sd_txt, {}], "opt": opt}) is None  # SGRAF
+    assert NAAF.recognise({"model": [sd_img, sd_txt],
+                           "opt": argparse.Namespace()}) is None              # SCAN
+    assert NAAF.recognise({"model": [sd_img, sd_txt], "opt": opt}) == "NAAF"
 
 
 # ----------------------------------------------------------------------------- 2. evaluation
@@ -114,13 +117,13 @@ def test_evaluation(fixtures, name):
 
 def spy_clip(monkeypatch):
     seen = {}
-    clip = naaf.clip_grad_norm_
+    clip = model_module.clip_grad_norm_  # the base class's train step clips
 
     def spy(params, max_norm):
         seen["grads"] = {id(p): p.grad.detach().clone() for p in params}
         seen["norm"] = float(clip(params, max_norm))
         return seen["norm"]
-    monkeypatch.setattr(naaf, "clip_grad_norm_", spy)
+    monkeypatch.setattr(model_module, "clip_grad_norm_", spy)
     return seen
 
 
@@ -161,7 +164,7 @@ def test_train_step(fixtures, name, monkeypatch):
     np.testing.assert_allclose([v for _, v in opt.log], ts["thres_log_values"], atol=1e-7)
     np.testing.assert_allclose([getattr(opt, k) for k in keys], ts["thres_after"], atol=1e-7)
     # the Adam step lands where the original's did
-    after = naaf.load_naaf_checkpoint(str(d / "after_step.pth.tar"))
+    after = load_checkpoint(str(d / "after_step.pth.tar"))
     for ours, ref in zip(model.state_dict(), after["model"]):
         for k in ref:
             np.testing.assert_allclose(ours[k].numpy(), ref[k].numpy(), atol=2e-6, rtol=0)

@@ -16,12 +16,14 @@ import torch
 import checks
 import demo
 import evaluation
+import matchers
 import naaf
 import opts
 import train
 from checkpoint import load_checkpoint
-from helpers import TINY_DIMS, tiny_dataset, train_args
-from model import SGRAF, build_model
+from helpers import tiny_dataset, tiny_dims, train_args
+from matchers import build_model
+from model import SGRAF
 from vocab import Vocabulary, deserialize_vocab, serialize_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,10 +89,11 @@ def setup(tmp_path_factory):
 
 
 def test_build_model():
-    opt = opts.parse_opt(["--module_name", "NAAF", "--device", "cpu"] + TINY_DIMS)
+    opt = opts.parse_opt(["--module_name", "NAAF", "--device", "cpu"] + tiny_dims("NAAF"))
     opt.vocab_size = 20
     assert isinstance(build_model(opt), naaf.NAAF)
     opt.module_name = "SAF"
+    opt.sim_dim, opt.sgr_step = 8, 3
     assert isinstance(build_model(opt), SGRAF)
     assert opts.parse_opt(["--num_epoches", "7"]).num_epochs == 7  # NAAF's README spelling
 
@@ -112,8 +115,9 @@ def test_cli_naaf_checkpoint_and_ensembles(setup, tmp_path):
     loader = evaluation.get_test_loader("test", "synth_precomp",
                                         deserialize_vocab(os.path.join(
                                             vocab_path, "synth_precomp_vocab.json")),
-                                        8, 0, opt)
-    direct, _, _ = evaluation.compute_sims([(model, opt)], loader)
+                                        8, 0, opt, matcher=type(model))
+    enc = evaluation.encode_data(model, loader, img_stride=loader.dataset.im_div)
+    direct = model.score(*enc)
     np.testing.assert_allclose(direct, sims["NAAF"], rtol=0, atol=1e-6)
     assert not np.allclose(sims["NAAF"], sims["NAAF2"])
     for a, b in [("NAAF", "NAAF2"), ("SGR", "NAAF")]:
@@ -165,8 +169,8 @@ def test_checkpoint_structure_and_mismatch(setup, tmp_path, capsys):
     assert len(load_checkpoint(paths["NAAF"])["model"]) == 2  # accepted
     bad = str(tmp_path / "bad.pth.tar")
     torch.save({"model": [{}], "opt": argparse.Namespace()}, bad)
-    with pytest.raises(checks.CheckpointError, match="nor \\[img_enc, txt_enc\\] \\(NAAF\\)"):
-        load_checkpoint(bad)
+    with pytest.raises(checks.CheckpointError, match="its 1 state dicts fit none of SGR, SAF"):
+        matchers.recognise(load_checkpoint(bad), bad)
     run = str(tmp_path / "run")
     # a NAAF checkpoint resumed with SGR's flags, and the other way round
     for ckpt, flags, want in [(paths["NAAF"], [], "--module_name NAAF in the checkpoint, "
@@ -184,7 +188,7 @@ def test_checkpoint_structure_and_mismatch(setup, tmp_path, capsys):
 @pytest.mark.parametrize("flags,fragment", [
     (["--no-max_violation"], "--no-max_violation: does not apply to NAAF"),
     (["--sum_violation_warmup", "2"], "--sum_violation_warmup 2: does not apply to NAAF"),
-    (["--daa_weight", "1"], "--daa_weight 1.0: does not apply to NAAF: it has no DAA"),
+    (["--daa_weight", "1"], "--daa_weight 1.0: does not apply to NAAF: it is an option of SGR"),
 ])
 def test_refused_flags(setup, tmp_path, capsys, flags, fragment):
     data_path, vocab_path, _ = setup
@@ -203,7 +207,8 @@ def test_refused_under_torchrun(setup, tmp_path, capsys, monkeypatch):
         train.main(train_args(data_path, vocab_path, str(tmp_path / "run"), "--module_name",
                               "NAAF"))
     assert e.value.code == 2
-    assert "--module_name NAAF: NAAF learns its threshold" in capsys.readouterr().err
+    assert "--module_name NAAF: NAAF cannot train under torchrun: it learns its threshold" in \
+        capsys.readouterr().err
 
 
 def test_train_saves_original_format_and_resume_restores_threshold(setup, tmp_path,
@@ -215,7 +220,7 @@ def test_train_saves_original_format_and_resume_restores_threshold(setup, tmp_pa
     train.main(args)
     path = os.path.join(run, "checkpoint", "checkpoint_0.pth.tar")
     ckpt = load_checkpoint(path)
-    assert naaf.is_naaf_checkpoint(ckpt) and ckpt["opt"].module_name == "NAAF"
+    assert naaf.NAAF.recognise(ckpt) == "NAAF" and ckpt["opt"].module_name == "NAAF"
     assert [k for k in ckpt["model"][1] if k.startswith("rnn.")]  # the original's names
     # evaluation recognises it
     evaluation.evalrank(path, data_path=data_path, split="test", vocab_path=vocab_path,
@@ -317,33 +322,34 @@ def test_two_state_dicts_that_are_not_naaf(setup):
     described by its state dicts, not called NAAF."""
     data_path, vocab_path, paths = setup
     sgr, nf = load_checkpoint(paths["SGR"]), load_checkpoint(paths["NAAF"])
-    assert checks.infer_flags(nf["model"], nf["opt"])["module_name"] == "NAAF"
-    assert checks.infer_flags(nf["model"])["module_name"] == "NAAF"
+    assert naaf.NAAF.infer_flags(nf["model"], nf["opt"])["module_name"] == "NAAF"
+    assert naaf.NAAF.infer_flags(nf["model"])["module_name"] == "NAAF"
     scan_opt = argparse.Namespace(**{k: v for k, v in vars(nf["opt"]).items()
                                      if k not in naaf.THRESHOLD_STATE})
     cut = {"model": sgr["model"][:2], "opt": sgr["opt"]}
     scan = {"model": nf["model"], "opt": scan_opt}
     for ckpt in (cut, scan):
-        flags = checks.infer_flags(ckpt["model"], ckpt["opt"])
-        assert flags["module_name"] is None and flags["precomp_enc_text_type"] is None
+        assert naaf.NAAF.infer_flags(ckpt["model"], ckpt["opt"])["module_name"] is None
+        assert SGRAF.infer_flags(ckpt["model"], ckpt["opt"])["module_name"] is None
+    assert naaf.NAAF.infer_flags(cut["model"])["precomp_enc_text_type"] is None
     model = SGRAF(naaf_opt(data_path, vocab_path, "--module_name", "SGR"))
     for ckpt in (cut, scan):
         with pytest.raises(checks.CheckpointError) as e:
-            checks.check_checkpoint_matches(model, ckpt, "x.pth")
+            matchers.check_fits(model, ckpt, "x.pth")
         msg = str(e.value)
         assert e.value.key == "ckpt_foreign" and "NAAF" not in msg, msg
         assert "x.pth: its weights do not fit the SGR model the flags build: 2 state dicts " \
-               "(img_enc, " \
-               "txt_enc) in the checkpoint, 3 from the flags" in msg, msg
+               "in the checkpoint, 3 (img_enc, txt_enc, sim_enc) from the flags" in msg, msg
     # the truncated SGRAF checkpoint's own two state dicts fit: only the count differs
     assert "missing keys" not in str(pytest.raises(
         checks.CheckpointError, checks.check_checkpoint_matches, model, cut, "x.pth").value)
-    # NAAF's own checkpoint is still named
+    # NAAF's own checkpoint is named by its class
     with pytest.raises(checks.CheckpointError) as e:
-        checks.check_checkpoint_matches(model, nf, "x.pth")
+        matchers.check_fits(model, nf, "x.pth")
     assert e.value.key == "ckpt_mismatch"
     assert "--module_name NAAF in the checkpoint, --module_name SGR from the flags; 2 state " \
-           "dicts (img_enc, txt_enc) in the checkpoint, 3 from the flags" in str(e.value)
+           "dicts in the checkpoint, 3 (img_enc, txt_enc, sim_enc) from the flags" \
+           in str(e.value)
 
 
 def test_foreign_checkpoint_names_the_model_the_flags_build(setup):
