@@ -264,3 +264,31 @@ def test_saf_head_function(masked):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(got_g, ref_g):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
+
+
+@pytest.mark.parametrize("bi_gru", [True, False])
+def test_packed_gru_matches_nn_gru(bi_gru):
+    """EncoderText's training GRU (model.PackedGRU, a written-out backward) against nn.GRU with
+    autograd: outputs and the gradients of every parameter, captions in any order, lengths
+    down to 1."""
+    from model import EncoderText
+    torch.manual_seed(11)
+    enc = EncoderText(30, 8, D, 1, use_bi_gru=bi_gru)
+    enc.dropout.eval()
+    lens = [5, 1, 7, 3, 7, 2]
+    caps = torch.randint(0, 30, (len(lens), max(lens)))
+    w = torch.randn(len(lens), max(lens), D)
+    got = enc(caps, lens)
+    got_g = torch.autograd.grad((got * w).sum(), list(enc.parameters()))
+    rnn_forward = enc.cap_rnn.forward
+    x = enc.embed(caps)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lens), batch_first=True,
+                                                     enforce_sorted=False)
+    out, _ = torch.nn.utils.rnn.pad_packed_sequence(rnn_forward(packed)[0], batch_first=True)
+    if bi_gru:
+        out = (out[:, :, :D] + out[:, :, D:]) / 2
+    ref = l2norm(out)
+    ref_g = torch.autograd.grad((ref * w).sum(), list(enc.parameters()))
+    assert (got - ref).abs().max().item() <= 1e-6
+    for a, b in zip(got_g, ref_g):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
