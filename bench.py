@@ -22,11 +22,30 @@ peak memories do not mix.
   below it, and the positive branch at 0). The training step is `NAAF.train_emb` alone:
   naaf.py has no per-caption training step to compare with (its threshold learner goes
   caption by caption in both), so NAAF's train job has no reference.
+- GSMN: `GSMN.score` (gsmn.gsmn_scores: every pair, both attention directions, the graphs as
+  per-node MLPs) against the original's `shard_xattn`: shards of 80 x 80 pairs, caption by
+  caption through the literal graphs (`GSMN.forward_sim_percaption`), on boxes normalised in
+  [0, 1] (so that the geometry gains differ between regions). The training step
+  (`GSMN.train_emb`, the fast path with autograd) against the original's (both graphs'
+  per-caption loops over B x B pairs), at batch `--gsmn_batch` (64, the README's Flickr30K
+  batch: the per-caption step at 128 needs about 20 GB). `--gsmn_original DIR` also times the
+  ORIGINAL code's `shard_xattn` on the same pairs with the same weights: DIR is a checkout of
+  CrossmodalGroup/GSMN made to run under Python 3 on CPU (README, GSMN section).
 
-    python bench.py                      # SGR, SAF, NAAF: 100 images x 500 captions, batch 128
+    python bench.py                      # every matcher: 100 images x 500 captions, batch 128
     python bench.py --quick              # small sanity run
     python bench.py --modules SGR --what eval --precision bf16
     python bench.py --modules NAAF       # NAAF only
+    python bench.py --modules HREM       # HREM: 1000 images x 5000 captions, demo and base BERT
+
+- HREM: a dual encoder, so its evaluation is encoding (each image once, each caption once, in
+  batches of 128) plus one blocked matrix product (`HREM.score`): timed end to end on random
+  region features and random token ids (lengths --min_len to --max_len, [CLS]/[SEP] included),
+  `--hrem_n_img` images x 5 captions each, with BERT at the demo's size (bert_demo/config.json,
+  2 layers of 128) and at BERT-base's (12 layers of 768, random weights: no download). Its
+  training step is `HREM.train_emb` at --batch with the instance-level graph losses on (past the
+  warm-up), with the augmentations. No reference here: the speed against the original code is
+  measured side by side with it (README, Speed).
 """
 import argparse
 import os
@@ -41,9 +60,11 @@ import numpy as np
 import torch
 
 
-MODULES = ("SGR", "SAF", "NAAF")
+MODULES = ("SGR", "SAF", "NAAF", "GSMN", "HREM")
+HREM_BERTS = ("demo", "base")
 NAAF_LATENT = 32  # NAAF's embeddings: the dimension of the subspace they lie near (see top)
 NAAF_SHARD = 128  # the original NAAF evaluation's shard_xattn(..., shard_size=128)
+GSMN_SHARD = 80   # the original GSMN evaluation's shard_xattn(..., shard_size=80)
 
 
 def get_args(argv=None):
@@ -69,7 +90,12 @@ def get_args(argv=None):
                         "fastest is reported, at least 2; '--what daa' "
                         "alternates at least 3 of each)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--modules", default="SGR,SAF,NAAF", help="comma-separated: SGR, SAF, NAAF")
+    p.add_argument("--modules", default=",".join(MODULES),
+                   help="comma-separated: " + ", ".join(MODULES))
+    p.add_argument("--hrem_n_img", type=int, default=1000,
+                   help="HREM evaluation: images (x 5 captions)")
+    p.add_argument("--hrem_bert", default="demo,base",
+                   help="HREM: BERT sizes, comma-separated: demo (bert_demo/), base (BERT-base)")
     p.add_argument("--what", default="encode,eval,train",
                    help="comma-separated: encode, eval, train, daa")
     p.add_argument("--no_ref", action="store_true", help="skip the per-caption reference")
@@ -77,6 +103,11 @@ def get_args(argv=None):
                    help="NAAF's test threshold (a checkpoint's learned opt.thres_safe)")
     p.add_argument("--naaf_ref_fp64", action="store_true",
                    help="NAAF's per-caption reference in float64, as the original evaluates")
+    p.add_argument("--gsmn_batch", type=int, default=64,
+                   help="GSMN's training batch (its README's Flickr30K batch)")
+    p.add_argument("--gsmn_original", default=None, metavar="DIR",
+                   help="also time the original GSMN code's shard_xattn from this checkout "
+                        "(made to run under Python 3 on CPU)")
     p.add_argument("--quick", action="store_true", help="small sizes, a sanity run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
@@ -85,9 +116,13 @@ def get_args(argv=None):
     unknown = [m for m in args.modules.split(",") if m not in MODULES]
     if unknown:
         p.error("--modules: unknown %s (choose from %s)" % (",".join(unknown), ",".join(MODULES)))
+    bad = [b for b in args.hrem_bert.split(",") if b not in HREM_BERTS]
+    if bad:
+        p.error("--hrem_bert: unknown %s (choose from %s)" % (",".join(bad), ",".join(HREM_BERTS)))
     if args.quick:
-        args.n_img, args.n_cap, args.batch = 10, 50, 16
+        args.n_img, args.n_cap, args.batch, args.gsmn_batch = 10, 50, 16, 16
         args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50
+        args.hrem_n_img, args.hrem_bert = 20, "demo"
     return args
 
 
@@ -102,9 +137,17 @@ def original_flops(module, n_img, lens, R=36, d=1024, s=256, sgr_step=3, shard=1
     and two (L+1) x (L+1) x s products; SAF: Linear(s, 1) and the weighted sum of the L+1
     nodes; sim_eval_w. Per caption: TextSA (two Linear(d, d) and Linear(d, 1) on L words).
     Per shard of captions: VisualSA on all the images (the original recomputes it per call).
+    GSMN (shard_xattn): per pair, both directions' scores (R x d x L) and contexts, the
+    visual graph's patch operator (R x 8 x R x n) and the textual one's (L x 8 x L x n), the
+    conv and head Linears on every node; per caption the word-word attention.
     NAAF (xattn_score_test, `shard` images a shard): per pair the cosines (L x d x R) and the
     context (L x R x d), and with `intra` (evaluation) the smoothed mask (L x L x 1); per caption
     and image shard the word-word attention (L x d x L). intra=False: the training score."""
+    if module == "GSMN":  # both directions' scores and contexts; the graphs (K = 8 kernels)
+        n, h = 16, 32
+        return sum(n_img * (8 * L * R * d + 2 * R * 8 * R * n + 2 * R * (n * h + h * h + h) +
+                            2 * L * 8 * L * n + 2 * L * (n * h + h * h + h)) + 2 * L * L * d
+                   for L in lens)
     if module == "NAAF":
         n_im_shards = -(-n_img // shard)
         return sum(n_img * (4 * L * R * d + (2 * L * L if intra else 0)) +
@@ -171,6 +214,13 @@ def make_model(args, module):
                           device=args.device, precision=args.precision,
                           daa_weight=args.daa_weight, daa_rowwise=False)
     torch.manual_seed(args.seed)
+    if module == "GSMN":
+        import gsmn
+        del opt.sim_dim, opt.sgr_step, opt.daa_weight, opt.daa_rowwise  # SGRAF's only
+        for k, v in gsmn.GSMN.defaults.items():
+            setattr(opt, k, v)
+        opt.learning_rate = 2e-4
+        return gsmn.GSMN(opt), opt
     if module == "NAAF":
         import naaf
         del opt.sim_dim, opt.sgr_step, opt.bi_gru, opt.learning_rate  # SGRAF's only
@@ -178,6 +228,100 @@ def make_model(args, module):
         naaf.complete_naaf_opt(opt)
         return naaf.NAAF(opt), opt
     return SGRAF(opt), opt
+
+
+def make_hrem(args, bert):
+    """HREM with the original's defaults and BERT at the demo's size or BERT-base's (random
+    weights)."""
+    import argparse as ap
+
+    from transformers import BertConfig, BertModel
+
+    import hrem
+    opt = ap.Namespace(img_dim=args.img_dim, embed_size=args.embed_size, no_imgnorm=False,
+                       no_txtnorm=False, grad_clip=2.0, margin=0.2, max_violation=False,
+                       device=args.device, data_name="f30k_precomp", bert_path=hrem.BERT_DEMO,
+                       bert_init="random")
+    hrem.HREM.complete_opt(opt)
+    cfg = BertConfig.from_pretrained(hrem.BERT_DEMO) if bert == "demo" else BertConfig()
+    torch.manual_seed(args.seed)
+    return hrem.HREM(opt, bert=BertModel(cfg)), opt
+
+
+def hrem_captions(args, rng, n, vocab_size):
+    """Random token ids ([CLS] 2 ... [SEP] 3, others >= 5), 0-padded, and their lengths."""
+    lens = rng.integers(args.min_len, args.max_len + 1, size=n)
+    ids = torch.zeros(n, int(lens.max()), dtype=torch.int64)
+    for k, L in enumerate(lens):
+        ids[k, 0], ids[k, L - 1] = 2, 3
+        ids[k, 1:L - 1] = torch.from_numpy(rng.integers(5, vocab_size, size=L - 2))
+    return ids, torch.from_numpy(lens)
+
+
+def job_hrem_eval(args, bert):
+    """Encode --hrem_n_img images once and 5x as many captions in batches of 128, then
+    HREM.score: the evaluation's cost on random inputs."""
+    model, opt = make_hrem(args, bert)
+    model.val_start()
+    rng = np.random.default_rng(args.seed)
+    n_img, n_cap, bs = args.hrem_n_img, 5 * args.hrem_n_img, 128
+    images = torch.from_numpy(rng.standard_normal((n_img, 36, args.img_dim))
+                              .astype(np.float32)).abs()
+    caps, lens = hrem_captions(args, rng, n_cap, model.txt_enc.bert.config.vocab_size)
+    full = torch.full((bs,), 36)
+    with torch.no_grad():  # warm-up
+        model.forward_emb(images[:2], caps[:2], lens[:2], img_lengths=full[:2])
+        sync(args.device)
+        t0 = time.perf_counter()
+        img = torch.cat([model.img_enc(images[i:i + bs].to(args.device),
+                                       full[:len(images[i:i + bs])].to(args.device))
+                         for i in range(0, n_img, bs)])
+        sync(args.device)
+        t1 = time.perf_counter()
+        cap = []
+        for j in range(0, n_cap, bs):
+            L = int(lens[j:j + bs].max())
+            cap.append(model.txt_enc(caps[j:j + bs, :L].to(args.device),
+                                     lens[j:j + bs].to(args.device)))
+        cap = torch.cat(cap)
+        sync(args.device)
+        t2 = time.perf_counter()
+        sims = model.score(img.float().cpu().numpy(), cap.float().cpu().numpy(), lens.tolist())
+        t3 = time.perf_counter()
+    return {"time": t3 - t0, "images": t1 - t0, "captions": t2 - t1, "score": t3 - t2,
+            "shape": sims.shape}
+
+
+def job_hrem_train(args, bert):
+    """One HREM.train_emb at --batch, graph losses on, the augmentations drawn in the step (with
+    bert_demo's vocabulary for the random tokens)."""
+    model, opt = make_hrem(args, bert)
+    rng = np.random.default_rng(args.seed + 1)
+    n = args.batch
+    images = torch.from_numpy(rng.standard_normal((n, 36, args.img_dim))
+                              .astype(np.float32)).abs()
+    vocab = model.txt_enc.bert.config.vocab_size
+    words = [[[int(t)] for t in rng.integers(5, vocab, size=rng.integers(
+        args.min_len - 2, args.max_len - 1))] for _ in range(n)]
+    caps = [[2] + [w[0] for w in ws] + [3] for ws in words]
+    lens = [len(c) for c in caps]
+    captions = torch.zeros(n, max(lens), dtype=torch.int64)
+    for k, c in enumerate(caps):
+        captions[k, :len(c)] = torch.tensor(c)
+    img_ids = list(range(n))
+    model.criterion.iter_count = opt.warmup  # the graph losses on
+    model.train_start()
+    extra = dict(img_ids=img_ids, img_lengths=torch.full((n,), 36), words=words)
+    model.train_emb(images[:8], captions[:8], lens[:8], img_ids[:8],
+                    **{k: v[:8] for k, v in extra.items()})  # warm-up
+    times = []
+    for _ in range(args.steps):
+        sync(args.device)
+        t = time.perf_counter()
+        loss = model.train_emb(images, captions, lens, img_ids, **extra)
+        sync(args.device)
+        times.append(time.perf_counter() - t)
+    return {"time": min(times), "loss": float(loss)}
 
 
 def daa_semantics(model, args, rng):
@@ -256,6 +400,8 @@ def job_encode(args, module, ref):
 def job_eval(args, module, ref):
     if module == "NAAF":
         return job_eval_naaf(args, ref)
+    if module == "GSMN":
+        return job_eval_gsmn(args, ref)
     from evaluation import shard_attn_scores
     model, opt = make_model(args, module)
     model.val_start()
@@ -329,16 +475,20 @@ def percaption_naaf_scores(model, img_embs, cap_embs, cap_lens, fp64=False,
     return sims
 
 
-def reference_train_step(model, images, captions, lengths, ids=None):
+def reference_train_step(model, images, captions, lengths, ids=None, boxes=None):
     """The original SGRAF `train_emb`, op for op: every B x B pair scored caption by caption
     (`forward_percaption`) in one graph, the hinge (+ DAA), backward, clip, Adam. Timed side by
     side in one process with the original code's own step, it runs at the same speed
     (the README's Speed section)."""
     img, cap, cl = model.forward_emb(images, captions, lengths)
-    sims = model.sim_enc.forward_percaption(img, cap, cl)
+    if boxes is not None:  # GSMN: its literal per-caption graphs
+        sims = model.forward_sim_percaption(img, cap, cl, boxes)
+    else:
+        sims = model.sim_enc.forward_percaption(img, cap, cl)
     model.optimizer.zero_grad()
     loss = model.forward_loss(sims, ids=ids)  # the hinge (+ DAA)
     loss.backward()
+    model.after_backward()
     if model.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.params, model.grad_clip)
     model.optimizer.step()
@@ -352,6 +502,92 @@ def set_dropout(model, on):
                 x.train(on)
 
 
+def gsmn_boxes(n_img, rng):
+    """Boxes normalised to [0, 1] (x1 <= x2, y1 <= y2), (n_img, 36, 4) float32."""
+    xy = rng.uniform(0, 0.7, (n_img, 36, 2))
+    return np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (n_img, 36, 2))], 2) \
+        .astype(np.float32)
+
+
+def job_eval_gsmn(args, ref):
+    """GSMN: GSMN.score (gsmn_scores), or the original's shards of 80 x 80 pairs, caption by
+    caption through the literal graphs."""
+    model, opt = make_model(args, "GSMN")
+    model.val_start()
+    rng = np.random.default_rng(args.seed)
+    img, cap, lens = make_embeddings(args, rng)
+    boxes = gsmn_boxes(args.n_img, rng)
+    with torch.no_grad():  # warm-up: lazy initialisations of the process
+        if ref:
+            percaption_gsmn_scores(model, img[:2], cap[:3], lens[:3], boxes[:2])
+        else:
+            model.score(img[:2], cap[:3], lens[:3], boxes=torch.from_numpy(boxes[:2]))
+    sync(args.device)
+    t = time.perf_counter()
+    if ref:
+        sims = percaption_gsmn_scores(model, img, cap, lens, boxes)
+    else:
+        sims = model.score(img, cap, lens, boxes=torch.from_numpy(boxes))
+    sync(args.device)
+    return {"time": time.perf_counter() - t, "sims": sims}
+
+
+def percaption_gsmn_scores(model, img_embs, cap_embs, cap_lens, boxes, shard_size=GSMN_SHARD):
+    """The original GSMN shard_xattn: shard_size x shard_size shards, each scored by the
+    original forward_sim (both graphs' per-caption loops)."""
+    sims = np.zeros((len(img_embs), len(cap_embs)))
+    for i in range(0, len(img_embs), shard_size):
+        for j in range(0, len(cap_embs), shard_size):
+            lens = cap_lens[j:j + shard_size]
+            with torch.no_grad():
+                im = torch.from_numpy(img_embs[i:i + shard_size]).to(model.device)
+                ca = torch.from_numpy(cap_embs[j:j + shard_size]).to(model.device)
+                bx = torch.from_numpy(boxes[i:i + shard_size]).to(model.device)
+                sim = model.forward_sim_percaption(im, ca, lens, bx)
+            sims[i:i + shard_size, j:j + shard_size] = sim.cpu().numpy()
+    return sims
+
+
+def job_original_gsmn(args, module, ref):
+    """The ORIGINAL code's shard_xattn (from the checkout --gsmn_original) on the eval job's
+    pairs, timed; then our fast path with the original model's weights, for the difference.
+    The original's modules (model, evaluation, data, vocab, ...) are imported first, under
+    their own names, and removed before ours are imported."""
+    rng = np.random.default_rng(args.seed)
+    img, cap, lens = make_embeddings(args, rng)
+    boxes = gsmn_boxes(args.n_img, rng)
+    opt = argparse.Namespace(img_dim=args.img_dim, embed_size=args.embed_size,
+                             word_dim=args.word_dim, vocab_size=args.vocab_size, num_layers=1,
+                             bi_gru=True, no_imgnorm=False, no_txtnorm=False, feat_dim=16,
+                             num_block=16, hid_dim=32, out_dim=1, lambda_softmax=9.0,
+                             is_sparse=False, margin=0.2, max_violation=True, grad_clip=2.0,
+                             learning_rate=2e-4)
+    sys.path.insert(0, os.path.abspath(args.gsmn_original))
+    import evaluation as orig_evaluation
+    import model as orig_model
+    torch.manual_seed(args.seed)
+    model = orig_model.GSMN(opt)
+    model.val_start()
+    deps = [[[0, 1]]] * len(lens)
+    with torch.no_grad():
+        orig_evaluation.shard_xattn(model, img[:2], cap[:3], boxes[:2].astype(np.float64),
+                                    deps[:3], lens[:3], opt, shard_size=GSMN_SHARD)
+        t = time.perf_counter()
+        sims = orig_evaluation.shard_xattn(model, img, cap, boxes.astype(np.float64), deps,
+                                           lens, opt, shard_size=GSMN_SHARD)
+        elapsed = time.perf_counter() - t
+    state = [{k: v.clone() for k, v in sd.items()} for sd in model.state_dict()]
+    theirs = {os.path.splitext(f)[0] for f in os.listdir(args.gsmn_original)
+              if f.endswith(".py")}
+    for name in theirs:
+        sys.modules.pop(name, None)
+    sys.path.pop(0)
+    ours, _ = make_model(args, "GSMN")
+    ours.load_state_dict(state)  # strict: the original's names
+    fast = ours.score(img, cap, lens, boxes=torch.from_numpy(boxes))
+    return {"time": elapsed, "sims": sims, "fast_diff": np.abs(fast - sims).max()}
+
+
 def job_train(args, module, ref):
     """One training step at full size, as the original's `train_emb` runs in a training loop:
     a first full-size step (dropout off, so that the fast and the reference step compute the
@@ -363,13 +599,21 @@ def job_train(args, module, ref):
     if module == "NAAF" and ref:
         raise ValueError("NAAF has no per-caption reference training step")
     rng = np.random.default_rng(args.seed + 1)
+    if module == "GSMN":
+        args.batch = args.gsmn_batch
     images, captions, lens = make_batch(args, rng)
     model, opt = make_model(args, module)
     model.train_start()
     ids = daa_semantics(model, args, rng) if args.daa_weight > 0 else None
+    boxes = torch.from_numpy(gsmn_boxes(len(lens), rng)) if module == "GSMN" else None
     if ref:
         def train_emb(images, captions, lengths):
+            if module == "GSMN":
+                return reference_train_step(model, images, captions, lengths, ids, boxes)
             return reference_train_step(model, images, captions, lengths, ids)
+    elif module == "GSMN":
+        def train_emb(images, captions, lengths):
+            return model.train_emb(images, captions, lengths, ids, boxes=boxes)
     else:
         def train_emb(images, captions, lengths):
             return model.train_emb(images, captions, lengths, ids)
@@ -419,14 +663,19 @@ def job_daa(args, module, ref):
     return {"with": min(times["with"]), "without": min(times["without"])}
 
 
-JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_daa}
+JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_daa,
+        "original": job_original_gsmn}
+HREM_JOBS = {"eval": job_hrem_eval, "train": job_hrem_train}
 
 
 def run_job(args):
     what, module, path = args.job.split(":")
     torch.set_num_threads(args.threads)
     base = peak_mem_mb(args.device)
-    res = JOBS[what](args, module, path == "ref")
+    if module == "HREM":  # path: the BERT size
+        res = HREM_JOBS[what](args, path)
+    else:
+        res = JOBS[what](args, module, path == "ref")
     res["peak_mb"] = peak_mem_mb(args.device)
     res["base_mb"] = base
     np.savez(args.out, **{k: np.asarray(v) for k, v in res.items()})
@@ -459,6 +708,9 @@ def main(argv=None):
              args.embed_size, args.sim_dim))
     whats = args.what.split(",")
     for module in args.modules.split(","):
+        if module == "HREM":
+            bench_hrem(argv, args, whats)
+            continue
         if "encode" in whats:
             r = spawn(argv, "encode", module, "fast")
             print("[%s] encode %d images + %d captions: %.3f s, peak %.0f MB"
@@ -469,10 +721,12 @@ def main(argv=None):
             naaf = module == "NAAF"
             flops = original_flops(module, args.n_img, lens, d=args.embed_size, s=args.sim_dim,
                                    shard=NAAF_SHARD if naaf else 100)
+            ref_shard = {"NAAF": NAAF_SHARD, "GSMN": GSMN_SHARD}.get(module, 100)
             pairs = args.n_img * args.n_cap
             f = spawn(argv, "eval", module, "fast")
             # NAAF's scores have no bf16 path: float32 whatever --precision says
-            precision = "fp32, thres_safe %g" % args.thres_safe if naaf else args.precision
+            precision = ("fp32, thres_safe %g" % args.thres_safe if naaf else
+                         "fp32" if module == "GSMN" else args.precision)
             print("[%s] eval fast (%s): %.2f s, %.0f pairs/s, %.1f effective GFLOP/s "
                   "(%.0f%% of fp32 peak, original %.0f GFLOP), peak RSS %.0f MB (start %.0f)"
                   % (module, precision, f["time"], pairs / f["time"],
@@ -482,6 +736,7 @@ def main(argv=None):
                 r = spawn(argv, "eval", module, "ref")
                 ref_what = ("per-caption (%s)" % ("fp64" if args.naaf_ref_fp64 else "fp32")
                             if naaf else "per-caption")
+                ref_what += ", shards of %d x %d" % (ref_shard, ref_shard)
                 print("[%s] eval %s: %.2f s, %.0f pairs/s, %.1f effective GFLOP/s, "
                       "peak RSS %.0f MB (start %.0f)"
                       % (module, ref_what, r["time"], pairs / r["time"], flops / r["time"] / 1e9,
@@ -497,7 +752,14 @@ def main(argv=None):
                     print("[%s] R@1,5,10 i2t/t2i per-caption %s, fast %s, max |diff| %.2f"
                           % (module, ra.round(1).tolist(), fa.round(1).tolist(),
                              np.abs(ra - fa).max()))
-        if "daa" in whats and module != "NAAF":
+                if module == "GSMN" and args.gsmn_original:
+                    o = spawn(argv, "original", module, "ref")
+                    print("[GSMN] eval ORIGINAL shard_xattn (%s): %.2f s, peak RSS %.0f MB; "
+                          "per-caption / original %.3f, fast speedup over the original %.2fx, "
+                          "max |fast - original| = %.2e"
+                          % (args.gsmn_original, o["time"], o["peak_mb"], r["time"] / o["time"],
+                             o["time"] / f["time"], float(o["fast_diff"])))
+        if "daa" in whats and module in ("SGR", "SAF"):
             w = args.daa_weight if args.daa_weight > 0 else 10.0
             r = spawn(argv + ["--daa_weight", str(w)], "daa", module, "fast")  # last one wins
             print("[%s] train step (fastest of %d, alternating on one model) without DAA %.2f s, "
@@ -505,14 +767,16 @@ def main(argv=None):
                   % (module, max(3, args.steps), r["without"], w, r["with"],
                      100 * (r["with"] / r["without"] - 1), r["peak_mb"]))
         if "train" in whats:
-            lens = make_lengths(args, args.batch, np.random.default_rng(args.seed + 1))
+            batch = args.gsmn_batch if module == "GSMN" else args.batch
+            lens = make_lengths(args, batch, np.random.default_rng(args.seed + 1))
             # the per-caption step scores all B x B pairs forward (backward ~2x more)
-            flops = original_flops(module, args.batch, lens, d=args.embed_size, s=args.sim_dim,
+            flops = original_flops(module, batch, lens, d=args.embed_size, s=args.sim_dim,
                                    intra=False)
             f = spawn(argv, "train", module, "fast")
-            print("[%s] train step fast: %.2f s, peak RSS %.0f MB (start %.0f), "
-                  "%.1f effective forward GFLOP/s" % (module, f["time"], f["peak_mb"],
-                                                       f["base_mb"], flops / f["time"] / 1e9))
+            print("[%s] train step fast (batch %d): %.2f s, peak RSS %.0f MB (start %.0f), "
+                  "%.1f effective forward GFLOP/s"
+                  % (module, batch, f["time"], f["peak_mb"], f["base_mb"],
+                     flops / f["time"] / 1e9))
             if module == "NAAF":
                 print("[NAAF] train step: no per-caption reference (naaf.py has none; the "
                       "step's threshold learner goes caption by caption)")
@@ -526,6 +790,21 @@ def main(argv=None):
                       % (module, r["time"] / f["time"], f["peak_mb"] / r["peak_mb"],
                          float(f["loss"]), float(r["loss"]),
                          np.linalg.norm(g - gr) / np.linalg.norm(gr)))
+
+
+def bench_hrem(argv, args, whats):
+    for bert in args.hrem_bert.split(","):
+        name = "[HREM, %s BERT]" % ("demo (2 x 128)" if bert == "demo" else "base (12 x 768)")
+        if "eval" in whats:
+            r = spawn(argv, "eval", "HREM", bert)
+            print("%s eval %d images x %d captions: %.1f s (images %.1f s, captions %.1f s, "
+                  "scores %.2f s), peak RSS %.0f MB (start %.0f)"
+                  % (name, args.hrem_n_img, 5 * args.hrem_n_img, r["time"], r["images"],
+                     r["captions"], r["score"], r["peak_mb"], r["base_mb"]))
+        if "train" in whats:
+            r = spawn(argv, "train", "HREM", bert)
+            print("%s train step, batch %d, graph losses on: %.2f s, peak RSS %.0f MB "
+                  "(start %.0f)" % (name, args.batch, r["time"], r["peak_mb"], r["base_mb"]))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,10 @@ class Info:
 
 Problem = namedtuple("Problem", "cls problem fix")
 
+# the fix of a --bert_path that gives no usable BERT
+BERT_FIX = ("pass --bert_path DIR, a directory holding a BERT's config.json and vocab.txt (and "
+            "its weights, to train from them), e.g. a copy of bert-base-uncased")
+
 # key -> (class, problem, fix). The message is "{where}: {problem}; {fix}" with the fields
 # formatted in; TROUBLESHOOTING.md shows the templates.
 PROBLEMS = {
@@ -161,6 +165,21 @@ PROBLEMS = {
         Warn, "{rate:.1f}% of caption tokens are not in the vocabulary {vocab}",
         "the vocabulary is probably of another dataset: pass the --vocab_path/--data_name "
         "of this dataset, or build one with vocab.py"),
+    # a matcher's optional input files beside the split (boxes, word ids, parses, ...)
+    "input_count": Problem(
+        DataError, "{found} for the {n} {items} of the split: every {item} after a missing or "
+        "extra entry would get another's",
+        "use the file of this split, or delete it ({without})"),
+    "input_shape": Problem(
+        DataError, "{what} of shape {shape}, expected {expected}",
+        "use the file of this split, or delete it ({without})"),
+    "input_invalid": Problem(
+        DataError, "{what}", "{fix}"),
+    "input_unpaired": Problem(
+        DataError, "not found, but {other} is there ({why})",
+        "add it, or delete {other} ({without})"),
+    "input_required": Problem(
+        DataError, "not found ({why})", "add it, or drop {flag}"),
     # --------------------------------------------------------------- vocabulary
     "vocab_missing": Problem(
         VocabError, "vocabulary file not found",
@@ -173,6 +192,34 @@ PROBLEMS = {
         VocabError, "{n_vocab} words, but {checkpoint} was trained with {n_ckpt} "
         "(txt_enc.embed.weight): the vocabulary is of another dataset",
         "pass the --vocab_path and --data_name the checkpoint was trained with"),
+    # --------------------------------------------------------------- pretrained BERT
+    "bert_missing": Problem(
+        UsageError, "no such directory", BERT_FIX),
+    "bert_not_model_dir": Problem(
+        UsageError, "no config.json in this directory, so it is not a Hugging Face model "
+        "directory", BERT_FIX),
+    "bert_config": Problem(
+        UsageError, "config.json {reason}", BERT_FIX),
+    "bert_no_vocab": Problem(
+        UsageError, "no vocab.txt (or tokenizer.json), so the captions cannot be tokenised",
+        BERT_FIX),
+    "bert_offline": Problem(
+        UsageError, "not a local directory, not in the Hugging Face cache, and the hub cannot "
+        "be reached (offline)", BERT_FIX),
+    "bert_unreadable": Problem(
+        UsageError, "its {what} cannot be read ({reason})", BERT_FIX),
+    "bert_weights": Problem(
+        UsageError, "no pretrained weights in this directory ({files})",
+        "add the weights of that BERT, or pass --bert_init random to train it from random "
+        "weights"),
+    "bert_vocab": Problem(
+        UsageError, "the tokenizer's vocabulary {problem}",
+        "use the vocabulary of a BERT ([PAD] id 0, [CLS], [SEP], [MASK]) whose size fits its "
+        "config"),
+    "bert_mismatch": Problem(
+        UsageError, "this BERT ({ours}) is not the one {checkpoint} was trained with ({theirs})",
+        "pass --bert_path DIR of the BERT it was trained with (its config.json and vocab.txt: "
+        "the weights come from the checkpoint)"),
     # --------------------------------------------------------------- checkpoints
     "ckpt_missing": Problem(
         CheckpointError, "checkpoint not found",
@@ -236,6 +283,15 @@ PROBLEMS = {
         UsageError, "the {n} captions of the train split leave a last batch of 1 in every "
         "epoch, which BatchNorm cannot train on",
         "pass a --batch_size that leaves another remainder, e.g. {suggest}"),
+    "flag_divides": Problem(
+        UsageError, "must divide {what} (the attention heads split the embedding)",
+        "pass a number that divides it"),
+    "flag_range": Problem(
+        UsageError, "must be {range}", "pass a value in that range"),
+    "batch_too_large": Problem(
+        UsageError, "the train split has {n} captions, fewer than one batch (the last, "
+        "incomplete batch of every epoch is dropped, so no step would be taken)",
+        "pass a --batch_size of {n} or less"),
     "fold5": Problem(
         UsageError, "the {split} split has {n_images} images, but 5-fold 1K evaluation needs "
         "5000 (COCO testall)",
@@ -641,16 +697,28 @@ def check_checkpoint_matches(model, ckpt, path, vocab_file="the vocabulary", wan
     count = (None if len(ours) == len(theirs) else
              "%d state dicts in the checkpoint, %d (%s) from the flags"
              % (len(theirs), len(ours), ", ".join(names)))
+    optional = set(getattr(model, "optional_keys", ()))  # a checkpoint may have them or not
     for name, a, b in zip(names, ours, theirs):
-        missing += ["%s.%s" % (name, k) for k in a if k not in b]
-        unexpected += ["%s.%s" % (name, k) for k in b if k not in a]
+        missing += ["%s.%s" % (name, k) for k in a if k not in b
+                    and "%s.%s" % (name, k) not in optional]
+        unexpected += ["%s.%s" % (name, k) for k in b if k not in a
+                       and "%s.%s" % (name, k) not in optional]
         shapes += ["%s.%s %s vs %s" % (name, k, tuple(b[k].shape), tuple(a[k].shape))
                    for k in a if k in b and tuple(a[k].shape) != tuple(b[k].shape)]
-    if not (count or missing or unexpected or shapes):
-        return
     if want is None:
         want = type(model).infer_flags(theirs, ckpt.get("opt"))
-    have = dict(type(model).infer_flags(ours), module_name=model.opt.module_name)
+    have = dict(type(model).infer_flags(ours, model.opt), module_name=model.opt.module_name)
+    if not (count or missing or unexpected or shapes):
+        # the same weights; flags they cannot show (infer_flags reads them from the options,
+        # e.g. a variant that changes the computation but no parameter) must agree too
+        differ = [k for k in want if want[k] is not None and have.get(k) is not None and
+                  want[k] != have[k]]
+        if differ:
+            diff = "; ".join("%s in the checkpoint, %s from the flags"
+                             % (flag_text(k, want[k]), flag_text(k, have[k])) for k in differ)
+            raise error("ckpt_mismatch", path, diff=diff,
+                        flags=" ".join(flag_text(k, want[k]) for k in differ))
+        return
     differ = [k for k in want if want[k] is not None and want[k] != have.get(k)]
     if differ == ["vocab_size"] and not (count or missing or unexpected):
         raise error("vocab_size", vocab_file, n_vocab=have["vocab_size"], checkpoint=path,

@@ -164,7 +164,7 @@ def get_loaders(data_name, vocab, batch_size, workers, opt, train_sampler=None,
     train_loader = get_precomp_loader(dpath, "train", vocab, opt, batch_size, True, workers,
                                       sampler=train_sampler, generator=generator,
                                       matcher=matcher, train=True)
-    val_loader = get_precomp_loader(dpath, getattr(opt, "val_split", "dev"), vocab, opt, 100,
+    val_loader = get_precomp_loader(dpath, getattr(opt, "val_split", None) or "dev", vocab, opt, 100,
                                     False, workers, matcher=matcher)
     return train_loader, val_loader
 

@@ -8,6 +8,7 @@ original result lines next to those of the same model before training.
     python demo.py                      # SGR
     python demo.py --module_name SAF
     python demo.py --module_name NAAF
+    python demo.py --module_name HREM   # a small BERT (bert_demo/) from random weights
 """
 import argparse
 import logging
@@ -28,7 +29,7 @@ from checkpoint import save_checkpoint
 # minutes; then each matcher's own `demo_flags` (argparse: the last value of a flag wins).
 DEMO_FLAGS = ["--embed_size", "256", "--word_dim", "128", "--batch_size", "32",
               "--learning_rate", "0.001", "--log_step", "50", "--val_step", "100000",
-              "--workers", "0"]
+              "--workers", "0", "--num_epochs", "2"]
 
 
 def save_untrained(flags, path):
@@ -48,7 +49,8 @@ def main(argv=None):
     p.add_argument("--data_path", default="data")
     p.add_argument("--vocab_path", default="vocab")
     p.add_argument("--run_dir", default=None, help="default runs/demo_<module_name>")
-    p.add_argument("--num_epochs", type=int, default=2)
+    p.add_argument("--num_epochs", type=int, default=None,
+                   help="default 2, or the matcher's demo_flags'")
     p.add_argument("--lr_update", type=int, default=10)
     p.add_argument("--n_train", type=int, default=1000, help="training images to generate")
     p.add_argument("--seed", type=int, default=0)
@@ -67,10 +69,11 @@ def main(argv=None):
     model_name = os.path.join(run_dir, "checkpoint")
     flags = (["--data_path", args.data_path, "--data_name", data_name, "--vocab_path",
               args.vocab_path, "--module_name", args.module_name, "--img_dim", str(img_dim),
-              "--num_epochs", str(args.num_epochs), "--lr_update", str(args.lr_update),
+              "--lr_update", str(args.lr_update),
               "--model_name", model_name, "--logger_name", os.path.join(run_dir, "log"),
               "--seed", str(args.seed), "--overwrite"] +
              DEMO_FLAGS + matchers.matcher_class(args.module_name).demo_flags + extra +
+             (["--num_epochs", str(args.num_epochs)] if args.num_epochs else []) +
              (["--device", args.device] if args.device else []))
 
     # the same model before training, for comparison

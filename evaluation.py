@@ -175,9 +175,10 @@ def complete_opt(opt, matcher=None):
 
 
 def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_format=None,
-               data_name=None, precision=None):
+               data_name=None, precision=None, overrides=None):
     """The model of a checkpoint (ours or the authors'; its matcher recognised from its
-    contents), its options and its vocabulary: (model, opt, vocab, checkpoint)."""
+    contents), its options and its vocabulary: (model, opt, vocab, checkpoint). `overrides`:
+    {option: value} set over the checkpoint's (the matchers' evaluation flags)."""
     checkpoint = load_checkpoint(model_path)
     name = matchers.recognise(checkpoint, model_path)
     matcher = matchers.matcher_class(name)
@@ -191,6 +192,8 @@ def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_fo
         opt.feat_format = feat_format
     if precision is not None:
         opt.precision = precision
+    for k, v in (overrides or {}).items():
+        setattr(opt, k, v)
     if vocab_path is not None:
         opt.vocab_path = vocab_path
     elif not os.path.isdir(opt.vocab_path):  # the authors' absolute paths
@@ -198,7 +201,7 @@ def load_model(model_path, data_path=None, vocab_path=None, device=None, feat_fo
     opt.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vocab, vocab_file = matcher.vocabulary(opt)
     opt.vocab_size = len(vocab)
-    model = matcher(opt)
+    model = matcher.for_checkpoint(opt)
     matchers.check_fits(model, checkpoint, model_path, vocab_file)
     model.load_state_dict(checkpoint["model"])
     return model, opt, vocab, checkpoint
@@ -218,18 +221,25 @@ def _print_results(r, ri, log=print):
 
 def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=None,
              vocab_path=None, data_name=None, save_sims=None, device=None, feat_format=None,
-             precision=None):
+             precision=None, overrides=None, check_flags=False):
     """Evaluate a checkpoint (or the ensemble of two) on a split and print the original lines.
     `fold5=True`: COCO 5-fold 1K (the split must have 5000 images). `precision='bf16'` scores
     under bf16 autocast where the matcher supports it (faster where the hardware has bf16; not
-    the original's numbers). Returns a dict of results."""
+    the original's numbers). `overrides`: the matchers' evaluation flags ({option: value}).
+    `check_flags` (the command line): refuse a --vocab_path that no model reads. Returns a dict
+    of results."""
     models = []
     for path in [p for p in (model_path, model_path2) if p]:
         model, opt, vocab, ckpt = load_model(path, data_path, vocab_path, device, feat_format,
-                                             data_name=data_name, precision=precision)
+                                             data_name=data_name, precision=precision,
+                                             overrides=overrides)
         print("=> loaded checkpoint_epoch {} of {}".format(ckpt.get("epoch"), path))
         models.append((model, opt, vocab))
     opt = models[0][1]
+    unused = [type(m).vocab_path_unused for m, _, _ in models]
+    if check_flags and vocab_path is not None and all(unused):
+        raise checks.error("flag_unsupported", "--vocab_path %s" % vocab_path,
+                           model=opt.module_name, why=unused[0])
 
     print("Loading dataset")
     # one loader per matcher class and vocabulary (two models of one class and vocabulary share
@@ -238,8 +248,11 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     for model, mopt, vocab in models:
         key = (type(model), tuple(sorted(getattr(vocab, "word2idx", {}).items())) or id(vocab))
         if key not in loaders:
-            loaders[key] = get_test_loader(split, opt.data_name, vocab, opt.batch_size,
-                                           opt.workers, opt, matcher=type(model))
+            # the model's own options (a matcher's data may depend on them), the first model's
+            # split; `fold5` too, for data that the original prepared differently per protocol
+            mopt.data_name, mopt.fold5 = opt.data_name, fold5
+            loaders[key] = get_test_loader(split, opt.data_name, vocab, mopt.batch_size,
+                                           mopt.workers, mopt, matcher=type(model))
             if len(loaders) == 1:
                 dset = loaders[key].dataset
                 checks.check_fold5(fold5, len(dset) // dset.im_div, split)
@@ -335,12 +348,15 @@ def main(argv=None):
                    help="similarity precision (default: the checkpoint's, fp32); bf16 autocast, "
                         "where the matcher supports it, is faster on GPUs and bf16 CPUs, and "
                         "moves the scores by ~1e-3")
+    dests = matchers.add_eval_options(p)
     args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     evalrank(args.model_path, data_path=args.data_path, split=args.split, fold5=args.fold5,
              model_path2=args.model_path2, vocab_path=args.vocab_path,
              data_name=args.data_name, save_sims=args.save_sims, device=args.device,
-             feat_format=args.feat_format, precision=args.precision)
+             feat_format=args.feat_format, precision=args.precision,
+             overrides={d: getattr(args, d) for d in dests if getattr(args, d) is not None},
+             check_flags=True)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,18 @@ class ContrastiveLoss(nn.Module):
         self.margin = margin
         self.max_violation = max_violation
 
-    def forward(self, scores):
+    def forward(self, scores, mask=None):
+        """`mask` (bool, like scores): the pairs that are not negatives (default: the
+        diagonal; HREM masks every pair of the same image)."""
         diagonal = scores.diag().view(scores.size(0), 1)
         d1 = diagonal.expand_as(scores)
         d2 = diagonal.t().expand_as(scores)
         cost_s = (self.margin + scores - d1).clamp(min=0)   # caption retrieval, per row
         cost_im = (self.margin + scores - d2).clamp(min=0)  # image retrieval, per column
-        eye = torch.eye(scores.size(0), dtype=torch.bool, device=scores.device)
-        cost_s = cost_s.masked_fill(eye, 0)
-        cost_im = cost_im.masked_fill(eye, 0)
+        if mask is None:
+            mask = torch.eye(scores.size(0), dtype=torch.bool, device=scores.device)
+        cost_s = cost_s.masked_fill(mask, 0)
+        cost_im = cost_im.masked_fill(mask, 0)
         if self.max_violation:
             cost_s = cost_s.max(1)[0]
             cost_im = cost_im.max(0)[0]

@@ -6,7 +6,9 @@ plus one line in `MATCHERS` below; train.py, evaluation.py, checks.py, opts.py a
 reach it through the functions here and never name it (README, "Adding a matcher").
 """
 import checks
+from hrem import HREM
 from model import SGRAF
+from gsmn import GSMN
 from naaf import NAAF
 
 # --module_name -> class. SGR and SAF are the two heads of one class (model.SGRAF).
@@ -14,6 +16,8 @@ MATCHERS = {
     "SGR": SGRAF,
     "SAF": SGRAF,
     "NAAF": NAAF,
+    "GSMN": GSMN,
+    "HREM": HREM,
 }
 
 
@@ -46,6 +50,14 @@ def add_options(parser):
                                          c.__name__) for c in classes()))
     for cls in classes():
         cls.add_options(parser)
+
+
+def add_eval_options(parser):
+    """The matchers' flags that evaluation.py offers (Matcher.add_eval_options); their dests."""
+    dests = []
+    for cls in classes():
+        dests += [d for d in cls.add_eval_options(parser) if d not in dests]
+    return dests
 
 
 def owners(dest):
@@ -81,4 +93,5 @@ def check_fits(model, ckpt, path, vocab_file="the vocabulary"):
     want = None
     if name is not None:
         want = dict(MATCHERS[name].infer_flags(ckpt["model"], ckpt["opt"]), module_name=name)
+    model.check_checkpoint(ckpt, path)
     checks.check_checkpoint_matches(model, ckpt, path, vocab_file, want=want)

@@ -428,6 +428,9 @@ class Matcher:
     drop_last = False      # drop the last, smaller training batch
     collate_fn = staticmethod(data.collate_fn)  # items -> data.Batch
     score_inputs = {}      # batch extras scoring needs: {name: "image" or "caption"}
+    optional_keys = ()     # "state_name.key" entries a checkpoint may have or lack (buffers that
+    #                        some library versions save)
+    vocab_path_unused = None  # why --vocab_path does not apply (None: the vocabulary reads it)
     demo_flags = []        # flags with which demo.py's small model learns in a few minutes
 
     # ------------------------------------------------------------------ options and text
@@ -488,6 +491,20 @@ class Matcher:
     @classmethod
     def check_train_data(cls, n_captions, batch_size):
         """What the training split must satisfy for this model (e.g. no last batch of one)."""
+
+    @classmethod
+    def add_eval_options(cls, parser):
+        """Flags that evaluation.py offers to override this matcher's checkpoint options (e.g.
+        where a pretrained part's files are); each defaults to None (keep the checkpoint's).
+        Returns their dests."""
+        return []
+
+    @classmethod
+    def for_checkpoint(cls, opt, device=None):
+        """The model whose weights a checkpoint will replace (evaluation, --resume): the model
+        of the flags, except that a matcher that starts a module from pretrained weights need
+        not read them."""
+        return cls(opt, device=device)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
@@ -613,6 +630,10 @@ class Matcher:
     def checkpoint_extra(self):
         """Entries saved beside 'model' in our checkpoints (the state the original loses)."""
         return {}
+
+    def check_checkpoint(self, ckpt, path):
+        """Before the generic comparison of keys and shapes (matchers.check_fits): a
+        matcher's own, clearer one-line error for a checkpoint that does not fit."""
 
     def resume(self, ckpt):
         """Continue from one of our checkpoints: weights, optimizer, iteration and extra

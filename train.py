@@ -220,7 +220,8 @@ def main(argv=None):
     matcher.check_train_data(len(train_loader.sampler) if ddp else len(train_loader.dataset),
                              opt.batch_size)
 
-    model = matcher(opt)
+    # resumed: the checkpoint's weights replace any pretrained ones the flags name
+    model = matcher(opt) if ckpt is None else matcher.for_checkpoint(opt)
     dset = train_loader.dataset
     model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
     checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import bench
+import gsmn
 import naaf
 from model import SGRAF
 
@@ -48,6 +49,8 @@ def test_make_model_every_module():
     for module in ("SGR", "SAF"):
         model, opt = bench.make_model(args, module)
         assert isinstance(model, SGRAF) and opt.module_name == module
+    model, opt = bench.make_model(args, "GSMN")
+    assert isinstance(model, gsmn.GSMN) and opt.lambda_softmax == 9.0 and not opt.is_sparse
     model, opt = bench.make_model(args, "NAAF")
     assert isinstance(model, naaf.NAAF)
     assert (opt.thres_safe, opt.lambda_softmax, opt.precomp_enc_text_type) == (0.3, 20.0, "basic")
@@ -94,3 +97,26 @@ def test_daa_cost_job_runs_both_steps():
     args.min_len = 3
     r = bench.job_daa(args, "SGR", False)
     assert set(r) == {"with", "without"} and r["with"] > 0 and r["without"] > 0
+
+
+def test_gsmn_eval_and_train_jobs_fast_equal_percaption():
+    """GSMN's bench jobs: the vectorised scores equal the original shard_xattn's per-caption
+    scores (shards of 80), and the fast training step the per-caption one (loss, clipped
+    gradients)."""
+    args = tiny_args("--modules", "GSMN")
+    args.n_img, args.n_cap = 90, 100  # more than one 80 x 80 shard both ways
+    # chunks of 6 (16 chunks): with 3-dimensional chunks the float32 cosines of nearly
+    # cancelling contexts differ by ~1e-5 between the two paths
+    args.embed_size = 96
+    fast = bench.job_eval(args, "GSMN", False)["sims"]
+    ref = bench.job_eval(args, "GSMN", True)["sims"]
+    assert fast.shape == ref.shape == (90, 100) and fast.dtype == np.float64
+    assert np.abs(fast - ref).max() < 1e-5
+    assert fast.std() > 1e-3  # not a constant
+    args.min_len, args.gsmn_batch = 3, 7
+    f, r = bench.job_train(args, "GSMN", False), bench.job_train(args, "GSMN", True)
+    assert abs(f["loss"] - r["loss"]) <= 1e-5 * abs(r["loss"])
+    assert np.linalg.norm(f["grads"] - r["grads"]) <= 1e-4 * np.linalg.norm(r["grads"])
+    assert bench.original_flops("GSMN", 2, [5], R=36, d=64) == 2 * (
+        8 * 5 * 36 * 64 + 2 * 36 * 8 * 36 * 16 + 2 * 36 * (16 * 32 + 32 * 32 + 32) +
+        2 * 5 * 8 * 5 * 16 + 2 * 5 * (16 * 32 + 32 * 32 + 32)) + 2 * 5 * 5 * 64
