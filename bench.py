@@ -1,15 +1,20 @@
 """Benchmark of the matchers' hot paths (in the spirit of nanoGPT's bench.py).
 
 Times, at full dimensions on random inputs: encoding, scoring n_img x n_cap pairs and one
-training step, for SGR, SAF and NAAF, fast against the original per-caption computation. Prints
-pairs/s, the effective GFLOP/s (FLOPs of the original algorithm for the same pairs / time), the
-machine's matmul peak measured in the same run, peak memory, speedups and the largest
-difference from the per-caption path. Every measured job runs in its own subprocess, so the
+training step, for SGR, SAF and NAAF, fast against a per-caption reference: our reconstruction
+of the original computation, op for op. Prints pairs/s, the effective GFLOP/s (FLOPs of the
+original algorithm for the same pairs / time), the machine's matmul peak measured in the same
+run, peak memory, speedups over the reference and the largest difference from it. The
+speedups are ratios against the reference, not against the original code: for SGR and SAF the
+reference was calibrated against the original SGRAF/DAA code measured side by side in one run
+(within 10% of its time, training and evaluation; README, Speed), so there they stand for
+ratios against the original; for NAAF and GSMN only `--gsmn_original` times original code. Every measured job runs in its own subprocess, so the
 peak memories do not mix.
 
 - SGR, SAF: `shard_attn_scores` (similarity.py) against the original's shards of 100 x 100
   pairs scored caption by caption (`EncoderSimilarity.forward_percaption`); the training step
-  (`SGRAF.train_emb`) against the original's (all B x B pairs, caption by caption, one graph).
+  (`SGRAF.train_emb`) against `reference_train_step`, the original `train_emb` op for op (all
+  B x B pairs, caption by caption, one graph).
 - NAAF: `NAAF.score`, i.e. `NAAF.forward_sim` after `val_start()` (every pair at the
   fixed test threshold `opt.thres_safe`, vectorised over captions), against the original's
   `shard_xattn`: shards of 128 x 128 pairs, caption by caption (`naaf.naaf_sims_percaption`,
