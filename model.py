@@ -87,90 +87,6 @@ class EncoderImage(nn.Module):
         return img_emb
 
 
-class PackedGRU(torch.autograd.Function):
-    """One direction of a one-layer GRU over a packed batch, with autograd: nn.GRU's cell
-    (gates r, z, n; n = tanh(W_in x + b_in + r (W_hn h + b_hn)), h' = n + z (h - n)) and a
-    written-out backward. PyTorch's CPU GRU differentiates its packed per-time-step loop with
-    autograd: every step's slice of the input projection has a backward that zero-fills the
-    whole (T, 3H) projection (2 x 20 fills of 22 MB a batch of 128 captions, page-fault bound),
-    and the weight gradients are summed step by step. Here each step is one (bs, H) x (H, 3H)
-    GEMM each way, and the weights' gradients are one GEMM each over all steps.
-    x (T, in): packed rows (time-major, batch_sizes[t] rows at step t, longest first),
-    weights as nn.GRU's, reverse: the backward direction -> outputs (T, H)."""
-
-    @staticmethod
-    def forward(ctx_, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, reverse):
-        T, H = len(batch_sizes), w_hh.size(1)
-        offs = np.concatenate([[0], np.cumsum(batch_sizes)[:-1]]).tolist()
-        gi = torch.addmm(b_ih, x, w_ih.t())                       # (rows, 3H), all steps
-        out = x.new_empty(x.size(0), H)
-        rz = x.new_empty(x.size(0), 2 * H)                         # sigmoid(r), sigmoid(z)
-        gn = x.new_empty(x.size(0), 2 * H)                         # [n | W_hn h + b_hn]
-        h = x.new_zeros(0 if reverse else batch_sizes[0], H)
-        for t in (range(T - 1, -1, -1) if reverse else range(T)):
-            bs, o = batch_sizes[t], offs[t]
-            if h.size(0) < bs:  # backward direction: sequences start at their last word
-                h = torch.cat([h, h.new_zeros(bs - h.size(0), H)])
-            hp = h[:bs]
-            gh = torch.addmm(b_hh, hp, w_hh.t())                   # (bs, 3H)
-            g = torch.add(gi[o:o + bs, :2 * H], gh[:, :2 * H], out=rz[o:o + bs]).sigmoid_()
-            ghn = gn[o:o + bs, H:].copy_(gh[:, 2 * H:])
-            n = torch.addcmul(gi[o:o + bs, 2 * H:], g[:, :H], ghn, out=gn[o:o + bs, :H])
-            n = n.tanh_()
-            h = torch.addcmul(n, g[:, H:], hp - n, out=out[o:o + bs])
-        ctx_.meta = (batch_sizes, offs, reverse)
-        ctx_.save_for_backward(x, w_ih, w_hh, out, rz, gn)
-        return out
-
-    @staticmethod
-    def backward(ctx_, dout):
-        x, w_ih, w_hh, out, rz, gn = ctx_.saved_tensors
-        batch_sizes, offs, reverse = ctx_.meta
-        T, H = len(batch_sizes), w_hh.size(1)
-        dgi = x.new_empty(x.size(0), 3 * H)                        # d(input projection)
-        dgh = x.new_empty(x.size(0), 3 * H)                        # d(hidden projection)
-        hprev = x.new_zeros(x.size(0), H)                          # each step's h
-        for t in range(T):
-            src = t + 1 if reverse else t - 1
-            if 0 <= src < T:
-                k = min(batch_sizes[t], batch_sizes[src])
-                hprev[offs[t]:offs[t] + k] = out[offs[src]:offs[src] + k]
-        carry = None
-        for t in (range(T) if reverse else range(T - 1, -1, -1)):
-            bs, o = batch_sizes[t], offs[t]
-            dh = dout[o:o + bs].clone()
-            if carry is not None:
-                k = min(bs, carry.size(0))  # (longer carries: states that start here)
-                dh[:k] += carry[:k]
-            r, z = rz[o:o + bs, :H], rz[o:o + bs, H:]
-            n, ghn, hp = gn[o:o + bs, :H], gn[o:o + bs, H:], hprev[o:o + bs]
-            di, dg = dgi[o:o + bs], dgh[o:o + bs]
-            dn = (dh * (1 - z)).mul_(1 - n * n)                   # d(pre-tanh n)
-            torch.mul(dn, ghn, out=di[:, :H]).mul_(r * (1 - r))   # d(pre-sigmoid r)
-            torch.mul(dh * (hp - n), z * (1 - z), out=di[:, H:2 * H])  # d(pre-sigmoid z)
-            di[:, 2 * H:] = dn
-            dg[:, :2 * H] = di[:, :2 * H]
-            torch.mul(dn, r, out=dg[:, 2 * H:])
-            carry = dh.mul_(z).addmm_(dg, w_hh)                    # d(previous h)
-        return (dgi @ w_ih, None, dgi.t() @ x, dgh.t() @ hprev, dgi.sum(0), dgh.sum(0), None)
-
-
-def packed_gru(gru, packed):
-    """nn.GRU (one layer, with biases) over a PackedSequence, by PackedGRU: the same outputs as
-    `gru(packed)[0]`."""
-    from torch.nn.utils.rnn import PackedSequence
-    bs = packed.batch_sizes.tolist()
-    out = PackedGRU.apply(packed.data, bs, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0,
-                          gru.bias_hh_l0, False)
-    if gru.bidirectional:
-        back = PackedGRU.apply(packed.data, bs, gru.weight_ih_l0_reverse,
-                               gru.weight_hh_l0_reverse, gru.bias_ih_l0_reverse,
-                               gru.bias_hh_l0_reverse, True)
-        out = torch.cat([out, back], 1)
-    return PackedSequence(out, packed.batch_sizes, packed.sorted_indices,
-                          packed.unsorted_indices)
-
-
 class EncoderText(nn.Module):
     """Word ids (C, L) -> word embeddings (C, L, d) by a (bi-)GRU; the two directions are
     averaged, not concatenated."""
@@ -191,12 +107,7 @@ class EncoderText(nn.Module):
         x = self.dropout(self.embed(captions))  # (C, L, word_dim)
         lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        rnn = self.cap_rnn
-        if (torch.is_grad_enabled() and x.device.type == "cpu" and rnn.num_layers == 1 and
-                rnn.bias and not torch.is_autocast_enabled("cpu")):
-            out = packed_gru(rnn, packed)  # its backward is 2x faster than nn.GRU's on CPU
-        else:
-            out, _ = rnn(packed)
+        out, _ = self.cap_rnn(packed)
         cap_emb, _ = pad_packed_sequence(out, batch_first=True)  # (C, L, d or 2d)
         if self.use_bi_gru:
             half = cap_emb.size(2) // 2

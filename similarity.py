@@ -36,7 +36,6 @@ WORD_PAIRS = 2048  # (image, caption word) pairs per chunk: sets the size of the
 ATTN_WORDS = 512   # caption words whose attention against all images is computed at once
 WORD_PAIRS_GRAD = 16384  # the same with autograd (bigger GEMMs for the backward)
 GRAD_ROWS = 512    # word-pairs per chunk inside LocalSimilarity (kept in cache)
-HEAD_ROWS = 4096   # nodes per chunk in SGRHead's backward (kept in cache)
 MIN_BLOCK_PAIRS = 256  # captions of rarer lengths are merged (padded, masked) up to this many pairs
 
 
@@ -199,103 +198,6 @@ def sgr_head(weights, nodes, key_mask=None, sc=None):
     return torch.relu(torch.addmm(bg, agg, wg.t()))               # (P, s)
 
 
-class SGRHead(torch.autograd.Function):
-    """SGR's reasoning and score of a block of pairs with autograd but without autograd's
-    graph of it: score (P, 1) = sigmoid(eval(sgr_head(nodes))), the same arithmetic as the
-    no-grad head (one (s, 2s) GEMM per step for the folded queries and the values). It keeps
-    each step's input nodes, [queries | values] and edges, and its backward is written out
-    (per step: the edges' softmax and two bmms back, then one GEMM each for the weights' and
-    the nodes' gradient), chunk by chunk of pairs so that the per-step tensors stay in cache.
-    Autograd's graph of the same head kept about three times as much and ran a dozen
-    memory-bound passes over (P, N, s) tensors (its backward was half the SGR+DAA step).
-    Inputs: nodes (P, N, s), key_mask (P, N) bool or None, eval weight (1, s) and bias (1,),
-    then sgr_weights' tensors flattened ((wcat, bcat) per step but the last; A, c, Wg, bg)."""
-
-    @staticmethod
-    def forward(ctx_, nodes, key_mask, w_eval, b_eval, *weights):
-        P, N, s = nodes.shape
-        steps = [(weights[2 * k], weights[2 * k + 1]) for k in range((len(weights) - 4) // 2)]
-        a, c, wg, bg = weights[-4:]
-        neg = None if key_mask is None else (~key_mask).unsqueeze(1)  # (P, 1, N)
-        xs, pms, es = [nodes], [], []
-        x = nodes
-        for wcat, bcat in steps:
-            pm = torch.addmm(bcat, x.reshape(P * N, s), wcat).view(P, N, 2 * s)
-            e = torch.bmm(pm[..., :s], x.transpose(1, 2))           # (P, N, N)
-            if neg is not None:
-                e.masked_fill_(neg, -math.inf)
-            e = softmax_(e)
-            x = torch.bmm(e, pm[..., s:]).relu_()                   # (P, N, s)
-            xs.append(x)
-            pms.append(pm)
-            es.append(e)
-        u = torch.addmm(c, x[:, 0], a)                              # (P, s)
-        sc = torch.linalg.vecdot(x, u.unsqueeze(1), dim=2)          # (P, N)
-        if key_mask is not None:
-            sc.masked_fill_(~key_mask, -math.inf)
-        e_last = softmax_(sc)
-        agg = torch.linalg.vecdot(e_last.unsqueeze(2), x, dim=1)    # (P, s)
-        out = torch.addmm(bg, agg, wg.t()).relu_()                  # (P, s)
-        score = torch.addmm(b_eval, out, w_eval.t()).sigmoid_()     # (P, 1)
-        ctx_.n_steps = len(steps)
-        ctx_.save_for_backward(w_eval, a, wg, u, e_last, agg, out, score,
-                               *weights[:-4], *xs, *pms, *es)
-        return score
-
-    @staticmethod
-    def backward(ctx_, dscore):
-        K = ctx_.n_steps
-        saved = ctx_.saved_tensors
-        w_eval, a, wg, u, e_last, agg, out, score = saved[:8]
-        sw = saved[8:8 + 2 * K]
-        xs = saved[8 + 2 * K:8 + 3 * K + 1]
-        pms = saved[8 + 3 * K + 1:8 + 4 * K + 1]
-        es = saved[8 + 4 * K + 1:]
-        P, N, s = xs[0].shape
-        # the score and the last step (node 0 only)
-        dz = dscore * score * (1 - score)                           # (P, 1)
-        d_w_eval, d_b_eval = dz.t() @ out, dz.sum(0)
-        dpre = (dz @ w_eval).mul_(out > 0)                          # (P, s)
-        d_wg, d_bg = dpre.t() @ agg, dpre.sum(0)
-        dagg = dpre @ wg                                            # (P, s)
-        x = xs[-1]
-        de = torch.linalg.vecdot(x, dagg.unsqueeze(1), dim=2)       # (P, N)
-        dsc = e_last * (de - (e_last * de).sum(1, keepdim=True))
-        dx = e_last.unsqueeze(2) * dagg.unsqueeze(1)                # (P, N, s)
-        dx.addcmul_(dsc.unsqueeze(2), u.unsqueeze(1))
-        du = torch.linalg.vecdot(dsc.unsqueeze(2), x, dim=1)        # (P, s)
-        d_a, d_c = x[:, 0].t() @ du, du.sum(0)
-        dx[:, 0].addmm_(du, a.t())
-        # the full steps, last first, chunk by chunk of pairs
-        grads = []
-        step = max(1, HEAD_ROWS // N)
-        for k in range(K - 1, -1, -1):
-            wcat = sw[2 * k]
-            x_in, pm, e, y = xs[k], pms[k], es[k], xs[k + 1]
-            d_wcat = torch.zeros_like(wcat)
-            d_bcat = wcat.new_zeros(2 * s)
-            dx_in = torch.empty_like(x_in)
-            dpm = x_in.new_empty(min(step, P), N, 2 * s)
-            for p0 in range(0, P, step):
-                p1 = min(P, p0 + step)
-                n = p1 - p0
-                xc, pmc, ec = x_in[p0:p1], pm[p0:p1], e[p0:p1]
-                dh = dx[p0:p1].mul_(y[p0:p1] > 0)                  # (n, N, s) through the ReLU
-                g = dpm[:n]
-                torch.bmm(ec.transpose(1, 2), dh, out=g[..., s:])  # d values
-                dE = torch.bmm(dh, pmc[..., s:].transpose(1, 2))    # (n, N, N)
-                dS = dE.sub_((dE * ec).sum(2, keepdim=True)).mul_(ec)  # softmax backward
-                torch.bmm(dS, xc, out=g[..., :s])                   # d (folded) queries
-                dxc = torch.bmm(dS.transpose(1, 2), pmc[..., :s], out=dx_in[p0:p1])
-                gf = g.view(n * N, 2 * s)
-                dxc.view(n * N, s).addmm_(gf, wcat.t())
-                d_wcat.addmm_(xc.reshape(n * N, s).t(), gf)
-                d_bcat.add_(gf.sum(0))
-            grads = [d_wcat, d_bcat] + grads
-            dx = dx_in
-        return (dx, None, d_w_eval, d_b_eval, *grads, d_a, d_c, d_wg, d_bg)
-
-
 def saf_head(saf, nodes, node_mask=None, n_img=None, bn_stats=None):
     """SAF filtration; nodes (P, N, s). In training the BatchNorm statistics are taken per
     caption: P must be laid out (n_img, Cb) with all images of each caption, and the per-caption
@@ -324,85 +226,6 @@ def saf_head(saf, nodes, node_mask=None, n_img=None, bn_stats=None):
     gate = gate / (gate.abs().sum(-1, keepdim=True) + EPS)        # l1norm over nodes
     vec = torch.bmm(gate.unsqueeze(1), nodes).squeeze(1)          # (P, s)
     return l2norm(vec)
-
-
-class SAFHead(torch.autograd.Function):
-    """SAF's filtration and score of a block of pairs in training (per-caption BatchNorm
-    statistics), with autograd but without autograd's graph of it: the same arithmetic as
-    saf_head, and a written-out backward that touches the (P, N, s) nodes three times (the
-    gates' gradient, the nodes' gradient written once as gate x d(vector) + d(logit) x
-    attn_sim_w, the gradient of attn_sim_w) where autograd's made and summed two (P, N, s)
-    tensors. Every image of a caption is in the block: the BatchNorm's backward couples all of
-    them, so the pairs the loss does not touch still get d(logit) = (a + b x_hat) / std per
-    caption. nodes (P, N, s) image-major (n_img, Cb), node_mask (P, N) bool or None, n_img,
-    bn_stats (list: (mean, biased var, count) per caption appended), eps, then attn_sim_w's
-    weight (1, s) and bias (1,), the BatchNorm's weight and bias (1,), sim_eval_w's weight
-    (1, s) and bias (1,) -> scores (P, 1)."""
-
-    @staticmethod
-    def forward(ctx_, nodes, node_mask, n_img, bn_stats, eps, w_a, b_a, gamma, beta, w_eval,
-                b_eval):
-        P, N, s = nodes.shape
-        Cb = P // n_img
-        lg = torch.addmm(b_a, nodes.view(P * N, s), w_a.t()).view(n_img, Cb, N)
-        m = None if node_mask is None else node_mask.view(n_img, Cb, N).to(lg.dtype)
-        cnt = lg.new_full((Cb,), float(n_img * N)) if m is None else m.sum((0, 2))
-        mean = (lg if m is None else lg * m).sum((0, 2)) / cnt
-        cen = lg - mean.view(1, -1, 1)
-        sq = cen * cen
-        var = (sq if m is None else sq * m).sum((0, 2)) / cnt      # biased, for normalising
-        rstd = torch.rsqrt(var + eps)                               # (Cb,)
-        xhat = cen.mul_(rstd.view(1, -1, 1)).view(P, N)
-        if bn_stats is not None:
-            bn_stats.append((mean, var, cnt))
-        sig = torch.sigmoid(xhat * gamma + beta)                    # (P, N)
-        gate = sig if m is None else sig * node_mask
-        gsum = gate.sum(-1, keepdim=True).add_(EPS)                 # gates > 0: |gate| = gate
-        gn = gate / gsum
-        vec = torch.bmm(gn.unsqueeze(1), nodes).squeeze(1)         # (P, s)
-        r = torch.linalg.vector_norm(vec, dim=1, keepdim=True)
-        vn = vec.div_(r + EPS)
-        score = torch.addmm(b_eval, vn, w_eval.t()).sigmoid_()     # (P, 1)
-        ctx_.n_img = n_img
-        ctx_.save_for_backward(nodes, m, w_a, gamma, w_eval, rstd, xhat, sig, gsum, gn, r, vn,
-                               score)
-        return score
-
-    @staticmethod
-    def backward(ctx_, dscore):
-        nodes, m, w_a, gamma, w_eval, rstd, xhat, sig, gsum, gn, r, vn, score = \
-            ctx_.saved_tensors
-        n_img = ctx_.n_img
-        P, N, s = nodes.shape
-        Cb = P // n_img
-        dz = dscore * score * (1 - score)                           # (P, 1)
-        d_w_eval, d_b_eval = dz.t() @ vn, dz.sum(0)
-        dvn = dz @ w_eval                                           # (P, s)
-        dot = torch.linalg.vecdot(vn, dvn, dim=1).unsqueeze(1)
-        dvec = torch.addcmul(dvn / (r + EPS), vn, dot / r.clamp_min(1e-30), value=-1)
-        dgn = torch.bmm(nodes, dvec.unsqueeze(2)).squeeze(2)       # (P, N)
-        dgate = (dgn - (dgn * gn).sum(-1, keepdim=True)).div_(gsum)
-        if m is not None:
-            dgate.mul_(m.view(P, N))
-        dpre = dgate.mul_(sig * (1 - sig))                          # (P, N)
-        d_gamma, d_beta = (dpre * xhat).sum().view(1), dpre.sum().view(1)
-        # the per-caption BatchNorm: dlg = (dx - mean(dx) - x_hat mean(dx x_hat)) / std over
-        # the caption's (real) entries
-        dx = (dpre * gamma).view(n_img, Cb, N)
-        xh = xhat.view(n_img, Cb, N)
-        cnt = n_img * N if m is None else m.sum((0, 2))
-        mean_dx = dx.sum((0, 2)) / cnt                              # masked entries are 0
-        mean_dxx = (dx * xh).sum((0, 2)) / cnt
-        dlg = (dx - mean_dx.view(1, -1, 1) - xh * mean_dxx.view(1, -1, 1)).mul_(
-            rstd.view(1, -1, 1))
-        if m is not None:
-            dlg.mul_(m)
-        dlg = dlg.view(P, N)
-        dnodes = gn.unsqueeze(2) * dvec.unsqueeze(1)                # (P, N, s)
-        dnodes.addcmul_(dlg.unsqueeze(2), w_a.view(1, 1, s))
-        d_w_a = dlg.view(1, P * N) @ nodes.view(P * N, s)
-        return (dnodes, None, None, None, None, d_w_a, dlg.sum().view(1), d_gamma, d_beta,
-                d_w_eval, d_b_eval)
 
 
 def update_bn_per_caption(bn, stats, order):
@@ -437,89 +260,64 @@ def update_bn_per_caption(bn, stats, order):
 
 # ----------------------------------------------------------------------------- local nodes
 
-class LocalNodes(torch.autograd.Function):
-    """The similarity nodes of Bi images against Cb captions of L words with autograd but
-    without a single d-sized tensor kept: node 0 of each pair is the given global node, nodes
-    1..L are l2norm(Linear((l2norm(attn @ V) - w)^2)). Forward and backward run over chunks
-    of a few images (GRAD_ROWS word-pairs, small enough to stay in cache), and the backward
-    recomputes each chunk's context from the attention (a K=R GEMM, ~15% of the projection's
-    FLOPs) instead of reading saved ones. Autograd would keep three d-sized tensors per
-    word-pair and run a dozen memory-bound passes over them, and then its l2norm and the
-    concatenation with the global node a few more over the (P, N, s) nodes.
-    attn (Bi, M, R) attention over regions (M = Cb*L, may be a strided view), V (Bi, R, d)
-    regions, words (M, d), weight (s, d), bias (s,), glo (Bi*Cb, s) global nodes, L
-    -> nodes (Bi*Cb, L+1, s), pairs image-major."""
+class LocalSimilarity(torch.autograd.Function):
+    """y = Linear((l2norm(attn @ V) - w)^2), the pre-normalisation local similarity vectors of
+    Bi images against M words, with autograd but without a single d-sized tensor kept: forward
+    and backward run over chunks of a few images (GRAD_ROWS word-pairs, small enough to stay in
+    cache), and the backward recomputes each chunk's context from the attention (a K=R GEMM,
+    ~15% of the projection's FLOPs) instead of reading saved ones. Autograd would keep three
+    d-sized tensors per word-pair and run a dozen memory-bound passes over them.
+    attn (Bi, M, R) attention over regions (may be a strided view), V (Bi, R, d) regions,
+    words (M, d), weight (s, d), bias (s,) -> (Bi*M, s)."""
 
     @staticmethod
-    def forward(ctx_, attn, V, words, weight, bias, glo, L):
+    def forward(ctx_, attn, V, words, weight, bias):
         dev = attn.device.type
         if torch.is_autocast_enabled(dev):  # under autocast: everything in its dtype
             dt = torch.get_autocast_dtype(dev)
-            attn, V, words, weight, bias, glo = (x.to(dt) for x in (attn, V, words, weight,
-                                                                    bias, glo))
+            attn, V, words, weight, bias = (x.to(dt) for x in (attn, V, words, weight, bias))
             with torch.autocast(dev, enabled=False):
-                return LocalNodes._forward(ctx_, attn, V, words, weight, bias, glo, L)
-        return LocalNodes._forward(ctx_, attn, V, words, weight, bias, glo, L)
+                return LocalSimilarity._forward(ctx_, attn, V, words, weight, bias)
+        return LocalSimilarity._forward(ctx_, attn, V, words, weight, bias)
 
     @staticmethod
-    def _forward(ctx_, attn, V, words, weight, bias, glo, L):
+    def _forward(ctx_, attn, V, words, weight, bias):
         Bi, M, R = attn.shape
         d, s = V.size(2), weight.size(0)
-        Cb = M // L
-        nodes = attn.new_empty(Bi, Cb, L + 1, s)
-        nodes[:, :, 0] = glo.view(Bi, Cb, s)
-        nrm = attn.new_empty(Bi, M, 1)       # context norms
-        rn = attn.new_empty(Bi, M, 1)        # norms of the projected vectors
+        y = attn.new_empty(Bi, M, s)
+        nrm = attn.new_empty(Bi, M, 1)
         step = max(1, min(Bi, GRAD_ROWS // M))
         buf = attn.new_empty(step, M, d)
-        ybuf = attn.new_empty(step * M, s)
         negw, wt = words.neg(), weight.t()
         for b0 in range(0, Bi, step):
             b1 = min(Bi, b0 + step)
-            bc = b1 - b0
-            c = torch.bmm(attn[b0:b1], V[b0:b1], out=buf[:bc])         # (bc, M, d)
+            c = torch.bmm(attn[b0:b1], V[b0:b1], out=buf[:b1 - b0])     # (bc, M, d)
             n = torch.linalg.vector_norm(c, dim=2, keepdim=True, out=nrm[b0:b1])
             e = torch.addcmul(negw, c, (n + EPS).reciprocal_(), out=c)  # l2norm(ctx) - w
-            y = torch.addmm(bias, e.square_().view(-1, d), wt, out=ybuf[:bc * M])
-            r = torch.linalg.vector_norm(y, dim=1, keepdim=True, out=rn[b0:b1].view(-1, 1))
-            torch.div(y.view(bc, Cb, L, s), (r + EPS).view(bc, Cb, L, 1),
-                      out=nodes[b0:b1, :, 1:])
-        out = nodes.view(Bi * Cb, L + 1, s)
-        ctx_.L = L
-        ctx_.save_for_backward(attn, V, words, weight, nrm, rn, out)
-        return out
+            torch.addmm(bias, e.square_().view(-1, d), wt, out=y[b0:b1].view(-1, s))
+        ctx_.save_for_backward(attn, V, words, weight, nrm)
+        return y.view(Bi * M, s)
 
     @staticmethod
-    def backward(ctx_, dnodes):
-        attn, V, words, weight, nrm, rn, nodes = ctx_.saved_tensors
-        L = ctx_.L
+    def backward(ctx_, dy):
+        attn, V, words, weight, nrm = ctx_.saved_tensors
         Bi, M, R = attn.shape
         d, s = V.size(2), weight.size(0)
-        Cb = M // L
-        dnodes = dnodes.view(Bi, Cb, L + 1, s)
-        nodes = nodes.view(Bi, Cb, L + 1, s)
-        dglo = dnodes[:, :, 0].reshape(Bi * Cb, s)
+        dy = dy.contiguous().view(Bi, M, s)
         dattn, dV = torch.empty_like(attn), torch.empty_like(V)
         dwords = torch.zeros_like(words)
         dweight = torch.zeros_like(weight)
-        dbias = torch.zeros_like(weight[:, 0])
         step = max(1, min(Bi, GRAD_ROWS // M))
         cbuf, ebuf = attn.new_empty(step, M, d), attn.new_empty(step, M, d)
         for b0 in range(0, Bi, step):
             b1 = min(Bi, b0 + step)
             bc = b1 - b0
             a_c, V_c, n = attn[b0:b1], V[b0:b1], nrm[b0:b1]
-            # through the l2norm of the projected vectors: dy = dn/(r + eps) - n (n.dn)/r
-            r = rn[b0:b1].view(bc * M, 1)
-            nv = nodes[b0:b1, :, 1:].reshape(bc * M, s)
-            dn = dnodes[b0:b1, :, 1:].reshape(bc * M, s)
-            dot = torch.linalg.vecdot(nv, dn, dim=1).unsqueeze(1)
-            dy_c = torch.addcmul(dn / (r + EPS), nv, dot / r.clamp_min(1e-30), value=-1)
-            dbias.add_(dy_c.sum(0))
             c = torch.bmm(a_c, V_c, out=cbuf[:bc])                     # context, recomputed
             inv = (n + EPS).reciprocal_()
             c.mul_(inv)                                                # c = l2norm(ctx)
             e = torch.sub(c, words, out=ebuf[:bc])                     # e = c - w
+            dy_c = dy[b0:b1].view(bc * M, s)
             de = torch.mm(dy_c, weight)                                # (bc*M, d): dL/d(e^2)
             dweight.addmm_(dy_c.t(), e.square().view(bc * M, d))
             de = de.view(bc, M, d).mul_(e).mul_(2.0)                   # dL/de
@@ -529,7 +327,7 @@ class LocalNodes(torch.autograd.Function):
             dctx = de.mul_(inv).sub_(c.mul_(dot / n.clamp_min(1e-30)))
             torch.bmm(dctx, V_c.transpose(1, 2), out=dattn[b0:b1])
             torch.bmm(a_c.transpose(1, 2), dctx, out=dV[b0:b1])
-        return dattn, dV, dwords, dweight, dbias, dglo, None
+        return dattn, dV, dwords, dweight, dy.sum((0, 1))
 
 
 def cross_attention(V, W, lens=None, sc=None):
@@ -595,13 +393,17 @@ def cross_nodes(attn, V, W, img_glo, cap_glo, lin_loc, lin_glo, sc=None, gram=No
         torch.div(loc.view(Bi, Cb, L, s),
                   torch.linalg.vector_norm(loc, dim=1).add_(EPS).view(Bi, Cb, L, 1),
                   out=nodes[:, :, 1:])
+    else:
+        loc = LocalSimilarity.apply(attn, V, W.reshape(Cb * L, d),
+                                    lin_loc.weight, lin_loc.bias)  # (Bi*Cb*L, s)
+        loc = l2norm(loc).view(Bi, Cb, L, s)
     # the global node
     g = (img_glo.unsqueeze(1) - cap_glo.unsqueeze(0)).square()   # (Bi, Cb, d)
     g = l2norm(lin_glo(g))                                        # (Bi, Cb, s)
-    if sc is None:
-        return LocalNodes.apply(attn, V, W.reshape(Cb * L, d), lin_loc.weight, lin_loc.bias,
-                                g.reshape(Bi * Cb, s), L)         # (Bi*Cb, N, s)
-    nodes[:, :, 0] = g
+    if sc is not None:
+        nodes[:, :, 0] = g
+    else:
+        nodes = torch.cat([g.unsqueeze(2), loc], 2)               # (Bi, Cb, N, s)
     return nodes.view(Bi * Cb, N, s)
 
 
@@ -625,11 +427,8 @@ def sgr_scorer(sgr_modules, lin_eval):
     """SGR's score of a block of pairs: scorer(nodes (P, N, s), node_mask (P, N) or None,
     n_img, sc) -> (P, 1), sigmoid(Linear(the final global node))."""
     weights = sgr_weights(sgr_modules)
-    flat = [t for w in weights for t in w]
 
     def scorer(nodes, node_mask, n_img, sc=None):
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(nodes.device.type):
-            return SGRHead.apply(nodes, node_mask, lin_eval.weight, lin_eval.bias, *flat)
         vec = sgr_head(weights, nodes, node_mask, sc)
         return torch.sigmoid(torch.addmm(lin_eval.bias, vec, lin_eval.weight.t()))
     return scorer
@@ -640,12 +439,6 @@ def saf_scorer(saf, lin_eval, bn_stats=None):
     are per caption (the block must hold all images of its captions, image-major) and are
     appended to `bn_stats`."""
     def scorer(nodes, node_mask, n_img, sc=None):
-        bn = saf.bn
-        if (torch.is_grad_enabled() and (bn.training or bn.running_mean is None) and
-                not torch.is_autocast_enabled(nodes.device.type)):
-            return SAFHead.apply(nodes.contiguous(), node_mask, n_img, bn_stats, bn.eps,
-                                 saf.attn_sim_w.weight, saf.attn_sim_w.bias, bn.weight,
-                                 bn.bias, lin_eval.weight, lin_eval.bias)
         vec = saf_head(saf, nodes, node_mask, n_img, bn_stats)
         return torch.sigmoid(torch.addmm(lin_eval.bias, vec, lin_eval.weight.t()))
     return scorer

@@ -177,118 +177,24 @@ def test_eval_one_image_chunks(module, monkeypatch):
 
 
 @pytest.mark.parametrize("grad_rows", [1, 10, 10 ** 6])  # one image per chunk ... all at once
-def test_local_nodes_function(grad_rows, monkeypatch):
-    """LocalNodes (chunked forward, recomputing backward) against plain autograd, with a
-    strided attention view as cross_attention gives: nodes [global, l2norm(Linear((l2norm(
-    attn @ V) - w)^2))] and the gradients of every input."""
+def test_local_similarity_function(grad_rows, monkeypatch):
+    """LocalSimilarity (chunked forward, recomputing backward) against plain autograd, with a
+    strided attention view as cross_attention gives."""
     monkeypatch.setattr(similarity, "GRAD_ROWS", grad_rows)
     g = torch.Generator().manual_seed(8)
-    Bi, Cb, L, R, d, s = 5, 2, 3, 36, D, S
-    M = Cb * L
+    Bi, M, R, d, s = 5, 6, 36, D, S
     attn = torch.softmax(torch.randn(M, Bi, R, generator=g) * 3, 2).transpose(0, 1)
     V = l2norm(torch.randn(Bi, R, d, generator=g))
     words = l2norm(torch.randn(M, d, generator=g))
     weight, bias = torch.randn(s, d, generator=g), torch.randn(s, generator=g)
-    glo = l2norm(torch.randn(Bi * Cb, s, generator=g))
-    ins = [x.clone().requires_grad_() for x in (attn, V, words, weight, bias, glo)]
-    ref_ins = [x.clone().requires_grad_() for x in (attn, V, words, weight, bias, glo)]
-    dy = torch.randn(Bi * Cb, L + 1, s, generator=g)
-    got = similarity.LocalNodes.apply(*ins, L)
-    a, v, w, wt, b, gl = ref_ins
-    loc = l2norm(torch.nn.functional.linear((l2norm(torch.bmm(a, v)) - w).square(), wt, b))
-    ref = torch.cat([gl.view(Bi * Cb, 1, s), loc.reshape(Bi * Cb, L, s)], 1)
-    assert (got - ref).abs().max().item() <= 1e-5
+    ins = [x.clone().requires_grad_() for x in (attn, V, words, weight, bias)]
+    ref_ins = [x.clone().requires_grad_() for x in (attn, V, words, weight, bias)]
+    dy = torch.randn(Bi * M, s, generator=g)
+    got = similarity.LocalSimilarity.apply(*ins)
+    a, v, w, wt, b = ref_ins
+    ref = torch.nn.functional.linear((l2norm(torch.bmm(a, v)) - w).square(), wt, b)
+    assert (got - ref.reshape(Bi * M, s)).abs().max().item() <= 1e-5
     got.backward(dy)
-    ref.backward(dy)
+    ref.reshape(Bi * M, s).backward(dy)
     for x, y in zip(ins, ref_ins):
         assert (x.grad - y.grad).abs().max().item() <= 1e-4 * y.grad.abs().max().item() + 1e-6
-
-
-@pytest.mark.parametrize("head_rows", [1, 20, 10 ** 6])  # one pair per chunk ... all at once
-@pytest.mark.parametrize("masked", [False, True])
-def test_sgr_head_function(head_rows, masked, monkeypatch):
-    """SGRHead (the hand-written backward of SGR's reasoning and score) against autograd over
-    sgr_head: scores and the gradients of the nodes and of every parameter."""
-    monkeypatch.setattr(similarity, "HEAD_ROWS", head_rows)
-    torch.manual_seed(9)
-    P, N = 23, 7
-    sim = make_sim("SGR", seed=9, train=True)
-    with torch.no_grad():
-        for p in sim.SGR_module.parameters():  # biases too, so that none is trivially zero
-            p.normal_(0, 0.3)
-    nodes = torch.randn(P, N, S).requires_grad_()
-    mask = None
-    if masked:
-        lens = torch.randint(1, N, (P,))
-        mask = torch.cat([torch.ones(P, 1, dtype=torch.bool),
-                          torch.arange(N - 1)[None] < lens[:, None]], 1)
-    params = [nodes] + list(sim.SGR_module.parameters()) + list(sim.sim_eval_w.parameters())
-    w = torch.randn(P, 1)
-    ref = torch.sigmoid(sim.sim_eval_w(similarity.sgr_head(
-        similarity.sgr_weights(sim.SGR_module), nodes, mask)))
-    ref_g = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
-    got = sim.scorer()(nodes, mask, None)
-    got_g = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
-    assert (got - ref).abs().max().item() <= 1e-6
-    for a, b in zip(got_g, ref_g):
-        if b is None:  # the folded key bias: outside both graphs
-            assert a is None
-            continue
-        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_saf_head_function(masked):
-    """SAFHead (the hand-written backward of SAF's filtration with per-caption BatchNorm
-    statistics) against autograd over saf_head: scores, statistics and the gradients of the
-    nodes and of every parameter."""
-    torch.manual_seed(10)
-    n_img, Cb, N = 4, 3, 6
-    P = n_img * Cb
-    sim = make_sim("SAF", seed=10, train=True)
-    nodes = torch.randn(P, N, S).requires_grad_()
-    mask = None
-    if masked:
-        lens = torch.randint(1, N, (Cb,))
-        mask = similarity.node_mask_of(lens, N - 1, n_img, "cpu")
-    params = [nodes] + list(sim.SAF_module.parameters()) + list(sim.sim_eval_w.parameters())
-    w = torch.randn(P, 1)
-    ref_stats, stats = [], []
-    ref = torch.sigmoid(sim.sim_eval_w(similarity.saf_head(sim.SAF_module, nodes, mask, n_img,
-                                                           ref_stats)))
-    ref_g = torch.autograd.grad((ref * w).sum(), params)
-    got = sim.scorer(stats)(nodes, mask, n_img)
-    got_g = torch.autograd.grad((got * w).sum(), params)
-    assert (got - ref).abs().max().item() <= 1e-6
-    for a, b in zip(stats[0], ref_stats[0]):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(got_g, ref_g):
-        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
-
-
-@pytest.mark.parametrize("bi_gru", [True, False])
-def test_packed_gru_matches_nn_gru(bi_gru):
-    """EncoderText's training GRU (model.PackedGRU, a written-out backward) against nn.GRU with
-    autograd: outputs and the gradients of every parameter, captions in any order, lengths
-    down to 1."""
-    from model import EncoderText
-    torch.manual_seed(11)
-    enc = EncoderText(30, 8, D, 1, use_bi_gru=bi_gru)
-    enc.dropout.eval()
-    lens = [5, 1, 7, 3, 7, 2]
-    caps = torch.randint(0, 30, (len(lens), max(lens)))
-    w = torch.randn(len(lens), max(lens), D)
-    got = enc(caps, lens)
-    got_g = torch.autograd.grad((got * w).sum(), list(enc.parameters()))
-    rnn_forward = enc.cap_rnn.forward
-    x = enc.embed(caps)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lens), batch_first=True,
-                                                     enforce_sorted=False)
-    out, _ = torch.nn.utils.rnn.pad_packed_sequence(rnn_forward(packed)[0], batch_first=True)
-    if bi_gru:
-        out = (out[:, :, :D] + out[:, :, D:]) / 2
-    ref = l2norm(out)
-    ref_g = torch.autograd.grad((ref * w).sum(), list(enc.parameters()))
-    assert (got - ref).abs().max().item() <= 1e-6
-    for a, b in zip(got_g, ref_g):
-        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
