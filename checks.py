@@ -318,7 +318,7 @@ PROBLEMS = {
         "pass a --batch_size of {n} or less"),
     "fold5": Problem(
         UsageError, "the {split} split has {n_images} images and {n_caps} captions, but 5-fold "
-        "1K evaluation needs 5000 images with 5 captions each (COCO testall)",
+        "1K evaluation needs {needed} images with 5 captions each (COCO testall)",
         "drop --fold5, or pass --split testall with COCO"),
     "eval_captions": Problem(
         DataError, "{n_caps} captions for {n_images} images: R@K needs 5 captions per image "
@@ -811,11 +811,13 @@ def check_last_batch(n_captions, batch_size):
                     suggest=suggest)
 
 
-def check_fold5(fold5, n_images, split, n_caps=None):
-    """COCO 5-fold 1K: 5000 images with their 25000 captions (five folds of 1000 x 5000)."""
+def check_fold5(fold5, n_images, split, n_caps=None, needed=5000):
+    """COCO 5-fold 1K: 5000 images (`needed`) with their 25000 captions (five folds of
+    1000 x 5000)."""
     n_caps = 5 * n_images if n_caps is None else n_caps
-    if fold5 and (n_images != 5000 or n_caps != 25000):
-        raise error("fold5", "--fold5", split=split, n_images=n_images, n_caps=n_caps)
+    if fold5 and (n_images != needed or n_caps != 5 * needed):
+        raise error("fold5", "--fold5", split=split, n_images=n_images, n_caps=n_caps,
+                    needed=needed)
 
 
 def check_eval_captions(n_images, n_caps, where):

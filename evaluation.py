@@ -608,7 +608,8 @@ def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_
             if len(loaders) == 1:
                 dset = loaders[key].dataset
                 n_images = len(dset) // dset.im_div
-                checks.check_fold5(fold5, n_images, split, len(dset))
+                checks.check_fold5(fold5, n_images, split, len(dset),
+                                   needed=FOLDS * FOLD_IMAGES)
                 checks.check_eval_captions(n_images, len(dset), getattr(dset, "cap_path", split))
         scorers.append((model, mopt, loaders[key]))
     first = scorers[0][2].dataset

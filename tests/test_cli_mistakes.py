@@ -319,6 +319,8 @@ def fake_demo(monkeypatch):
             f.write(b"demo's")
     monkeypatch.setattr(demo.train, "main", fake_train)
     monkeypatch.setattr(demo.evaluation, "evalrank", lambda *a, **k: {"rsum": 1.0})
+    monkeypatch.setattr(demo.retrieve, "retrieve", lambda *a, **k: {"query": "", "results": []})
+    monkeypatch.setattr(demo.retrieve, "format_table", lambda hits: "")
     monkeypatch.setattr(demo, "save_untrained",
                         lambda flags, path: open(path, "wb").write(b"untrained"))
     monkeypatch.setattr(demo.synthetic, "make_synthetic", lambda *a, **k: None)
