@@ -131,27 +131,28 @@ def bert_source(path):
     return path, False
 
 
+def _from_bert_path(cls, path, what):
+    """`cls.from_pretrained` of `--bert_path` (a directory, or a hub name when online); an
+    unreadable file is a one-line `bert_unreadable` error naming `what`."""
+    src, local = bert_source(path)
+    try:
+        return cls.from_pretrained(src, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise checks.error("bert_unreadable", _where(path), what=what,
+                           reason=checks.first_line(e)) from None
+
+
 def load_bert_config(path):
     """The BertConfig of `--bert_path`."""
     from transformers import BertConfig
-    src, local = bert_source(path)
-    try:
-        return BertConfig.from_pretrained(src, local_files_only=local)
-    except (OSError, ValueError) as e:
-        raise checks.error("bert_unreadable", _where(path), what="config",
-                           reason=checks.first_line(e)) from None
+    return _from_bert_path(BertConfig, path, "config")
 
 
 def load_tokenizer(path):
     """The BERT WordPiece tokenizer of `--bert_path`: transformers' fast BertTokenizer (the
     `tokenizers` library; its word_ids() group the sub-tokens of each word)."""
     from transformers import BertTokenizerFast
-    src, local = bert_source(path)
-    try:
-        return BertTokenizerFast.from_pretrained(src, local_files_only=local)
-    except (OSError, ValueError) as e:
-        raise checks.error("bert_unreadable", _where(path), what="tokenizer",
-                           reason=checks.first_line(e)) from None
+    return _from_bert_path(BertTokenizerFast, path, "tokenizer")
 
 
 def has_bert_weights(path):
