@@ -5,9 +5,9 @@
 
 Loading never executes pickled code: `torch.load(weights_only=True)` with only
 `argparse.Namespace` allowed besides tensors and plain containers. Saving writes a partial
-file in the same directory and renames it over the target (checks.atomic_output), so a crash
+file in the same directory and renames it over the target (outputs.atomic_output), so a crash
 during a save never leaves a truncated checkpoint behind, and a killed run's partial file is
-removed by the next save there.
+removed by the next save there. Each checkpoint is recorded as its command's (outputs.made_record).
 """
 import os
 import shutil
@@ -15,6 +15,7 @@ import shutil
 import torch
 
 import checks
+import outputs
 from checks import CheckpointError  # noqa: F401  (a checkpoint that cannot be used)
 from checks import SAFE_GLOBALS
 
@@ -35,15 +36,16 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def _atomic_copy(src, dst):
-    with checks.atomic_output(dst) as tmp:
+def _atomic_copy(src, dst, made_by):
+    with outputs.atomic_output(dst, made_by) as tmp:
         shutil.copyfile(src, tmp)
 
 
-def save_checkpoint(state, is_best, filename="checkpoint.pth.tar", prefix=""):
+def save_checkpoint(state, is_best, filename="checkpoint.pth.tar", prefix="",
+                    made_by="train.py"):
     """Write `prefix + filename` and, if `is_best`, `prefix + 'model_best.pth.tar'`, each
-    atomically."""
+    atomically and recorded as the command `made_by`'s."""
     path = prefix + filename
-    checks.atomic_save(state, path)
+    outputs.atomic_save(state, path, made_by)
     if is_best:
-        _atomic_copy(path, prefix + "model_best.pth.tar")
+        _atomic_copy(path, prefix + "model_best.pth.tar", made_by)

@@ -29,6 +29,7 @@ import checks
 import evaluation
 import matchers
 import opts
+import outputs
 import plots
 import retrieve
 import synthetic
@@ -53,7 +54,7 @@ def save_untrained(flags, path):
     model = matchers.build_model(opt)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_checkpoint({"epoch": 0, "model": model.state_dict(), "best_rsum": 0, "opt": opt,
-                     "Eiters": 0}, False, filename=path)
+                     "Eiters": 0}, False, filename=path, made_by="demo.py")
 
 
 def _inside(path, directory):
@@ -128,7 +129,7 @@ def main(argv=None):
     untrained = os.path.join(run_dir, "untrained.pth.tar")
     ours = (args.run_dir is None and _inside(opt.model_name, run_dir) and
             _inside(opt.logger_name, run_dir) and
-            (checks.made_record(run_dir) or {}).get("made_by") == "demo.py")
+            outputs.made_by(run_dir) == "demo.py")
     replace = opt.overwrite or ours
     if not replace:
         found = [os.path.relpath(f, run_dir) for f in run_files(opt, untrained)
@@ -138,8 +139,8 @@ def main(argv=None):
                 " and %d more file(s)" % (len(found) - 2) if len(found) > 2 else ""),
                 whose="another run" if args.run_dir else "a run that demo.py did not make")
     checks.check_run(argparse.Namespace(**dict(vars(opt), overwrite=replace)))
-    checks.check_output_file(untrained, made_by="demo.py", overwrite=replace,
-                             alternative="another --run_dir")
+    outputs.check_output_file(untrained, made_by="demo.py", overwrite=replace,
+                              alternative="another --run_dir")
     if replace and not opt.overwrite:
         flags.append("--overwrite")  # the demo's own earlier run, in its own directory
 
@@ -148,14 +149,13 @@ def main(argv=None):
     t0 = time.time()
     os.makedirs(run_dir, exist_ok=True)
     if args.run_dir is None:
-        checks.mark_made(run_dir, "demo.py")
+        outputs.mark_made(run_dir, "demo.py")
     synthetic.make_synthetic(args.data_path, data_name, args.vocab_path, n_train=args.n_train,
                              overwrite=opt.overwrite)
 
     # the same model before training, for comparison
     print("== untrained %s on the synthetic test split" % args.module_name)
     save_untrained(flags, untrained)
-    checks.mark_made(untrained, "demo.py")
     before = evaluation.evalrank(untrained, data_path=args.data_path, split="test",
                                  vocab_path=args.vocab_path, device=args.device)
 

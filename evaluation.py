@@ -24,7 +24,7 @@ blocks of captions, the same grid whatever the number of processes, so the numbe
 under torchrun every process encodes the split and scores its share of the shards, and rank 0
 assembles the matrix, writes and prints. `--save_sims FILE.npy` writes the matrix as it is
 scored (a memory-mapped .npy) with a record of the finished shards beside it
-(`FILE.npy.record`, see checks.claim_output): the same command run again after a crash or a
+(`FILE.npy.record`, see outputs.claim_output): the same command run again after a crash or a
 kill continues where it stopped; a file that is not this evaluation's is refused.
 """
 import argparse
@@ -44,6 +44,7 @@ import daa
 import distributed
 import matchers
 import opts
+import outputs
 from checkpoint import load_checkpoint
 from data import get_test_loader
 from meters import AverageMeter, LogCollector  # noqa: F401  (the original exposes them here)
@@ -406,10 +407,10 @@ def sims_identity(loaded, datasets, split, fold5, shape, grid, overrides=None):
     ident = {}
     for k, (model, opt, path) in enumerate(loaded):
         tag = "checkpoint" if k == 0 else "checkpoint%d" % (k + 1)
-        ident[tag + " sha256"] = checks.file_digest(path)
+        ident[tag + " sha256"] = outputs.file_digest(path)
         vocab_file = getattr(opt, "vocab_file", None)
         if vocab_file and os.path.isfile(vocab_file):
-            ident[tag + " vocabulary sha256"] = checks.file_digest(vocab_file)
+            ident[tag + " vocabulary sha256"] = outputs.file_digest(vocab_file)
         ident[tag + " precision"] = getattr(model.opt, "precision", "fp32")
     for k, v in sorted((overrides or {}).items()):
         ident["--" + k] = v if isinstance(v, (bool, int, float, str)) else repr(v)
@@ -419,7 +420,7 @@ def sims_identity(loaded, datasets, split, fold5, shape, grid, overrides=None):
                                                                split)]:
             key = os.path.basename(f) + " sha256"
             if key not in ident:
-                ident[key] = checks.file_digest(f) if os.path.isfile(f) else f
+                ident[key] = outputs.file_digest(f) if os.path.isfile(f) else f
     ident["device"] = torch.device(loaded[0][0].device).type
     ident["fold5"] = bool(fold5)
     ident["shape"] = list(shape)
@@ -431,13 +432,14 @@ def sims_identity(loaded, datasets, split, fold5, shape, grid, overrides=None):
 class SavedSims:
     """The --save_sims matrix, written as it is scored: a memory-mapped float64 .npy (NaN where
     nothing is scored yet, e.g. outside the folds of --fold5) and the record of the finished
-    shards beside it (checks.OutputRecord). A shard's scores reach the disk before the shard
+    shards beside it (outputs.OutputRecord). A shard's scores reach the disk before the shard
     is recorded, so the record never names a shard that a crash lost; rerunning the command
     continues from the recorded shards. Rank 0 only."""
 
     def __init__(self, path, identity, shape, overwrite=False, info=None):
-        self.record = checks.claim_output(path, identity, "--save_sims", overwrite=overwrite,
-                                          info=info)
+        self.record = outputs.claim_output(path, identity, "--save_sims",
+                                           made_by="evaluation.py --save_sims",
+                                           overwrite=overwrite, info=info)
         self.path, self.shape = path, tuple(shape)
         try:
             ready = any(e.get("ready") for e in self.record.entries)
@@ -493,7 +495,7 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     model and the ensemble)."""
     if plots:  # before any compute: never over a file that evaluation.py --plots did not make
         import plots as plotting
-        plotting.check_outputs(plotting.eval_paths(plots), "evaluation.py --plots", "--plots")
+        outputs.check_outputs(plotting.eval_paths(plots), "evaluation.py --plots", "--plots")
     if data_name is not None:
         checks.check_data_name(data_name, data_path or "DIR")
     checks.check_device(device)

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 import checks
+import outputs
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ def check_split(npy_path, h5_path, overwrite=False):
     checks.check_not_dir(npy_path, npy_path, expected="a {split}_ims.npy file")
     if not os.path.isfile(npy_path):
         raise checks.error("features_missing", npy_path)
-    record = checks.check_output_file(h5_path, made_by="np2h.py", overwrite=overwrite,
-                                      alternative="move it away")
+    record = outputs.check_output_file(h5_path, made_by="np2h.py", overwrite=overwrite,
+                                       alternative="move it away")
     if record and not overwrite:
         if record.get("from") == _source(npy_path):
             return None
@@ -60,7 +61,7 @@ def convert(npy_path, h5_path, chunk_images=256, overwrite=False):
 
 def _write(src, npy_path, h5_path, chunk_images):
     import h5py
-    with checks.atomic_output(h5_path) as tmp:
+    with outputs.atomic_output(h5_path, "np2h.py", **{"from": _source(npy_path)}) as tmp:
         with h5py.File(tmp, "w") as f:
             dst = f.create_dataset("feat", shape=src.shape, dtype=np.float32,
                                    chunks=(1,) + src.shape[1:])
@@ -73,7 +74,6 @@ def _write(src, npy_path, h5_path, chunk_images):
                                        index=start + int(np.argmin(finite)),
                                        checked="found while converting it")
                 dst[start:start + len(block)] = block
-    checks.mark_made(h5_path, "np2h.py", **{"from": _source(npy_path)})
     return src.shape
 
 

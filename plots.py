@@ -13,19 +13,17 @@ switch in the caller's process):
                               word's most attended region drawn on the image when there are
                               boxes and image files
 
-Nothing is written over a file these commands did not make: every PNG written here carries a
-text chunk naming the command that made it (`MARK`), and `check_outputs` refuses an existing file
-without that mark (before any compute). Files are written to a temporary file and renamed.
+Nothing is written over a file these commands did not make (outputs.check_outputs, before any
+compute): each PNG is written through outputs.atomic_output and recorded as its command's.
 """
 import os
-import tempfile
 import textwrap
 
 import numpy as np
 
 import checks
+import outputs
 
-MARK = "sgraf-made-by"   # PNG text keyword: which command wrote the file
 DPI = 100
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 # ground-truth rank bins of rank_histogram.png (1-based, inclusive lower edges)
@@ -34,60 +32,19 @@ RANK_EDGES = (1, 2, 3, 4, 5, 6, 11, 21, 51, 101, 201, 501, 1001, 5001)
 
 # ----------------------------------------------------------------------------- files
 
-def made_by(path):
-    """The command that wrote the PNG at `path` (its MARK text chunk), or None (not a PNG, or
-    not one of ours)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return getattr(im, "text", {}).get(MARK)
-    except (OSError, ValueError, SyntaxError):
-        return None
-
-
-def check_outputs(paths, tool, flag):
-    """Refuse (one-line UsageError) when one of `paths` exists and was not written by `tool`,
-    or cannot be written (a parent is a file, or a directory that is not writable)."""
-    for path in paths:
-        if os.path.isdir(path) or (os.path.lexists(path) and made_by(path) != tool):
-            raise checks.error("file_not_made", path, tool=tool, flag=flag)
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise checks.error("output_unwritable", path, reason="%s is not a directory" % parent)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise checks.error("output_unwritable", path, reason="%s is not writable" % parent)
-
-
 def save(fig, path, tool, flag):
-    """Write the figure as a PNG marked as `tool`'s, atomically (temporary file, then rename),
-    after checking again that it replaces nothing it should not."""
+    """Write the figure as a PNG through outputs.atomic_output, recorded as `tool`'s, after
+    checking again that it replaces nothing it should not (outputs.check_outputs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    check_outputs([path], tool, flag)
-    directory = os.path.dirname(os.path.abspath(path))
+    outputs.check_outputs([path], tool, flag)
     FigureCanvasAgg(fig)
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
+        with outputs.atomic_output(path, tool) as tmp:
+            with open(tmp, "wb") as f:
+                fig.savefig(f, format="png", dpi=DPI)
     except OSError as e:
         raise checks.error("output_unwritable", path, reason=checks.first_line(e)) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI, metadata={MARK: tool})
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _figure(width, height):

@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -46,6 +45,7 @@ import checks
 import data
 import evaluation
 import matchers
+import outputs
 
 log = logging.getLogger(__name__)
 
@@ -64,48 +64,17 @@ def default_cache_dir():
 
 # ----------------------------------------------------------------------------- file digests
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(obj, path):
-    """Atomically: a temporary file in the same directory, renamed over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _is_ours(path):
-    """A JSON file of the cache written by this tool."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("made_by") == TOOL
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 class Digests:
-    """sha256 of files, remembered (in `<cache_dir>/digests.json`) by each file's device, inode,
-    size, mtime and ctime, so that an unchanged file is read once. A file whose ctime is within
-    RACY_NS of its hashing is hashed again: a second change inside the same timestamp tick
-    could leave all of its stat unchanged (git's "racy clean" rule)."""
+    """sha256 of files (outputs.file_digest), remembered (in `<cache_dir>/digests.json`) by each
+    file's device, inode, size, mtime and ctime, so that an unchanged file is read once. A file
+    whose ctime is within RACY_NS of its hashing is hashed again: a second change inside the
+    same timestamp tick could leave all of its stat unchanged (git's "racy clean" rule)."""
 
     def __init__(self, cache_dir=None):
         self.path = os.path.join(cache_dir, "digests.json") if cache_dir else None
         self.files, self.dirty = {}, False
         if self.path and os.path.lexists(self.path):
-            if not _is_ours(self.path):
+            if outputs.made_by(self.path) != TOOL:
                 raise checks.error("file_not_made", self.path, tool=TOOL + "'s cache",
                                    flag="--cache_dir")
             with open(self.path, encoding="utf-8") as f:
@@ -119,14 +88,16 @@ class Digests:
         if known and known["stat"] == stat and known["at"] - st.st_ctime_ns > RACY_NS:
             return known["sha256"]
         at = time.time_ns()
-        digest = _sha256(real)
+        digest = outputs.file_digest(real)
         self.files[real] = {"stat": stat, "at": at, "sha256": digest}
         self.dirty = True
         return digest
 
     def save(self):
         if self.path and self.dirty:
-            _write_json({"made_by": TOOL, "files": self.files}, self.path)
+            with outputs.atomic_output(self.path, TOOL) as tmp:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump({"files": self.files}, f)
             self.dirty = False
 
 
@@ -231,43 +202,39 @@ class Encodings:
 
     # ------------------------------------------------------------------ the cache
     def save(self, entry, meta):
-        """Write the cache entry `entry` (a directory) atomically: into a temporary directory,
-        renamed into place. Returns False (nothing written) when an extra cannot be cached."""
+        """Write the cache entry `entry` (a directory) through outputs.atomic_output, recorded
+        as retrieve.py's with the cache's format. Returns False (nothing written) when an extra
+        cannot be cached."""
         try:
             extra = _pack(self.extra)
         except TypeError as e:
             log.warning("retrieve: encodings not cached (%s)", e)
             return False
-        parent = os.path.dirname(entry)
-        tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
         try:
-            np.save(os.path.join(tmp, "images.npy"), self.img_embs)
-            np.save(os.path.join(tmp, "captions.npy"), self.cap_embs)
-            np.save(os.path.join(tmp, "cap_lens.npy"), self.cap_lens)
-            np.savez(os.path.join(tmp, "gallery.npz"), **self.gallery)
-            torch.save(extra, os.path.join(tmp, "extra.pt"))
-            _write_json(dict(meta, made_by=TOOL, format=CACHE_FORMAT, im_div=self.im_div,
-                             captions=self.captions), os.path.join(tmp, "meta.json"))
-            try:
-                os.rename(tmp, entry)
-            except OSError:  # another process wrote it meanwhile: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with outputs.atomic_output(entry, TOOL, format=CACHE_FORMAT) as tmp:
+                os.mkdir(tmp)
+                np.save(os.path.join(tmp, "images.npy"), self.img_embs)
+                np.save(os.path.join(tmp, "captions.npy"), self.cap_embs)
+                np.save(os.path.join(tmp, "cap_lens.npy"), self.cap_lens)
+                np.savez(os.path.join(tmp, "gallery.npz"), **self.gallery)
+                torch.save(extra, os.path.join(tmp, "extra.pt"))
+                with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+                    json.dump(dict(meta, im_div=self.im_div, captions=self.captions), f)
+        except OSError:
+            if not os.path.isdir(entry):
+                raise
+            # another process wrote it meanwhile: keep theirs
         return True
 
     @classmethod
     def load(cls, entry):
         """The encodings of a cache entry, or None when it is not a complete entry of ours."""
-        meta_path = os.path.join(entry, "meta.json")
-        if not _is_ours(meta_path):
-            return None
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != CACHE_FORMAT:
+        record = outputs.made_record(entry)
+        if not record or record.get("made_by") != TOOL or record.get("format") != CACHE_FORMAT:
             return None
         try:
+            with open(os.path.join(entry, "meta.json"), encoding="utf-8") as f:
+                meta = json.load(f)
             extra = torch.load(os.path.join(entry, "extra.pt"), weights_only=True)
             with np.load(os.path.join(entry, "gallery.npz")) as f:
                 gallery = {k: f[k] for k in f.files}
@@ -410,7 +377,7 @@ class Gallery:
                         log.info("retrieve: %s: the encodings of %s %s from the cache %s",
                                  m.label, self.data_name, self.split, m.entry)
                         return
-                    if not _is_ours(os.path.join(m.entry, "meta.json")):
+                    if outputs.made_by(m.entry) != TOOL:
                         raise checks.error("file_not_made", m.entry,
                                            tool=TOOL + "'s cache", flag="--cache_dir")
         vkey = (type(m.model), tuple(sorted(getattr(m.vocab, "word2idx", {}).items())) or
@@ -546,8 +513,7 @@ class Gallery:
     def check_explain(self, path, images=None, image_ids=None):
         """Everything --explain needs, before any compute: the output file, a matcher with
         attention, and for --images the image files (ImageFiles) and the region boxes."""
-        import plots
-        plots.check_outputs([path], TOOL + " --explain", "--explain")
+        outputs.check_outputs([path], TOOL + " --explain", "--explain")
         if all(type(m.model).attention_info is None for m in self.members):
             m = self.members[0]
             raise checks.error("explain_unsupported", "--explain", model=m.opt.module_name,
@@ -757,8 +723,7 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
     if query is not None and not str(query).strip():
         raise checks.error("query_empty", "--query %s" % json.dumps(query))
     if explain:
-        import plots
-        plots.check_outputs([explain], TOOL + " --explain", "--explain")
+        outputs.check_outputs([explain], TOOL + " --explain", "--explain")
     gallery = Gallery(model_path, data_path, split, model_path2, vocab_path, data_name, device,
                       feat_format, cache_dir, overrides, check_flags)
     if image is not None and not 0 <= image < gallery.n_images:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import checks
+import outputs
 
 logger = logging.getLogger(__name__)
 
@@ -356,8 +357,9 @@ def generate_split(split, n_images, seed=0, img_dim=DEFAULTS["img_dim"],
 
 def _atomic_write(dest, write):
     """Call write(binary file) on a partial file next to dest, then rename it to dest
-    (checks.atomic_output: a killed run's partial file is removed by the next write there)."""
-    with checks.atomic_output(dest) as tmp, open(tmp, "wb") as f:
+    (outputs.atomic_output: a killed run's partial file is removed by the next write there),
+    recorded as synthetic.py's."""
+    with outputs.atomic_output(dest, "synthetic.py") as tmp, open(tmp, "wb") as f:
         write(f)
 
 
@@ -438,9 +440,9 @@ def check_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=
         dest = vocab_file(vocab_path, data_name)
         if not (os.path.isfile(dest) and _unmarked_own_vocab(dest, data_path, data_name,
                                                              meta_path, args)):
-            record = checks.check_output_file(dest, made_by="synthetic.py",
-                                              overwrite=overwrite,
-                                              alternative="another --vocab_path")
+            record = outputs.check_output_file(dest, made_by="synthetic.py",
+                                               overwrite=overwrite,
+                                               alternative="another --vocab_path")
             if record and not overwrite and record.get("data") != _data_id(data_dir, args):
                 raise checks.error("file_exists", dest, alternative="another --vocab_path",
                                    detail=" (made by synthetic.py for other data)")
@@ -451,7 +453,7 @@ def _unmarked_own_vocab(dest, data_path, data_name, meta_path, args):
     """A vocabulary that carries no record (written before records existed) beside synthetic
     data made with these arguments, whose bytes are those that this data gives: it is this
     data's own (make_synthetic records it)."""
-    if checks.made_record(dest) or not os.path.isfile(meta_path):
+    if outputs.made_record(dest) or not os.path.isfile(meta_path):
         return False
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -524,15 +526,15 @@ def make_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=0
     vocab_dest = None
     if vocab_path is not None:
         vocab_dest = vocab_file(vocab_path, data_name)
-        if os.path.isfile(vocab_dest) and not overwrite and not checks.made_record(vocab_dest):
+        if os.path.isfile(vocab_dest) and not overwrite and not outputs.made_record(vocab_dest):
             # this data's own vocabulary from before records existed (check_synthetic)
-            checks.mark_made(vocab_dest, "synthetic.py", data=_data_id(data_dir, args))
+            outputs.mark_made(vocab_dest, "synthetic.py", data=_data_id(data_dir, args))
         if not keep(vocab_dest):
             from vocab import build_vocab, serialize_vocab  # vocab imports nltk: only here
             os.makedirs(vocab_path, exist_ok=True)
             vocab = build_vocab(data_path, data_name, threshold=vocab_threshold)
-            serialize_vocab(vocab, vocab_dest)
-            checks.mark_made(vocab_dest, "synthetic.py", data=_data_id(data_dir, args))
+            serialize_vocab(vocab, vocab_dest, made_by="synthetic.py",
+                            data=_data_id(data_dir, args))
             written.append(vocab_dest)
     seconds = time.perf_counter() - t0
     for path in skipped:

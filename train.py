@@ -40,6 +40,7 @@ import data
 import distributed
 import matchers
 import opts
+import outputs
 from checkpoint import load_checkpoint, save_checkpoint
 from evaluation import encode_data, report
 from meters import AverageMeter
@@ -225,7 +226,7 @@ def main(argv=None):
         os.makedirs(opt.model_name, exist_ok=True)
         os.makedirs(opt.logger_name, exist_ok=True)
         # the log directory belongs to this run: a run in another --model_name is refused there
-        checks.mark_made(opt.logger_name, "train.py", model_name=os.path.abspath(opt.model_name))
+        outputs.mark_made(opt.logger_name, "train.py", model_name=os.path.abspath(opt.model_name))
         from torch.utils.tensorboard import SummaryWriter
         # a resumed run drops the logged steps after its checkpoint's (a killed run's last ones)
         writer = SummaryWriter(opt.logger_name, flush_secs=5,

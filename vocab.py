@@ -20,7 +20,6 @@ import codecs
 import json
 import logging
 import os
-import socket
 import threading
 from collections import Counter, defaultdict
 
@@ -113,38 +112,19 @@ class Vocabulary:
         return len(self.word2idx)
 
 
-# a file being written: `.<name>~<host>~<pid>.partial` beside it, renamed over it when complete;
-# checks.clean_partials removes those of processes that are gone (a killed run's)
-PARTIAL = ".partial"
+def serialize_vocab(vocab, dest, made_by=None, **info):
+    """Write ``vocab`` as json to ``dest`` through outputs.atomic_output (a partial file,
+    fsynced, renamed over ``dest``), recorded as the command ``made_by``'s with ``info``."""
+    # here, not at the top: outputs imports checks, which imports this module (until checks is
+    # split)
+    import outputs
 
-
-def partial_path(path):
-    """The partial file through which `path` is written by this process."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, ".%s~%s~%d%s" % (name, socket.gethostname(), os.getpid(),
-                                                    PARTIAL))
-
-
-def serialize_vocab(vocab, dest):
-    """Write ``vocab`` as json to ``dest`` atomically (a partial file, fsynced, then
-    ``os.replace``)."""
     fields = {"word2idx": vocab.word2idx, "idx2word": vocab.idx2word, "idx": vocab.idx}
     order = getattr(vocab, "key_order", DEFAULT_KEY_ORDER)
     text = json.dumps({key: fields[key] for key in order})  # default separators, ascii
-
-    tmp = partial_path(os.fspath(dest))
-    try:
+    with outputs.atomic_output(os.fspath(dest), made_by, **info) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def deserialize_vocab(src):

@@ -26,6 +26,7 @@ import evaluation
 import model
 import np2h
 import opts
+import outputs
 import synthetic
 import train
 from checkpoint import load_checkpoint, save_checkpoint
@@ -348,7 +349,7 @@ def test_demo_never_replaces_a_named_run(work, shipped, capsys, fake_demo):
 def test_demo_replaces_only_its_own_default_run(work, shipped, capsys, fake_demo):
     demo.main(DEMO)  # the default runs/demo_SGR: a new directory, marked as the demo's
     assert "--overwrite" not in fake_demo[-1]
-    assert checks.made_record("runs/demo_SGR")["made_by"] == "demo.py"
+    assert outputs.made_record("runs/demo_SGR")["made_by"] == "demo.py"
     demo.main(DEMO)  # its own earlier run: replaced
     assert "--overwrite" in fake_demo[-1]
     # a named directory, even one an earlier demo wrote, is never replaced unless asked
@@ -445,8 +446,8 @@ def test_shipped_vocabularies_pass_the_id_checks(original_vocab):
         checks.load_vocab(str(original_vocab / name))
     for name in ("f30k_precomp.json", "coco_precomp.json"):
         checks.load_vocab(str(original_vocab / "naaf" / name), loader=naaf.load_naaf_vocab)
-    for name in checks.SHIPPED.values():  # the hashes are those of the shipped files
-        assert checks.shipped_file(os.path.join(REPO, name)) == name
+    for name in outputs.SHIPPED.values():  # the hashes are those of the shipped files
+        assert outputs.shipped_file(os.path.join(REPO, name)) == name
 
 
 # evaluation.py --fold5 ---------------------------------------------------------
@@ -643,7 +644,7 @@ def test_convert_py2_creates_the_output_directory(work, shipped, capsys):
 
 
 def partial_files(directory):
-    return [n for n in os.listdir(directory) if n.endswith(checks.PARTIAL)]
+    return [n for n in os.listdir(directory) if n.endswith(outputs.PARTIAL)]
 
 
 def test_np2h_killed_midway_leaves_nothing_for_good(tmp_path, capsys):
@@ -671,18 +672,18 @@ def test_np2h_killed_midway_leaves_nothing_for_good(tmp_path, capsys):
 
 
 def test_a_killed_save_is_cleaned_by_the_next_one(tmp_path):
-    """The same for checkpoints (and every file written through checks.atomic_output): a
+    """The same for checkpoints (and every file written through outputs.atomic_output): a
     partial file of a process that is gone is removed; one of a live process is not."""
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     import socket
     host = socket.gethostname()
-    dead = tmp_path / (".checkpoint_3.pth.tar~%s~%s%s" % (host, gone, checks.PARTIAL))
-    live = tmp_path / (".checkpoint_4.pth.tar~%s~%d%s" % (host, os.getpid(), checks.PARTIAL))
+    dead = tmp_path / (".checkpoint_3.pth.tar~%s~%s%s" % (host, gone, outputs.PARTIAL))
+    live = tmp_path / (".checkpoint_4.pth.tar~%s~%d%s" % (host, os.getpid(), outputs.PARTIAL))
     other = tmp_path / ".notes~x~1.txt"
     for p in (dead, live, other):
         p.write_bytes(b"partial")
-    checks.atomic_save({"epoch": 1}, str(tmp_path / "checkpoint_0.pth.tar"))
+    outputs.atomic_save({"epoch": 1}, str(tmp_path / "checkpoint_0.pth.tar"))
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name,
                                                    "checkpoint_0.pth.tar"])
 
@@ -690,41 +691,41 @@ def test_a_killed_save_is_cleaned_by_the_next_one(tmp_path):
 # the shared helpers ----------------------------------------------------------------
 
 def test_output_file_rule(tmp_path, shipped):
-    """checks.check_output_file: a missing file is written; an existing one is refused unless
+    """outputs.check_output_file: a missing file is written; an existing one is refused unless
     --overwrite or made by the same command (its record is returned), and only while it is
     as that command wrote it; a directory or a file in the way of its directory is refused."""
     path = str(tmp_path / "out" / "sims.npy")
-    assert checks.check_output_file(path, made_by="evaluation.py") is None
-    with checks.atomic_output(path) as tmp:
+    assert outputs.check_output_file(path, made_by="evaluation.py") is None
+    with outputs.atomic_output(path) as tmp:
         np.save(open(tmp, "wb"), np.zeros(3))
     with pytest.raises(checks.UsageError) as e:
-        checks.check_output_file(path, made_by="evaluation.py")
+        outputs.check_output_file(path, made_by="evaluation.py")
     assert e.value.key == "file_exists" and "already exists;" in str(e.value)
-    checks.mark_made(path, "evaluation.py", rows=3)
-    assert checks.check_output_file(path, made_by="evaluation.py") == dict(
-        checks.made_record(path), rows=3)
+    outputs.mark_made(path, "evaluation.py", rows=3)
+    assert outputs.check_output_file(path, made_by="evaluation.py") == dict(
+        outputs.made_record(path), rows=3)
     with pytest.raises(checks.UsageError) as e:
-        checks.check_output_file(path, made_by="retrieve.py", alternative="another --cache")
+        outputs.check_output_file(path, made_by="retrieve.py", alternative="another --cache")
     assert "already exists (written by evaluation.py); pass --overwrite to replace it, or " \
            "another --cache" in str(e.value)
-    assert checks.check_output_file(path, made_by="retrieve.py", overwrite=True)
+    assert outputs.check_output_file(path, made_by="retrieve.py", overwrite=True)
     with open(path, "ab") as f:  # the user changed it: no longer the command's
         f.write(b"x")
-    assert checks.made_record(path) is None
+    assert outputs.made_record(path) is None
     with pytest.raises(checks.UsageError):
-        checks.check_output_file(path, made_by="evaluation.py")
+        outputs.check_output_file(path, made_by="evaluation.py")
     for bad, key in ((str(tmp_path / "out"), "path_not_file"),
                      (path + "/x.npy", "path_not_dir")):
         with pytest.raises(checks.UsageError) as e:
-            checks.check_output_file(bad)
+            outputs.check_output_file(bad)
         assert e.value.key == key
-    checks.mark_made(str(tmp_path / "out"), "demo.py")
-    assert checks.made_record(str(tmp_path / "out"))["made_by"] == "demo.py"
-    assert checks.made_record(path) is None  # the file's record is its own
+    outputs.mark_made(str(tmp_path / "out"), "demo.py")
+    assert outputs.made_record(str(tmp_path / "out"))["made_by"] == "demo.py"
+    assert outputs.made_record(path) is None  # the file's record is its own
     shipped_copy = tmp_path / "coco_precomp_vocab.json"
     shutil.copy(os.path.join(REPO, "vocab", "coco_precomp_vocab.json"), shipped_copy)
     with pytest.raises(checks.UsageError) as e:
-        checks.check_output_file(str(shipped_copy))
+        outputs.check_output_file(str(shipped_copy))
     assert e.value.key == "file_shipped"
 
 

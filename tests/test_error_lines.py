@@ -14,6 +14,7 @@ import torch
 
 import checks
 import evaluation
+import outputs
 import train
 from checkpoint import load_checkpoint
 from conftest import REPO
@@ -346,7 +347,7 @@ def output_other_run(w, capsys, caplog):
 def output_busy(w, capsys, caplog):
     evaluation.main(save_sims(w))
     path = str(w.root / "sims_of_the_test_split.npy")
-    held = checks.claim_output(path, checks.read_record(path + ".record")[0]["identity"], "x")
+    held = outputs.claim_output(path, outputs.read_record(path + ".record")[0]["identity"], "x")
     try:
         return cli(evaluation.main, save_sims(w), capsys)
     finally:

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-import checks
 import evaluation
 import naaf
+import outputs
 from helpers import tiny_dataset
 from model import SGRAF
 from vocab import deserialize_vocab
@@ -132,7 +132,7 @@ def result_lines(stdout):
 
 
 def done_shards(record):
-    header, entries = checks.read_record(record)
+    header, entries = outputs.read_record(record)
     return header, [k for e in entries for k in e.get("done", [])]
 
 
@@ -275,7 +275,7 @@ def test_reruns_that_do_not_match_are_refused_and_change_nothing(setup, tmp_path
             "output_other_run", "checkpoint precision bf16 here, fp32 in its record")
     assert snapshot(f, rec) == before
     # the record locked by a running evaluation
-    held = checks.claim_output(f, checks.read_record(rec)[0]["identity"], "--save_sims")
+    held = outputs.claim_output(f, outputs.read_record(rec)[0]["identity"], "--save_sims")
     try:
         refused(setup, eval_args(setup, "SGR", "--save_sims", f), capsys, "output_busy",
                 "is being written by another running process")
@@ -286,7 +286,7 @@ def test_reruns_that_do_not_match_are_refused_and_change_nothing(setup, tmp_path
     evaluation.main(eval_args(setup, "SGR2", "--save_sims", f, "--overwrite"))
     assert snapshot(f, rec) != before
     assert json.loads(open(rec).readline())["identity"]["checkpoint sha256"] == \
-        checks.file_digest(setup["paths"]["SGR2"])
+        outputs.file_digest(setup["paths"]["SGR2"])
 
 
 def test_files_it_did_not_make_are_refused(setup, tmp_path, capsys):
@@ -386,17 +386,17 @@ def test_one_bar_over_the_pairs(setup):
 
 def test_record_reading_and_identity_changes(tmp_path):
     path = str(tmp_path / "out.bin")
-    rec = checks.claim_output(path, {"a": 1, "b": "x" * 64}, "--out")
+    rec = outputs.claim_output(path, {"a": 1, "b": "x" * 64}, "--out")
     rec.append({"done": [1, 2]})
     rec.close()
     with open(path + ".record", "a") as f:
         f.write('{"done": [3')  # cut short by a crash
     open(path, "w").write("data")
-    header, entries = checks.read_record(path + ".record")
+    header, entries = outputs.read_record(path + ".record")
     assert header["identity"] == {"a": 1, "b": "x" * 64} and entries == [{"done": [1, 2]}]
-    again = checks.claim_output(path, {"a": 1, "b": "x" * 64}, "--out")
+    again = outputs.claim_output(path, {"a": 1, "b": "x" * 64}, "--out")
     assert again.entries == [{"done": [1, 2]}]
     again.close()
-    assert checks.identity_change({"a": 1, "b": "c" * 64}, header["identity"]) == \
+    assert outputs.identity_change({"a": 1, "b": "c" * 64}, header["identity"]) == \
         "b cccccccccccc here, %s in its record" % ("x" * 37 + "...")
-    assert checks.identity_change({"a": 1}, {"a": 1}) is None
+    assert outputs.identity_change({"a": 1}, {"a": 1}) is None

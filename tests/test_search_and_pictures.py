@@ -22,6 +22,7 @@ import matchers
 import model as model_py
 import naaf
 import opts
+import outputs
 import plots
 import retrieve
 from conftest import REPO
@@ -193,12 +194,14 @@ def test_cache_is_used_then_invalidated_by_changed_files(setup, tmp_path, monkey
     _, encoded = query("--image", "0")
     assert encoded == 1
     assert query("--image", "0")[1] == 0
-    # every entry is a directory of this tool's; nothing else in the cache
+    # every entry is a directory of this tool's; nothing else in the cache but the digests and
+    # the record that they are this tool's
     entries = [p for p in cache.iterdir() if p.is_dir()]
     assert len(entries) == 4 and sorted(p.name for p in cache.iterdir() if p.is_file()) == \
-        ["digests.json"]
+        [outputs.MARKER, "digests.json"]
+    assert outputs.made_by(str(cache / "digests.json")) == "retrieve.py"
     for e in entries:
-        assert json.loads((e / "meta.json").read_text())["made_by"] == "retrieve.py"
+        assert outputs.made_by(str(e)) == "retrieve.py"
 
 
 def test_digests_of_unchanged_files_are_remembered(tmp_path, monkeypatch):
@@ -208,8 +211,8 @@ def test_digests_of_unchanged_files_are_remembered(tmp_path, monkeypatch):
     assert d(str(f)) == hashlib.sha256(b"abc").hexdigest()
     d.save()
     reads = []
-    sha = retrieve._sha256
-    monkeypatch.setattr(retrieve, "_sha256", lambda p: reads.append(p) or sha(p))
+    sha = outputs.file_digest
+    monkeypatch.setattr(outputs, "file_digest", lambda p: reads.append(p) or sha(p))
     d = retrieve.Digests(str(tmp_path))
     d(str(f))
     assert len(reads) == 1  # changed within RACY_NS of its hashing: hashed again
@@ -286,7 +289,7 @@ def test_never_writes_over_a_file_it_did_not_make(setup, tmp_path, capsys):
     first = out.read_bytes()
     run_json(args(s, "SGR", "--query", "a red car", "--explain", str(out), "--topk", "2"),
              capsys)
-    assert out.read_bytes() != first and plots.made_by(str(out)) == "retrieve.py --explain"
+    assert out.read_bytes() != first and outputs.made_by(str(out)) == "retrieve.py --explain"
 
 
 # ----------------------------------------------------------------------------- --explain
@@ -307,7 +310,7 @@ def test_explain_rows_are_the_matchers_attention(setup, case, tmp_path):
                              data_path=s.data, vocab_path=s.vocab, device="cpu",
                              model_path2=s.paths[names[1]] if len(names) > 1 else None,
                              cache_dir=str(tmp_path / "cache"), explain=out)
-    assert hits["explain"] == out and plots.made_by(out) == "retrieve.py --explain"
+    assert hits["explain"] == out and outputs.made_by(out) == "retrieve.py --explain"
     drawn = hits.context["explain"]["attention"]
     assert len(drawn) == 3 * len(names)
     tokens = hits["query"]["tokens"]
@@ -441,7 +444,7 @@ def test_plots_recall_curve_is_the_printed_recall(setup, case, tmp_path, capsys)
     files = sorted(p.name for p in out_dir.iterdir())
     assert files == sorted(plots.EVAL_FILES)
     for name in files:
-        assert plots.made_by(str(out_dir / name)) == "evaluation.py --plots"
+        assert outputs.made_by(str(out_dir / name)) == "evaluation.py --plots"
     # the numbers behind the figures: each model, then the ensemble
     res = evaluation.evalrank(s.paths[names[0]], data_path=s.data, vocab_path=s.vocab,
                               split="test", device="cpu", plots=str(out_dir),
@@ -614,7 +617,7 @@ def test_gsmn_explain_rows_are_its_text_to_image_attention(others, case, tmp_pat
                              data_path=s.data, device="cpu", cache_dir=None, explain=out,
                              model_path2=s.paths[names[1]] if len(names) > 1 else None)
     drawn = hits.context["explain"]["attention"]
-    assert len(drawn) == 3 and plots.made_by(out) == "retrieve.py --explain"
+    assert len(drawn) == 3 and outputs.made_by(out) == "retrieve.py --explain"
     gallery = retrieve.Gallery(s.paths["GSMN"], s.data, "test", device="cpu", cache_dir=None)
     m = gallery.members[0]
     enc = gallery.encodings(m)

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+import outputs
 import synthetic
 from vocab import UNK, deserialize_vocab, tokenize
 
@@ -28,7 +29,8 @@ def _read_ims(out, split):
 
 
 def _all_bytes(out):
-    files = sorted(f for f in os.listdir(out["data_dir"]))
+    # the data's bytes; the record of who made them holds their times
+    files = sorted(f for f in os.listdir(out["data_dir"]) if f != outputs.MARKER)
     blobs = {f: open(os.path.join(out["data_dir"], f), "rb").read() for f in files}
     blobs["vocab"] = open(out["vocab_file"], "rb").read()
     return blobs
@@ -40,9 +42,11 @@ def ds(tmp_path_factory):
 
 
 def test_files_shapes_and_captions(ds):
-    assert sorted(os.listdir(ds["data_dir"])) == sorted(
-        ["%s_%s" % (s, f) for s in SPLITS for f in ("ims.npy", "caps.txt")]
-        + ["synthetic.json"])
+    files = ["%s_%s" % (s, f) for s in SPLITS for f in ("ims.npy", "caps.txt")] + \
+        ["synthetic.json"]
+    assert sorted(os.listdir(ds["data_dir"])) == sorted(files + [outputs.MARKER])
+    for name in files:  # each recorded as synthetic.py's
+        assert outputs.made_by(os.path.join(ds["data_dir"], name)) == "synthetic.py"
     for split in SPLITS:
         n = SIZES["n_" + split]
         ims = _read_ims(ds, split)
