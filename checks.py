@@ -12,7 +12,8 @@ Library functions raise and never exit.
 Where a run writes is checked here (`check_run`); the rule for every file a command writes, the
 one writer and the one record of what this project made are outputs.py's.
 
-This is the bottom of the project's imports (it imports only `vocab`): the data, checkpoint and
+This is the bottom of the project's imports (it imports only `vocab`, and `outputs` inside the
+three functions that write: a cycle until they move out of it): the data, checkpoint and
 matcher files call it, and it knows no matcher; what is specific to one (its flags, its checkpoint
 layout, the number of regions it needs) reaches it as arguments.
 

@@ -108,8 +108,8 @@ def main(argv=None):
                      expected="a directory for the demo's run (created if missing)")
     plots_dir, explain = os.path.join(run_dir, "plots"), os.path.join(run_dir, "explain.png")
     # before training: the pictures will not be written over files these commands did not make
-    plots.check_outputs(plots.eval_paths(plots_dir), "evaluation.py --plots", "--plots")
-    plots.check_outputs([explain], "retrieve.py --explain", "--explain")
+    outputs.check_outputs(plots.eval_paths(plots_dir), "evaluation.py --plots", "--plots")
+    outputs.check_outputs([explain], "retrieve.py --explain", "--explain")
     flags = (["--data_path", args.data_path, "--data_name", data_name, "--vocab_path",
               args.vocab_path, "--module_name", args.module_name, "--img_dim", str(img_dim),
               "--lr_update", str(args.lr_update),

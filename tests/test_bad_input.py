@@ -23,6 +23,7 @@ import torch
 import checks
 import evaluation
 import opts
+import outputs
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PrecompDataset, collate_fn
@@ -465,7 +466,8 @@ def test_nan_loss_stops_the_run_and_saves_nothing(work, capsys):
                        root=work.root, code=1)
     assert " the loss is nan;" in line or " the gradients are not finite (loss " in line
     assert 10 < int(line.split("iteration ")[1].split(" ")[0]) <= 10 + N_TRAIN * 5 // 10
-    assert sorted(os.listdir(ckpt_dir)) == ["checkpoint_0.pth.tar", "model_best.pth.tar"]
+    assert sorted(os.listdir(ckpt_dir)) == [outputs.MARKER, "checkpoint_0.pth.tar",
+                                            "model_best.pth.tar"]
 
 
 def test_nonfinite_gradient_stops_before_the_step(base):

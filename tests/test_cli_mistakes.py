@@ -525,7 +525,8 @@ def test_rerun_with_fewer_epochs_leaves_no_file_of_the_earlier_run(work, shipped
                 capsys, "run_later", "holds checkpoint_1.pth.tar, of epochs after the resumed "
                 "checkpoint_0.pth.tar", root=work, new_allowed=False)
     train.main(run_args("runs/a", "--num_epochs", "1", "--overwrite", "--seed", "5"))
-    assert sorted(os.listdir(ckpt_dir)) == ["checkpoint_0.pth.tar", "model_best.pth.tar"]
+    assert sorted(os.listdir(ckpt_dir)) == [outputs.MARKER, "checkpoint_0.pth.tar",
+                                            "model_best.pth.tar"]
     assert load_checkpoint(os.path.join(ckpt_dir, checks.BEST))["opt"].seed == 5
     new_events = events("runs/a")
     assert len(new_events) == 1 and not set(new_events) & set(old_events)
@@ -686,6 +687,53 @@ def test_a_killed_save_is_cleaned_by_the_next_one(tmp_path):
     outputs.atomic_save({"epoch": 1}, str(tmp_path / "checkpoint_0.pth.tar"))
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name,
                                                    "checkpoint_0.pth.tar"])
+
+
+def killed_while_writing(code):
+    """Run `code` in a process that SIGKILLs itself where it calls die()."""
+    prelude = ("import os, signal, sys; sys.path.insert(0, %r)\n"
+               "def die(*a, **k): os.kill(os.getpid(), signal.SIGKILL)\n" % REPO)
+    proc = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_a_killed_plot_is_cleaned_by_the_next_one(tmp_path):
+    """plots.save writes through outputs.atomic_output too: a PNG half written by a killed
+    process is removed by the next write there, which records its picture as its command's."""
+    out = str(tmp_path / "attention.png")
+    killed_while_writing(
+        "import plots\nfrom matplotlib.figure import Figure\n"
+        "def half(self, f, **k): f.write(b'\\x89PNG half'); f.flush(); die()\n"
+        "Figure.savefig = half\n"
+        "plots.save(Figure(), %r, 'retrieve.py --explain', '--explain')\n" % out)
+    assert len(partial_files(tmp_path)) == 1 and not os.path.exists(out)
+    import plots
+    from matplotlib.figure import Figure
+    plots.save(Figure(), out, "retrieve.py --explain", "--explain")
+    assert partial_files(tmp_path) == []
+    assert outputs.made_by(out) == "retrieve.py --explain"
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_killed_cache_entry_is_cleaned_by_the_next_one(tmp_path):
+    """A retrieval cache entry (a directory) is written through outputs.atomic_output: the
+    partial directory of a killed process is removed by the next write there, and the entry
+    written then is complete and recorded as retrieve.py's."""
+    entry = str(tmp_path / ("ab" * 20))
+    make = ("import numpy as np, retrieve\n"
+            "enc = retrieve.Encodings(np.ones((2, 3, 4), np.float32), np.ones((5, 4), np.float32),"
+            " [2, 3], {}, ['a dog', 'a cat'], 1)\n")
+    killed_while_writing(make + "np.savez = die\nenc.save(%r, {})\n" % entry)
+    partial = partial_files(tmp_path)
+    assert len(partial) == 1 and os.path.isdir(tmp_path / partial[0])
+    assert not os.path.exists(entry)
+    import retrieve
+    enc = retrieve.Encodings(np.ones((2, 3, 4), np.float32), np.ones((5, 4), np.float32),
+                             [2, 3], {}, ["a dog", "a cat"], 1)
+    assert enc.save(entry, {}) and partial_files(tmp_path) == []
+    assert outputs.made_by(entry) == "retrieve.py"
+    back = retrieve.Encodings.load(entry)
+    assert back.captions == ["a dog", "a cat"] and np.array_equal(back.img_embs, enc.img_embs)
 
 
 # the shared helpers ----------------------------------------------------------------

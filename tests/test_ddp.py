@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 import opts
+import outputs
 from checkpoint import load_checkpoint
 from helpers import tiny_dataset, tiny_dims, train_args
 from model import SGRAF
@@ -84,8 +85,8 @@ def test_torchrun_trains_saves_on_rank0_and_resumes(dataset, tmp_path, capsys):
                  train_args(data_path, vocab_path, run, *common), cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ckpt_dir = os.path.join(run, "checkpoint")
-    assert sorted(os.listdir(ckpt_dir)) == ["checkpoint_0.pth.tar", "checkpoint_1.pth.tar",
-                                            "model_best.pth.tar"]
+    assert sorted(os.listdir(ckpt_dir)) == [outputs.MARKER, "checkpoint_0.pth.tar",
+                                            "checkpoint_1.pth.tar", "model_best.pth.tar"]
     ck = load_checkpoint(os.path.join(ckpt_dir, "checkpoint_1.pth.tar"))
     assert ck["epoch"] == 2 and ck["Eiters"] == 6 and len(ck["rng_ranks"]) == 2
     assert not any(k.startswith("module.") for sd in ck["model"] for k in sd)

@@ -386,7 +386,7 @@ def test_one_bar_over_the_pairs(setup):
 
 def test_record_reading_and_identity_changes(tmp_path):
     path = str(tmp_path / "out.bin")
-    rec = outputs.claim_output(path, {"a": 1, "b": "x" * 64}, "--out")
+    rec = outputs.claim_output(path, {"a": 1, "b": "x" * 64}, "--out", made_by="tool.py --out")
     rec.append({"done": [1, 2]})
     rec.close()
     with open(path + ".record", "a") as f:
@@ -394,6 +394,9 @@ def test_record_reading_and_identity_changes(tmp_path):
     open(path, "w").write("data")
     header, entries = outputs.read_record(path + ".record")
     assert header["identity"] == {"a": 1, "b": "x" * 64} and entries == [{"done": [1, 2]}]
+    # a file written in place is its command's by its record (the one question: made_record)
+    assert outputs.made_by(path) == "tool.py --out"
+    assert outputs.made_record(path)["identity"] == header["identity"]
     again = outputs.claim_output(path, {"a": 1, "b": "x" * 64}, "--out")
     assert again.entries == [{"done": [1, 2]}]
     again.close()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint
+import outputs
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from helpers import tiny_dataset, train_args
@@ -89,4 +90,5 @@ def test_killed_save_keeps_previous_best(tmp_path, monkeypatch):
     best = torch.load(prefix + "model_best.pth.tar", weights_only=True)
     assert best["epoch"] == 1 and torch.equal(best["model"][0]["w"], torch.ones(3))
     assert not os.path.exists(prefix + "checkpoint_1.pth.tar")
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_0.pth.tar", "model_best.pth.tar"]
+    assert sorted(os.listdir(tmp_path)) == [outputs.MARKER, "checkpoint_0.pth.tar",
+                                            "model_best.pth.tar"]
