@@ -7,8 +7,8 @@ stderr and exits with the error's code (2 for usage, data, vocabulary, checkpoin
 run-directory errors, as argparse does; 1 for a run that diverged); their parsers are
 `ArgumentParser`, whose own errors (unknown flags and choices, bad values) are such lines too.
 Library functions raise and never exit. A line stays within MAX_LINE characters whatever its
-paths: a long path is shortened in the middle (`/very/long/…/run/model_best.pth.tar`), and the problem
-and its fix are kept.
+paths: a long path is shortened in the middle (`/very/long/…/run/model_best.pth.tar`), and
+the problem and its fix are kept.
 
 All messages are defined in `PROBLEMS` below; `TROUBLESHOOTING.md` is generated from them
 (`render_table`):
@@ -48,7 +48,7 @@ class RunExistsError(UsageError):
 
 
 class DataError(SGRAFError):
-    """Missing or malformed dataset files (`data.DataError` is this class)."""
+    """Missing or malformed dataset files."""
 
 
 class VocabError(SGRAFError):
@@ -56,7 +56,7 @@ class VocabError(SGRAFError):
 
 
 class CheckpointError(SGRAFError):
-    """A checkpoint that cannot be used (`checkpoint.CheckpointError` is this class)."""
+    """A checkpoint that cannot be used."""
 
 
 class DivergedError(SGRAFError):
@@ -570,7 +570,8 @@ def check_min(opt, name, minimum, why):
 
 
 def check_choices(opt, name, choices, sep=","):
-    """A `sep`-separated list flag (e.g. bench.py's `--what eval,train`) names only known choices."""
+    """A `sep`-separated list flag (e.g. bench.py's `--what eval,train`) names only known
+    choices."""
     unknown = [v for v in str(getattr(opt, name)).split(sep) if v not in choices]
     if unknown:
         raise error("flag_choice", opt_where(opt, name), unknown=sep.join(unknown),
