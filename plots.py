@@ -23,7 +23,7 @@ import textwrap
 
 import numpy as np
 
-import checks
+import errors
 
 MARK = "sgraf-made-by"   # PNG text keyword: which command wrote the file
 DPI = 100
@@ -50,14 +50,14 @@ def check_outputs(paths, tool, flag):
     or cannot be written (a parent is a file, or a directory that is not writable)."""
     for path in paths:
         if os.path.isdir(path) or (os.path.lexists(path) and made_by(path) != tool):
-            raise checks.error("file_not_made", path, tool=tool, flag=flag)
+            raise errors.error("file_not_made", path, tool=tool, flag=flag)
         parent = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise checks.error("output_unwritable", path, reason="%s is not a directory" % parent)
+            raise errors.error("output_unwritable", path, reason="%s is not a directory" % parent)
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise checks.error("output_unwritable", path, reason="%s is not writable" % parent)
+            raise errors.error("output_unwritable", path, reason="%s is not writable" % parent)
 
 
 def save(fig, path, tool, flag):
@@ -71,7 +71,7 @@ def save(fig, path, tool, flag):
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
     except OSError as e:
-        raise checks.error("output_unwritable", path, reason=checks.first_line(e)) from None
+        raise errors.error("output_unwritable", path, reason=errors.first_line(e)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=DPI, metadata={MARK: tool})
