@@ -1670,8 +1670,7 @@ def render_table():
     return "\n".join(lines)
 
 
-@exit_on_error
-def main(argv=None):
+def build_parser():
     p = ArgumentParser(prog="checks.py", description="SGRAF input checks")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--table", action="store_true", help="print TROUBLESHOOTING.md")
@@ -1683,7 +1682,12 @@ def main(argv=None):
     p.add_argument("--img_dim", type=int, default=None, help="expected feature dimension")
     p.add_argument("--overwrite", action="store_true",
                    help="--convert-py2: replace NEW if it exists")
-    args = p.parse_args(argv)
+    return p
+
+
+@exit_on_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     check_positive(args, ["img_dim"])
     if args.table:
@@ -1711,14 +1715,8 @@ def main(argv=None):
     return 0
 
 
-@exit_on_error
-def vocab_command(argv=None):
-    """`python vocab.py` (its main guard runs this; vocab.py cannot import this module, which
-    imports it): build `<vocab_path>/<data_name>_vocab.json` from the train and dev captions
-    (vocab.build_vocab). Every check is made before the captions are read, and no existing
-    vocabulary is replaced unless `--overwrite` (the shipped vocab/ files included): the
-    checkpoints trained with it would no longer fit. A vocabulary that vocab.py built from the
-    same caption files and threshold is up to date, and left as it is."""
+def build_vocab_parser():
+    """vocab.py's flags (vocab_command)."""
     p = ArgumentParser(prog="vocab.py", description="Build a SCAN/SGRAF vocabulary json.")
     p.add_argument("--data_path", default="data")
     p.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp")
@@ -1728,7 +1726,18 @@ def vocab_command(argv=None):
                    help="minimum word count to enter the vocabulary")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing <data_name>_vocab.json")
-    opt = p.parse_args(argv)
+    return p
+
+
+@exit_on_error
+def vocab_command(argv=None):
+    """`python vocab.py` (its main guard runs this; vocab.py cannot import this module, which
+    imports it): build `<vocab_path>/<data_name>_vocab.json` from the train and dev captions
+    (vocab.build_vocab). Every check is made before the captions are read, and no existing
+    vocabulary is replaced unless `--overwrite` (the shipped vocab/ files included): the
+    checkpoints trained with it would no longer fit. A vocabulary that vocab.py built from the
+    same caption files and threshold is up to date, and left as it is."""
+    opt = build_vocab_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     check_min(opt, "threshold", 1, "the number of times a word must be seen")
     check_data_name(opt.data_name, opt.data_path)
