@@ -82,7 +82,7 @@ NAAF_SHARD = 128  # the original NAAF evaluation's shard_xattn(..., shard_size=1
 GSMN_SHARD = 80   # the original GSMN evaluation's shard_xattn(..., shard_size=80)
 
 
-def get_args(argv=None):
+def build_parser():
     p = errors.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--n_img", type=int, default=100)
     p.add_argument("--n_cap", type=int, default=500)
@@ -129,7 +129,11 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
     # every mistake before the first (minutes-long) job
     errors.check_positive(args, ["n_img", "n_cap", "min_len", "max_len", "img_dim",
                                  "embed_size", "sim_dim", "word_dim", "threads", "steps"])

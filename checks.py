@@ -351,8 +351,7 @@ def claim_output(path, identity, flag, overwrite=False, info=None):
 
 # ----------------------------------------------------------------------------- the command
 
-@errors.exit_on_error
-def main(argv=None):
+def build_parser():
     p = errors.ArgumentParser(prog="checks.py", description="SGRAF input checks")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--table", action="store_true", help="print TROUBLESHOOTING.md")
@@ -364,7 +363,12 @@ def main(argv=None):
     p.add_argument("--img_dim", type=int, default=None, help="expected feature dimension")
     p.add_argument("--overwrite", action="store_true",
                    help="--convert-py2: replace NEW if it exists")
-    args = p.parse_args(argv)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     errors.check_positive(args, ["img_dim"])
     if args.table:

@@ -75,8 +75,8 @@ def run_files(opt, untrained):
     return found
 
 
-@errors.exit_on_error
-def main(argv=None):
+def build_parser():
+    """demo.py's own flags (the others are train.py's, passed on)."""
     p = errors.ArgumentParser(prog="demo.py", description=__doc__.splitlines()[0],
                               epilog="Other flags are passed on to train.py.")
     p.add_argument("--module_name", default="SGR")
@@ -92,7 +92,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args, extra = p.parse_known_args(argv)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    args, extra = build_parser().parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
 
     # every check before any compute: the demo's flags, train.py's (the extra ones included),

@@ -676,8 +676,8 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
     return out
 
 
-@errors.exit_on_error
-def main(argv=None):
+def build_parser():
+    """evaluation.py's flags; `.matcher_dests`: the matchers' evaluation flags among them."""
     p = errors.ArgumentParser(prog="evaluation.py",
                               description="Evaluate checkpoints of any matcher (R@K both ways)")
     p.add_argument("--model_path", default=DEFAULT_MODEL_PATH)
@@ -706,7 +706,14 @@ def main(argv=None):
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="also write score_distributions.png, recall_at_k.png (K = 1..100) and "
                         "rank_histogram.png there (an ensemble: each model and the ensemble)")
-    dests = matchers.add_eval_options(p)
+    p.matcher_dests = matchers.add_eval_options(p)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    p = build_parser()
+    dests = p.matcher_dests
     args = p.parse_args(argv)
     rank = distributed.env()[1]
     logging.basicConfig(format="%(asctime)s %(message)s",

@@ -79,8 +79,7 @@ def _write(src, npy_path, h5_path, chunk_images):
     return src.shape
 
 
-@errors.exit_on_error
-def main(argv=None):
+def build_parser():
     p = errors.ArgumentParser(prog="np2h.py",
                               description="Convert {split}_ims.npy to {split}.h5 (dataset feat)")
     p.add_argument("--data_path", default="data/f30k_precomp",
@@ -88,7 +87,12 @@ def main(argv=None):
     p.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
     p.add_argument("--chunk", type=int, default=256, help="images per chunk")
     p.add_argument("--overwrite", action="store_true", help="replace existing .h5 files")
-    args = p.parse_args(argv)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     errors.check_positive(args, ["chunk"])
     errors.check_dir(args.data_path, "--data_path %s" % args.data_path,

@@ -776,8 +776,8 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
     return hits
 
 
-@errors.exit_on_error
-def main(argv=None):
+def build_parser():
+    """retrieve.py's flags; `.matcher_dests`: the matchers' evaluation flags among them."""
     p = argparse.ArgumentParser(
         description="Search a split with a sentence (--query: its top images) or one of its "
                     "images (--image N: its top captions), with any checkpoint of the registry")
@@ -811,7 +811,14 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu")
     p.add_argument("--feat_format", default=None, choices=["auto", "npy", "h5"],
                    help="read {split}_ims.npy or {split}.h5 (default: the checkpoint's, auto)")
-    dests = matchers.add_eval_options(p)
+    p.matcher_dests = matchers.add_eval_options(p)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    p = build_parser()
+    dests = p.matcher_dests
     args = p.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     if args.images and not args.explain:

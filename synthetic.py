@@ -543,8 +543,7 @@ def make_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=0
                 sizes=sizes, img_dim=img_dim, n_regions=n_regions, seconds=seconds)
 
 
-@errors.exit_on_error
-def main(argv=None):
+def build_parser():
     p = errors.ArgumentParser(prog="synthetic.py",
                               description="Write a small synthetic SCAN-format dataset.")
     p.add_argument("--data_path", default="data")
@@ -561,7 +560,12 @@ def main(argv=None):
     p.add_argument("--vocab_threshold", type=int, default=4)
     p.add_argument("--overwrite", action="store_true",
                    help="remake files that exist (data and vocabulary), whoever made them")
-    opt = p.parse_args(argv)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    opt = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = make_synthetic(opt.data_path, opt.data_name, opt.vocab_path, seed=opt.seed,
                          n_train=opt.n_train, n_dev=opt.n_dev, n_test=opt.n_test,

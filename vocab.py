@@ -309,13 +309,8 @@ def vocab_ids_problem(word2idx):
     return None
 
 
-@errors.exit_on_error
-def vocab_command(argv=None):
-    """`python vocab.py`: build `<vocab_path>/<data_name>_vocab.json` from the train and dev
-    captions (build_vocab). Every check is made before the captions are read, and no existing
-    vocabulary is replaced unless `--overwrite` (the shipped vocab/ files included): the
-    checkpoints trained with it would no longer fit. A vocabulary that vocab.py built from the
-    same caption files and threshold is up to date, and left as it is."""
+def build_parser():
+    """vocab.py's flags (vocab_command)."""
     p = errors.ArgumentParser(prog="vocab.py", description="Build a SCAN/SGRAF vocabulary json.")
     p.add_argument("--data_path", default="data")
     p.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp")
@@ -325,7 +320,17 @@ def vocab_command(argv=None):
                    help="minimum word count to enter the vocabulary")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing <data_name>_vocab.json")
-    opt = p.parse_args(argv)
+    return p
+
+
+@errors.exit_on_error
+def vocab_command(argv=None):
+    """`python vocab.py`: build `<vocab_path>/<data_name>_vocab.json` from the train and dev
+    captions (build_vocab). Every check is made before the captions are read, and no existing
+    vocabulary is replaced unless `--overwrite` (the shipped vocab/ files included): the
+    checkpoints trained with it would no longer fit. A vocabulary that vocab.py built from the
+    same caption files and threshold is up to date, and left as it is."""
+    opt = build_parser().parse_args(argv)
     import checks  # for check_output_file and mark_made, until they move to outputs.py
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     errors.check_min(opt, "threshold", 1, "the number of times a word must be seen")
