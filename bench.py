@@ -73,7 +73,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import checks
+import errors
 
 MODULES = ("SGR", "SAF", "NAAF", "GSMN", "HREM")
 HREM_BERTS = ("demo", "base")
@@ -82,8 +82,8 @@ NAAF_SHARD = 128  # the original NAAF evaluation's shard_xattn(..., shard_size=1
 GSMN_SHARD = 80   # the original GSMN evaluation's shard_xattn(..., shard_size=80)
 
 
-def get_args(argv=None):
-    p = checks.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
+def build_parser():
+    p = errors.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--n_img", type=int, default=100)
     p.add_argument("--n_cap", type=int, default=500)
     p.add_argument("--min_len", type=int, default=8)
@@ -129,24 +129,28 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
     # every mistake before the first (minutes-long) job
-    checks.check_positive(args, ["n_img", "n_cap", "min_len", "max_len", "img_dim",
+    errors.check_positive(args, ["n_img", "n_cap", "min_len", "max_len", "img_dim",
                                  "embed_size", "sim_dim", "word_dim", "threads", "steps"])
-    checks.check_nonnegative(args, ["seed", "daa_weight"])
-    checks.check_min(args, "batch", 2, "a batch of one pair has no negative")
-    checks.check_min(args, "vocab_size", 5, "ids 0-3 are the special tokens")
+    errors.check_nonnegative(args, ["seed", "daa_weight"])
+    errors.check_min(args, "batch", 2, "a batch of one pair has no negative")
+    errors.check_min(args, "vocab_size", 5, "ids 0-3 are the special tokens")
     if args.min_len > args.max_len:
-        raise checks.error("flag_order", checks.opt_where(args, "min_len"),
+        raise errors.error("flag_order", errors.opt_where(args, "min_len"),
                            other="--max_len %d" % args.max_len, limit=args.max_len)
-    checks.check_choices(args, "modules", MODULES)
-    checks.check_choices(args, "what", WHATS)
-    checks.check_choices(args, "hrem_bert", HREM_BERTS)
-    checks.check_positive(args, ["hrem_n_img", "gsmn_batch"])
+    errors.check_choices(args, "modules", MODULES)
+    errors.check_choices(args, "what", WHATS)
+    errors.check_choices(args, "hrem_bert", HREM_BERTS)
+    errors.check_positive(args, ["hrem_n_img", "gsmn_batch"])
     if args.gsmn_original is not None:
-        checks.check_dir(args.gsmn_original, "--gsmn_original %s" % args.gsmn_original,
+        errors.check_dir(args.gsmn_original, "--gsmn_original %s" % args.gsmn_original,
                          expected="a checkout of the original GSMN code")
-    checks.check_device(args.device)
+    errors.check_device(args.device)
     if args.quick:
         args.n_img, args.n_cap, args.batch, args.gsmn_batch = 10, 50, 16, 16
         args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50
@@ -817,7 +821,7 @@ def spawn(argv, what, module, path):
 
 # ----------------------------------------------------------------------------- main
 
-@checks.exit_on_error
+@errors.exit_on_error
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv)

@@ -25,13 +25,14 @@ import time
 
 import torch
 
-import checks
+import errors
 import evaluation
 import matchers
 import opts
 import outputs
 import plots
 import retrieve
+import runs
 import synthetic
 import train
 from checkpoint import save_checkpoint
@@ -65,18 +66,18 @@ def _inside(path, directory):
 def run_files(opt, untrained):
     """What a run left where `train.py` with these options would write: its checkpoints, its
     TensorBoard logs, and the demo's untrained checkpoint."""
-    found = [p for _, p in checks.run_checkpoints(opt.model_name)]
-    found += [p for p in (os.path.join(opt.model_name, checks.BEST), untrained)
+    found = [p for _, p in runs.run_checkpoints(opt.model_name)]
+    found += [p for p in (os.path.join(opt.model_name, runs.BEST), untrained)
               if os.path.isfile(p)]
     if os.path.isdir(opt.logger_name):
         found += [os.path.join(opt.logger_name, n) for n in sorted(os.listdir(opt.logger_name))
-                  if n.startswith(checks.TB_EVENTS)]
+                  if n.startswith(runs.TB_EVENTS)]
     return found
 
 
-@checks.exit_on_error
-def main(argv=None):
-    p = checks.ArgumentParser(prog="demo.py", description=__doc__.splitlines()[0],
+def build_parser():
+    """demo.py's own flags (the others are train.py's, passed on)."""
+    p = errors.ArgumentParser(prog="demo.py", description=__doc__.splitlines()[0],
                               epilog="Other flags are passed on to train.py.")
     p.add_argument("--module_name", default="SGR")
     p.add_argument("--data_path", default="data")
@@ -91,20 +92,25 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args, extra = p.parse_known_args(argv)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    args, extra = build_parser().parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
 
     # every check before any compute: the demo's flags, train.py's (the extra ones included),
     # the synthetic data, and where the run writes
-    checks.check_positive(args, ["num_epochs", "lr_update", "n_train", "threads"])
-    checks.check_nonnegative(args, ["seed"])
-    checks.check_device(args.device)
+    errors.check_positive(args, ["num_epochs", "lr_update", "n_train", "threads"])
+    errors.check_nonnegative(args, ["seed"])
+    errors.check_device(args.device)
     matcher = matchers.matcher_class(args.module_name)
     data_name = "synth_precomp"
     img_dim = synthetic.DEFAULTS["img_dim"]
     run_dir = args.run_dir or os.path.join("runs", "demo_%s" % args.module_name)
     where = "--run_dir %s" % run_dir
-    checks.check_dir(run_dir, where, exists=False,
+    errors.check_dir(run_dir, where, exists=False,
                      expected="a directory for the demo's run (created if missing)")
     plots_dir, explain = os.path.join(run_dir, "plots"), os.path.join(run_dir, "explain.png")
     # before training: the pictures will not be written over files these commands did not make
@@ -120,7 +126,7 @@ def main(argv=None):
              (["--device", args.device] if args.device else []))
     opt = opts.parse_opt(flags)
     matcher.check_opt(opt)
-    checks.check_train_opt(opt)
+    opts.check_train_opt(opt)
     synthetic.check_synthetic(args.data_path, data_name, args.vocab_path, n_train=args.n_train,
                               overwrite=opt.overwrite)
     # a directory the user named (--run_dir, or --model_name/--logger_name among the extra
@@ -135,10 +141,10 @@ def main(argv=None):
         found = [os.path.relpath(f, run_dir) for f in run_files(opt, untrained)
                  if _inside(f, run_dir)]
         if found:
-            raise checks.error("run_dir", where, found=" and ".join(found[:2]) + (
+            raise errors.error("run_dir", where, found=" and ".join(found[:2]) + (
                 " and %d more file(s)" % (len(found) - 2) if len(found) > 2 else ""),
                 whose="another run" if args.run_dir else "a run that demo.py did not make")
-    checks.check_run(argparse.Namespace(**dict(vars(opt), overwrite=replace)))
+    runs.check_run(argparse.Namespace(**dict(vars(opt), overwrite=replace)))
     outputs.check_output_file(untrained, made_by="demo.py", overwrite=replace,
                               alternative="another --run_dir")
     if replace and not opt.overwrite:
@@ -162,7 +168,7 @@ def main(argv=None):
     print("== training %s" % args.module_name)
     train.main(flags)
     print("== trained %s on the synthetic test split" % args.module_name)
-    best = os.path.join(opt.model_name, checks.BEST)
+    best = os.path.join(opt.model_name, runs.BEST)
     after = evaluation.evalrank(best, data_path=args.data_path, split="test",
                                 vocab_path=args.vocab_path, device=args.device, plots=plots_dir)
     print("== the trained %s's top test images for \"%s\"" % (args.module_name, DEMO_QUERY))

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
-import checks
+import errors
 
 # the other processes wait at a collective while rank 0 validates (training) or writes the
 # matrix (evaluation): COCO's dev split may take longer than the default timeout (10 minutes
@@ -81,7 +81,7 @@ def gather(obj):
 def agree(fn, master_only=False):
     """Run `fn()` on every process (with `master_only`, on rank 0 alone, its result then given
     to every process) and agree on the outcome: when it raised a one-line error
-    (checks.SGRAFError) anywhere, every process raises it (the lowest rank's), marked `shared`
+    (errors.SGRAFError) anywhere, every process raises it (the lowest rank's), marked `shared`
     so that rank 0 alone prints it; no process is left waiting at a later collective. Without
     a process group: `fn()`."""
     if not dist.is_initialized():
@@ -90,7 +90,7 @@ def agree(fn, master_only=False):
     if not master_only or dist.get_rank() == 0:
         try:
             result = fn()
-        except checks.SGRAFError as e:
+        except errors.SGRAFError as e:
             mine = e
     failure = None if mine is None else (type(mine), str(mine), mine.key)
     if master_only:

@@ -39,9 +39,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checks
 import daa
+import data
 import distributed
+import errors
 import matchers
 import opts
 import outputs
@@ -462,7 +463,7 @@ class SavedSims:
         except (OSError, ValueError):
             sims = None
         if sims is None or sims.shape != self.shape or sims.dtype != np.float64:
-            raise checks.error("output_not_ours", self.path, flag="--save_sims",
+            raise errors.error("output_not_ours", self.path, flag="--save_sims",
                                why="it does not hold the (%d, %d) float64 matrix its record "
                                    "describes" % self.shape)
         return sims
@@ -497,8 +498,8 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
         import plots as plotting
         outputs.check_outputs(plotting.eval_paths(plots), "evaluation.py --plots", "--plots")
     if data_name is not None:
-        checks.check_data_name(data_name, data_path or "DIR")
-    checks.check_device(device)
+        errors.check_data_name(data_name, data_path or "DIR")
+    errors.check_device(device)
     ddp, rank, local_rank, _ = distributed.env()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
@@ -592,7 +593,7 @@ def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_
     opt = loaded[0][1]
     unused = [type(m).vocab_path_unused for m, _, _, _ in loaded]
     if check_flags and vocab_path is not None and all(unused):
-        raise checks.error("flag_unsupported", "--vocab_path %s" % vocab_path,
+        raise errors.error("flag_unsupported", "--vocab_path %s" % vocab_path,
                            model=opt.module_name, why=unused[0])
 
     say("Loading dataset")
@@ -610,9 +611,9 @@ def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_
             if len(loaders) == 1:
                 dset = loaders[key].dataset
                 n_images = len(dset) // dset.im_div
-                checks.check_fold5(fold5, n_images, split, len(dset),
-                                   needed=FOLDS * FOLD_IMAGES)
-                checks.check_eval_captions(n_images, len(dset), getattr(dset, "cap_path", split))
+                data.check_fold5(fold5, n_images, split, len(dset),
+                                 needed=FOLDS * FOLD_IMAGES)
+                data.check_eval_captions(n_images, len(dset), getattr(dset, "cap_path", split))
         scorers.append((model, mopt, loaders[key]))
     first = scorers[0][2].dataset
     shape = (-(-len(first) // first.im_div), len(first))
@@ -676,9 +677,9 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
     return out
 
 
-@checks.exit_on_error
-def main(argv=None):
-    p = checks.ArgumentParser(prog="evaluation.py",
+def build_parser():
+    """evaluation.py's flags; `.matcher_dests`: the matchers' evaluation flags among them."""
+    p = errors.ArgumentParser(prog="evaluation.py",
                               description="Evaluate checkpoints of any matcher (R@K both ways)")
     p.add_argument("--model_path", default=DEFAULT_MODEL_PATH)
     p.add_argument("--model_path2", default=DEFAULT_MODEL_PATH2,
@@ -706,7 +707,14 @@ def main(argv=None):
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="also write score_distributions.png, recall_at_k.png (K = 1..100) and "
                         "rank_histogram.png there (an ensemble: each model and the ensemble)")
-    dests = matchers.add_eval_options(p)
+    p.matcher_dests = matchers.add_eval_options(p)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    p = build_parser()
+    dests = p.matcher_dests
     args = p.parse_args(argv)
     rank = distributed.env()[1]
     logging.basicConfig(format="%(asctime)s %(message)s",

@@ -53,8 +53,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checks
+import checkpoint
 import data
+import errors
 from loss import ContrastiveLoss
 from model import EncoderImage, EncoderText, Matcher, l2norm, memory_budget
 from vocab import encode_caption
@@ -177,19 +178,19 @@ def read_precaps(path, n_captions, vocab_size):
     if lines and lines[-1].strip() == b"":
         lines.pop()
     if len(lines) != n_captions:
-        raise checks.error("input_count", path, found="%d lines" % len(lines), n=n_captions,
+        raise errors.error("input_count", path, found="%d lines" % len(lines), n=n_captions,
                            items="captions", item="caption", without=NO_IDS)
     out = []
     for i, line in enumerate(lines):
         try:
             ids = [int(t) for t in line.strip().split(b",")]
         except ValueError:
-            raise checks.error("input_invalid", path, what="line %d is not comma-separated word "
+            raise errors.error("input_invalid", path, what="line %d is not comma-separated word "
                                "ids: %r" % (i + 1, line[:40].decode("latin1")),
                                fix="use the authors' file, or delete it (%s)" % NO_IDS) from None
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise checks.error("input_invalid", path, what="line %d has word id %d, outside the "
+            raise errors.error("input_invalid", path, what="line %d has word id %d, outside the "
                                "vocabulary's %d words" % (i + 1, bad[0], vocab_size),
                                fix="pass the vocabulary the ids were made with (--vocab_path, "
                                    "--data_name), or delete the file (%s)" % NO_IDS)
@@ -236,36 +237,36 @@ def load_sizes(path, n_images):
         if arr is None:
             arr = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise checks.error("input_invalid", path, what="not a readable image size file (%s)"
-                           % checks.first_line(e), fix="use the authors' file, or delete it "
+        raise errors.error("input_invalid", path, what="not a readable image size file (%s)"
+                           % errors.first_line(e), fix="use the authors' file, or delete it "
                            "and the box file (%s)" % NO_BOXES) from None
     if isinstance(arr, np.ndarray) and arr.dtype != object:
         if arr.shape != (n_images, 2):
-            raise checks.error("input_shape", path, what="image sizes", shape=arr.shape,
+            raise errors.error("input_shape", path, what="image sizes", shape=arr.shape,
                                expected="(%d, 2), (w, h) for each image" % n_images,
                                without=NO_BOXES)
         sizes = arr.astype(np.float64)
     else:
         if not isinstance(arr, np.ndarray) or arr.ndim != 1:
-            raise checks.error("input_shape", path, what="image sizes",
+            raise errors.error("input_shape", path, what="image sizes",
                                shape=getattr(arr, "shape", "?"),
                                expected="(%d,) {'image_w', 'image_h'} dicts" % n_images,
                                without=NO_BOXES)
         if len(arr) != n_images:
-            raise checks.error("input_count", path, found="%d image sizes" % len(arr),
+            raise errors.error("input_count", path, found="%d image sizes" % len(arr),
                                n=n_images, items="images", item="image", without=NO_BOXES)
         sizes = np.zeros((n_images, 2))
         for i, d in enumerate(arr):
             if not (isinstance(d, dict) and _number(d.get("image_w")) and
                     _number(d.get("image_h")) and all(_number(v) for v in d.values())):
-                raise checks.error("input_invalid", path, what="entry %d is not {'image_w': "
+                raise errors.error("input_invalid", path, what="entry %d is not {'image_w': "
                                    "number, 'image_h': number}" % i,
                                    fix="use the authors' file, or delete it and the box file "
                                        "(%s)" % NO_BOXES)
             sizes[i] = d["image_w"], d["image_h"]
     if not (sizes > 0).all():
         i = int(np.argmin((sizes > 0).all(1)))
-        raise checks.error("input_invalid", path, what="image %d has size %s"
+        raise errors.error("input_invalid", path, what="image %d has size %s"
                            % (i, sizes[i].tolist()),
                            fix="use the authors' file, or delete it and the box file (%s)"
                                % NO_BOXES)
@@ -278,18 +279,18 @@ def load_boxes(path, n_images, n_regions):
     try:
         boxes = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise checks.error("input_invalid", path, what="not a readable box file (%s)"
-                           % checks.first_line(e), fix="use the authors' file, or delete it "
+        raise errors.error("input_invalid", path, what="not a readable box file (%s)"
+                           % errors.first_line(e), fix="use the authors' file, or delete it "
                            "and the size file (%s)" % NO_BOXES) from None
     if boxes.ndim != 3 or boxes.shape[1:] != (n_regions, 4):
-        raise checks.error("input_shape", path, what="boxes", shape=boxes.shape,
+        raise errors.error("input_shape", path, what="boxes", shape=boxes.shape,
                            expected="(%d, %d, 4): x1, y1, x2, y2 of each region of each image"
                                     % (n_images, n_regions), without=NO_BOXES)
     if len(boxes) != n_images:
-        raise checks.error("input_count", path, found="boxes of %d images" % len(boxes),
+        raise errors.error("input_count", path, found="boxes of %d images" % len(boxes),
                            n=n_images, items="images", item="image", without=NO_BOXES)
     if not (np.issubdtype(boxes.dtype, np.floating) or np.issubdtype(boxes.dtype, np.integer)):
-        raise checks.error("input_invalid", path, what="boxes of dtype %s" % boxes.dtype,
+        raise errors.error("input_invalid", path, what="boxes of dtype %s" % boxes.dtype,
                            fix="use the authors' file, or delete it and the size file (%s)"
                                % NO_BOXES)
     return boxes
@@ -303,14 +304,14 @@ def load_depends(path, n_captions):
         with open(path, encoding="utf-8") as f:
             depends = json.load(f)
     except Exception as e:
-        raise checks.error("input_invalid", path, what="not a readable JSON file (%s)"
-                           % checks.first_line(e), fix=fix) from None
+        raise errors.error("input_invalid", path, what="not a readable JSON file (%s)"
+                           % errors.first_line(e), fix=fix) from None
     if isinstance(depends, list) and len(depends) != n_captions:
-        raise checks.error("input_count", path, found="%d arc lists" % len(depends),
+        raise errors.error("input_count", path, found="%d arc lists" % len(depends),
                            n=n_captions, items="captions", item="caption", without=NO_ARCS)
     problem = validate_arcs(depends, n_captions, path)
     if problem:
-        raise checks.error("input_invalid", path, what=problem, fix=fix)
+        raise errors.error("input_invalid", path, what=problem, fix=fix)
     return depends
 
 
@@ -796,7 +797,7 @@ class GSMNDataset(data.PrecompDataset):
         if self.mode != "zero" and any(have):
             if not all(have):
                 missing, other = (size_file, box_file) if have[0] else (box_file, size_file)
-                raise checks.error("input_unpaired", missing, other=os.path.basename(other),
+                raise errors.error("input_unpaired", missing, other=os.path.basename(other),
                                    why="the boxes are divided by the image sizes",
                                    without=NO_BOXES)
             boxes = load_boxes(box_file, n_img, n_regions)
@@ -817,7 +818,7 @@ class GSMNDataset(data.PrecompDataset):
                     seen[np.minimum(np.arange(self.length) // self.im_div, self.length - 1)]
             log.info("%s: boxes from %s (--bbox_mode %s)", split, box_file, self.mode)
         elif self.mode == "correct":
-            raise checks.error("input_required", box_file, flag="--bbox_mode correct",
+            raise errors.error("input_required", box_file, flag="--bbox_mode correct",
                                why="--bbox_mode correct needs the boxes and %s"
                                    % os.path.basename(size_file))
         # arcs: for sparse training; at evaluation whenever present (a dense and a sparse
@@ -958,11 +959,11 @@ class GSMN(Matcher):
 
     @classmethod
     def check_opt(cls, opt, distributed=False):
-        checks.check_positive(opt, ("num_block", "feat_dim", "hid_dim", "out_dim"))
+        errors.check_positive(opt, ("num_block", "feat_dim", "hid_dim", "out_dim"))
         problem = check_dims(opt)
         if problem:
             flag, why = problem
-            raise checks.error("flag_unsupported", checks.opt_where(opt, flag), model="GSMN",
+            raise errors.error("flag_unsupported", errors.opt_where(opt, flag), model="GSMN",
                                why=why)
 
     @classmethod
@@ -982,7 +983,7 @@ class GSMN(Matcher):
     def infer_flags(cls, state, opt=None):
         img, txt = state[0], state[1] if len(state) > 1 else {}
         vg = state[2] if len(state) > 2 else {}
-        shape = checks.state_shape
+        shape = checkpoint.state_shape
         layers = [int(m.group(1)) for k in txt
                   for m in [re.match(r"(?:cap_)?rnn\.weight_ih_l(\d+)", k)] if m]
         feat = shape(vg, "graph_convolution_1.conv_weights.0.weight", 1)

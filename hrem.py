@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checks
+import checkpoint
 import data
+import errors
 from loss import ContrastiveLoss
 from model import Matcher, TextQuery, l2norm, memory_budget
 
@@ -100,26 +101,26 @@ def bert_source(path):
     if os.path.isdir(path):
         cfg = os.path.join(path, "config.json")
         if not os.path.isfile(cfg):
-            raise checks.error("bert_not_model_dir", _where(path))
+            raise errors.error("bert_not_model_dir", _where(path))
         try:
             with open(cfg, encoding="utf-8") as f:
                 model_type = json.load(f).get("model_type", "bert")
         except (OSError, ValueError, AttributeError) as e:
-            raise checks.error("bert_config", _where(path), reason="is not readable json (%s)"
-                               % checks.first_line(e)) from None
+            raise errors.error("bert_config", _where(path), reason="is not readable json (%s)"
+                               % errors.first_line(e)) from None
         if model_type != "bert":
-            raise checks.error("bert_config", _where(path),
+            raise errors.error("bert_config", _where(path),
                                reason="describes a %r model, not BERT" % model_type)
         if not any(os.path.isfile(os.path.join(path, f))
                    for f in ("vocab.txt", "tokenizer.json")):
-            raise checks.error("bert_no_vocab", _where(path))
+            raise errors.error("bert_no_vocab", _where(path))
         return path, True
     if os.path.isfile(path):
-        raise checks.error("path_not_dir", _where(path), found=path,
+        raise errors.error("path_not_dir", _where(path), found=path,
                            expected="--bert_path DIR, a directory holding a BERT's config.json "
                                     "and vocab.txt")
     if _looks_like_path(path):
-        raise checks.error("bert_missing", _where(path))
+        raise errors.error("bert_missing", _where(path))
     from transformers import BertConfig
     try:  # the hub name in the local cache
         BertConfig.from_pretrained(path, local_files_only=True)
@@ -127,7 +128,7 @@ def bert_source(path):
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise checks.error("bert_offline", _where(path))
+        raise errors.error("bert_offline", _where(path))
     return path, False
 
 
@@ -138,8 +139,8 @@ def _from_bert_path(cls, path, what):
     try:
         return cls.from_pretrained(src, local_files_only=local)
     except (OSError, ValueError) as e:
-        raise checks.error("bert_unreadable", _where(path), what=what,
-                           reason=checks.first_line(e)) from None
+        raise errors.error("bert_unreadable", _where(path), what=what,
+                           reason=errors.first_line(e)) from None
 
 
 def load_bert_config(path):
@@ -173,14 +174,14 @@ def build_bert(path, pretrained=True, config=None):
         return BertModel(load_bert_config(path))
     src, local = bert_source(path)
     if not has_bert_weights(path):
-        raise checks.error("bert_weights", _where(path),
+        raise errors.error("bert_weights", _where(path),
                            files=" or ".join(BERT_WEIGHT_FILES[:2]))
     try:
         return BertModel.from_pretrained(src, local_files_only=local)
     except Exception as e:  # noqa: BLE001 (a damaged weight file: OSError, or the
         #                     safetensors library's own error type)
-        raise checks.error("bert_unreadable", _where(path), what="weights",
-                           reason=checks.first_line(e)) from None
+        raise errors.error("bert_unreadable", _where(path), what="weights",
+                           reason=errors.first_line(e)) from None
 
 
 def describe_bert(n_layers, hidden, vocab, intermediate):
@@ -216,10 +217,10 @@ class CaptionTokenizer:
         ids = {k: getattr(tokenizer, k + "_token_id") for k in ("pad", "cls", "sep", "mask")}
         missing = [k for k, v in ids.items() if v is None]
         if missing:
-            raise checks.error("bert_vocab", where, problem="has no %s token" % ", ".join(
+            raise errors.error("bert_vocab", where, problem="has no %s token" % ", ".join(
                 "[%s]" % k.upper() for k in missing))
         if ids["pad"] != 0:
-            raise checks.error("bert_vocab", where, problem="gives [PAD] the id %d, but the "
+            raise errors.error("bert_vocab", where, problem="gives [PAD] the id %d, but the "
                                "text encoder masks padding as id 0" % ids["pad"])
         self.pad_id, self.cls_id, self.sep_id, self.mask_id = (ids["pad"], ids["cls"],
                                                                ids["sep"], ids["mask"])
@@ -908,26 +909,26 @@ class HREM(Matcher):
     @classmethod
     def check_opt(cls, opt, distributed=False):
         if distributed:
-            raise checks.error("torchrun_unsupported", "--module_name %s" % opt.module_name,
+            raise errors.error("torchrun_unsupported", "--module_name %s" % opt.module_name,
                                model=opt.module_name,
                                why="its criterion relates every image and caption of a batch "
                                    "(a transformer over the batch), so each process would "
                                    "relate only its own share")
-        checks.check_positive(opt, ("nhead", "topk", "num_layers_enc"))
-        checks.check_nonnegative(opt, ("warmup", "dropout", "reg_loss_weight", "decay_rate",
+        errors.check_positive(opt, ("nhead", "topk", "num_layers_enc"))
+        errors.check_nonnegative(opt, ("warmup", "dropout", "reg_loss_weight", "decay_rate",
                                        "graph_lr_factor"))
         if opt.embed_size % opt.nhead:
-            raise checks.error("flag_divides", "--nhead %d" % opt.nhead,
+            raise errors.error("flag_divides", "--nhead %d" % opt.nhead,
                                what="--embed_size %d" % opt.embed_size)
         if not 0 < opt.threshold <= 1 or int(opt.batch_size * opt.threshold) < 1:
-            raise checks.error("flag_range", "--threshold %s" % opt.threshold,
+            raise errors.error("flag_range", "--threshold %s" % opt.threshold,
                                range="in (0, 1], with --batch_size x threshold >= 1")
         if opt.val_split is None:
             opt.val_split = "testall" if loss_cutoff(opt) == 1.9 else "test"
         bert_source(opt.bert_path)
         if opt.bert_init == "pretrained" and not opt.resume and not has_bert_weights(
                 opt.bert_path):
-            raise checks.error("bert_weights", _where(opt.bert_path),
+            raise errors.error("bert_weights", _where(opt.bert_path),
                                files=" or ".join(BERT_WEIGHT_FILES[:2]))
 
     @classmethod
@@ -936,7 +937,7 @@ class HREM(Matcher):
         tok = CaptionTokenizer(load_tokenizer(opt.bert_path), _where(opt.bert_path))
         size = load_bert_config(opt.bert_path).vocab_size
         if len(tok) > size:
-            raise checks.error("bert_vocab", _where(opt.bert_path),
+            raise errors.error("bert_vocab", _where(opt.bert_path),
                                problem="has %d tokens, more than the %d of its config"
                                        % (len(tok), size))
         return tok, opt.bert_path
@@ -948,7 +949,7 @@ class HREM(Matcher):
     @classmethod
     def check_train_data(cls, n_captions, batch_size):
         if n_captions < batch_size:
-            raise checks.error("batch_too_large", "--batch_size %d" % batch_size, n=n_captions)
+            raise errors.error("batch_too_large", "--batch_size %d" % batch_size, n=n_captions)
 
     @classmethod
     def recognise(cls, ckpt):
@@ -961,8 +962,8 @@ class HREM(Matcher):
     @classmethod
     def infer_flags(cls, state, opt=None):
         img = state[0] if state else {}
-        return {"img_dim": checks.state_shape(img, "fc.fc.weight", 1),
-                "embed_size": checks.state_shape(img, "fc.fc.weight", 0)}
+        return {"img_dim": checkpoint.state_shape(img, "fc.fc.weight", 1),
+                "embed_size": checkpoint.state_shape(img, "fc.fc.weight", 0)}
 
     @classmethod
     def for_checkpoint(cls, opt, device=None):
@@ -1014,7 +1015,7 @@ class HREM(Matcher):
         theirs = bert_of_state(ckpt["model"][1])
         ours = bert_of_state(self.txt_enc.state_dict())
         if theirs != ours:
-            raise checks.error("bert_mismatch", _where(self.opt.bert_path), ours=ours,
+            raise errors.error("bert_mismatch", _where(self.opt.bert_path), ours=ours,
                                theirs=theirs, checkpoint=os.path.basename(path))
 
     # ------------------------------------------------------------------ optimisation

@@ -2,10 +2,12 @@
 
 This is the one place that knows which matchers exist. A matcher is one file with a subclass
 of `model.Matcher` (its flags, vocabulary, data, checkpoint layout, train step and scoring)
-plus one line in `MATCHERS` below; train.py, evaluation.py, checks.py, opts.py and data.py
-reach it through the functions here and never name it (README, "Adding a matcher").
+plus one line in `MATCHERS` below; train.py, evaluation.py, opts.py, data.py, runs.py, errors.py
+and checks.py reach it through the functions here and never name it (README, "Adding a
+matcher").
 """
-import checks
+import checkpoint
+import errors
 from hrem import HREM
 from model import SGRAF
 from gsmn import GSMN
@@ -37,7 +39,7 @@ def names_of(cls):
 def matcher_class(name):
     """The class of a --module_name, or a one-line UsageError."""
     if name not in MATCHERS:
-        raise checks.error("module_name", "--module_name %s" % name,
+        raise errors.error("module_name", "--module_name %s" % name,
                            choices="one of " + ", ".join(MATCHERS))
     return MATCHERS[name]
 
@@ -78,7 +80,7 @@ def recognise(ckpt, path):
         name = cls.recognise(ckpt)
         if name is not None:
             return name
-    raise checks.error("ckpt_not_model", path,
+    raise errors.error("ckpt_not_model", path,
                        reason="its %d state dicts fit none of %s"
                               % (len(ckpt["model"]), ", ".join(MATCHERS)))
 
@@ -88,10 +90,10 @@ def check_fits(model, ckpt, path, vocab_file="the vocabulary"):
     flags it was trained with, as its own matcher reads them (its --module_name included)."""
     try:
         name = recognise(ckpt, path)
-    except checks.CheckpointError:
+    except errors.CheckpointError:
         name = None
     want = None
     if name is not None:
         want = dict(MATCHERS[name].infer_flags(ckpt["model"], ckpt["opt"]), module_name=name)
     model.check_checkpoint(ckpt, path)
-    checks.check_checkpoint_matches(model, ckpt, path, vocab_file, want=want)
+    checkpoint.check_checkpoint_matches(model, ckpt, path, vocab_file, want=want)

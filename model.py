@@ -33,10 +33,12 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
-import checks
+import checkpoint
 import daa
 import data
+import errors
 import similarity
+import vocab
 from daa import DAALoss
 from loss import ContrastiveLoss
 from meters import LogCollector
@@ -393,14 +395,14 @@ class Matcher:
 
     @classmethod
     def check_opt(cls, opt, distributed=False):
-        """Flags that cannot work with this matcher: raise checks.error(...) before any
+        """Flags that cannot work with this matcher: raise errors.error(...) before any
         compute (keys flag_unsupported, torchrun_unsupported, flag_positive, ...)."""
 
     @classmethod
     def vocabulary(cls, opt):
         """(vocab, path): what turns a caption into ids. SCAN's `<data_name>_vocab.json`."""
         path = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
-        return checks.load_vocab(path), path
+        return vocab.load_vocab(path), path
 
     # ------------------------------------------------------------------ data
     @classmethod
@@ -629,7 +631,7 @@ class Matcher:
         distribution over the image's regions (sums to 1). Inputs as `score` takes them, one
         image per caption. A matcher that has none keeps `attention_info = None` and says why in
         `no_attention_why`; this default then refuses with that reason."""
-        raise checks.error("explain_unsupported", "--explain", model=self.opt.module_name,
+        raise errors.error("explain_unsupported", "--explain", model=self.opt.module_name,
                            why=self.no_attention_why)
 
 
@@ -668,13 +670,13 @@ class SGRAF(Matcher):
 
     @classmethod
     def check_opt(cls, opt, distributed=False):
-        checks.check_positive(opt, ("sim_dim", "sgr_step"))
-        checks.check_nonnegative(opt, ("daa_weight", "sum_violation_warmup"))
+        errors.check_positive(opt, ("sim_dim", "sgr_step"))
+        errors.check_nonnegative(opt, ("daa_weight", "sum_violation_warmup"))
 
     @classmethod
     def check_train_data(cls, n_captions, batch_size):
         # a shuffled epoch whose last batch holds one pair crashes in BatchNorm1d
-        checks.check_last_batch(n_captions, batch_size)
+        data.check_last_batch(n_captions, batch_size)
 
     @classmethod
     def recognise(cls, ckpt):
@@ -687,7 +689,7 @@ class SGRAF(Matcher):
     def infer_flags(cls, state, opt=None):
         img, txt = state[0], state[1] if len(state) > 1 else {}
         sim = state[2] if len(state) > 2 else {}
-        shape = checks.state_shape
+        shape = checkpoint.state_shape
         layers = [int(m.group(1)) for k in txt
                   for m in [re.match(r"cap_rnn\.weight_ih_l(\d+)", k)] if m]
         steps = {k.split(".")[1] for k in sim if k.startswith("SGR_module.")}

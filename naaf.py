@@ -34,7 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checks
+import checkpoint
+import errors
+import runs
+import vocab
 from loss import ContrastiveLoss
 from model import EncoderImage, EncoderText, Matcher, l1norm, l2norm
 from similarity import word_mask
@@ -440,12 +443,12 @@ class NAAF(Matcher):
         """Its hinge loss always takes the hardest negatives (hard-wired in the original), so
         --no-max_violation is refused rather than ignored; and it trains in one process."""
         if distributed:
-            raise checks.error(
+            raise errors.error(
                 "torchrun_unsupported", "--module_name NAAF", model="NAAF",
                 why="it learns its threshold from the statistics of each batch, so every "
                     "process would learn its own and the checkpoint keep only rank 0's")
         if not opt.max_violation:
-            raise checks.error("flag_unsupported", "--no-max_violation", model="NAAF",
+            raise errors.error("flag_unsupported", "--no-max_violation", model="NAAF",
                                why="its hinge loss always takes the hardest negatives, as the "
                                    "original")
 
@@ -453,7 +456,7 @@ class NAAF(Matcher):
     def vocabulary(cls, opt):
         """SCAN's vocab for the basic text encoder, NAAF's GloVe vocab for the GloVe one."""
         path = naaf_vocab_file(opt, opt.vocab_path)
-        return checks.load_vocab(path, loader=load_naaf_vocab), path
+        return vocab.load_vocab(path, loader=load_naaf_vocab), path
 
     @classmethod
     def recognise(cls, ckpt):
@@ -462,7 +465,7 @@ class NAAF(Matcher):
     @classmethod
     def infer_flags(cls, state, opt=None):
         img, txt = state[0], state[1] if len(state) > 1 else {}
-        shape = checks.state_shape
+        shape = checkpoint.state_shape
         layers = [int(m.group(1)) for k in txt
                   for m in [re.match(r"rnn\.weight_ih_l(\d+)", k)] if m]
         embed = "embed.glove.weight" if "embed.glove.weight" in txt else "embed.weight"
@@ -592,7 +595,7 @@ class NAAF(Matcher):
     def forward_loss(self, sims, ids=None):
         loss = self.criterion(sims)
         # "Loss" as SGRAF's (the original NAAF's log says "Le"): the log line, TensorBoard and
-        # checks.stop_on_nonfinite, which stops a non-finite loss before the step, read it
+        # runs.stop_on_nonfinite, which stops a non-finite loss before the step, read it
         self.logger.update("Loss", loss.item(), sims.size(0))
         return loss
 

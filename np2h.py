@@ -16,13 +16,14 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-import checks
+import data
+import errors
 import outputs
 
 log = logging.getLogger(__name__)
 
 # a conversion refused (the .npy cannot be converted, or the .h5 exists): a one-line error
-ConversionError = checks.DataError
+ConversionError = errors.DataError
 
 
 def _source(npy_path):
@@ -35,18 +36,18 @@ def check_split(npy_path, h5_path, overwrite=False):
     """Everything about converting one split that can be checked before converting it: the
     .npy is a readable 3-D float array with images, the .h5 can be written. Returns the
     features, or None when the .h5 is up to date (converted by np2h.py from this .npy)."""
-    checks.check_not_dir(npy_path, npy_path, expected="a {split}_ims.npy file")
+    errors.check_not_dir(npy_path, npy_path, expected="a {split}_ims.npy file")
     if not os.path.isfile(npy_path):
-        raise checks.error("features_missing", npy_path)
+        raise errors.error("features_missing", npy_path)
     record = outputs.check_output_file(h5_path, made_by="np2h.py", overwrite=overwrite,
                                        alternative="move it away")
     if record and not overwrite:
         if record.get("from") == _source(npy_path):
             return None
-        raise checks.error("file_exists", h5_path, alternative="move it away",
+        raise errors.error("file_exists", h5_path, alternative="move it away",
                            detail=" (converted by np2h.py from another .npy)")
-    src = checks.open_features(npy_path)
-    checks.check_features(src, npy_path, sample=0)  # shape, dtype, images: no data read
+    src = data.open_features(npy_path)
+    data.check_features(src, npy_path, sample=0)  # shape, dtype, images: no data read
     return src
 
 
@@ -55,7 +56,7 @@ def convert(npy_path, h5_path, chunk_images=256, overwrite=False):
     Returns the shape written."""
     src = check_split(npy_path, h5_path, overwrite)
     if src is None:  # up to date
-        return checks.H5Features(h5_path).shape
+        return data.H5Features(h5_path).shape
     return _write(src, npy_path, h5_path, chunk_images)
 
 
@@ -70,26 +71,30 @@ def _write(src, npy_path, h5_path, chunk_images):
                 block = np.asarray(src[start:start + chunk_images], dtype=np.float32)
                 finite = np.isfinite(block).reshape(len(block), -1).all(1)
                 if not finite.all():
-                    raise checks.error("features_nonfinite", npy_path,
+                    raise errors.error("features_nonfinite", npy_path,
                                        index=start + int(np.argmin(finite)),
                                        checked="found while converting it")
                 dst[start:start + len(block)] = block
     return src.shape
 
 
-@checks.exit_on_error
-def main(argv=None):
-    p = checks.ArgumentParser(prog="np2h.py",
+def build_parser():
+    p = errors.ArgumentParser(prog="np2h.py",
                               description="Convert {split}_ims.npy to {split}.h5 (dataset feat)")
     p.add_argument("--data_path", default="data/f30k_precomp",
                    help="directory holding the {split}_ims.npy files")
     p.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
     p.add_argument("--chunk", type=int, default=256, help="images per chunk")
     p.add_argument("--overwrite", action="store_true", help="replace existing .h5 files")
-    args = p.parse_args(argv)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
-    checks.check_positive(args, ["chunk"])
-    checks.check_dir(args.data_path, "--data_path %s" % args.data_path,
+    errors.check_positive(args, ["chunk"])
+    errors.check_dir(args.data_path, "--data_path %s" % args.data_path,
                      expected="the directory that holds the {split}_ims.npy files, e.g. "
                               "data/f30k_precomp")
     for split in args.splits:  # "train,dev", "dev_ims.npy", "data/x/dev": not a split's name
@@ -98,7 +103,7 @@ def main(argv=None):
             suggest = " ".join(s for part in split.replace(",", " ").split()
                                for s in [os.path.basename(part).replace(".npy", "")
                                          .replace("_ims", "")] if s) or "train dev test"
-            raise checks.error("split_name", "--splits %s" % split, suggest=suggest)
+            raise errors.error("split_name", "--splits %s" % split, suggest=suggest)
     jobs = []
     for split in dict.fromkeys(args.splits):  # every split checked before any is converted
         npy = os.path.join(args.data_path, "%s_ims.npy" % split)

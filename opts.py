@@ -14,12 +14,13 @@ The flags every matcher shares are here; `--module_name` and each matcher's own 
 the registry (matchers.py), with the originals' names and defaults. Where a matcher's original
 has another default for a shared flag (a learning rate, say), its class's `defaults` apply to
 every flag not given on the command line; a flag that belongs to other matchers only is refused
-with a one-line error rather than ignored.
+with a one-line error rather than ignored. `check_train_opt` checks, before any compute, the
+flags that cannot work together, the device and the paths.
 """
 import argparse
 import os
 
-import checks
+import errors
 import matchers
 
 
@@ -29,7 +30,7 @@ def _device_default():
 
 
 def build_parser():
-    p = checks.ArgumentParser(prog="train.py", description="SGRAF / DAA image-text matching")
+    p = errors.ArgumentParser(prog="train.py", description="SGRAF / DAA image-text matching")
     # --------------------------- data path -------------------------#
     p.add_argument("--data_path", default="data", help="path to datasets (holds <data_name>/)")
     p.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp")
@@ -105,7 +106,7 @@ def apply_matcher(opt, given):
     for dest in sorted(given):
         owners = matchers.owners(dest)
         if owners and opt.module_name not in owners:
-            raise checks.error("flag_unsupported", checks.flag_text(dest, getattr(opt, dest)),
+            raise errors.error("flag_unsupported", errors.flag_text(dest, getattr(opt, dest)),
                                model=opt.module_name,
                                why="it is an option of %s" % ", ".join(owners))
     return opt
@@ -127,3 +128,33 @@ def parse_opt(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     return finalize(apply_matcher(opt, given_flags(parser, argv)))
+
+
+_POSITIVE = ("num_epochs", "batch_size", "log_step", "val_step", "img_dim", "word_dim",
+             "embed_size", "num_layers")
+_NONNEGATIVE = ("workers", "grad_clip", "seed")
+
+
+def check_train_opt(opt):
+    """Flags of train.py that cannot work together, its device and its paths. (The matcher's
+    own flags are checked by its class's `check_opt`; where the run writes, by `runs.check_run`.)"""
+    errors.check_positive(opt, _POSITIVE)
+    errors.check_nonnegative(opt, _NONNEGATIVE)
+    if opt.lr_update < 1:
+        raise errors.error("lr_update", errors.opt_where(opt, "lr_update"))
+    if not opt.learning_rate > 0:
+        raise errors.error("learning_rate", errors.opt_where(opt, "learning_rate"))
+    if opt.margin < 0:
+        raise errors.error("margin", errors.opt_where(opt, "margin"))
+    if opt.batch_size == 1:
+        raise errors.error("batch_one", errors.opt_where(opt, "batch_size"))
+    errors.check_device(opt.device)
+    errors.check_data_name(opt.data_name, opt.data_path)
+    errors.check_dir(opt.data_path, "--data_path %s" % opt.data_path, exists=False,
+                     expected="the directory that holds <data_name>/")
+    errors.check_dir(opt.vocab_path, "--vocab_path %s" % opt.vocab_path, exists=False,
+                     expected="the directory that holds <data_name>_vocab.json")
+    errors.check_dir(opt.model_name, "--model_name %s" % opt.model_name, exists=False,
+                     expected="a directory for the checkpoints (created if missing)")
+    errors.check_dir(opt.logger_name, "--logger_name %s" % opt.logger_name, exists=False,
+                     expected="a directory for the TensorBoard logs (created if missing)")

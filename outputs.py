@@ -34,7 +34,7 @@ import re
 import shutil
 import socket
 
-import checks
+import errors
 
 MARKER = ".made_by.json"
 # a file or directory being written: `.<name>~<host>~<pid>.partial` beside its target
@@ -187,10 +187,10 @@ def check_output_file(path, where=None, made_by=None, overwrite=False,
     reuse it, resume it or replace it). A shipped vocabulary gets its own message.
     `alternative` completes the fix ("pass --overwrite to replace it, or ...")."""
     where = where or path
-    checks.check_not_dir(path, where, expected=expected)
-    blocked = checks._file_in_the_way(os.path.dirname(path))
+    errors.check_not_dir(path, where, expected=expected)
+    blocked = errors.file_in_the_way(os.path.dirname(path))
     if blocked:
-        raise checks.error("path_not_dir", where, found=blocked,
+        raise errors.error("path_not_dir", where, found=blocked,
                            expected="a path whose directories are directories")
     if not os.path.lexists(path):
         return None
@@ -199,10 +199,10 @@ def check_output_file(path, where=None, made_by=None, overwrite=False,
         return record
     shipped = shipped_file(path)
     if shipped:
-        raise checks.error("file_shipped", where, what="file %s" % shipped,
+        raise errors.error("file_shipped", where, what="file %s" % shipped,
                            alternative=alternative)
     detail = " (written by %s)" % record["made_by"] if record else ""
-    raise checks.error("file_exists", where, detail=detail, alternative=alternative)
+    raise errors.error("file_exists", where, detail=detail, alternative=alternative)
 
 
 def check_outputs(paths, tool, flag):
@@ -211,15 +211,15 @@ def check_outputs(paths, tool, flag):
     or cannot be written (a parent is a file, or a directory that is not writable)."""
     for path in paths:
         if os.path.isdir(path) or (os.path.lexists(path) and made_by(path) != tool):
-            raise checks.error("file_not_made", path, tool=tool, flag=flag)
+            raise errors.error("file_not_made", path, tool=tool, flag=flag)
         parent = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise checks.error("output_unwritable", path,
+            raise errors.error("output_unwritable", path,
                                reason="%s is not a directory" % parent)
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise checks.error("output_unwritable", path, reason="%s is not writable" % parent)
+            raise errors.error("output_unwritable", path, reason="%s is not writable" % parent)
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -392,9 +392,9 @@ def check_output_path(path, flag):
     """The directory of an output exists and the path is not a directory."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise checks.error("output_dir", directory, flag=flag)
+        raise errors.error("output_dir", directory, flag=flag)
     if os.path.isdir(path):
-        raise checks.error("output_not_ours", path, why="it is a directory", flag=flag)
+        raise errors.error("output_not_ours", path, why="it is a directory", flag=flag)
 
 
 def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None):
@@ -412,24 +412,24 @@ def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None)
     rec = path + RECORD_SUFFIX
     exists = os.path.exists(path)
     if exists and not overwrite and not os.path.isfile(rec):
-        raise checks.error("output_not_ours", path, flag=flag,
+        raise errors.error("output_not_ours", path, flag=flag,
                            why="no %s beside it" % os.path.basename(rec))
     f = open(rec, "a+")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise checks.error("output_busy", path, flag=flag) from None
+            raise errors.error("output_busy", path, flag=flag) from None
         except OSError:  # a file system without locks: go on unlocked
             pass
         old = read_record(rec) if exists and not overwrite else None
         if exists and not overwrite:
             if old is None:
-                raise checks.error("output_not_ours", path, flag=flag,
+                raise errors.error("output_not_ours", path, flag=flag,
                                    why="%s is not a record" % os.path.basename(rec))
             change = identity_change(identity, old[0]["identity"])
             if change is not None:
-                raise checks.error("output_other_run", path, flag=flag, change=change)
+                raise errors.error("output_other_run", path, flag=flag, change=change)
             f.seek(0)
             text = f.read()
             if not text.endswith("\n"):  # drop a line that a crash cut short
@@ -438,7 +438,7 @@ def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None)
         # a fresh record; a record left without its output (deleted) describes nothing, but
         # a file of that name that is not a record is the user's
         if not exists and not overwrite and os.path.getsize(rec) and read_record(rec) is None:
-            raise checks.error("output_not_ours", rec, flag=flag, why="it is not a record")
+            raise errors.error("output_not_ours", rec, flag=flag, why="it is not a record")
         header = {"record": 1, "output": os.path.basename(path), "made_by": made_by,
                   "identity": identity, "info": info or {}}
         f.seek(0)

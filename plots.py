@@ -21,7 +21,7 @@ import textwrap
 
 import numpy as np
 
-import checks
+import errors
 import outputs
 
 DPI = 100
@@ -43,7 +43,7 @@ def save(fig, path, tool, flag):
             with open(tmp, "wb") as f:
                 fig.savefig(f, format="png", dpi=DPI)
     except OSError as e:
-        raise checks.error("output_unwritable", path, reason=checks.first_line(e)) from None
+        raise errors.error("output_unwritable", path, reason=errors.first_line(e)) from None
     return path
 
 

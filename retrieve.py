@@ -41,8 +41,8 @@ import time
 import numpy as np
 import torch
 
-import checks
 import data
+import errors
 import evaluation
 import matchers
 import outputs
@@ -75,7 +75,7 @@ class Digests:
         self.files, self.dirty = {}, False
         if self.path and os.path.lexists(self.path):
             if outputs.made_by(self.path) != TOOL:
-                raise checks.error("file_not_made", self.path, tool=TOOL + "'s cache",
+                raise errors.error("file_not_made", self.path, tool=TOOL + "'s cache",
                                    flag="--cache_dir")
             with open(self.path, encoding="utf-8") as f:
                 self.files = json.load(f).get("files", {})
@@ -294,7 +294,7 @@ class Gallery:
                   for p in paths]
         unused = [type(m).vocab_path_unused for m, _, _, _ in loaded]
         if check_flags and vocab_path is not None and all(unused):
-            raise checks.error("flag_unsupported", "--vocab_path %s" % vocab_path,
+            raise errors.error("flag_unsupported", "--vocab_path %s" % vocab_path,
                                model=loaded[0][1].module_name, why=unused[0])
         labels = evaluation.model_labels(paths, [o for _, o, _, _ in loaded])
         self.members = []
@@ -312,8 +312,8 @@ class Gallery:
                 if not os.access(self.cache_dir, os.W_OK | os.X_OK):
                     raise PermissionError("not writable")
             except OSError as e:
-                raise checks.error("cache_unwritable", self.cache_dir,
-                                   reason=checks.first_line(e)) from None
+                raise errors.error("cache_unwritable", self.cache_dir,
+                                   reason=errors.first_line(e)) from None
             self.digests = Digests(self.cache_dir)
         loaders = {}
         for m in self.members:
@@ -330,7 +330,7 @@ class Gallery:
                              [("checkpoint folder", os.path.dirname(os.path.abspath(p)))
                               for p in paths]):
             if _inside(self.cache_dir, folder) and not _inside(base, folder):
-                raise checks.error("cache_inside", self.cache_dir, what=what, inside=folder,
+                raise errors.error("cache_inside", self.cache_dir, what=what, inside=folder,
                                    default=default_cache_dir())
 
     def _key(self, m):
@@ -378,7 +378,7 @@ class Gallery:
                                  m.label, self.data_name, self.split, m.entry)
                         return
                     if outputs.made_by(m.entry) != TOOL:
-                        raise checks.error("file_not_made", m.entry,
+                        raise errors.error("file_not_made", m.entry,
                                            tool=TOOL + "'s cache", flag="--cache_dir")
         vkey = (type(m.model), tuple(sorted(getattr(m.vocab, "word2idx", {}).items())) or
                 id(m.vocab))
@@ -438,7 +438,7 @@ class Gallery:
         """The top `topk` images of the split for free text: Hits with each image's index, score
         and ground-truth captions, and the query's unknown words."""
         if text is None or not str(text).strip():
-            raise checks.error("query_empty", "--query %s" % json.dumps(text or ""))
+            raise errors.error("query_empty", "--query %s" % json.dumps(text or ""))
         scores, context = [], []
         for m in self.members:
             enc = self.encodings(m)
@@ -478,7 +478,7 @@ class Gallery:
         index, score, text and image (`match`: it is one of the query image's captions)."""
         n = self.n_images
         if not 0 <= int(index) < n:
-            raise checks.error("image_index", "--image %d" % index, split=self.split,
+            raise errors.error("image_index", "--image %d" % index, split=self.split,
                                n_images=n, last=n - 1)
         index = int(index)
         scores = []
@@ -516,11 +516,11 @@ class Gallery:
         outputs.check_outputs([path], TOOL + " --explain", "--explain")
         if all(type(m.model).attention_info is None for m in self.members):
             m = self.members[0]
-            raise checks.error("explain_unsupported", "--explain", model=m.opt.module_name,
+            raise errors.error("explain_unsupported", "--explain", model=m.opt.module_name,
                                why=m.model.no_attention_why)
         if images is None:
             if image_ids is not None:
-                raise checks.error("images_dir", "--images (needed by --image_ids)")
+                raise errors.error("images_dir", "--images (needed by --image_ids)")
             return None
         return ImageFiles(images, image_ids, self.split_dir, self.split, self.n_images,
                           self.members[0].enc.im_div if self.members[0].enc else
@@ -610,10 +610,10 @@ class ImageFiles:
 
     def __init__(self, images, image_ids, split_dir, split, n_images, im_div):
         if not os.path.isdir(images):
-            raise checks.error("images_dir", images)
+            raise errors.error("images_dir", images)
         ids = image_ids or os.path.join(split_dir, "%s_ids.txt" % split)
         if not os.path.isfile(ids):
-            raise checks.error("image_ids_missing", ids)
+            raise errors.error("image_ids_missing", ids)
         with open(ids, encoding="utf-8") as f:
             lines = [line.strip() for line in f if line.strip()]
         if len(lines) == n_images * im_div and im_div > 1:
@@ -622,21 +622,21 @@ class ImageFiles:
         elif len(lines) == n_images:
             step = 1
         else:
-            raise checks.error("image_ids_count", ids, n_lines=len(lines), n_images=n_images)
+            raise errors.error("image_ids_count", ids, n_lines=len(lines), n_images=n_images)
         names = set(os.listdir(images))
         self.paths = []
         for k, name in enumerate(lines):
             found = self._find(images, name, names)
             if found is None:
-                raise checks.error("image_file", ids, image_id=name, line=k * step + 1,
+                raise errors.error("image_file", ids, image_id=name, line=k * step + 1,
                                    images=images, tried=", ".join(self._candidates(name)))
             self.paths.append(found)
         box_path = os.path.join(split_dir, "%s_ims_bbx.npy" % split)
         if not os.path.isfile(box_path):
-            raise checks.error("boxes_missing", box_path, name=os.path.basename(box_path))
+            raise errors.error("boxes_missing", box_path, name=os.path.basename(box_path))
         self.boxes = np.load(box_path, mmap_mode="r")
         if self.boxes.ndim != 3 or self.boxes.shape[0] != n_images or self.boxes.shape[2] != 4:
-            raise checks.error("boxes_shape", box_path, shape=tuple(self.boxes.shape),
+            raise errors.error("boxes_shape", box_path, shape=tuple(self.boxes.shape),
                                n_images=n_images, regions="regions")
 
     @staticmethod
@@ -719,15 +719,15 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
     if (query is None) == (image is None):
         raise ValueError("give either query or image")
     if topk < 1:
-        raise checks.error("flag_positive", "--topk %d" % topk)
+        raise errors.error("flag_positive", "--topk %d" % topk)
     if query is not None and not str(query).strip():
-        raise checks.error("query_empty", "--query %s" % json.dumps(query))
+        raise errors.error("query_empty", "--query %s" % json.dumps(query))
     if explain:
         outputs.check_outputs([explain], TOOL + " --explain", "--explain")
     gallery = Gallery(model_path, data_path, split, model_path2, vocab_path, data_name, device,
                       feat_format, cache_dir, overrides, check_flags)
     if image is not None and not 0 <= image < gallery.n_images:
-        raise checks.error("image_index", "--image %d" % image, split=split,
+        raise errors.error("image_index", "--image %d" % image, split=split,
                            n_images=gallery.n_images, last=gallery.n_images - 1)
     files = gallery.check_explain(explain, images, image_ids) if explain else None
     hits = (gallery.search_text(query, topk) if query is not None else
@@ -741,8 +741,8 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
     return hits
 
 
-@checks.exit_on_error
-def main(argv=None):
+def build_parser():
+    """retrieve.py's flags; `.matcher_dests`: the matchers' evaluation flags among them."""
     p = argparse.ArgumentParser(
         description="Search a split with a sentence (--query: its top images) or one of its "
                     "images (--image N: its top captions), with any checkpoint of the registry")
@@ -776,7 +776,14 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu")
     p.add_argument("--feat_format", default=None, choices=["auto", "npy", "h5"],
                    help="read {split}_ims.npy or {split}.h5 (default: the checkpoint's, auto)")
-    dests = matchers.add_eval_options(p)
+    p.matcher_dests = matchers.add_eval_options(p)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    p = build_parser()
+    dests = p.matcher_dests
     args = p.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     if args.images and not args.explain:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import checks
+import errors
 import outputs
 
 logger = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ def check_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=
                     n_test=DEFAULTS["n_test"], n_testall=DEFAULTS["n_testall"],
                     img_dim=DEFAULTS["img_dim"], n_regions=DEFAULTS["n_regions"],
                     overwrite=False, vocab_threshold=4):
-    """What make_synthetic checks before it writes anything (raises a checks.SGRAFError): the
+    """What make_synthetic checks before it writes anything (raises a errors.SGRAFError): the
     arguments, and where it writes. Files that exist are kept only when they are synthetic
     data made with the same arguments; another dataset (no synthetic.json), synthetic data
     made with other arguments, or a vocabulary that this data did not make, are refused
@@ -397,15 +397,15 @@ def check_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=
     opt = argparse.Namespace(seed=seed, n_train=n_train, n_dev=n_dev, n_test=n_test,
                              n_testall=n_testall, img_dim=img_dim, n_regions=n_regions,
                              vocab_threshold=vocab_threshold)
-    checks.check_positive(opt, ["n_train", "n_dev", "n_test", "img_dim", "vocab_threshold"])
-    checks.check_nonnegative(opt, ["n_testall", "seed"])
-    checks.check_min(opt, "n_regions", MIN_REGIONS,
+    errors.check_positive(opt, ["n_train", "n_dev", "n_test", "img_dim", "vocab_threshold"])
+    errors.check_nonnegative(opt, ["n_testall", "seed"])
+    errors.check_min(opt, "n_regions", MIN_REGIONS,
                      "an image shows up to %d regions of named concepts" % MIN_REGIONS)
-    checks.check_data_name(data_name, data_path)
-    checks.check_dir(data_path, "--data_path %s" % data_path, exists=False,
+    errors.check_data_name(data_name, data_path)
+    errors.check_dir(data_path, "--data_path %s" % data_path, exists=False,
                      expected="the directory to hold <data_name>/ (created if missing)")
     if vocab_path is not None:
-        checks.check_dir(vocab_path, "--vocab_path %s" % vocab_path, exists=False,
+        errors.check_dir(vocab_path, "--vocab_path %s" % vocab_path, exists=False,
                          expected="the directory to hold <data_name>_vocab.json (created if "
                                   "missing)")
     sizes = {"train": n_train, "dev": n_dev, "test": n_test}
@@ -417,7 +417,7 @@ def check_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=
     meta_path = os.path.join(data_dir, "synthetic.json")
     for split in sizes:
         for path in _paths(data_path, data_name, split):
-            checks.check_not_dir(path, path, expected="a file: move the directory away")
+            errors.check_not_dir(path, path, expected="a file: move the directory away")
     if not overwrite and os.path.isdir(data_dir):
         if os.path.isfile(meta_path):
             try:
@@ -429,12 +429,12 @@ def check_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=
                 diff = ("an unreadable synthetic.json" if not isinstance(old, dict) else
                         ", ".join("%s %s" % (k, old.get(k)) for k in args
                                   if old.get(k) != args[k]) or "other arguments")
-                raise checks.error("synthetic_mismatch", data_dir, diff=diff)
+                raise errors.error("synthetic_mismatch", data_dir, diff=diff)
         else:
             found = sorted(n for n in os.listdir(data_dir)
                            if n.endswith(("_ims.npy", "_caps.txt", ".h5")))
             if found:
-                raise checks.error("dataset_foreign", data_dir, found=", ".join(found[:3]) + (
+                raise errors.error("dataset_foreign", data_dir, found=", ".join(found[:3]) + (
                     " ..." if len(found) > 3 else ""))
     if vocab_path is not None:
         dest = vocab_file(vocab_path, data_name)
@@ -444,7 +444,7 @@ def check_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=
                                                overwrite=overwrite,
                                                alternative="another --vocab_path")
             if record and not overwrite and record.get("data") != _data_id(data_dir, args):
-                raise checks.error("file_exists", dest, alternative="another --vocab_path",
+                raise errors.error("file_exists", dest, alternative="another --vocab_path",
                                    detail=" (made by synthetic.py for other data)")
     return args
 
@@ -544,9 +544,8 @@ def make_synthetic(data_path, data_name="synth_precomp", vocab_path=None, seed=0
                 sizes=sizes, img_dim=img_dim, n_regions=n_regions, seconds=seconds)
 
 
-@checks.exit_on_error
-def main(argv=None):
-    p = checks.ArgumentParser(prog="synthetic.py",
+def build_parser():
+    p = errors.ArgumentParser(prog="synthetic.py",
                               description="Write a small synthetic SCAN-format dataset.")
     p.add_argument("--data_path", default="data")
     p.add_argument("--data_name", default="synth_precomp")
@@ -562,7 +561,12 @@ def main(argv=None):
     p.add_argument("--vocab_threshold", type=int, default=4)
     p.add_argument("--overwrite", action="store_true",
                    help="remake files that exist (data and vocabulary), whoever made them")
-    opt = p.parse_args(argv)
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    opt = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = make_synthetic(opt.data_path, opt.data_name, opt.vocab_path, seed=opt.seed,
                          n_train=opt.n_train, n_dev=opt.n_dev, n_test=opt.n_test,

@@ -34,13 +34,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-import checks
 import daa
 import data
 import distributed
+import errors
 import matchers
 import opts
 import outputs
+import runs
 from checkpoint import load_checkpoint, save_checkpoint
 from evaluation import encode_data, report
 from meters import AverageMeter
@@ -55,8 +56,8 @@ def check_world_size(opt, world_size, ddp):
         return
     where = "--world_size %d" % opt.world_size
     if ddp:
-        raise checks.error("world_size", where, n=world_size, want=opt.world_size)
-    raise checks.error("world_size_plain", where, want=opt.world_size)
+        raise errors.error("world_size", where, n=world_size, want=opt.world_size)
+    raise errors.error("world_size_plain", where, want=opt.world_size)
 
 
 def seed_everything(seed):
@@ -121,9 +122,9 @@ def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
         model.train_start()
         data_time.update(time.time() - end, 1)
         try:
-            checks.check_loss(model.train_emb(*batch, **batch.extra), model.Eiters,
-                              opt.model_name)
-        except checks.DivergedError as e:
+            runs.check_loss(model.train_emb(*batch, **batch.extra), model.Eiters,
+                            opt.model_name)
+        except errors.DivergedError as e:
             e.batch = batch  # for main to say what in it made the run diverge
             raise
         batch_time.update(time.time() - end, 1)
@@ -146,7 +147,7 @@ def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
             validate_on_master(opt, val_loader, model, writer)
 
 
-@checks.exit_on_error
+@errors.exit_on_error
 def main(argv=None):
     opt = opts.parse_opt(argv)
     ddp, rank, local_rank, world_size = distributed.env()
@@ -156,11 +157,11 @@ def main(argv=None):
     check_world_size(opt, world_size, ddp)
     matcher = matchers.matcher_class(opt.module_name)
     matcher.check_opt(opt, distributed=ddp)  # the matcher's own flags and refusals
-    checks.check_train_opt(opt)  # flags, device, paths
+    opts.check_train_opt(opt)  # flags, device, paths
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
     # never over another run's checkpoints or logs; the files of a run it replaces (with
     # --overwrite) are removed at its first checkpoint
-    replaced = checks.check_run(opt, ckpt)
+    replaced = runs.check_run(opt, ckpt)
     if opt.seed is None and ckpt is not None:  # replay the resumed run's shuffling
         opt.seed = getattr(ckpt["opt"], "seed", None)
     if ddp:
@@ -196,17 +197,17 @@ def main(argv=None):
                              opt.batch_size)
     dset = val_loader.dataset  # validation reports R@K: five captions per image
     if hasattr(dset, "im_div"):
-        checks.check_eval_captions(len(dset) // dset.im_div, len(dset),
-                                   getattr(dset, "cap_path", "the validation split"))
+        data.check_eval_captions(len(dset) // dset.im_div, len(dset),
+                                 getattr(dset, "cap_path", "the validation split"))
     dset = train_loader.dataset
     train_features = getattr(dset, "feat_path", "the training features")
     if ckpt is None:  # a resumed model's biases moved: an all-zero region no longer stops it
-        checks.warn_zero_regions(getattr(dset, "images", None), train_features)
+        data.warn_zero_regions(getattr(dset, "images", None), train_features)
 
     # resumed: the checkpoint's weights replace any pretrained ones the flags name
     model = matcher(opt) if ckpt is None else matcher.for_checkpoint(opt)
     model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
-    checks.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
+    runs.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
     start_epoch, best_rsum = 0, 0
     if ckpt is not None:
         matchers.check_fits(model, ckpt, opt.resume, vocab_file)
@@ -226,7 +227,8 @@ def main(argv=None):
         os.makedirs(opt.model_name, exist_ok=True)
         os.makedirs(opt.logger_name, exist_ok=True)
         # the log directory belongs to this run: a run in another --model_name is refused there
-        outputs.mark_made(opt.logger_name, "train.py", model_name=os.path.abspath(opt.model_name))
+        outputs.mark_made(opt.logger_name, "train.py",
+                          model_name=os.path.abspath(opt.model_name))
         from torch.utils.tensorboard import SummaryWriter
         # a resumed run drops the logged steps after its checkpoint's (a killed run's last ones)
         writer = SummaryWriter(opt.logger_name, flush_secs=5,
@@ -243,7 +245,7 @@ def main(argv=None):
 
         try:
             train_epoch(opt, train_loader, model, epoch, val_loader, writer)
-        except checks.DivergedError as e:
+        except errors.DivergedError as e:
             # the batch's images as the file holds them (a matcher's collate may pad or
             # drop regions): what in them explains it, if anything
             batch, images, image_ids = getattr(e, "batch", None), None, None
@@ -251,8 +253,8 @@ def main(argv=None):
                 image_ids = sorted({int(i) // getattr(dset, "im_div", 1) for i in batch.ids})
                 images = np.stack([np.asarray(dset.images[j], dtype=np.float32)
                                    for j in image_ids])
-            raise checks.explain_divergence(e, last, images=images, image_ids=image_ids,
-                                            features=train_features) from None
+            raise runs.explain_divergence(e, last, images=images, image_ids=image_ids,
+                                          features=train_features) from None
         r_sum = validate_on_master(opt, val_loader, model, writer)
 
         is_best = r_sum > best_rsum
@@ -275,8 +277,8 @@ def main(argv=None):
             save_checkpoint(state, is_best, filename=name, prefix=opt.model_name + "/")
             last = os.path.join(opt.model_name, name)
             if replaced:  # the replaced run's files go once this run has its own
-                checks.remove_files(replaced, keep=[last] + (
-                    [os.path.join(opt.model_name, checks.BEST)] if is_best else []))
+                runs.remove_files(replaced, keep=[last] + (
+                  [os.path.join(opt.model_name, runs.BEST)] if is_best else []))
                 replaced = []
         if ddp:  # the others wait for the checkpoint
             dist.barrier()

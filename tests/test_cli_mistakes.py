@@ -22,17 +22,20 @@ import torch
 
 import checks
 import demo
+import errors
 import evaluation
 import model
 import np2h
 import opts
 import outputs
+import runs
 import synthetic
 import train
+import vocab
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PrecompDataset
 from helpers import assert_unchanged, expect_exit, snapshot, tiny_dataset, train_args
-from vocab import UNK, build_vocab
+from vocab import UNK, build_vocab, load_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +46,7 @@ COMMANDS = {
     "train.py": ("train", "main"),
     "evaluation.py": ("evaluation", "main"),
     "demo.py": ("demo", "main"),
-    "vocab.py": ("checks", "vocab_command"),  # vocab.py's main guard runs it
+    "vocab.py": ("vocab", "vocab_command"),  # vocab.py's main guard runs it
     "np2h.py": ("np2h", "main"),
     "checks.py": ("checks", "main"),
     "synthetic.py": ("synthetic", "main"),
@@ -195,8 +198,8 @@ def tiny_opt(root, *extra, img_dim=32, data_name="synth_precomp"):
     opt = opts.parse_opt(train_args(os.path.join(root, "data"), os.path.join(root, "vocab"),
                                     "unused", "--img_dim", str(img_dim), "--data_name",
                                     data_name, *extra))
-    opt.vocab_size = len(checks.load_vocab(os.path.join(root, "vocab",
-                                                        "synth_precomp_vocab.json")))
+    opt.vocab_size = len(load_vocab(os.path.join(root, "vocab",
+                                                       "synth_precomp_vocab.json")))
     return opt
 
 
@@ -264,7 +267,7 @@ def shipped():
 def test_every_command_has_five_mistakes():
     counts = {name: sum(row[0] == name for row in MISTAKES) for name in COMMANDS}
     assert all(n >= 5 for n in counts.values()), counts
-    assert {key for _, _, key in MISTAKES} <= set(checks.PROBLEMS)
+    assert {key for _, _, key in MISTAKES} <= set(errors.PROBLEMS)
 
 
 @pytest.mark.parametrize("name,args,key", MISTAKES,
@@ -316,7 +319,7 @@ def fake_demo(monkeypatch):
         calls.append(list(flags))
         opt = opts.parse_opt(flags)
         os.makedirs(opt.model_name, exist_ok=True)
-        with open(os.path.join(opt.model_name, checks.BEST), "wb") as f:
+        with open(os.path.join(opt.model_name, runs.BEST), "wb") as f:
             f.write(b"demo's")
     monkeypatch.setattr(demo.train, "main", fake_train)
     monkeypatch.setattr(demo.evaluation, "evalrank", lambda *a, **k: {"rsum": 1.0})
@@ -383,7 +386,7 @@ def test_vocab_never_rewrites_the_shipped_vocabulary(work, shipped, capsys):
     f30k_precomp, --vocab_path vocab) used to rewrite the shipped vocab/f30k_precomp_vocab.json."""
     shutil.copy(os.path.join(REPO, "vocab", "f30k_precomp_vocab.json"), "vocab")
     caption_dir("MYDATA", "f30k_precomp", ["a dog runs"] * 4)
-    expect_exit(checks.vocab_command, ["--data_path", "MYDATA"], capsys, "file_shipped",
+    expect_exit(vocab.vocab_command, ["--data_path", "MYDATA"], capsys, "file_shipped",
                 "vocab/f30k_precomp_vocab.json: is the original file "
                 "vocab/f30k_precomp_vocab.json shipped with this repository",
                 "pass another --vocab_path", root=work, new_allowed=False)
@@ -394,22 +397,22 @@ def test_vocab_never_replaces_an_existing_vocabulary(work, shipped, capsys):
     os.makedirs("out")
     with open("out/mine_precomp_vocab.json", "w") as f:
         f.write("{}")
-    expect_exit(checks.vocab_command, ["--data_path", "MYDATA", "--data_name", "mine_precomp",
-                                       "--vocab_path", "out"], capsys, "file_exists",
+    expect_exit(vocab.vocab_command, ["--data_path", "MYDATA", "--data_name", "mine_precomp",
+                                      "--vocab_path", "out"], capsys, "file_exists",
                 "out/mine_precomp_vocab.json: already exists; pass --overwrite to replace it, "
                 "or another --vocab_path", root=work, new_allowed=False)
     argv = ["--data_path", "MYDATA", "--data_name", "mine_precomp", "--vocab_path", "out",
             "--threshold", "2"]
-    assert checks.vocab_command(argv + ["--overwrite"]) == 0
+    assert vocab.vocab_command(argv + ["--overwrite"]) == 0
     words = json.load(open("out/mine_precomp_vocab.json"))["word2idx"]
     assert list(words)[4:] == ["a", "dog", "runs", "cat", "sits"]
     before = snapshot(work)
-    assert checks.vocab_command(argv) == 0  # built by vocab.py from the same captions
+    assert vocab.vocab_command(argv) == 0  # built by vocab.py from the same captions
     assert "is up to date" in capsys.readouterr().out
     assert_unchanged(before, work, new_allowed=False)
     with open("MYDATA/mine_precomp/train_caps.txt", "a") as f:
         f.write("a bird\n")
-    expect_exit(checks.vocab_command, argv, capsys, "file_exists",
+    expect_exit(vocab.vocab_command, argv, capsys, "file_exists",
                 "(built by vocab.py from other captions or another --threshold)", root=work)
 
 
@@ -443,9 +446,9 @@ def test_vocabulary_ids_are_checked(work, shipped, capsys, change, reason):
 def test_shipped_vocabularies_pass_the_id_checks(original_vocab):
     import naaf
     for name in ("f30k_precomp_vocab.json", "coco_precomp_vocab.json"):
-        checks.load_vocab(str(original_vocab / name))
+        load_vocab(str(original_vocab / name))
     for name in ("f30k_precomp.json", "coco_precomp.json"):
-        checks.load_vocab(str(original_vocab / "naaf" / name), loader=naaf.load_naaf_vocab)
+        load_vocab(str(original_vocab / "naaf" / name), loader=naaf.load_naaf_vocab)
     for name in outputs.SHIPPED.values():  # the hashes are those of the shipped files
         assert outputs.shipped_file(os.path.join(REPO, name)) == name
 
@@ -485,7 +488,7 @@ def test_caption_file_with_a_byte_order_mark_keeps_its_first_word(work):
     path = os.path.join("data", "synth_precomp", "train_caps.txt")
     raw = open(path, "rb").read()
     first = raw.split(b"\n")[0].decode().split()[0].lower()
-    vocab = checks.load_vocab("vocab/synth_precomp_vocab.json")
+    vocab = load_vocab("vocab/synth_precomp_vocab.json")
     assert vocab(first) != vocab(UNK)
     with open(path, "wb") as f:
         f.write(b"\xef\xbb\xbf" + raw)
@@ -527,7 +530,7 @@ def test_rerun_with_fewer_epochs_leaves_no_file_of_the_earlier_run(work, shipped
     train.main(run_args("runs/a", "--num_epochs", "1", "--overwrite", "--seed", "5"))
     assert sorted(os.listdir(ckpt_dir)) == [outputs.MARKER, "checkpoint_0.pth.tar",
                                             "model_best.pth.tar"]
-    assert load_checkpoint(os.path.join(ckpt_dir, checks.BEST))["opt"].seed == 5
+    assert load_checkpoint(os.path.join(ckpt_dir, runs.BEST))["opt"].seed == 5
     new_events = events("runs/a")
     assert len(new_events) == 1 and not set(new_events) & set(old_events)
     expect_exit(train.main, run_args("runs/a", "--num_epochs", "3"), capsys, "run_exists",
@@ -746,13 +749,13 @@ def test_output_file_rule(tmp_path, shipped):
     assert outputs.check_output_file(path, made_by="evaluation.py") is None
     with outputs.atomic_output(path) as tmp:
         np.save(open(tmp, "wb"), np.zeros(3))
-    with pytest.raises(checks.UsageError) as e:
+    with pytest.raises(errors.UsageError) as e:
         outputs.check_output_file(path, made_by="evaluation.py")
     assert e.value.key == "file_exists" and "already exists;" in str(e.value)
     outputs.mark_made(path, "evaluation.py", rows=3)
     assert outputs.check_output_file(path, made_by="evaluation.py") == dict(
         outputs.made_record(path), rows=3)
-    with pytest.raises(checks.UsageError) as e:
+    with pytest.raises(errors.UsageError) as e:
         outputs.check_output_file(path, made_by="retrieve.py", alternative="another --cache")
     assert "already exists (written by evaluation.py); pass --overwrite to replace it, or " \
            "another --cache" in str(e.value)
@@ -760,11 +763,11 @@ def test_output_file_rule(tmp_path, shipped):
     with open(path, "ab") as f:  # the user changed it: no longer the command's
         f.write(b"x")
     assert outputs.made_record(path) is None
-    with pytest.raises(checks.UsageError):
+    with pytest.raises(errors.UsageError):
         outputs.check_output_file(path, made_by="evaluation.py")
     for bad, key in ((str(tmp_path / "out"), "path_not_file"),
                      (path + "/x.npy", "path_not_dir")):
-        with pytest.raises(checks.UsageError) as e:
+        with pytest.raises(errors.UsageError) as e:
             outputs.check_output_file(bad)
         assert e.value.key == key
     outputs.mark_made(str(tmp_path / "out"), "demo.py")
@@ -772,7 +775,7 @@ def test_output_file_rule(tmp_path, shipped):
     assert outputs.made_record(path) is None  # the file's record is its own
     shipped_copy = tmp_path / "coco_precomp_vocab.json"
     shutil.copy(os.path.join(REPO, "vocab", "coco_precomp_vocab.json"), shipped_copy)
-    with pytest.raises(checks.UsageError) as e:
+    with pytest.raises(errors.UsageError) as e:
         outputs.check_output_file(str(shipped_copy))
     assert e.value.key == "file_shipped"
 

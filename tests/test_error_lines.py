@@ -1,6 +1,6 @@
 """Every problem of the troubleshooting table, rendered for a real bad input, is one line of at
 most 300 characters (issue 16): a line to read at a glance, quoting only the first sentence of
-a library's reason. One case per key of checks.PROBLEMS (errors, warnings and reports); a key
+a library's reason. One case per key of errors.PROBLEMS (errors, warnings and reports); a key
 without a case fails, so that a new message gets one. The paths are pytest's temporary ones
 (about 80 characters to a split file), as long as a user's."""
 import io
@@ -12,15 +12,20 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import checks
+import data
+import errors
 import evaluation
 import outputs
 import train
+import vocab
 from checkpoint import load_checkpoint
 from conftest import REPO
 from model import SGRAF
 from test_bad_input import (N_TRAIN, Payload, Work, base, python2_checkpoint,  # noqa: F401
                             tiny_opt)
+from vocab import load_vocab
 
 LIMIT = 300
 
@@ -42,7 +47,7 @@ def cli(main, argv, capsys):
 
 
 def raised(fn, *args, **kwargs):
-    with pytest.raises(checks.SGRAFError) as e:
+    with pytest.raises(errors.SGRAFError) as e:
         fn(*args, **kwargs)
     return e.value.key, "error: %s" % e.value
 
@@ -52,7 +57,7 @@ def logged(key, caplog, fn, *args):
     caplog.clear()
     caplog.set_level(logging.INFO)
     fn(*args)
-    fragment = max(re.split(r"\{[^}]*\}", checks.PROBLEMS[key].problem), key=len)
+    fragment = max(re.split(r"\{[^}]*\}", errors.PROBLEMS[key].problem), key=len)
     return key, next(r.getMessage() for r in caplog.records if fragment in r.getMessage())
 
 
@@ -103,7 +108,7 @@ def features_regions(w, capsys, caplog):
 
 def features_nonfinite(w, capsys, caplog):
     feats = w.features()
-    feats[checks.sample_indices(N_TRAIN)[-1], 3, 5] = np.inf
+    feats[data.sample_indices(N_TRAIN)[-1], 3, 5] = np.inf
     np.save(w.ds / "train_ims.npy", feats)
     return cli(train.main, w.train_args(), capsys)
 
@@ -138,7 +143,7 @@ def oov_high(w, capsys, caplog):
     for word in ("<pad>", "<start>", "<end>", "<unk>", "a"):
         v.add_word(word)
     captions = w.dataset().captions
-    return logged("oov_high", caplog, checks.report_oov, captions, v,
+    return logged("oov_high", caplog, data.report_oov, captions, v,
                   str(w.ds / "train_caps.txt"))
 
 
@@ -208,7 +213,7 @@ def ckpt_foreign(w, capsys, caplog):
     path = w.root / "foreign.pth.tar"
     torch.save(ckpt, path)
     model = SGRAF(tiny_opt(str(w.data), str(w.vocab)))
-    return raised(checks.check_checkpoint_matches, model, ckpt, str(path))
+    return raised(checkpoint.check_checkpoint_matches, model, ckpt, str(path))
 
 
 def flag(*flags):
@@ -247,7 +252,7 @@ def file_exists(w, capsys, caplog):
 
 def diverged(w, capsys, caplog):
     feats = w.features()
-    feats[min(set(range(N_TRAIN)) - set(checks.sample_indices(N_TRAIN))), 4] = np.nan
+    feats[min(set(range(N_TRAIN)) - set(data.sample_indices(N_TRAIN))), 4] = np.nan
     np.save(w.ds / "train_ims.npy", feats)
     return cli(train.main, w.train_args("--num_epochs", "1", "--seed", "1"), capsys)
 
@@ -264,8 +269,8 @@ def world_size(w, capsys, caplog):
 
 def features_zero_region(w, capsys, caplog):
     feats = w.features()
-    feats[checks.sample_indices(N_TRAIN)[0], 3] = 0
-    return logged("features_zero_region", caplog, checks.warn_zero_regions, feats,
+    feats[data.sample_indices(N_TRAIN)[0], 3] = 0
+    return logged("features_zero_region", caplog, data.warn_zero_regions, feats,
                   str(w.ds / "train_ims.npy"))
 
 
@@ -361,7 +366,7 @@ def gsmn_dataset(w, split="test", **flags):
     from types import SimpleNamespace
     opt = SimpleNamespace(**dict(dict(feat_format="auto", img_dim=None, bbox_mode="original",
                                        batch_size=10, fold5=False, is_sparse=False), **flags))
-    vocab = checks.load_vocab(str(w.vocab_file))
+    vocab = load_vocab(str(w.vocab_file))
     return gsmn.GSMNDataset(str(w.ds), split, vocab, opt)
 
 
@@ -499,13 +504,13 @@ def keys_driven_elsewhere():
     for name in ("test_cli_mistakes.py", "test_search_and_pictures.py"):
         with open(REPO / "tests" / name, encoding="utf-8") as f:
             text += f.read()
-    return {k for k in checks.PROBLEMS if re.search(r"[\"']%s[\"']" % k, text)}
+    return {k for k in errors.PROBLEMS if re.search(r"[\"']%s[\"']" % k, text)}
 
 
 ELSEWHERE = keys_driven_elsewhere()
 
 
-@pytest.mark.parametrize("key", list(checks.PROBLEMS))
+@pytest.mark.parametrize("key", list(errors.PROBLEMS))
 def test_every_line_of_the_table_is_short(key, work, capsys, caplog):
     if key not in CASES and key in ELSEWHERE:
         pytest.skip("rendered for a real bad input, at most %d characters, in "
@@ -523,9 +528,9 @@ def test_a_library_reason_is_its_first_sentence():
     long = ("PytorchStreamReader failed reading zip archive: failed finding central directory. "
             "This is an internal miniz error. If you are seeing this error, there is a high "
             "likelihood that your checkpoint file is corrupted.")
-    assert checks.first_line(RuntimeError(long)) == \
+    assert errors.first_line(RuntimeError(long)) == \
         "PytorchStreamReader failed reading zip archive: failed finding central directory"
-    assert checks.first_line(ValueError("x" * 500)).endswith("...")
-    assert len(checks.first_line(ValueError("x" * 500))) == checks.REASON_CHARS
-    assert checks.first_line(KeyError("idx")) == "'idx'"
-    assert checks.first_line(io.UnsupportedOperation()) == "UnsupportedOperation"
+    assert errors.first_line(ValueError("x" * 500)).endswith("...")
+    assert len(errors.first_line(ValueError("x" * 500))) == errors.REASON_CHARS
+    assert errors.first_line(KeyError("idx")) == "'idx'"
+    assert errors.first_line(io.UnsupportedOperation()) == "UnsupportedOperation"

@@ -223,12 +223,12 @@ def test_sizes_file_read_without_running_code(tmp_path, protocol):
     arr = np.empty(1, dtype=object)
     arr[0] = {"image_w": Evil(), "image_h": 2}
     np.save(path, arr, allow_pickle=True)
-    with pytest.raises(gsmn.checks.DataError, match="refused global"):
+    with pytest.raises(gsmn.errors.DataError, match="refused global"):
         gsmn.load_sizes(path, 1)
     assert not (tmp_path / "ran").exists()
     arr[0] = {"image_w": "wide", "image_h": 2}
     np.save(path, arr, allow_pickle=True)
-    with pytest.raises(gsmn.checks.DataError, match="entry 0 is not"):
+    with pytest.raises(gsmn.errors.DataError, match="entry 0 is not"):
         gsmn.load_sizes(path, 1)
 
 

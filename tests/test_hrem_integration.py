@@ -285,7 +285,7 @@ def test_bad_flags(dataset, tmp_path, capsys):
                  train_args(data_path, vocab_path, run, "--mask_weight", "1.5"),
                  "--mask_weight 1.5: does not apply to SGR: it is an option of HREM")
     opt = opts.parse_opt(HREM_FLAGS)
-    with pytest.raises(hrem.checks.UsageError, match="HREM cannot train under torchrun"):
+    with pytest.raises(hrem.errors.UsageError, match="HREM cannot train under torchrun"):
         hrem.HREM.check_opt(opt, distributed=True)
     assert not os.path.exists(run)
 

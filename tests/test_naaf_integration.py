@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-import checks
+import checkpoint
+import data
 import demo
+import errors
 import evaluation
 import matchers
 import naaf
 import opts
+import runs
 import train
 from checkpoint import load_checkpoint
 from helpers import tiny_dataset, tiny_dims, train_args
@@ -169,7 +172,7 @@ def test_checkpoint_structure_and_mismatch(setup, tmp_path, capsys):
     assert len(load_checkpoint(paths["NAAF"])["model"]) == 2  # accepted
     bad = str(tmp_path / "bad.pth.tar")
     torch.save({"model": [{}], "opt": argparse.Namespace()}, bad)
-    with pytest.raises(checks.CheckpointError, match="its 1 state dicts fit none of SGR, SAF"):
+    with pytest.raises(errors.CheckpointError, match="its 1 state dicts fit none of SGR, SAF"):
         matchers.recognise(load_checkpoint(bad), bad)
     run = str(tmp_path / "run")
     # a NAAF checkpoint resumed with SGR's flags, and the other way round
@@ -265,12 +268,12 @@ def test_nonfinite_loss_stops_the_step(setup):
     with finite (zero) gradients stops the step and leaves the parameters as they were."""
     data_path, vocab_path, _ = setup
     model = naaf.NAAF(naaf_opt(data_path, vocab_path))
-    checks.stop_on_nonfinite(model)
+    runs.stop_on_nonfinite(model)
     model.criterion = lambda sims: sims.sum() * 0 + float("inf")
     before = [p.detach().clone() for p in model.params]
     images = torch.randn(3, 36, 32)
     captions, lens = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 2, 0]]), [4, 3, 3]
-    with pytest.raises(checks.DivergedError) as e:
+    with pytest.raises(errors.DivergedError) as e:
         model.train_emb(images, captions, lens)
     assert e.value.key == "diverged_start" and "loss is inf at iteration 1" in str(e.value)
     assert all(torch.isfinite(p.grad).all() for p in model.params if p.grad is not None)
@@ -284,7 +287,7 @@ def test_nan_features_stop_the_run(tmp_path, capsys):
     data_path, vocab_path = tiny_dataset(str(tmp_path), n_train=n_train, n_dev=4, n_test=4)
     path = os.path.join(data_path, "synth_precomp", "train_ims.npy")
     feats = np.load(path)
-    bad = min(set(range(n_train)) - set(checks.sample_indices(n_train)))
+    bad = min(set(range(n_train)) - set(data.sample_indices(n_train)))
     feats[bad, 3] = np.nan
     np.save(path, feats)
     run = str(tmp_path / "run")
@@ -337,7 +340,7 @@ def test_two_state_dicts_that_are_not_naaf(setup):
     assert naaf.NAAF.infer_flags(cut["model"])["precomp_enc_text_type"] is None
     model = SGRAF(naaf_opt(data_path, vocab_path, "--module_name", "SGR"))
     for ckpt in (cut, scan):
-        with pytest.raises(checks.CheckpointError) as e:
+        with pytest.raises(errors.CheckpointError) as e:
             matchers.check_fits(model, ckpt, "x.pth")
         msg = str(e.value)
         assert e.value.key == "ckpt_foreign" and "NAAF" not in msg, msg
@@ -345,9 +348,9 @@ def test_two_state_dicts_that_are_not_naaf(setup):
                "in the checkpoint, 3 (img_enc, txt_enc, sim_enc) from the flags" in msg, msg
     # the truncated SGRAF checkpoint's own two state dicts fit: only the count differs
     assert "missing keys" not in str(pytest.raises(
-        checks.CheckpointError, checks.check_checkpoint_matches, model, cut, "x.pth").value)
+        errors.CheckpointError, checkpoint.check_checkpoint_matches, model, cut, "x.pth").value)
     # NAAF's own checkpoint is named by its class
-    with pytest.raises(checks.CheckpointError) as e:
+    with pytest.raises(errors.CheckpointError) as e:
         matchers.check_fits(model, nf, "x.pth")
     assert e.value.key == "ckpt_mismatch"
     assert "--module_name NAAF in the checkpoint, --module_name SGR from the flags; 2 state " \
@@ -362,8 +365,8 @@ def test_foreign_checkpoint_names_the_model_the_flags_build(setup):
     nf = load_checkpoint(paths["NAAF"])
     nf["model"][0]["fc2.weight"] = nf["model"][0].pop("fc.weight")
     model = naaf.NAAF(naaf_opt(data_path, vocab_path))
-    with pytest.raises(checks.CheckpointError) as e:
-        checks.check_checkpoint_matches(model, nf, "x.pth")
+    with pytest.raises(errors.CheckpointError) as e:
+        checkpoint.check_checkpoint_matches(model, nf, "x.pth")
     assert e.value.key == "ckpt_foreign"
     assert "x.pth: its weights do not fit the NAAF model the flags build: missing keys " \
            "img_enc.fc.weight; unexpected keys img_enc.fc2.weight" in str(e.value), str(e.value)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checks
+import errors
 import evaluation
 import matchers
 import model as model_py
@@ -231,14 +231,14 @@ def expect_exit(argv, capsys, key, *fragments):
         retrieve.main(argv)
     assert exc.value.code == 2
     err = exc.value.__context__
-    assert isinstance(err, checks.SGRAFError) and err.key == key, err
+    assert isinstance(err, errors.SGRAFError) and err.key == key, err
     lines = capsys.readouterr().err.splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(lines)
-    assert len(errors[0]) <= 300, (len(errors[0]), errors[0])  # read at a glance (issue 16)
+    errs = [line for line in lines if line.startswith("error:")]
+    assert len(errs) == 1 and "Traceback" not in "\n".join(lines)
+    assert len(errs[0]) <= 300, (len(errs[0]), errs[0])  # read at a glance (issue 16)
     for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
-    return errors[0]
+        assert fragment in errs[0], (fragment, errs[0])
+    return errs[0]
 
 
 def test_errors(setup, tmp_path, capsys):
@@ -370,7 +370,7 @@ def test_explain_image_query_and_regions_on_images(setup, tmp_path):
         assert len(image["boxes"]) == len({int(np.argmax(x)) for x in w[1:-1]})
     # an id file that does not match the split
     (split / "test_ids.txt").write_text("1000\n")
-    with pytest.raises(checks.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         retrieve.retrieve(s.paths["SAF"], image=4, data_path=str(data), vocab_path=s.vocab,
                           device="cpu", cache_dir=None, explain=str(tmp_path / "b.png"),
                           images=str(images))
