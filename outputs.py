@@ -285,7 +285,7 @@ def _fsync_tree(path):
 def atomic_output(path, made_by=None, **info):
     """Write `path` through a partial path beside it: the block writes a file there, or makes
     a directory there and fills it. When the block ends the partial is fsynced and renamed to
-    `path` (a directory only where none is: OSError when another process made it meanwhile)
+    `path` (a directory never over a full one: OSError when another process made it meanwhile)
     and, with `made_by`, recorded as that command's with `info` (mark_made); when it raises,
     the partial is removed. A killed process leaves its partial, which the next atomic_output
     in that directory removes."""
