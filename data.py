@@ -127,7 +127,7 @@ def check_split_files(data_path, split, feat_path, cap_path):
         errors.check_not_dir(path, path, expected="a file: move the directory away")
     missing = [os.path.basename(p) for p in (feat_path, cap_path) if not os.path.isfile(p)]
     if missing:
-        found = sorted(os.listdir(data_path))
+        found = sorted(n for n in os.listdir(data_path) if not n.startswith("."))  # as ls
         shown = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
         raise errors.error("split_missing", data_path, missing=" and ".join(missing),
                            found=shown or "nothing", expected=_expected(split))

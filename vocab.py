@@ -327,7 +327,7 @@ def vocab_command(argv=None):
         errors.check_not_dir(path, path, expected="a caption file: move the directory away")
     missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
     if missing:
-        found = sorted(os.listdir(loc))
+        found = sorted(n for n in os.listdir(loc) if not n.startswith("."))  # as ls
         raise errors.error("split_missing", loc, missing=" and ".join(missing),
                            found=", ".join(found[:8]) + (" ..." if len(found) > 8 else "") or
                            "nothing", expected=expected)
