@@ -402,10 +402,10 @@ def _fetch_once(it, url, f, have, total, bar, flag):
             raise _Broken(checks.first_line(e)) from None
     if total is not None and have < total:
         raise _Broken("the server stopped sending")
-    if total is not None and have > total:
+    if total is not None and have > total:  # more than the server announced: start afresh
+        f.truncate(0)
         raise checks.error("download_size", it.name, what=url, got=have,
-                           source="the server", expected=total,
-                           fix="run again (the partial file %s is removed)" % f.name)
+                           source="the server", expected=total, fix=_refetch(it, True))
     return have, total
 
 
@@ -533,6 +533,10 @@ def members(it, path):
     return [(_safe_name(n), s, c) for n, s, c in out]
 
 
+def _name(info):
+    return info.filename if isinstance(info, zipfile.ZipInfo) else info.name
+
+
 def extract(it, path, chosen, staging, ours):
     """Unpack the archive members `chosen` ({name: relative target}) under `staging`; every
     byte is read once, and a zip's CRC is checked as it is read."""
@@ -540,13 +544,13 @@ def extract(it, path, chosen, staging, ours):
     try:
         with opener(path) as arc:
             infos = arc.infolist() if isinstance(arc, zipfile.ZipFile) else arc.getmembers()
-            todo = [i for i in infos if _safe_name(getattr(i, "filename", None) or i.name)
-                    in chosen]
-            total = sum(getattr(i, "file_size", None) or i.size for i in todo)
+            todo = [i for i in infos if _safe_name(_name(i)) in chosen]
+            total = sum(i.file_size if isinstance(i, zipfile.ZipInfo) else i.size
+                        for i in todo)
             with tqdm(total=total, unit="B", unit_scale=True, desc="unpack " + it.name,
                       disable=None) as bar:
                 for info in todo:
-                    name = _safe_name(getattr(info, "filename", None) or info.name)
+                    name = _safe_name(_name(info))
                     dst = os.path.join(staging, chosen[name])
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     src = arc.open(info) if isinstance(arc, zipfile.ZipFile) else \
@@ -726,9 +730,18 @@ def install_checkpoint(it, path, ours, dest, overwrite, flag):
             files[module] = cands[0]
         for module, p in files.items():
             os.replace(p, os.path.join(staging, "%s.pth.tar" % module))
-        if os.path.lexists(final):  # --overwrite
-            shutil.rmtree(final) if os.path.isdir(final) else os.remove(final)
-        os.replace(staging, final)
+        old = None
+        if os.path.lexists(final):  # --overwrite: the old one goes once the new one is in
+            old = final + ".replaced"
+            os.replace(final, old)
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if old:
+                os.replace(old, final)
+            raise
+        if old:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [ckpt_path(dest, it.name, m) for m in it.modules]
@@ -840,13 +853,14 @@ def check_folder(data_path, vocab_path, dest, say=print):
     say("The commands of python download.py --list:")
     for it in ITEMS:
         for r in it.results:
-            missing = _missing(r.command, ready, data_path, vocab_path, dest)
+            missing = _missing(it.dataset, r.command, ready, data_path, vocab_path, dest)
             say("  %s %s: %s" % (it.name, r.label, "ready" if not missing else
                                  "missing " + "; ".join(missing)))
     return problems
 
 
-def _missing(command, ready, data_path, vocab_path, dest):
+def _missing(ds, command, ready, data_path, vocab_path, dest):
+    """What a command of --list needs and does not find, each with the command that gets it."""
     argv = shlex.split(command)[2:]
     args = dict(zip(argv[::2], argv[1::2]))
     missing = []
@@ -857,8 +871,6 @@ def _missing(command, ready, data_path, vocab_path, dest):
             p = os.path.join(dest, rel)
             if not os.path.isfile(p):
                 missing.append("%s (python download.py %s)" % (p, rel.split(os.sep)[0]))
-    ds = next(it.dataset for it in ITEMS if it.results and command in
-              [r.command for r in it.results])
     split = args["--split"]
     if (ds, split) not in ready:
         missing.append("%s (python download.py scan-data)" % os.path.join(

@@ -17,6 +17,8 @@ import os
 import shlex
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -31,6 +33,7 @@ import evaluation
 import matchers
 import opts
 from checkpoint import save_checkpoint
+from conftest import REPO
 from helpers import ERROR_LINE_LIMIT, assert_unchanged, snapshot, tiny_dims
 from synthetic import make_synthetic
 
@@ -247,6 +250,11 @@ def test_list_has_every_release_and_each_command_parses(capsys, monkeypatch):
             assert kw["model_path2"] in installed | {None}
             assert kw["split"] in ("test", "testall")
             assert it.dataset.startswith("coco") == (kw["split"] == "testall")
+
+
+def test_the_docs_show_the_table_as_list_prints_it():
+    text = (REPO / "docs" / "download.md").read_text(encoding="utf-8")
+    assert "```\n%s\n```" % download.list_table() in text
 
 
 # ----------------------------------------------------------------------------- installing
@@ -478,11 +486,29 @@ def test_from_file_installs_with_the_same_checks(src, tmp_path, capsys):
     refused(["daa-f30k-sgr", "--from_file", str(mine / "model.pth.tar")] + paths(tmp_path),
             capsys, "ckpt_download_other", "holds no SGR", root=tmp_path)
     assert sorted(os.listdir(mine)) == ["broken.pth.tar", "model.pth.tar", "vocab.zip"]
+    # an installed checkpoint is replaced only with --overwrite
+    (mine / "sgr.pth.tar").write_bytes(src["SGR"])
+    refused(["daa-f30k-saf", "--from_file", str(mine / "model.pth.tar")] + paths(tmp_path),
+            capsys, "file_exists", "daa-f30k-saf", root=tmp_path)
+    code, _, _ = run(["daa-f30k-saf", "--overwrite", "--from_file", str(mine / "model.pth.tar")]
+                     + paths(tmp_path), capsys)
+    assert code == 0
+    assert os.listdir(tmp_path / "released" / "daa-f30k-saf") == ["SAF.pth.tar"]
     refused(["daa-f30k-sgr", "--from_file", str(mine / "nope.pth.tar")] + paths(tmp_path),
             capsys, "from_file_missing")
     refused(["daa-f30k-sgr", "daa-f30k-saf", "--from_file", str(mine / "model.pth.tar")] +
             paths(tmp_path), capsys, "from_file_names")
     assert not leftovers(tmp_path)
+
+
+def test_the_command_line(tmp_path):
+    """The script itself (one process: it imports torch): a mistake is one line, exit 2."""
+    out = subprocess.run([sys.executable, "download.py", "scan-dta", "--data_path",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: scan-dta: no such item (did you mean scan-data?); " \
+        "pass a name that python download.py --list shows"
+    assert not os.listdir(tmp_path)
 
 
 # ----------------------------------------------------------------------------- Google Drive
@@ -523,7 +549,7 @@ def test_gdown_is_called_with_the_drive_id(src, tmp_path, capsys, monkeypatch):
     refused(["naaf-f30k"] + paths(tmp_path), capsys, "download_unreachable",
             "1NpZZYXmmejgd_nam79IdETSYIuRjo-7p", "Failed to retrieve file url",
             "--from_file naaf-f30k.pth.tar", root=tmp_path)
-    monkeypatch.setitem(__import__("sys").modules, "gdown", None)
+    monkeypatch.setitem(sys.modules, "gdown", None)
     refused(["naaf-f30k"] + paths(tmp_path), capsys, "gdown_missing", "pip install gdown",
             root=tmp_path)
 
