@@ -1,10 +1,10 @@
 """The first hour: fetch SCAN's precomputed data and vocabularies and the authors' released
 checkpoints by name, resumable and verified, and check a data folder.
 
-    python download.py --list                                    # every item, its source, its numbers
+    python download.py --list                       # every item, its source and numbers
     python download.py scan-data scan-vocab sgraf-f30k [--data_path data] [--vocab_path vocab]
-                       [--dest runs/released]                    # fetch, verify, put in place
-    python download.py --check [--data_path data] [--vocab_path vocab]   # what is there, what is missing
+                       [--dest runs/released]       # fetch, verify, put in place
+    python download.py --check [--data_path data] [--vocab_path vocab]   # what is missing
 
 The item table (`ITEMS`) copies each source URL and published number from the five original
 READMEs (SGRAF, DAA, NAAF, GSMN, HREM). Plain URLs are fetched over HTTP with Range requests, a
@@ -35,7 +35,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import sys
 import tarfile
 import time
@@ -570,7 +569,9 @@ def load_verified(it, path, shown, ours):
         ckpt = load_checkpoint(path)
         return matchers.recognise(ckpt, path)
     except checks.CheckpointError as e:
-        reason = str(e).split(": ", 1)[-1].split("; ")[0]
+        fields = getattr(e, "fields", None)
+        reason = checks.PROBLEMS[e.key].problem.format(where=e.where, **fields) \
+            if fields is not None and e.key in checks.PROBLEMS else str(e)
         raise checks.error("ckpt_download_invalid", it.name, what=shown, reason=reason,
                            fix=_refetch(it, ours)) from None
 
@@ -635,7 +636,8 @@ def install_archive(it, path, ours, root, overwrite, flag):
                    "or _caps.json"
     else:
         top = {n.split("/")[0] for n, _, _ in mem}
-        strip = it.kind if top == {it.kind} else None  # data.zip holds data/..., vocab.zip vocab/...
+        # data.zip holds data/<dataset>/..., vocab.zip vocab/...: the top directory goes
+        strip = it.kind if top == {it.kind} else None
         for name, size, crc in mem:
             rel = name.split("/", 1)[1] if strip else name
             if rel:
