@@ -855,36 +855,38 @@ def check_folder(data_path, vocab_path, dest, say=print):
     say("The commands of python download.py --list:")
     for it in ITEMS:
         for r in it.results:
-            missing = _missing(it.dataset, r.command, ready, data_path, vocab_path, dest)
+            missing, items = _missing(it.dataset, r.command, ready, data_path, vocab_path,
+                                      dest)
             say("  %s %s: %s" % (it.name, r.label, "ready" if not missing else
-                                 "missing " + "; ".join(missing)))
+                                 "missing %s%s" % (", ".join(missing), "; python download.py "
+                                                   + " ".join(items) if items else "")))
     return problems
 
 
 def _missing(ds, command, ready, data_path, vocab_path, dest):
-    """What a command of --list needs and does not find, each with the command that gets it."""
+    """What a command of --list needs and does not find, and the items that get it."""
     argv = shlex.split(command)[2:]
     args = dict(zip(argv[::2], argv[1::2]))
-    missing = []
+    missing, items = [], []
     for flag in ("--model_path", "--model_path2"):
         if flag in args:
-            p = args[flag]
-            rel = os.path.relpath(p, DEFAULT_DEST)
+            rel = os.path.relpath(args[flag], DEFAULT_DEST)
             p = os.path.join(dest, rel)
             if not os.path.isfile(p):
-                missing.append("%s (python download.py %s)" % (p, rel.split(os.sep)[0]))
+                missing.append(p)
+                items.append(rel.split(os.sep)[0])
     split = args["--split"]
     if (ds, split) not in ready:
-        missing.append("%s (python download.py scan-data)" % os.path.join(
-            data_path, ds, "%s_ims.npy and %s_caps.txt" % (split, split)))
+        missing.append(os.path.join(data_path, ds, "%s_ims.npy and %s_caps.txt" % (split, split)))
+        items.append("scan-data")
     elif "--fold5" in argv and ready[ds, split][0] < 5000:
-        missing.append("5000 images in %s %s for --fold5 (it has %d)" % (
-            ds, split, ready[ds, split][0]))
+        missing.append("5000 images in %s for --fold5 (it has %d)" % (
+            os.path.join(data_path, ds, split), ready[ds, split][0]))
     if "--vocab_path" in args and not os.path.isfile(
             os.path.join(vocab_path, "%s_vocab.json" % ds)):
-        missing.append("%s (python download.py scan-vocab)" % os.path.join(
-            vocab_path, "%s_vocab.json" % ds))
-    return missing
+        missing.append(os.path.join(vocab_path, "%s_vocab.json" % ds))
+        items.append("scan-vocab")
+    return missing, list(dict.fromkeys(items))
 
 
 # ----------------------------------------------------------------------------- main

@@ -17,6 +17,7 @@ import os
 import shlex
 import shutil
 import socket
+import tarfile
 import subprocess
 import sys
 import threading
@@ -292,6 +293,39 @@ def test_zips_unpack_into_the_layout_and_evaluation_runs(src, serve, tmp_path, c
     refused(["sgraf-f30k", "--mirror", srv.url] + paths(tmp_path), capsys, "file_exists",
             "sgraf-f30k", root=tmp_path)
     assert srv.served == served
+
+
+def npy_bytes(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_gsmn_extras_go_beside_the_splits_and_a_tar_is_an_archive_too(src, serve, layout,
+                                                                      capsys):
+    boxes = npy_bytes(np.ones((N_TEST, 36, 4), np.float32))
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w:gz") as tf:
+        for name, payload in (("SGRAF_f30k/SGR/model_best.pth.tar", src["SGR"]),
+                              ("SGRAF_f30k/SAF/model_best.pth.tar", src["SAF"])):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    srv = serve({"gsmn-extras.zip": zip_bytes({"GSMN/f30k_precomp/test_ims_bbx.npy": boxes,
+                                               "GSMN/README.txt": b"not an extra"}),
+                 "sgraf-f30k.zip": tar.getvalue()})
+    shutil.rmtree(layout / "released")
+    code, out, _ = run(["gsmn-extras", "sgraf-f30k", "--mirror", srv.url] + paths(layout),
+                       capsys)
+    assert code == 0
+    ds = layout / "data" / "f30k_precomp"
+    assert (ds / "test_ims_bbx.npy").read_bytes() == boxes
+    assert not (ds / "README.txt").exists() and not (layout / "data" / "GSMN").exists()
+    assert (layout / "released" / "sgraf-f30k" / "SAF.pth.tar").read_bytes() == src["SAF"]
+    assert not leftovers(layout)
+    code, out, _ = check(layout, capsys)
+    assert code == 0 and "GSMN extras: ims_bbx.npy" in out
+    assert "sgraf-f30k SGRAF: ready" in out
 
 
 def test_a_killed_download_fetches_only_the_rest(src, serve, tmp_path, capsys):
@@ -593,9 +627,13 @@ def test_check_a_complete_layout(layout, capsys):
         in out
     assert "vocabulary %s" % (layout / "vocab" / "f30k_precomp_vocab.json") in out
     assert "sgraf-f30k SGR: ready" in out
-    assert "sgraf-f30k SAF: missing %s (python download.py sgraf-f30k)" % (
+    assert "sgraf-f30k SAF: missing %s; python download.py sgraf-f30k\n" % (
         layout / "released" / "sgraf-f30k" / "SAF.pth.tar") in out
-    assert "daa-coco-sgr COCO 1K: missing" in out and "python download.py scan-data" in out
+    assert "daa-coco-sgr COCO 1K: missing %s, %s, %s; python download.py daa-coco-sgr " \
+        "scan-data scan-vocab\n" % (layout / "released" / "daa-coco-sgr" / "SGR.pth.tar",
+                                    layout / "data" / "coco_precomp" /
+                                    "testall_ims.npy and testall_caps.txt",
+                                    layout / "vocab" / "coco_precomp_vocab.json") in out
 
 
 def test_check_with_gsmn_extras(layout, capsys):
@@ -635,7 +673,8 @@ def test_check_names_each_problem_in_one_line(case, expected, layout, capsys):
     assert message == checks.message(expected, message.split(": ", 1)[0],
                                      **_fields(expected, ds, layout)), message
     if case == "no_split":
-        assert "sgraf-f30k SGR: missing %s" % (ds / "test_ims.npy and test_caps.txt") in out
+        assert "sgraf-f30k SGR: missing %s; python download.py scan-data\n" % (
+            ds / "test_ims.npy and test_caps.txt") in out
 
 
 def _fields(key, ds, layout):
