@@ -50,7 +50,7 @@ from tqdm import tqdm
 import checks
 import data
 import matchers
-from checkpoint import load_checkpoint
+import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -522,11 +522,11 @@ def members(it, path):
             with tarfile.open(path) as tf:
                 out = [(m.name, m.size, None) for m in tf.getmembers() if m.isfile()]
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
-        raise checks.error("archive_invalid", it.name, what=path, reason=checks.first_line(e),
-                           fix=_refetch(it, True)) from None
+        raise checks.error("archive_invalid", it.name, what=os.path.basename(path),
+                           reason=checks.first_line(e), fix=_refetch(it, True)) from None
     bad = [n for n, _, _ in out if _safe_name(n) is None]
     if bad:
-        raise checks.error("archive_invalid", it.name, what=path,
+        raise checks.error("archive_invalid", it.name, what=os.path.basename(path),
                            reason="member %s leaves the archive's directory" % bad[0],
                            fix="use the authors' file")
     return [(_safe_name(n), s, c) for n, s, c in out]
@@ -557,7 +557,9 @@ def extract(it, path, chosen, staging, ours):
                     with src, open(dst, "wb") as out:
                         shutil.copyfileobj(src, out, CHUNK)
                     bar.update(os.path.getsize(dst))
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # writing: the disk, not the archive
+            raise
         raise checks.error("archive_invalid", it.name, what=os.path.basename(path),
                            reason=checks.first_line(e), fix=_refetch(it, ours)) from None
 
@@ -566,7 +568,7 @@ def load_verified(it, path, shown, ours):
     """The matcher name of a checkpoint file: loaded with weights_only=True (checkpoint.py)
     and recognised by the registry; else a one-line error."""
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = checkpoint.load_checkpoint(path)
         return matchers.recognise(ckpt, path)
     except checks.CheckpointError as e:
         fields = getattr(e, "fields", None)
@@ -775,17 +777,21 @@ def get(it, args):
                                           for n in os.listdir(loc)):
                 raise checks.error("file_exists", loc, detail=" and holds a dataset",
                                    alternative="move it away")
-    path, ours = fetch(it, root, args.mirror, args.from_file, flag)
     try:
-        verify_file(it, path, ours)
-        if it.kind == "checkpoint":
-            done = install_checkpoint(it, path, ours, root, args.overwrite, flag)
-        else:
-            done = install_archive(it, path, ours, root, args.overwrite, flag)
-    except checks.SGRAFError as e:
-        if e.key in BAD_DOWNLOAD:  # fetching it again is the fix: start afresh
-            _discard(path, ours)
-        raise
+        path, ours = fetch(it, root, args.mirror, args.from_file, flag)
+        try:
+            verify_file(it, path, ours)
+            if it.kind == "checkpoint":
+                done = install_checkpoint(it, path, ours, root, args.overwrite, flag)
+            else:
+                done = install_archive(it, path, ours, root, args.overwrite, flag)
+        except checks.SGRAFError as e:
+            if e.key in BAD_DOWNLOAD:  # fetching it again is the fix: start afresh
+                _discard(path, ours)
+            raise
+    except OSError as e:  # a directory that cannot be written (a full disk is said earlier)
+        raise (_disk_full(e, it.name, root, "") or checks.error(
+            "output_unwritable", "%s %s" % (flag, root), reason=checks.first_line(e))) from None
     _discard(path, ours)  # the zip is no longer needed: the unpacked files are in place
     return done
 

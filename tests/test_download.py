@@ -33,7 +33,7 @@ import download
 import evaluation
 import matchers
 import opts
-from checkpoint import save_checkpoint
+import checkpoint
 from conftest import REPO
 from helpers import ERROR_LINE_LIMIT, assert_unchanged, snapshot, tiny_dims
 from synthetic import make_synthetic
@@ -143,7 +143,7 @@ def tiny_checkpoint(path, data_path, vocab_path, module):
                           "--vocab_path", vocab_path, "--module_name", module,
                           "--device", "cpu", "--workers", "0"] + tiny_dims(module))
     opt.vocab_size = len(checks.load_vocab(os.path.join(vocab_path, "f30k_precomp_vocab.json")))
-    save_checkpoint({"epoch": 1, "model": matchers.build_model(opt).state_dict(),
+    checkpoint.save_checkpoint({"epoch": 1, "model": matchers.build_model(opt).state_dict(),
                      "best_rsum": 0.0, "opt": opt, "Eiters": 0}, False,
                     filename=os.path.basename(path), prefix=os.path.dirname(path) + "/")
     return Path(path).read_bytes()
@@ -601,6 +601,17 @@ def test_mistakes(src, serve, tmp_path, capsys):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         refused(["scan-vocab", "--mirror", srv.url] + paths(tmp_path), capsys,
                 "download_busy", root=tmp_path)
+    assert srv.served == 0
+
+
+def test_a_directory_that_cannot_be_written(src, serve, tmp_path, capsys, monkeypatch):
+    srv = serve({"vocab.zip": src["vocab.zip"]})
+
+    def denied(path, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+    monkeypatch.setattr(os, "makedirs", denied)
+    refused(["scan-vocab", "--mirror", srv.url] + paths(tmp_path), capsys, "output_unwritable",
+            "--vocab_path", "Permission denied", root=tmp_path)
     assert srv.served == 0
 
 
