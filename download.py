@@ -497,8 +497,11 @@ def kind_of(path):
     if os.path.isdir(path):
         return "dir"
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            return "checkpoint" if is_torch_zip(zf) else "zip"
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return "checkpoint" if is_torch_zip(zf) else "zip"
+        except (zipfile.BadZipFile, OSError):  # members() says what is wrong with it
+            return "zip"
     if tarfile.is_tarfile(path):
         return "tar"
     return "checkpoint"
@@ -684,10 +687,14 @@ def install_checkpoint(it, path, ours, dest, overwrite, flag):
     """A checkpoint file, an archive of them, or a Drive folder: each model the item holds is
     verified and installed as <dest>/<name>/<MODULE>.pth.tar, the rest beside it."""
     final = os.path.join(dest, it.name)
-    check_space(dest, _size(path), "to install %s" % it.name, flag)
+    kind = kind_of(path)
+    if kind in ("zip", "tar"):
+        need = sum(size for _, size, _ in members(it, path))
+    else:  # a download is moved into place; the user's file is copied
+        need = 0 if ours else _size(path)
+    check_space(dest, need, "to install %s" % it.name, flag)
     staging = _staging(dest, it.name)
     try:
-        kind = kind_of(path)
         if kind == "checkpoint":
             local = os.path.join(staging, os.path.basename(it.file))
             try:
