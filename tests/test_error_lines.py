@@ -496,11 +496,11 @@ CASES = {
 
 
 def keys_driven_elsewhere():
-    """The problems that tests/test_cli_mistakes.py and tests/test_search_and_pictures.py raise
-    for real bad inputs through their expect_exit, which holds every line it checks to the
-    same limit."""
+    """The problems that tests/test_cli_mistakes.py, tests/test_search_and_pictures.py and
+    tests/test_download.py raise for real bad inputs through their expect_exit (or refused),
+    which holds every line it checks to the same limit."""
     text = ""
-    for name in ("test_cli_mistakes.py", "test_search_and_pictures.py"):
+    for name in ("test_cli_mistakes.py", "test_search_and_pictures.py", "test_download.py"):
         with open(REPO / "tests" / name, encoding="utf-8") as f:
             text += f.read()
     return {k for k in errors.PROBLEMS if re.search(r"[\"']%s[\"']" % k, text)}
@@ -513,7 +513,8 @@ ELSEWHERE = keys_driven_elsewhere()
 def test_every_line_of_the_table_is_short(key, work, capsys, caplog):
     if key not in CASES and key in ELSEWHERE:
         pytest.skip("rendered for a real bad input, at most %d characters, in "
-                    "tests/test_cli_mistakes.py" % LIMIT)
+                    "tests/test_cli_mistakes.py, test_search_and_pictures.py or "
+                    "test_download.py" % LIMIT)
     assert key in CASES, "add a case that renders %r for a real bad input" % key
     got, line = CASES[key](work, capsys, caplog)
     with capsys.disabled():
