@@ -35,7 +35,7 @@ Read top to bottom:
                original per-caption loop op for op (the test oracle, at the original's speed)
   fast path    gsmn_scores: many images x many captions, both directions, exact algebra
   data         GSMNDataset (--bbox_mode), collate_fn (the batch's boxes and arcs)
-  wrapper      GSMN (model.Matcher): flags, checkpoint recognition, encoders, both graphs,
+  wrapper      GSMN (contract.Matcher): flags, checkpoint recognition, encoders, both graphs,
                the hinge loss, Adam, the train step, score; retrieve.py's query and attention
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
@@ -55,8 +55,9 @@ import torch.nn.functional as F
 
 import checks
 import data
+from contract import Matcher, l2norm, memory_budget
 from loss import ContrastiveLoss
-from model import EncoderImage, EncoderText, Matcher, l2norm, memory_budget
+from model import EncoderImage, EncoderText
 from vocab import encode_caption
 
 log = logging.getLogger(__name__)
@@ -1123,7 +1124,7 @@ class GSMN(Matcher):
                       "(temperature {opt.lambda_softmax:g})")
 
     def query_batch(self, text, vocab):
-        """SCAN's tokenisation (model.Matcher), with no dependency arcs: a free-text query has
+        """SCAN's tokenisation (contract.Matcher), with no dependency arcs: a free-text query has
         no parse, so a sparse model's word graph is the identity, which the released code
         scores alike (the arcs change a score only through a self-loop arc, see the top). A
         split read from the authors' `{split}_precaps_stan.txt` was tokenised by their parser,

@@ -30,8 +30,8 @@ Read top to bottom:
                 weights), GraphLoss (fusion transformer, the four triplet losses, the KL
                 regulariser, the warm-up counted in iterations)
   score         dot_scores: the (images, captions) dot products in memory-bounded blocks
-  data          HREMDataset, collate_fn (model.Matcher's data hooks)
-  the matcher   HREM (model.Matcher): options, checkpoints, optimizer groups and schedule,
+  data          HREMDataset, collate_fn (contract.Matcher's data hooks)
+  the matcher   HREM (contract.Matcher): options, checkpoints, optimizer groups and schedule,
                 the train step (augmentations, then the criterion), evaluation, retrieve.py's
                 query (no attention to --explain)
 
@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 import checks
 import data
+from contract import Matcher, TextQuery, l2norm, memory_budget
 from loss import ContrastiveLoss
-from model import Matcher, TextQuery, l2norm, memory_budget
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ Read top to bottom:
               at a fixed threshold), naaf_sims_percaption (the original loop, kept as the oracle)
   threshold   ThresholdLearner and train_sims: one caption at a time, the threshold moving
               between captions
-  wrapper     NAAF: the encoders, the hinge loss, Adam and the train step (model.Matcher)
+  wrapper     NAAF: the encoders, the hinge loss, Adam and the train step (contract.Matcher)
 
 The threshold state lives in `opt`, as in the original, so that every checkpoint carries it:
 `opt.thres` (used in training), `opt.thres_safe` (used at evaluation), `opt.mean_pos`,
@@ -35,8 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checks
+from contract import Matcher, l1norm, l2norm
 from loss import ContrastiveLoss
-from model import EncoderImage, EncoderText, Matcher, l1norm, l2norm
+from model import EncoderImage, EncoderText
 from similarity import word_mask
 from vocab import Vocabulary, deserialize_vocab
 
