@@ -16,11 +16,15 @@ so that a matcher imports only it, not another matcher (hrem.py loads no GRU, no
 scikit-learn).
 
 Also here, shared by the matchers: l1norm and l2norm (the originals' normalisations, eps after
-the root), memory_budget (the size of a scoring shard), TextQuery (a free-text query).
+the root), memory_budget (the size of a scoring shard), TextQuery (a free-text query), and the
+random inputs of bench.py's jobs at the benchmark's sizes (bench_opt, random_lengths,
+random_batch, random_embeddings), which the matchers' bench hooks build on.
 """
 import os
 from collections import namedtuple
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
@@ -276,6 +280,23 @@ class Matcher:
         self.optimizer.step()
         return loss.detach()
 
+    def reference_train_step(self, images, captions, lengths, ids=None, **extra):
+        """The original `train_emb` op for op, the oracle of `train_emb` (tests, bench.py):
+        every B x B pair scored caption by caption (`forward_sim_percaption`) in one graph, the
+        loss (`forward_loss`), backward, clip, the optimizer step. Timed side by side in one
+        process with the original SGRAF code's own step, it runs at the same speed (README,
+        Speed)."""
+        img, cap, cap_lens = self.forward_emb(images, captions, lengths)
+        sims = self.forward_sim_percaption(img, cap, cap_lens, **extra)
+        self.optimizer.zero_grad()
+        loss = self.forward_loss(sims, ids=ids)
+        loss.backward()
+        self.after_backward()
+        if self.grad_clip > 0:
+            clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
     def after_backward(self):
         """Between the backward pass and the clipping (e.g. exact zero gradients for
         parameters outside the graph)."""
@@ -360,3 +381,147 @@ class Matcher:
         `no_attention_why`; this default then refuses with that reason."""
         raise checks.error("explain_unsupported", "--explain", model=self.opt.module_name,
                            why=self.no_attention_why)
+
+    # ------------------------------------------------------------------ benchmark (bench.py)
+    # bench.py times every matcher of the registry through these and names none. A matcher
+    # scored pair by pair (the default) gets: encode; its scores of random embeddings
+    # (`bench_embeddings`) against the original's evaluation (`percaption_scores`, in shards of
+    # `bench_ref_shard`); its train step against `reference_train_step`. A dual encoder
+    # (`dual_encoder`) gets its evaluation timed end to end (`bench_eval_steps`) and its train
+    # step, for each of `bench_variants`, with no per-caption reference.
+    dual_encoder = False
+    bench_ref_shard = 100   # the original evaluation's shards: images x captions
+    trains_with_daa = False  # '--what daa': its model has `daa` (the DAA loss, or None)
+    # (img_emb, cap_emb, cap_lens, **extra) -> (B, C): the original's per-caption scores with
+    # autograd, the reference of the train step; None: the matcher has none, and says why
+    forward_sim_percaption = None
+    no_reference_step_why = "it declares no forward_sim_percaption (contract.Matcher)"
+    bench_train_note = ""   # what the train line adds after the batch size
+
+    @classmethod
+    def add_bench_options(cls, parser):
+        """bench.py's flags for this matcher alone (its benchmark's own sizes and switches)."""
+
+    @classmethod
+    def check_bench_args(cls, args):
+        """Those flags' checks (one-line errors before any job), and `--quick`'s small sizes
+        for them when args.quick."""
+
+    @classmethod
+    def bench_variants(cls, args):
+        """[(variant, label)]: the configurations a dual encoder is timed in (e.g. the sizes
+        of a pretrained part); the label names it in the printed lines."""
+        return [(None, None)]
+
+    @classmethod
+    def bench_model(cls, args, name, variant=None):
+        """(model, opt): the matcher `name` at the benchmark's sizes, with the original's
+        defaults and random weights (the caller seeds torch). Default: the SCAN family's
+        shared flags (bench_opt) completed with this matcher's defaults."""
+        opt = cls.complete_opt(bench_opt(args, name))
+        return cls(opt), opt
+
+    @classmethod
+    def bench_embeddings(cls, args, rng, lens):
+        """(img, cap, lens, extra): args.n_img images' region embeddings and the captions'
+        word embeddings of lengths `lens` (drawn by the caller, the same for every matcher), as
+        encode_data returns them, and the score inputs `score` takes (`score_inputs`)."""
+        img, cap = random_embeddings(args, rng, lens)
+        return img, cap, lens.tolist(), {}
+
+    @classmethod
+    def original_flops(cls, name, n_img, lens, R=36, d=1024, s=256, shard=100, intra=True):
+        """FLOPs (2 x multiply-adds, matmuls) of the original algorithm scoring n_img images
+        against captions of the given lengths (`intra` False: its training score); None when
+        not counted."""
+        return None
+
+    @classmethod
+    def bench_precision(cls, args):
+        """The precision of `score`, as the eval line names it."""
+        return "fp32"
+
+    @classmethod
+    def bench_reference_label(cls, args):
+        """How the eval line names `percaption_scores`."""
+        return "per-caption"
+
+    @classmethod
+    def bench_train_batch(cls, args):
+        """The training batch its benchmark uses (a flag of its own, where the reference's
+        memory needs a smaller one)."""
+        return args.batch
+
+    @classmethod
+    def bench_original_code(cls, args):
+        """The checkout of the ORIGINAL code whose evaluation bench.py also times
+        (`bench_original`), or None."""
+        return None
+
+    @classmethod
+    def bench_original(cls, args):
+        """The original code's evaluation, loaded from bench_original_code(args): an object
+        with `scores(img, cap, lens, **extra)` (as `percaption_scores`) and `close()`, which
+        unloads it and returns its weights as our `state_dict()`."""
+        raise NotImplementedError
+
+    def percaption_scores(self, args, img_embs, cap_embs, cap_lens, **extra):
+        """The original evaluation's (n_images, n_captions) float64 scores, op for op: shards of
+        bench_ref_shard x bench_ref_shard pairs, caption by caption (the oracle of `score`)."""
+        raise NotImplementedError
+
+    def bench_train_inputs(self, args, rng):
+        """(images, captions, lengths, ids, extra): a training batch of
+        bench_train_batch(args) random pairs, as `train_emb` takes it. Default: random_batch,
+        no ids (bench.py gives DAA's), no extra."""
+        images, captions, lens = random_batch(args, self.bench_train_batch(args), rng)
+        return images, captions, lens, None, {}
+
+    def bench_eval_steps(self, args, rng):
+        """A dual encoder's evaluation on random inputs: (n_img, n_cap, [(phase, fn)]), each
+        fn(out) computing its phase from the earlier ones' results (out[phase]); bench.py
+        times each, without autograd."""
+        raise NotImplementedError
+
+    def bench_gallery_files(self, opt, root):
+        """Files a checkpoint of this model needs beside it, written under `root` (bench.py's
+        '--what retrieve' gallery), with `opt` pointing at them."""
+
+
+# ----------------------------------------------------------------------------- bench inputs
+
+def bench_opt(args, name):
+    """The SCAN family's shared flags at bench.py's sizes (args), the original's defaults."""
+    return SimpleNamespace(img_dim=args.img_dim, embed_size=args.embed_size,
+                           word_dim=args.word_dim, vocab_size=args.vocab_size, num_layers=1,
+                           bi_gru=True, no_imgnorm=False, no_txtnorm=False, module_name=name,
+                           grad_clip=2.0, margin=0.2, max_violation=True, learning_rate=2e-4,
+                           device=args.device, precision=args.precision)
+
+
+def random_lengths(args, n, rng):
+    """n caption lengths in [--min_len, --max_len], longest first."""
+    return np.sort(rng.integers(args.min_len, args.max_len + 1, size=n))[::-1].copy()
+
+
+def random_batch(args, n, rng):
+    """n random pairs: region features (n, 36, img_dim), word ids (<start> 1, words >= 4,
+    <end> 2; 0-padded) and their lengths."""
+    lens = random_lengths(args, n, rng)
+    images = torch.from_numpy(rng.standard_normal((n, 36, args.img_dim)).astype(np.float32))
+    captions = torch.zeros(n, int(lens.max()), dtype=torch.int64)
+    for k, L in enumerate(lens):
+        captions[k, 0], captions[k, L - 1] = 1, 2
+        captions[k, 1:L - 1] = torch.from_numpy(rng.integers(4, args.vocab_size, size=L - 2))
+    return images, captions, lens.tolist()
+
+
+def random_embeddings(args, rng, lens):
+    """Random l2-normalised region (n_img, 36, d) and word (n_cap, max(lens), d) embeddings,
+    zero padded like encode_data's."""
+    img = rng.standard_normal((args.n_img, 36, args.embed_size)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=-1, keepdims=True)
+    cap = rng.standard_normal((len(lens), lens.max(), args.embed_size)).astype(np.float32)
+    cap /= np.linalg.norm(cap, axis=-1, keepdims=True)
+    cap *= (np.arange(lens.max())[None, :] < lens[:, None])[:, :, None]
+    return img, cap

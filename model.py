@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import checks
 import daa
 import similarity
-from contract import Matcher, l1norm, l2norm, memory_budget
+from contract import Matcher, bench_opt, l1norm, l2norm, memory_budget
 from daa import DAALoss
 from loss import ContrastiveLoss
 
@@ -548,3 +548,63 @@ class SGRAF(Matcher):
                 sim = sim_enc(im, ca, lens, img_glo=glo, cap_glo=cap_glo)
             sims[i:im_end, j:ca_end] = sim.float().cpu().numpy()
         return sims
+
+    # ------------------------------------------------------------------ reference and benchmark
+    def forward_sim_percaption(self, img_embs, cap_embs, cap_lens):
+        """The original's scores of a batch, caption by caption, with autograd (the reference
+        of the train step: Matcher.reference_train_step)."""
+        return self.sim_enc.forward_percaption(img_embs, cap_embs, cap_lens)
+
+    def percaption_scores(self, args, img_embs, cap_embs, cap_lens, **extra):
+        return percaption_shard_scores(self, img_embs, cap_embs, cap_lens, self.bench_ref_shard)
+
+    trains_with_daa = True
+
+    @classmethod
+    def bench_model(cls, args, name, variant=None):
+        """SGR or SAF at bench.py's sizes, 3 SGR steps, DAA at bench.py's --daa_weight."""
+        opt = bench_opt(args, name)
+        opt.sim_dim, opt.sgr_step = args.sim_dim, 3
+        opt.daa_weight, opt.daa_rowwise = args.daa_weight, False
+        return cls(opt), opt
+
+    @classmethod
+    def bench_precision(cls, args):
+        return args.precision  # bf16 autocast in score
+
+    @classmethod
+    def original_flops(cls, name, n_img, lens, R=36, d=1024, s=256, shard=100, intra=True,
+                       sgr_step=3):
+        """Per pair with L words: SCAN scores (R x d x L) and context (L x R x d);
+        sim_tranloc_w on L vectors (d -> s) and sim_tranglo_w on one; per SGR step three
+        Linear(s, s) on the L+1 nodes and two (L+1) x (L+1) x s products; SAF: Linear(s, 1) and
+        the weighted sum of the L+1 nodes; sim_eval_w. Per caption: TextSA (two Linear(d, d)
+        and Linear(d, 1) on L words). Per shard of `shard` captions: VisualSA on all the images
+        (the original recomputes it per call)."""
+        total = 0
+        for L in lens:
+            N = L + 1
+            pair = 2 * R * d * L * 2 + 2 * L * d * s + 2 * d * s + 2 * s
+            if name == "SGR":
+                pair += sgr_step * (3 * 2 * N * s * s + 2 * 2 * N * N * s)
+            else:
+                pair += 2 * N * s + 2 * N * s
+            total += n_img * pair + 2 * L * d * d + 2 * d * d + 2 * L * d
+        n_shards = -(-len(lens) // shard)
+        total += n_shards * n_img * (2 * R * d * d + 2 * d * d + 2 * R * d)
+        return total
+
+
+def percaption_shard_scores(model, img_embs, cap_embs, cap_lens, shard_size=100):
+    """The original shard_attn_scores: 100 x 100 shards, caption by caption
+    (EncoderSimilarity.forward_percaption): the oracle of SGRAF.score."""
+    sims = np.zeros((len(img_embs), len(cap_embs)))
+    for i in range(0, len(img_embs), shard_size):
+        for j in range(0, len(cap_embs), shard_size):
+            lens = cap_lens[j:j + shard_size]
+            with torch.no_grad():
+                im = torch.from_numpy(img_embs[i:i + shard_size]).to(model.device)
+                ca = torch.from_numpy(cap_embs[j:j + shard_size, :max(lens)]).to(model.device)
+                sim = model.sim_enc.forward_percaption(im, ca, lens)
+            sims[i:i + shard_size, j:j + shard_size] = sim.cpu().numpy()
+    return sims

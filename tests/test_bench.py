@@ -7,6 +7,7 @@ import pytest
 import bench
 import checks
 import gsmn
+import matchers
 import naaf
 from model import SGRAF
 
@@ -32,7 +33,7 @@ def test_naaf_eval_fast_equals_percaption():
     assert np.abs(fast - bench.job_eval(args, "NAAF", True)["sims"]).max() < 1e-5
 
     # the embeddings put the threshold inside the cosines (both branches at work) ...
-    img, cap, lens = bench.make_embeddings(args, np.random.default_rng(args.seed), "NAAF")
+    img, cap, lens, _ = bench.make_embeddings(args, np.random.default_rng(args.seed), "NAAF")
     best = np.einsum("brd,cld->bclr", img, cap).max(-1)      # each word's best region
     real = np.arange(cap.shape[1])[None, :] < np.array(lens)[:, None]
     above = (best > args.thres_safe)[:, real].mean()
@@ -40,13 +41,13 @@ def test_naaf_eval_fast_equals_percaption():
     # ... so that a wrong threshold shows in the comparison
     model, _ = bench.make_model(args, "NAAF")
     model.opt.thres_safe = 0.2
-    other = bench.percaption_naaf_scores(model, img, cap, lens)
+    other = naaf.percaption_naaf_scores(model, img, cap, lens)
     assert np.abs(other - fast).max() > 1e-3
 
 
 def test_make_model_every_module():
     args = tiny_args()
-    assert args.modules.split(",") == list(bench.MODULES)
+    assert args.modules.split(",") == list(matchers.MATCHERS)
     for module in ("SGR", "SAF"):
         model, opt = bench.make_model(args, module)
         assert isinstance(model, SGRAF) and opt.module_name == module

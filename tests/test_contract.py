@@ -98,7 +98,7 @@ def test_a_flag_of_another_matcher_is_refused(tmp_path, monkeypatch, capsys):
         capsys.readouterr().err
 
 
-MATCHER_FREE = ("train.py", "evaluation.py", "checks.py", "opts.py", "data.py")
+MATCHER_FREE = ("train.py", "evaluation.py", "checks.py", "opts.py", "data.py", "bench.py")
 
 
 def test_generic_files_name_no_matcher():
