@@ -51,8 +51,19 @@ import numpy as np
 import torch
 
 import checks
-import matchers
 from contract import random_batch, random_lengths
+
+
+def registry():
+    """matchers.py, imported when first needed: after a job has taken its start memory, which
+    the matchers' modules would otherwise count in (as when each job imported its own)."""
+    import matchers
+    return matchers
+
+
+def matcher(name):
+    """The class of a --modules name (the registry's --module_name)."""
+    return registry().matcher_class(name)
 
 
 def get_args(argv=None):
@@ -78,8 +89,8 @@ def get_args(argv=None):
                         "fastest is reported, at least 2; '--what daa' "
                         "alternates at least 3 of each)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--modules", default=",".join(matchers.MATCHERS),
-                   help="comma-separated: " + ", ".join(matchers.MATCHERS))
+    p.add_argument("--modules", default=",".join(registry().MATCHERS),
+                   help="comma-separated: " + ", ".join(registry().MATCHERS))
     p.add_argument("--what", default="encode,eval,train",
                    help="comma-separated: " + ", ".join(WHATS))
     p.add_argument("--no_ref", action="store_true", help="skip the per-caption reference")
@@ -87,9 +98,9 @@ def get_args(argv=None):
                    help="'--what retrieve': images of the gallery (5 captions each)")
     p.add_argument("--quick", action="store_true", help="small sizes, a sanity run")
     p.add_argument("--seed", type=int, default=0)
-    for cls in matchers.classes():
+    for cls in registry().classes():
         cls.add_bench_options(p.add_argument_group(
-            "%s (%s)" % (", ".join(matchers.names_of(cls)), cls.__module__ + ".py")))
+            "%s (%s)" % (", ".join(registry().names_of(cls)), cls.__module__ + ".py")))
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -102,9 +113,9 @@ def get_args(argv=None):
     if args.min_len > args.max_len:
         raise checks.error("flag_order", checks.opt_where(args, "min_len"),
                            other="--max_len %d" % args.max_len, limit=args.max_len)
-    checks.check_choices(args, "modules", tuple(matchers.MATCHERS))
+    checks.check_choices(args, "modules", tuple(registry().MATCHERS))
     checks.check_choices(args, "what", WHATS)
-    for cls in matchers.classes():
+    for cls in registry().classes():
         cls.check_bench_args(args)  # their own flags; --quick's sizes for them
     checks.check_device(args.device)
     if args.quick:
@@ -120,8 +131,8 @@ def original_flops(name, n_img, lens, R=36, d=1024, s=256, shard=100, intra=True
     """FLOPs (2 x multiply-adds, matmuls only) of matcher `name`'s original per-caption
     algorithm for n_img images against captions of the given lengths, scored in shards of
     `shard` (the matcher's `original_flops`; intra=False: its training score)."""
-    return matchers.matcher_class(name).original_flops(name, n_img, lens, R=R, d=d, s=s,
-                                                        shard=shard, intra=intra)
+    return matcher(name).original_flops(name, n_img, lens, R=R, d=d, s=s, shard=shard,
+                                        intra=intra)
 
 
 def matmul_peak(dtype, device, n=2048, reps=6):
@@ -163,7 +174,7 @@ def make_model(args, name, variant=None):
     """(model, opt): the matcher `name` at the benchmark's sizes, random weights from
     --seed (Matcher.bench_model)."""
     torch.manual_seed(args.seed)
-    return matchers.matcher_class(name).bench_model(args, name, variant)
+    return matcher(name).bench_model(args, name, variant)
 
 
 def eval_lengths(args, rng):
@@ -173,7 +184,7 @@ def eval_lengths(args, rng):
 
 def make_embeddings(args, rng, name):
     """(img, cap, lens, extra): the eval job's random embeddings (Matcher.bench_embeddings)."""
-    return matchers.matcher_class(name).bench_embeddings(args, rng, eval_lengths(args, rng))
+    return matcher(name).bench_embeddings(args, rng, eval_lengths(args, rng))
 
 
 def warm_slice(cls, extra, n_img, n_cap):
@@ -220,7 +231,7 @@ def job_encode(args, name, ref):
 def job_eval(args, name, ref):
     """`score` (ref False) or the original's evaluation, `percaption_scores` (ref True), of
     the same random embeddings."""
-    cls = matchers.matcher_class(name)
+    cls = matcher(name)
     model, opt = make_model(args, name)
     model.val_start()
     img, cap, lens, extra = make_embeddings(args, np.random.default_rng(args.seed), name)
@@ -242,7 +253,7 @@ def job_eval(args, name, ref):
 def job_original(args, name, ref):
     """The ORIGINAL code's evaluation (Matcher.bench_original) on the eval job's pairs, timed;
     then our fast path with the original model's weights, for the difference."""
-    cls = matchers.matcher_class(name)
+    cls = matcher(name)
     img, cap, lens, extra = make_embeddings(args, np.random.default_rng(args.seed), name)
     torch.manual_seed(args.seed)
     original = cls.bench_original(args)
@@ -266,7 +277,7 @@ def job_train(args, name, ref):
     it also pays the first touch of all the memory the step needs (page faults, about 8 GB
     for the largest original step here), which took 1.2-1.7x a later step on the machine this was
     developed on, and which a training loop pays once."""
-    cls = matchers.matcher_class(name)
+    cls = matcher(name)
     if ref and cls.forward_sim_percaption is None:
         raise ValueError("%s has no per-caption reference training step" % name)
     rng = np.random.default_rng(args.seed + 1)
@@ -437,7 +448,7 @@ def job_retrieve(args, name, ref, variant=None):
             plain.append(time.perf_counter() - t)
         t = time.perf_counter()
         # (a matcher whose vocabulary does not read --vocab_path is not given it)
-        unused = matchers.matcher_class(name).vocab_path_unused
+        unused = matcher(name).vocab_path_unused
         vocab_flag = [] if unused else ["--vocab_path", vocab_path]
         subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "retrieve.py"),
                         "--model_path", ckpt, "--data_path", data_path] + vocab_flag +
@@ -455,11 +466,12 @@ DUAL_JOBS = {"eval": job_dual_eval, "train": job_dual_train,
 WHATS = ("encode", "eval", "train", "daa", "retrieve")  # "original": spawned by bench_original
 
 
-def run_job(args):
+def run_job(args, start_mb):
+    """One job, in this process (spawned by `spawn`); start_mb: the memory at its start."""
     what, name, path = args.job.split(":")
     torch.set_num_threads(args.threads)
-    base = peak_mem_mb(args.device)
-    if matchers.matcher_class(name).dual_encoder:  # path: the variant
+    base = peak_mem_mb(args.device) if torch.device(args.device).type == "cuda" else start_mb
+    if matcher(name).dual_encoder:  # path: the variant
         res = DUAL_JOBS[what](args, name, path)
     else:
         res = JOBS[what](args, name, path == "ref")
@@ -482,9 +494,10 @@ def spawn(argv, what, name, path):
 @checks.exit_on_error
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    start_mb = peak_mem_mb("cpu")  # before the registry's imports (a job's start)
     args = get_args(argv)
     if args.job:
-        return run_job(args)
+        return run_job(args, start_mb)
     torch.set_num_threads(args.threads)
     dev = args.device
     fp32 = matmul_peak(torch.float32, dev)
@@ -496,7 +509,7 @@ def main(argv=None):
              args.embed_size, args.sim_dim))
     whats = args.what.split(",")
     for name in args.modules.split(","):
-        if matchers.matcher_class(name).dual_encoder:
+        if matcher(name).dual_encoder:
             bench_dual(argv, args, whats, name)
         else:
             bench_pairwise(argv, args, whats, name, fp32)
@@ -504,7 +517,7 @@ def main(argv=None):
 
 def bench_pairwise(argv, args, whats, name, fp32):
     """The jobs of a matcher scored pair by pair, and their lines."""
-    cls = matchers.matcher_class(name)
+    cls = matcher(name)
     if "encode" in whats:
         r = spawn(argv, "encode", name, "fast")
         print("[%s] encode %d images + %d captions: %.3f s, peak %.0f MB"
@@ -595,7 +608,7 @@ def print_retrieve(name, args, r):
 
 def bench_dual(argv, args, whats, name):
     """The jobs of a dual encoder, in each of its variants, and their lines."""
-    cls = matchers.matcher_class(name)
+    cls = matcher(name)
     for variant, label in cls.bench_variants(args):
         tag = "[%s, %s]" % (name, label)
         if "eval" in whats:

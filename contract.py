@@ -6,13 +6,17 @@ bench.py and the checks reach a matcher only through this class, so that none of
 know which matchers exist, and adding one is writing one class.
 
 What a matcher must provide (the rest has a default here; override what differs):
-  the class       its flags (add_options), checkpoint recognition (recognise, infer_flags),
-                  and its benchmark's model (bench_model)
   an instance     modules() (the checkpoint's state dicts, in `state_names` order), the
-                  train step (train_loss), the embeddings (forward_emb) and the scores (score)
+                  train step (train_loss), the embeddings (forward_emb), the scores (score)
+  the class       to be of use, its flags (add_options) and its checkpoints' recognition
+                  (recognise, infer_flags; the default recognises none); for bench.py, its
+                  model at the benchmark's sizes (bench_model) and, when it is scored pair by
+                  pair, the original's per-caption scores (percaption_scores), the oracles
+                  of its fast paths
 
 It lives apart from every matcher so that a change to it shows as a change to the contract, and
-so that a matcher imports only it, not another matcher (hrem.py loads no GRU, no DAA, no
+so that a matcher need not load another one to implement it: naaf.py and gsmn.py take only
+SCAN's two encoders from model.py, and hrem.py loads nothing of SGRAF (no GRU, no DAA, no
 scikit-learn).
 
 Also here, shared by the matchers: l1norm and l2norm (the originals' normalisations, eps after
