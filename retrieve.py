@@ -22,7 +22,7 @@ split's directory), of the vocabulary and of the code that encodes, so that a ch
 never served stale. Digests are remembered by each file's inode, size, mtime and ctime, so an
 unchanged file is not read again; a file changed within 2 s of its hashing is hashed again.
 
-Everything a matcher does differently goes through the contract (model.Matcher):
+Everything a matcher does differently goes through the contract (contract.Matcher):
 `query_batch` (free text -> the batch its text encoder takes, the tokens, the unknown words),
 `forward_text`, `gallery_inputs` (what its `score` computes from the images alone, computed once
 and cached: SGR/SAF's image global vectors), `score` and, for `--explain`,

@@ -646,7 +646,7 @@ def test_convert_py2_creates_the_output_directory(work, shipped, capsys):
 
 
 def partial_files(directory):
-    return [n for n in os.listdir(directory) if n.endswith(checks.PARTIAL)]
+    return [n for n in os.listdir(directory) if n.endswith(vocab.PARTIAL)]
 
 
 def test_np2h_killed_midway_leaves_nothing_for_good(tmp_path, capsys):
@@ -680,8 +680,8 @@ def test_a_killed_save_is_cleaned_by_the_next_one(tmp_path):
                           capture_output=True, text=True).stdout.strip()
     import socket
     host = socket.gethostname()
-    dead = tmp_path / (".checkpoint_3.pth.tar~%s~%s%s" % (host, gone, checks.PARTIAL))
-    live = tmp_path / (".checkpoint_4.pth.tar~%s~%d%s" % (host, os.getpid(), checks.PARTIAL))
+    dead = tmp_path / (".checkpoint_3.pth.tar~%s~%s%s" % (host, gone, vocab.PARTIAL))
+    live = tmp_path / (".checkpoint_4.pth.tar~%s~%d%s" % (host, os.getpid(), vocab.PARTIAL))
     other = tmp_path / ".notes~x~1.txt"
     for p in (dead, live, other):
         p.write_bytes(b"partial")

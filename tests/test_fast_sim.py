@@ -10,7 +10,8 @@ import torch
 import similarity
 from evaluation import shard_attn_scores
 from loss import ContrastiveLoss
-from model import SGRAF, EncoderSimilarity, l2norm
+from contract import l2norm
+from model import SGRAF, EncoderSimilarity
 
 D, S = 32, 16
 

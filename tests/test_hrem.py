@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import contract
 import hrem
-import model as model_module
 from evaluation import i2t, t2i
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -236,7 +236,7 @@ def test_train_step(fixtures, bert_dir, monkeypatch):
     assert model.criterion.iter_count >= model.criterion.warmup
 
     seen = {"draws": []}
-    clip, multinomial = model_module.clip_grad_norm_, torch.multinomial
+    clip, multinomial = contract.clip_grad_norm_, torch.multinomial
 
     def spy_clip(ps, max_norm):
         seen["grads"] = {id(p): None if p.grad is None else p.grad.detach().clone()
@@ -252,7 +252,7 @@ def test_train_step(fixtures, bert_dir, monkeypatch):
     def spy_inputs(module, args):
         seen["img_emb"], seen["cap_emb"] = args[0][0].detach(), args[1][0].detach()
 
-    monkeypatch.setattr(model_module, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(contract, "clip_grad_norm_", spy_clip)
     monkeypatch.setattr(torch, "multinomial", spy_multinomial)
     model.criterion.register_forward_pre_hook(spy_inputs)
     before = {n: p.detach().clone() for n, p in params.items()}

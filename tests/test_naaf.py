@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import contract
 import matchers
-import model as model_module
 import naaf
 from checkpoint import load_checkpoint
 from evaluation import i2t, t2i
@@ -117,13 +117,13 @@ def test_evaluation(fixtures, name):
 
 def spy_clip(monkeypatch):
     seen = {}
-    clip = model_module.clip_grad_norm_  # the base class's train step clips
+    clip = contract.clip_grad_norm_  # the base class's train step clips
 
     def spy(params, max_norm):
         seen["grads"] = {id(p): p.grad.detach().clone() for p in params}
         seen["norm"] = float(clip(params, max_norm))
         return seen["norm"]
-    monkeypatch.setattr(model_module, "clip_grad_norm_", spy)
+    monkeypatch.setattr(contract, "clip_grad_norm_", spy)
     return seen
 
 

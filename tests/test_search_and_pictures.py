@@ -17,16 +17,17 @@ import torch
 import torch.nn.functional as F
 
 import errors
+import contract
 import evaluation
 import matchers
-import model as model_py
 import naaf
 import opts
 import plots
 import retrieve
 from conftest import REPO
+from contract import l2norm
 from helpers import tiny_dataset, train_args
-from model import SGRAF, l2norm
+from model import SGRAF
 from test_contract import Toy
 from test_eval_cli import original_opt
 from test_gsmn_integration import add_gsmn_files
@@ -420,8 +421,8 @@ def test_the_contract_hooks_have_defaults():
     """A matcher that adds nothing gets the SCAN tokenisation and text encoder call, and an
     --explain refusal that names it."""
     for name in ("query_batch", "forward_text", "word_region_attention"):
-        assert callable(getattr(model_py.Matcher, name))
-    assert model_py.Matcher.attention_info is None
+        assert callable(getattr(contract.Matcher, name))
+    assert contract.Matcher.attention_info is None
     assert SGRAF.attention_info and naaf.NAAF.attention_info
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import model as model_module
+import contract
 from checkpoint import load_checkpoint
 from model import SGRAF
 
@@ -52,12 +52,12 @@ def named_params(model):
 def step_capturing_grads(model, batch, monkeypatch):
     """model.train_emb(batch), returning the loss and the pre-clip gradients."""
     grads = {}
-    clip = model_module.clip_grad_norm_
+    clip = contract.clip_grad_norm_
 
     def spy(params, max_norm):
         grads.update({id(p): p.grad.detach().clone() for p in params})
         return clip(params, max_norm)
-    monkeypatch.setattr(model_module, "clip_grad_norm_", spy)
+    monkeypatch.setattr(contract, "clip_grad_norm_", spy)
     loss = model.train_emb(*batch)
     return float(loss), {n: grads[id(p)] for n, p in named_params(model).items()}
 
