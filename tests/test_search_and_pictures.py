@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 import checks
 import evaluation
+import helpers
 import matchers
 import model as model_py
 import naaf
@@ -222,20 +224,8 @@ def test_digests_of_unchanged_files_are_remembered(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- errors
 
-def expect_exit(argv, capsys, key, *fragments):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        retrieve.main(argv)
-    assert exc.value.code == 2
-    err = exc.value.__context__
-    assert isinstance(err, checks.SGRAFError) and err.key == key, err
-    lines = capsys.readouterr().err.splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(lines)
-    assert len(errors[0]) <= 300, (len(errors[0]), errors[0])  # read at a glance (issue 16)
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
-    return errors[0]
+# retrieve.py's refusals: (argv, capsys, key, *fragments), see helpers.expect_exit
+expect_exit = partial(helpers.expect_exit, retrieve.main)
 
 
 def test_errors(setup, tmp_path, capsys):
