@@ -225,6 +225,7 @@ def prepare_data(opt, matcher, run):
 
 
 def train_features(dset):
+    """The training features as a message names them: their file, when the dataset has one."""
     return getattr(dset, "feat_path", "the training features")
 
 
