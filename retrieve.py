@@ -28,7 +28,6 @@ Everything a matcher does differently goes through the contract (contract.Matche
 and cached: SGR/SAF's image global vectors), `score` and, for `--explain`,
 `word_region_attention` and `attention_info`.
 """
-import argparse
 import hashlib
 import inspect
 import json
@@ -778,7 +777,8 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
 
 def build_parser():
     """retrieve.py's flags; `.matcher_dests`: the matchers' evaluation flags among them."""
-    p = argparse.ArgumentParser(
+    p = errors.ArgumentParser(
+        prog="retrieve.py",
         description="Search a split with a sentence (--query: its top images) or one of its "
                     "images (--image N: its top captions), with any checkpoint of the registry")
     p.add_argument("--model_path", default=evaluation.DEFAULT_MODEL_PATH)

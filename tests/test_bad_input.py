@@ -28,7 +28,6 @@ import evaluation
 import opts
 import runs
 import train
-import vocab
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PrecompDataset, collate_fn
 from helpers import assert_unchanged, expect_exit, snapshot, tiny_dataset, train_args

@@ -29,7 +29,6 @@ import pytest
 import torch
 
 import checkpoint
-import checks
 import download
 import errors
 import evaluation

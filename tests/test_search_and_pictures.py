@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 import errors
 import contract
 import evaluation
+import helpers
 import matchers
 import naaf
 import opts
@@ -223,20 +225,8 @@ def test_digests_of_unchanged_files_are_remembered(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- errors
 
-def expect_exit(argv, capsys, key, *fragments):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        retrieve.main(argv)
-    assert exc.value.code == 2
-    err = exc.value.__context__
-    assert isinstance(err, errors.SGRAFError) and err.key == key, err
-    lines = capsys.readouterr().err.splitlines()
-    errs = [line for line in lines if line.startswith("error:")]
-    assert len(errs) == 1 and "Traceback" not in "\n".join(lines)
-    assert len(errs[0]) <= 300, (len(errs[0]), errs[0])  # read at a glance (issue 16)
-    for fragment in fragments:
-        assert fragment in errs[0], (fragment, errs[0])
-    return errs[0]
+# retrieve.py's refusals: (argv, capsys, key, *fragments), see helpers.expect_exit
+expect_exit = partial(helpers.expect_exit, retrieve.main)
 
 
 def test_errors(setup, tmp_path, capsys):
