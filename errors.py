@@ -418,6 +418,47 @@ PROBLEMS = {
     "boxes_shape": Problem(
         DataError, "boxes have shape {shape}, expected ({n_images}, {regions}, 4)",
         "use the boxes of this split's region features (x1 y1 x2 y2 in pixels)"),
+    # --------------------------------------------------------------- download.py
+    "item_unknown": Problem(
+        UsageError, "no such item{close}", "pass a name that python download.py --list shows"),
+    "from_file_names": Problem(
+        UsageError, "installs one item, and {count} are named", "name the one item it holds"),
+    "from_file_missing": Problem(
+        UsageError, "file not found", "pass the path of the file you downloaded"),
+    "gdown_missing": Problem(
+        UsageError, "Google Drive files are fetched with gdown, which is not installed",
+        "pip install gdown, or fetch it yourself and pass --from_file {file}"),
+    "download_unreachable": Problem(
+        DataError, "{url} is not reachable ({reason})",
+        "download it yourself{alt} and pass --from_file {file}"),
+    "download_interrupted": Problem(
+        DataError, "the connection to {url} broke after {have} of {total} ({reason})",
+        "run the same command again: it continues from {part}"),
+    "download_busy": Problem(
+        UsageError, "another download.py is writing this partial file",
+        "wait for it to finish (or stop it), then run again"),
+    "download_size": Problem(
+        DataError, "{what} is {got} bytes where {source} states {expected}", "{fix}"),
+    "download_sha256": Problem(
+        DataError, "{what} has sha256 {got}..., not the table's {expected}...", "{fix}"),
+    "disk_space": Problem(
+        UsageError, "{need} are needed ({what}) and {free} are free",
+        "free some space, or pass a {flag} on another disk"),
+    "disk_full": Problem(
+        DataError, "the disk filled up while writing {what} ({reason}); nothing was replaced",
+        "free some space and run the same command again{resume}"),
+    "archive_invalid": Problem(
+        DataError, "{what} is not a valid archive ({reason})", "{fix}"),
+    "archive_layout": Problem(
+        DataError, "{what} holds no {expected}", "{fix}"),
+    "ckpt_download_invalid": Problem(
+        CheckpointError, "{what} is not a usable checkpoint ({reason})", "{fix}"),
+    "ckpt_download_other": Problem(
+        CheckpointError, "holds no {expected} checkpoint (found: {found})",
+        "check the name in python download.py --list; {fix}"),
+    "data_check": Problem(
+        DataError, "{count} problem(s), each named in a line above",
+        "fix them and run python download.py --check again"),
 }
 
 

@@ -435,27 +435,36 @@ class SavedSims:
     nothing is scored yet, e.g. outside the folds of --fold5) and the record of the finished
     shards beside it (outputs.OutputRecord). A shard's scores reach the disk before the shard
     is recorded, so the record never names a shard that a crash lost; rerunning the command
-    continues from the recorded shards. Rank 0 only."""
+    continues from the recorded shards. Rank 0 only: made before the evaluation, so that it is
+    closed whatever happens; nothing is read or written before `claim`."""
 
-    def __init__(self, path, identity, shape, overwrite=False, info=None):
-        self.record = outputs.claim_output(path, identity, "--save_sims",
-                                           made_by="evaluation.py --save_sims",
-                                           overwrite=overwrite, info=info)
-        self.path, self.shape = path, tuple(shape)
+    def __init__(self, path, overwrite=False):
+        self.path, self.overwrite = path, overwrite
+        self.record, self.sims, self.shape, self.done = None, None, None, set()
+
+    def claim(self, identity, shape, info=None):
+        """The file for the evaluation `identity`: a fresh matrix, or the one an earlier run of
+        the same evaluation left; returns the shards already scored."""
+        record = outputs.claim_output(self.path, identity, "--save_sims",
+                                      made_by="evaluation.py --save_sims",
+                                      overwrite=self.overwrite, info=info)
+        self.record, self.shape = record, tuple(shape)
         try:
-            ready = any(e.get("ready") for e in self.record.entries)
-            self.done = {k for e in self.record.entries for k in e.get("done", [])}
+            ready = any(e.get("ready") for e in record.entries)
+            self.done = {k for e in record.entries for k in e.get("done", [])}
             self.sims = self._open() if ready else None
             if self.sims is None:  # fresh, or the earlier run stopped before the file was made
                 self.done = set()
-                self.sims = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64,
+                self.sims = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float64,
                                                       shape=self.shape)
                 self.sims[:] = np.nan
                 self.sims.flush()
-                self.record.append({"ready": True})
+                record.append({"ready": True})
         except BaseException:
-            self.record.close()
+            self.record = None
+            record.close()
             raise
+        return self.done
 
     def _open(self):
         try:
@@ -474,7 +483,8 @@ class SavedSims:
         self.record.append({"done": list(shards)})
 
     def close(self):
-        self.record.close()
+        if self.record is not None:
+            self.record.close()
 
 
 # ----------------------------------------------------------------------------- evalrank
@@ -494,89 +504,115 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     rank 0 alone prints, writes and returns the dict of results (None elsewhere). `plots=DIR`:
     also draw the score distributions, recall@K curves and ground-truth ranks (plots.py; each
     model and the ensemble)."""
-    if plots:  # before any compute: never over a file that evaluation.py --plots did not make
-        import plots as plotting
-        outputs.check_outputs(plotting.eval_paths(plots), "evaluation.py --plots", "--plots")
-    if data_name is not None:
-        errors.check_data_name(data_name, data_path or "DIR")
-    errors.check_device(device)
-    ddp, rank, local_rank, _ = distributed.env()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        device = distributed.local_device(device, local_rank)
-        distributed.init(device)
+    check_arguments(plots, data_name, data_path, device)
+    rank, device = join_processes(device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    saved = None
+    saved = SavedSims(sims_path(save_sims), overwrite) if save_sims and rank == 0 else None
     try:
         loaded, scorers, data_loader, shape = distributed.agree(
             lambda: _prepare(model_path, model_path2, data_path, split, fold5, vocab_path,
                              data_name, device, feat_format, precision, say, overrides,
                              check_flags))
-        regions = score_regions(*shape, fold5=fold5)
-        shards = shard_grid(regions)
-
-        def claim():
-            if not save_sims:
-                return set()
-            nonlocal saved
-            path = sims_path(save_sims)
-            datasets = [dl.dataset for dl in dict.fromkeys(dl for _, _, dl in scorers)]
-            ident = sims_identity([(m, o, p) for m, o, p in loaded], datasets, split, fold5,
-                                  shape, shards, overrides)
-            info = {"checkpoints": [p for _, _, p in loaded], "data_path": data_path,
-                    "command": " ".join(sys.argv)}
-            saved = SavedSims(path, ident, shape, overwrite=overwrite, info=info)
-            return saved.done
-        done = distributed.agree(claim, master_only=True)
-        todo = [k for k in range(len(shards)) if k not in done]
-
+        shards = shard_grid(score_regions(*shape, fold5=fold5))
+        done = distributed.agree(
+            lambda: claim_sims(saved, loaded, scorers, data_path, split, fold5, shape, shards,
+                               overrides), master_only=True)
         # --plots of an ensemble draws each model too: its own matrix, scored with the mean
         each = bool(plots) and len(scorers) > 1
-        encoded = []
-        if todo or each:
-            say("Computing results...")
-            for model, _, dl in scorers:
-                encoded.append((model, encode_data(model, dl, img_stride=dl.dataset.im_div,
-                                                   progress=rank == 0)))
-        sims = None
-        if rank == 0:
-            sims = saved.sims if saved is not None else np.full(shape, np.nan)
-        total = sum(_pairs(s) for s in shards)
-        bar = tqdm(total=total, initial=total - sum(_pairs(shards[k]) for k in todo),
-                   unit="pair", unit_scale=True, desc="score", leave=False,
-                   disable=None if rank == 0 and todo else True)
-        start = time.time()
-        own = [np.full(shape, np.nan) for _ in scorers] if each and rank == 0 else None
-        score_shards(encoded, shards, todo, sims, commit=saved.commit if saved else None,
-                     bar=bar, each=each, own=own)
-        bar.close()
-        if each and done:  # shards an earlier run scored: each model's own scores for the plots
-            score_shards(encoded, shards, sorted(done), None, each=each, own=own)
-        if todo:
-            say("calculate similarity time:", time.time() - start)
-        else:
-            say("=> %s: every shard already scored (%s)" % (saved.path, saved.record.record_path))
+        sims, own = score(scorers, shards, done, shape, saved, each, rank, say)
         if rank != 0:
             distributed.finish()
             return None
         say("Images: %d, Captions: %d" % shape)
         result = report(sims, fold5, captions=data_loader.dataset.captions[:shape[1]])
         if plots:
-            paths = [p for _, _, p in loaded]
-            curves = list(zip(model_labels(paths, [o for _, o, _ in loaded]),
-                              [plot_data(m, fold5) for m in (own or [sims])]))
-            if each:
-                curves.append(("ensemble (mean)", plot_data(sims, fold5)))
-            result["plots"] = plotting.evaluation_figures(curves, plots, "%s %s" % (
-                loaded[0][1].data_name, split))
-            result["plot_data"] = dict(curves)
-            say("plots: " + ", ".join(result["plots"]))
+            result.update(draw_plots(plots, loaded, sims, own, each, fold5, split, say))
         distributed.finish()
         return result
     finally:
         if saved is not None:
             saved.close()
         distributed.abandon()
+
+
+def check_arguments(plots, data_name, data_path, device):
+    """evalrank's checks that need no file read, before any compute."""
+    if plots:  # never over a file that evaluation.py --plots did not make
+        import plots as plotting
+        outputs.check_outputs(plotting.eval_paths(plots), "evaluation.py --plots", "--plots")
+    if data_name is not None:
+        errors.check_data_name(data_name, data_path or "DIR")
+    errors.check_device(device)
+
+
+def join_processes(device):
+    """This process's rank and device; under torchrun, it joins the process group."""
+    ddp, rank, local_rank, _ = distributed.env()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ddp:
+        device = distributed.local_device(device, local_rank)
+        distributed.init(device)
+    return rank, device
+
+
+def claim_sims(saved, loaded, scorers, data_path, split, fold5, shape, shards, overrides):
+    """Rank 0 claims the --save_sims file (`saved`, None without it) for this evaluation:
+    the shards an earlier run of the same evaluation scored there."""
+    if saved is None:
+        return set()
+    datasets = [dl.dataset for dl in dict.fromkeys(dl for _, _, dl in scorers)]
+    ident = sims_identity([(m, o, p) for m, o, p in loaded], datasets, split, fold5, shape,
+                          shards, overrides)
+    info = {"checkpoints": [p for _, _, p in loaded], "data_path": data_path,
+            "command": " ".join(sys.argv)}
+    return saved.claim(ident, shape, info=info)
+
+
+def score(scorers, shards, done, shape, saved, each, rank, say):
+    """Every model encodes the split; every process scores its share of the shards not `done`
+    (into `saved` as they finish). Returns rank 0's matrix (None elsewhere) and, with `each`
+    (--plots of an ensemble), each model's own matrix."""
+    todo = [k for k in range(len(shards)) if k not in done]
+    encoded = []
+    if todo or each:
+        say("Computing results...")
+        for model, _, dl in scorers:
+            encoded.append((model, encode_data(model, dl, img_stride=dl.dataset.im_div,
+                                               progress=rank == 0)))
+    sims = None
+    if rank == 0:
+        sims = saved.sims if saved is not None else np.full(shape, np.nan)
+    total = sum(_pairs(s) for s in shards)
+    bar = tqdm(total=total, initial=total - sum(_pairs(shards[k]) for k in todo),
+               unit="pair", unit_scale=True, desc="score", leave=False,
+               disable=None if rank == 0 and todo else True)
+    start = time.time()
+    own = [np.full(shape, np.nan) for _ in scorers] if each and rank == 0 else None
+    score_shards(encoded, shards, todo, sims, commit=saved.commit if saved else None,
+                 bar=bar, each=each, own=own)
+    bar.close()
+    if each and done:  # shards an earlier run scored: each model's own scores for the plots
+        score_shards(encoded, shards, sorted(done), None, each=each, own=own)
+    if todo:
+        say("calculate similarity time:", time.time() - start)
+    else:
+        say("=> %s: every shard already scored (%s)" % (saved.path, saved.record.record_path))
+    return sims, own
+
+
+def draw_plots(out_dir, loaded, sims, own, each, fold5, split, say):
+    """--plots: the figures of each model (`own`, or the one matrix) and of the ensemble's
+    mean: {"plots": their paths, "plot_data": what they show}."""
+    import plots as plotting
+    paths = [p for _, _, p in loaded]
+    curves = list(zip(model_labels(paths, [o for _, o, _ in loaded]),
+                      [plot_data(m, fold5) for m in (own or [sims])]))
+    if each:
+        curves.append(("ensemble (mean)", plot_data(sims, fold5)))
+    figures = plotting.evaluation_figures(curves, out_dir, "%s %s" % (loaded[0][1].data_name,
+                                                                      split))
+    say("plots: " + ", ".join(figures))
+    return {"plots": figures, "plot_data": dict(curves)}
 
 
 def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_name, device,

@@ -35,18 +35,21 @@ Read top to bottom:
                original per-caption loop op for op (the test oracle, at the original's speed)
   fast path    gsmn_scores: many images x many captions, both directions, exact algebra
   data         GSMNDataset (--bbox_mode), collate_fn (the batch's boxes and arcs)
-  wrapper      GSMN (model.Matcher): flags, checkpoint recognition, encoders, both graphs,
+  wrapper      GSMN (contract.Matcher): flags, checkpoint recognition, encoders, both graphs,
                the hinge loss, Adam, the train step, score; retrieve.py's query and attention
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
 n num_block (chunks), q = d / n (chunk size), K kernels (8), h hid_dim.
 """
+import argparse
 import codecs
+import importlib
 import json
 import logging
 import os
 import pickle
 import re
+import sys
 
 import numpy as np
 import torch
@@ -56,8 +59,10 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import errors
+from contract import (Matcher, bench_opt, l2norm, memory_budget, random_batch,
+                      random_embeddings)
 from loss import ContrastiveLoss
-from model import EncoderImage, EncoderText, Matcher, l2norm, memory_budget
+from model import EncoderImage, EncoderText
 from vocab import encode_caption
 
 log = logging.getLogger(__name__)
@@ -1124,7 +1129,7 @@ class GSMN(Matcher):
                       "(temperature {opt.lambda_softmax:g})")
 
     def query_batch(self, text, vocab):
-        """SCAN's tokenisation (model.Matcher), with no dependency arcs: a free-text query has
+        """SCAN's tokenisation (contract.Matcher), with no dependency arcs: a free-text query has
         no parse, so a sparse model's word graph is the identity, which the released code
         scores alike (the arcs change a score only through a self-loop arc, see the top). A
         split read from the authors' `{split}_precaps_stan.txt` was tokenised by their parser,
@@ -1174,3 +1179,133 @@ class GSMN(Matcher):
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+
+    # ------------------------------------------------------------------ benchmark (bench.py)
+    # the original evaluation's shard_xattn(..., shard_size=80): caption by caption through the
+    # literal graphs (forward_sim_percaption), on boxes normalised in [0, 1] (bench_boxes)
+    bench_ref_shard = 80
+
+    @classmethod
+    def add_bench_options(cls, parser):
+        parser.add_argument("--gsmn_batch", type=int, default=64,
+                            help="GSMN's training batch (its README's Flickr30K batch)")
+        parser.add_argument("--gsmn_original", default=None, metavar="DIR",
+                            help="also time the original GSMN code's shard_xattn from this "
+                                 "checkout (made to run under Python 3 on CPU)")
+
+    @classmethod
+    def check_bench_args(cls, args):
+        errors.check_positive(args, ["gsmn_batch"])
+        if args.gsmn_original is not None:
+            errors.check_dir(args.gsmn_original, "--gsmn_original %s" % args.gsmn_original,
+                             expected="a checkout of the original GSMN code")
+        if args.quick:
+            args.gsmn_batch = 16
+
+    @classmethod
+    def bench_model(cls, args, name, variant=None):
+        """The original train.py's defaults (lambda_softmax 9, dense arcs), learning rate 2e-4."""
+        opt = bench_opt(args, name)
+        for k, v in cls.defaults.items():
+            setattr(opt, k, v)
+        return cls(opt), opt
+
+    @classmethod
+    def bench_embeddings(cls, args, rng, lens):
+        img, cap = random_embeddings(args, rng, lens)
+        return img, cap, lens.tolist(), {"boxes": torch.from_numpy(bench_boxes(args.n_img, rng))}
+
+    @classmethod
+    def bench_train_batch(cls, args):
+        # the per-caption step at 128 needs about 20 GB
+        return args.gsmn_batch
+
+    @classmethod
+    def original_flops(cls, name, n_img, lens, R=36, d=1024, s=256, shard=100, intra=True):
+        """shard_xattn: per pair, both directions' scores (R x d x L) and contexts, the visual
+        graph's patch operator (R x 8 x R x n) and the textual one's (L x 8 x L x n), the conv
+        and head Linears on every node; per caption the word-word attention."""
+        n, h = 16, 32
+        return sum(n_img * (8 * L * R * d + 2 * R * 8 * R * n + 2 * R * (n * h + h * h + h) +
+                            2 * L * 8 * L * n + 2 * L * (n * h + h * h + h)) + 2 * L * L * d
+                   for L in lens)
+
+    @classmethod
+    def bench_original_code(cls, args):
+        return args.gsmn_original
+
+    @classmethod
+    def bench_original(cls, args):
+        return OriginalGSMN(args)
+
+    def percaption_scores(self, args, img_embs, cap_embs, cap_lens, boxes=None, **extra):
+        return percaption_gsmn_scores(self, img_embs, cap_embs, cap_lens, boxes,
+                                      self.bench_ref_shard)
+
+    def bench_train_inputs(self, args, rng):
+        images, captions, lens = random_batch(args, self.bench_train_batch(args), rng)
+        return images, captions, lens, None, {
+            "boxes": torch.from_numpy(bench_boxes(len(lens), rng))}
+
+
+def bench_boxes(n_img, rng):
+    """Boxes normalised to [0, 1] (x1 <= x2, y1 <= y2), (n_img, 36, 4) float32, so that the
+    geometry gains differ between regions."""
+    xy = rng.uniform(0, 0.7, (n_img, 36, 2))
+    return np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (n_img, 36, 2))], 2) \
+        .astype(np.float32)
+
+
+def percaption_gsmn_scores(model, img_embs, cap_embs, cap_lens, boxes, shard_size=80):
+    """The original GSMN shard_xattn: shard_size x shard_size shards, each scored by the
+    original forward_sim (both graphs' per-caption loops): the oracle of GSMN.score."""
+    sims = np.zeros((len(img_embs), len(cap_embs)))
+    for i in range(0, len(img_embs), shard_size):
+        for j in range(0, len(cap_embs), shard_size):
+            lens = cap_lens[j:j + shard_size]
+            with torch.no_grad():
+                im = torch.from_numpy(img_embs[i:i + shard_size]).to(model.device)
+                ca = torch.from_numpy(cap_embs[j:j + shard_size]).to(model.device)
+                bx = torch.as_tensor(boxes[i:i + shard_size]).to(model.device)
+                sim = model.forward_sim_percaption(im, ca, lens, bx)
+            sims[i:i + shard_size, j:j + shard_size] = sim.cpu().numpy()
+    return sims
+
+
+class OriginalGSMN:
+    """The ORIGINAL code's evaluation (shard_xattn, shards of 80), from the checkout
+    --gsmn_original (CrossmodalGroup/GSMN made to run under Python 3 on CPU; README, GSMN), at
+    bench.py's sizes with the caller's torch seed. Its modules (model, evaluation, data, vocab,
+    ...) are imported under their own names, ours of those names set aside; `close()` puts
+    ours back and returns its weights (our names: they load strictly)."""
+
+    def __init__(self, args):
+        self.path = os.path.abspath(args.gsmn_original)
+        self.opt = argparse.Namespace(
+            img_dim=args.img_dim, embed_size=args.embed_size, word_dim=args.word_dim,
+            vocab_size=args.vocab_size, num_layers=1, bi_gru=True, no_imgnorm=False,
+            no_txtnorm=False, feat_dim=16, num_block=16, hid_dim=32, out_dim=1,
+            lambda_softmax=9.0, is_sparse=False, margin=0.2, max_violation=True, grad_clip=2.0,
+            learning_rate=2e-4)
+        # ours of the same names (model, evaluation, data, vocab) step aside until close()
+        self.theirs = {os.path.splitext(f)[0] for f in os.listdir(self.path)
+                       if f.endswith(".py")}
+        self.ours = {n: sys.modules.pop(n) for n in self.theirs if n in sys.modules}
+        sys.path.insert(0, self.path)
+        self.evaluation = importlib.import_module("evaluation")
+        self.model = importlib.import_module("model").GSMN(self.opt)
+        self.model.val_start()
+
+    def scores(self, img_embs, cap_embs, cap_lens, boxes=None, **extra):
+        deps = [[[0, 1]]] * len(cap_lens)
+        return self.evaluation.shard_xattn(self.model, img_embs, cap_embs,
+                                           np.asarray(boxes).astype(np.float64), deps,
+                                           cap_lens, self.opt, shard_size=80)
+
+    def close(self):
+        state = [{k: v.clone() for k, v in sd.items()} for sd in self.model.state_dict()]
+        for name in self.theirs:
+            sys.modules.pop(name, None)
+        sys.modules.update(self.ours)
+        sys.path.remove(self.path)
+        return state

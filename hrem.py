@@ -30,19 +30,21 @@ Read top to bottom:
                 weights), GraphLoss (fusion transformer, the four triplet losses, the KL
                 regulariser, the warm-up counted in iterations)
   score         dot_scores: the (images, captions) dot products in memory-bounded blocks
-  data          HREMDataset, collate_fn (model.Matcher's data hooks)
-  the matcher   HREM (model.Matcher): options, checkpoints, optimizer groups and schedule,
+  data          HREMDataset, collate_fn (contract.Matcher's data hooks)
+  the matcher   HREM (contract.Matcher): options, checkpoints, optimizer groups and schedule,
                 the train step (augmentations, then the criterion), evaluation, retrieve.py's
                 query (no attention to --explain)
 
 Letters in shape comments: B images, C captions (B = C in training), N regions, T tokens,
 d embed_size, h BERT hidden size, K topk.
 """
+import argparse
 import copy
 import json
 import logging
 import os
 import random
+import shutil
 import socket
 from urllib.parse import urlparse
 
@@ -54,8 +56,8 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import errors
+from contract import Matcher, TextQuery, l2norm, memory_budget
 from loss import ContrastiveLoss
-from model import Matcher, TextQuery, l2norm, memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -886,7 +888,6 @@ class HREM(Matcher):
     @classmethod
     def option_defaults(cls):
         """{dest: default} of this matcher's own flags, then `defaults`."""
-        import argparse
         p = argparse.ArgumentParser()
         cls.add_options(p)
         return dict(vars(p.parse_args([])), **cls.defaults)
@@ -1151,3 +1152,111 @@ class HREM(Matcher):
         n_img, d = np.shape(img_embs)
         block = shard_size or max(1, memory_budget() // (8 * (n_img + d)))
         return dot_scores(img_embs, cap_embs, device=self.device, block=block)
+
+    # ------------------------------------------------------------------ benchmark (bench.py)
+    # a dual encoder: its evaluation is encoding (each image once, each caption once, in
+    # batches of 128) plus one blocked matrix product, timed end to end on random region
+    # features and token ids at BERT's demo size (bert_demo/config.json, 2 layers of 128) and
+    # BERT-base's (12 layers of 768, random weights: no download); no reference here, the speed
+    # against the original code is measured side by side with it (README, Speed)
+    dual_encoder = True
+    bench_train_note = ", graph losses on"
+    BENCH_BERTS = {"demo": "demo (2 x 128)", "base": "base (12 x 768)"}
+
+    @classmethod
+    def add_bench_options(cls, parser):
+        parser.add_argument("--hrem_n_img", type=int, default=1000,
+                            help="HREM evaluation: images (x 5 captions)")
+        parser.add_argument("--hrem_bert", default="demo,base",
+                            help="HREM: BERT sizes, comma-separated: demo (bert_demo/), base "
+                                 "(BERT-base)")
+
+    @classmethod
+    def check_bench_args(cls, args):
+        errors.check_choices(args, "hrem_bert", tuple(cls.BENCH_BERTS))
+        errors.check_positive(args, ["hrem_n_img"])
+        if args.quick:
+            args.hrem_n_img, args.hrem_bert = 20, "demo"
+
+    @classmethod
+    def bench_variants(cls, args):
+        return [(b, "%s BERT" % cls.BENCH_BERTS[b]) for b in args.hrem_bert.split(",")]
+
+    @classmethod
+    def bench_model(cls, args, name, variant="demo"):
+        """The original's defaults and BERT at the demo's size or BERT-base's (random
+        weights)."""
+        from transformers import BertConfig, BertModel
+        opt = argparse.Namespace(img_dim=args.img_dim, embed_size=args.embed_size,
+                                 no_imgnorm=False, no_txtnorm=False, grad_clip=2.0, margin=0.2,
+                                 max_violation=False, device=args.device,
+                                 data_name="f30k_precomp", bert_path=BERT_DEMO,
+                                 bert_init="random")
+        cls.complete_opt(opt)
+        cfg = BertConfig.from_pretrained(BERT_DEMO) if variant == "demo" else BertConfig()
+        return cls(opt, bert=BertModel(cfg)), opt
+
+    def bench_eval_steps(self, args, rng):
+        """--hrem_n_img images (random features) encoded once and 5x as many captions (random
+        token ids, bench_captions) in batches of 128, then `score`."""
+        n_img, n_cap, bs = args.hrem_n_img, 5 * args.hrem_n_img, 128
+        images = torch.from_numpy(rng.standard_normal((n_img, 36, args.img_dim))
+                                  .astype(np.float32)).abs()
+        caps, lens = bench_captions(args, rng, n_cap, self.txt_enc.bert.config.vocab_size)
+        full, dev = torch.full((bs,), 36), self.device
+        self.forward_emb(images[:2], caps[:2], lens[:2], img_lengths=full[:2])  # warm-up
+
+        def encode_images(out):
+            return torch.cat([self.img_enc(images[i:i + bs].to(dev),
+                                           full[:len(images[i:i + bs])].to(dev))
+                              for i in range(0, n_img, bs)])
+
+        def encode_captions(out):
+            return torch.cat([self.txt_enc(caps[j:j + bs, :int(lens[j:j + bs].max())].to(dev),
+                                           lens[j:j + bs].to(dev))
+                              for j in range(0, n_cap, bs)])
+
+        def score(out):
+            return self.score(out["images"].float().cpu().numpy(),
+                              out["captions"].float().cpu().numpy(), lens.tolist())
+        return n_img, n_cap, [("images", encode_images), ("captions", encode_captions),
+                              ("score", score)]
+
+    def bench_train_inputs(self, args, rng):
+        """A batch of --batch random pairs with the graph losses on (past the warm-up), the
+        augmentations drawn in the step (bert_demo's vocabulary for the random tokens)."""
+        n = args.batch
+        images = torch.from_numpy(rng.standard_normal((n, 36, args.img_dim))
+                                  .astype(np.float32)).abs()
+        vocab = self.txt_enc.bert.config.vocab_size
+        words = [[[int(t)] for t in rng.integers(5, vocab, size=rng.integers(
+            args.min_len - 2, args.max_len - 1))] for _ in range(n)]
+        caps = [[2] + [w[0] for w in ws] + [3] for ws in words]
+        lens = [len(c) for c in caps]
+        captions = torch.zeros(n, max(lens), dtype=torch.int64)
+        for k, c in enumerate(caps):
+            captions[k, :len(c)] = torch.tensor(c)
+        img_ids = list(range(n))
+        self.criterion.iter_count = self.opt.warmup  # the graph losses on
+        return images, captions, lens, img_ids, dict(img_ids=img_ids,
+                                                     img_lengths=torch.full((n,), 36),
+                                                     words=words)
+
+    def bench_gallery_files(self, opt, root):
+        """--bert_path: a folder of this BERT's config and bert_demo's WordPiece vocabulary
+        (which covers the synthetic captions)."""
+        opt.bert_path = os.path.join(root, "bert")
+        self.txt_enc.bert.config.save_pretrained(opt.bert_path)
+        for f in ("vocab.txt", "tokenizer_config.json"):
+            shutil.copy(os.path.join(BERT_DEMO, f), opt.bert_path)
+
+
+def bench_captions(args, rng, n, vocab_size):
+    """Random token ids ([CLS] 2 ... [SEP] 3, others >= 5), 0-padded, and their lengths, in
+    [--min_len, --max_len] with [CLS] and [SEP]."""
+    lens = rng.integers(args.min_len, args.max_len + 1, size=n)
+    ids = torch.zeros(n, int(lens.max()), dtype=torch.int64)
+    for k, L in enumerate(lens):
+        ids[k, 0], ids[k, L - 1] = 2, 3
+        ids[k, 1:L - 1] = torch.from_numpy(rng.integers(5, vocab_size, size=L - 2))
+    return ids, torch.from_numpy(lens)

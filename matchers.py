@@ -1,10 +1,9 @@
 """The registry: every `--module_name` and the class that implements it.
 
 This is the one place that knows which matchers exist. A matcher is one file with a subclass
-of `model.Matcher` (its flags, vocabulary, data, checkpoint layout, train step and scoring)
+of `contract.Matcher` (its flags, vocabulary, data, checkpoint layout, train step and scoring)
 plus one line in `MATCHERS` below; train.py, evaluation.py, opts.py, data.py, runs.py, errors.py
-and checks.py reach it through the functions here and never name it (README, "Adding a
-matcher").
+and checks.py reach it through the functions here and never name it (README, "Adding a matcher").
 """
 import checkpoint
 import errors

@@ -12,49 +12,31 @@ Read top to bottom:
   score          EncoderSimilarity: sigmoid(Linear(similarity vector)); `forward` scores all
                  pairs at once with the exact fast kernels of similarity.py, and
                  `forward_percaption` is the original loop, kept as the reference
-  the contract   Matcher: what every matcher (this file's SGRAF, naaf.NAAF, ...) provides to
-                 train.py, evaluation.py and retrieve.py; matchers.py registers them
-  wrapper        SGRAF: the three encoders, the optimizer, the train step, the sharded scoring
+  wrapper        SGRAF (contract.Matcher): the three encoders, the optimizer, the train step,
+                 the sharded scoring
+
+naaf.py and gsmn.py take the two encoders from here; the contract itself is contract.py.
 
 Letters in shape comments: B images, C captions, R regions (36), L words, d embed_size,
 s sim_dim.
 """
-import logging
-import os
 import re
-from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.clip_grad import clip_grad_norm_
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from tqdm import tqdm
 
 import checkpoint
 import daa
 import data
 import errors
 import similarity
-import vocab
+from contract import Matcher, bench_opt, l1norm, l2norm, memory_budget
 from daa import DAALoss
 from loss import ContrastiveLoss
-from meters import LogCollector
-from vocab import END, START, encode_caption_with_oov, tokenize
-
-log = logging.getLogger(__name__)
-
-
-def l1norm(X, dim, eps=1e-8):
-    """X / (sum |X| + eps) along dim."""
-    return X / (X.abs().sum(dim=dim, keepdim=True) + eps)
-
-
-def l2norm(X, dim=-1, eps=1e-8):
-    """X / (||X|| + eps) along dim: the eps is added after the square root, as the original."""
-    return X / (X.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
 
 
 def init_xavier(modules):
@@ -310,329 +292,6 @@ class EncoderSimilarity(nn.Module):
                 sim_vec = self.SAF_module(sim_emb)
             sim_all.append(self.sigmoid(self.sim_eval_w(sim_vec)))  # (B, 1)
         return torch.cat(sim_all, 1)                              # (B, C)
-
-
-# ----------------------------------------------------------------------------- the contract
-
-def memory_budget():
-    """Bytes a scoring shard may use: an eighth of the available memory, kept between 16 MB and
-    64 MB, so that the peak stays below the per-caption path's (the result matrix is the
-    caller's, outside this budget)."""
-    avail = 2 ** 31
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return min(max(avail // 8, 2 ** 24), 2 ** 26)
-
-
-# A free-text query as a matcher's text encoder takes it (Matcher.query_batch): the batch of one
-# caption for `forward_text` (captions (1, L) ids, lengths [L], extra {name: [value]}), the
-# tokens the encoder sees (one per position: the rows of an attention map), the words the
-# vocabulary does not know (mapped to its unknown token) and, where tokens are not words
-# (WordPiece), the number of words (None: the tokens but the special ones, <...> and [...]).
-TextQuery = namedtuple("TextQuery", "captions lengths extra tokens unknown n_words",
-                       defaults=(None,))
-
-
-class Matcher:
-    """What every matcher provides to train.py, evaluation.py and the checks: a matcher is one
-    file with a subclass of this, plus one line in matchers.py's registry. The class itself
-    (without an instance) owns its flags, its vocabulary, its data, its checkpoint layout; an
-    instance owns its modules, optimizer, train step and scoring. Override what differs.
-
-    Letters: B images, C captions, R regions, L words, d embed_size.
-    """
-    state_names = ("img_enc", "txt_enc")  # the state dicts of the checkpoint's 'model', in order
-    defaults = {}          # flag defaults that differ from the shared parser's for this matcher
-    num_regions = None     # (count, why) when the model needs that many regions per image
-    drop_last = False      # drop the last, smaller training batch
-    collate_fn = staticmethod(data.collate_fn)  # items -> data.Batch
-    score_inputs = {}      # batch extras scoring needs: {name: "image" or "caption"}
-    show_progress = True   # off while evaluation.py shows one bar over all the pairs
-    optional_keys = ()     # "state_name.key" entries a checkpoint may have or lack (buffers that
-    #                        some library versions save)
-    vocab_path_unused = None  # why --vocab_path does not apply (None: the vocabulary reads it)
-    demo_flags = []        # flags with which demo.py's small model learns in a few minutes
-
-    # ------------------------------------------------------------------ options and text
-    @classmethod
-    def add_option(cls, parser, *flags, **kwargs):
-        """parser.add_argument for one of this matcher's flags, recorded as its own (a flag of
-        other matchers only is refused with this one). A flag another matcher already added
-        (e.g. --lambda_softmax) is shared, not added twice: its default for this matcher goes
-        into `defaults`."""
-        action = next((parser._option_string_actions[f] for f in flags  # noqa: SLF001
-                       if f in parser._option_string_actions), None)  # noqa: SLF001
-        if action is None:
-            action = parser.add_argument(*flags, **kwargs)
-        cls.own_options().add(action.dest)
-        return action
-
-    @classmethod
-    def own_options(cls):
-        """The dests of the flags this class added with `add_option`."""
-        if "_own_options" not in cls.__dict__:
-            cls._own_options = set()
-        return cls._own_options
-
-    @classmethod
-    def add_options(cls, parser):
-        """The matcher's own flags, with `cls.add_option` (an argument group of the shared
-        parser)."""
-
-    @classmethod
-    def complete_opt(cls, opt):
-        """Fill what an older or an original checkpoint's `opt` lacks with this matcher's
-        defaults (the shared ones are filled by the caller)."""
-        for k, v in cls.defaults.items():
-            if not hasattr(opt, k):
-                setattr(opt, k, v)
-        return opt
-
-    @classmethod
-    def check_opt(cls, opt, distributed=False):
-        """Flags that cannot work with this matcher: raise errors.error(...) before any
-        compute (keys flag_unsupported, torchrun_unsupported, flag_positive, ...)."""
-
-    @classmethod
-    def vocabulary(cls, opt):
-        """(vocab, path): what turns a caption into ids. SCAN's `<data_name>_vocab.json`."""
-        path = os.path.join(opt.vocab_path, "%s_vocab.json" % opt.data_name)
-        return vocab.load_vocab(path), path
-
-    # ------------------------------------------------------------------ data
-    @classmethod
-    def dataset(cls, data_path, split, vocab, opt, train=False):
-        """The split as this matcher reads it (its items go through `collate_fn`)."""
-        return data.PrecompDataset(data_path, split, vocab,
-                                   feat_format=getattr(opt, "feat_format", "auto"),
-                                   img_dim=getattr(opt, "img_dim", None),
-                                   regions=cls.num_regions)
-
-    @classmethod
-    def check_train_data(cls, n_captions, batch_size):
-        """What the training split must satisfy for this model (e.g. no last batch of one)."""
-
-    @classmethod
-    def add_eval_options(cls, parser):
-        """Flags that evaluation.py offers to override this matcher's checkpoint options (e.g.
-        where a pretrained part's files are); each defaults to None (keep the checkpoint's).
-        Returns their dests."""
-        return []
-
-    @classmethod
-    def for_checkpoint(cls, opt, device=None):
-        """The model whose weights a checkpoint will replace (evaluation, --resume): the model
-        of the flags, except that a matcher that starts a module from pretrained weights need
-        not read them."""
-        return cls(opt, device=device)
-
-    # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def recognise(cls, ckpt):
-        """The --module_name of a checkpoint (ours or the authors') if it is this matcher's,
-        read from its contents; else None."""
-        return None
-
-    @classmethod
-    def infer_flags(cls, state, opt=None):
-        """{flag: value or None}: the flags a state list was built with, as far as its keys
-        and shapes say (for the "pass --flag X" of a mismatch)."""
-        return {}
-
-    # ------------------------------------------------------------------ the instance
-    def __init__(self, opt, device=None):
-        self.opt = opt
-        self.device = torch.device(device or getattr(opt, "device", None) or
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.grad_clip = opt.grad_clip
-        self.Eiters = 0
-        self.logger = LogCollector()
-        self._ddp = None
-
-    def setup(self):
-        """After the subclass built its modules: move them to the device, build the optimizer
-        from `param_groups()` and remember each group's base learning rate."""
-        for m in self.modules():
-            m.to(self.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        groups = self.param_groups()
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = self.make_optimizer(groups)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-
-    def modules(self):
-        """The nn.Modules whose state dicts make the checkpoint's 'model', in `state_names`
-        order."""
-        raise NotImplementedError
-
-    def state_dict(self):
-        return [m.state_dict() for m in self.modules()]
-
-    def load_state_dict(self, state_dict, strict=True):
-        if len(state_dict) != len(self.modules()):
-            raise ValueError("expected %d state dicts (%s), got %d"
-                             % (len(self.modules()), ", ".join(self.state_names),
-                                len(state_dict)))
-        for m, sd in zip(self.modules(), state_dict):
-            m.load_state_dict(sd, strict=strict)
-
-    def train_start(self):
-        for m in self.modules():
-            m.train()
-
-    def val_start(self):
-        for m in self.modules():
-            m.eval()
-
-    # ------------------------------------------------------------------ optimisation
-    def param_groups(self):
-        """[{'params': [...], 'lr': base learning rate}, ...] for the optimizer; one group of
-        every module's parameters by default."""
-        return [{"params": [p for m in self.modules() for p in m.parameters()
-                            if p.requires_grad],
-                 "lr": self.opt.learning_rate}]
-
-    def make_optimizer(self, groups):
-        return torch.optim.Adam(groups, lr=self.opt.learning_rate)
-
-    def lr_factor(self, epoch):
-        """The learning-rate schedule: x0.1 every `lr_update` epochs (the originals')."""
-        return 0.1 ** (epoch // self.opt.lr_update)
-
-    def start_epoch(self, epoch, lr_scale=1):
-        """Set every group's learning rate to its own base rate x lr_scale x the schedule, and
-        start the epoch's running averages of the log."""
-        factor = self.lr_factor(epoch)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * lr_scale * factor
-        self.logger = LogCollector()
-
-    def ddp(self, device_ids=None):
-        """Wrap the modules in DistributedDataParallel for the train step (torchrun); the bare
-        modules stay what `state_dict()` and evaluation see."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        self._ddp = [DDP(m, device_ids=device_ids) for m in self.modules()]
-        return self
-
-    def trained(self):
-        """The modules the train step calls: the DDP wrappers after ddp(), else the bare
-        ones."""
-        return self._ddp or self.modules()
-
-    def release_ddp(self):
-        """Drop the DDP wrappers (their reducers hold the process group), before the group is
-        destroyed at the end of a torchrun training (distributed.finish)."""
-        self._ddp = None
-
-    def train_loss(self, images, captions, lengths, ids=None, **extra):
-        """The loss of one batch: (logged loss, tensor to backpropagate)."""
-        raise NotImplementedError
-
-    def train_emb(self, images, captions, lengths, ids=None, **extra):
-        """One optimisation step on a batch whose pair k is (image k, caption k); returns the
-        loss, detached."""
-        self.Eiters += 1
-        self.logger.update("Eit", self.Eiters)
-        self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
-        self.optimizer.zero_grad()
-        loss, objective = self.train_loss(images, captions, lengths, ids, **extra)
-        objective.backward()
-        self.after_backward()
-        if self.grad_clip > 0:
-            clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        return loss.detach()
-
-    def after_backward(self):
-        """Between the backward pass and the clipping (e.g. exact zero gradients for
-        parameters outside the graph)."""
-
-    def set_semantics(self, captions):
-        """The training split's captions, for losses that need them (DAA's TF-IDF)."""
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_extra(self):
-        """Entries saved beside 'model' in our checkpoints (the state the original loses)."""
-        return {}
-
-    def check_checkpoint(self, ckpt, path):
-        """Before the generic comparison of keys and shapes (matchers.check_fits): a
-        matcher's own, clearer one-line error for a checkpoint that does not fit."""
-
-    def resume(self, ckpt):
-        """Continue from one of our checkpoints: weights, optimizer, iteration and extra
-        state."""
-        self.load_state_dict(ckpt["model"])
-        if "optimizer" in ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.Eiters = ckpt["Eiters"]
-
-    # ------------------------------------------------------------------ evaluation
-    def forward_emb(self, images, captions, lengths, **extra):
-        """Embeddings for evaluation: (img_emb, cap_emb, cap_lens), per region and per word
-        ((B, R, d), (C, L, d)) or global ((B, d), (C, d))."""
-        raise NotImplementedError
-
-    def score(self, img_embs, cap_embs, cap_lens, shard_size=None, **extra):
-        """The (n_images, n_captions) float64 scores of every pair of the given images and
-        captions (numpy arrays from evaluation.encode_data) in eval mode; any block of images
-        x captions may be scored on its own, and a pair's score must not depend on the block
-        it is scored in (evaluation.py scores the split shard by shard, in as many processes
-        as torchrun starts). `extra`: the `score_inputs`. A long loop inside shows its bar
-        with `self.progress`."""
-        raise NotImplementedError
-
-    def progress(self, iterable, **kwargs):
-        """A tqdm bar over a long loop of this model's (e.g. its scoring blocks), off when
-        `show_progress` is (evaluation.py shows one bar over all pairs instead)."""
-        return tqdm(iterable, leave=False, disable=None if self.show_progress else True,
-                    **kwargs)
-
-    # ------------------------------------------------------------------ search and explanation
-    # retrieve.py: a free-text query goes through `query_batch` and `forward_text`, then `score`
-    # against the split's encodings; `--explain` draws `word_region_attention`.
-    # what word_region_attention returns, in words (the figure's title; may name the options,
-    # "{opt.lambda_softmax:g}"); None: the matcher has no word x region attention
-    attention_info = None
-    # why there is none, when attention_info is None (the one-line error of --explain)
-    no_attention_why = "it declares no word x region attention (model.Matcher.attention_info)"
-
-    def query_batch(self, text, vocab):
-        """Free text -> a TextQuery (above), tokenised exactly as `dataset` tokenises the split's
-        captions, so that a caption of the split gives the ids its evaluation encodes. `vocab`:
-        what `vocabulary(opt)` returned. Default: SCAN's `<start> nltk-tokens <end>` through the
-        vocabulary, unknown words mapped to `<unk>`."""
-        ids, _ = encode_caption_with_oov(vocab, text)
-        tokens = [START] + tokenize(text) + [END]
-        unknown = [t for t in tokens[1:-1] if t not in vocab.word2idx]
-        return TextQuery(torch.tensor([ids], dtype=torch.int64), [len(ids)], {}, tokens, unknown)
-
-    def forward_text(self, captions, lengths, **extra):
-        """The caption half of `forward_emb`: (cap_emb (C, L, d) or (C, d), cap_lens), for a
-        batch of `query_batch`; the caller is in eval mode without autograd. Default: the SCAN
-        family's `self.txt_enc(captions, lengths)`."""
-        return self.txt_enc(captions.to(self.device), lengths), lengths
-
-    def gallery_inputs(self, img_embs):
-        """What `score` computes from the images alone, computed once for a gallery (and cached
-        with it) instead of at every query: {name: array (n_images, ...)}; retrieve.py passes
-        each to `score(..., name=rows)`, the rows of the images being scored. Default: {}."""
-        return {}
-
-    def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
-        """The word x region attention weights this matcher computes when it scores the pairs
-        (image k, caption k): a list of (cap_lens[k], R) float64 arrays, each row (a word) a
-        distribution over the image's regions (sums to 1). Inputs as `score` takes them, one
-        image per caption. A matcher that has none keeps `attention_info = None` and says why in
-        `no_attention_why`; this default then refuses with that reason."""
-        raise errors.error("explain_unsupported", "--explain", model=self.opt.module_name,
-                           why=self.no_attention_why)
 
 
 # ----------------------------------------------------------------------------- SGRAF
@@ -891,3 +550,63 @@ class SGRAF(Matcher):
                 sim = sim_enc(im, ca, lens, img_glo=glo, cap_glo=cap_glo)
             sims[i:im_end, j:ca_end] = sim.float().cpu().numpy()
         return sims
+
+    # ------------------------------------------------------------------ reference and benchmark
+    def forward_sim_percaption(self, img_embs, cap_embs, cap_lens):
+        """The original's scores of a batch, caption by caption, with autograd (the reference
+        of the train step: Matcher.reference_train_step)."""
+        return self.sim_enc.forward_percaption(img_embs, cap_embs, cap_lens)
+
+    def percaption_scores(self, args, img_embs, cap_embs, cap_lens, **extra):
+        return percaption_shard_scores(self, img_embs, cap_embs, cap_lens, self.bench_ref_shard)
+
+    trains_with_daa = True
+
+    @classmethod
+    def bench_model(cls, args, name, variant=None):
+        """SGR or SAF at bench.py's sizes, 3 SGR steps, DAA at bench.py's --daa_weight."""
+        opt = bench_opt(args, name)
+        opt.sim_dim, opt.sgr_step = args.sim_dim, 3
+        opt.daa_weight, opt.daa_rowwise = args.daa_weight, False
+        return cls(opt), opt
+
+    @classmethod
+    def bench_precision(cls, args):
+        return args.precision  # bf16 autocast in score
+
+    @classmethod
+    def original_flops(cls, name, n_img, lens, R=36, d=1024, s=256, shard=100, intra=True,
+                       sgr_step=3):
+        """Per pair with L words: SCAN scores (R x d x L) and context (L x R x d);
+        sim_tranloc_w on L vectors (d -> s) and sim_tranglo_w on one; per SGR step three
+        Linear(s, s) on the L+1 nodes and two (L+1) x (L+1) x s products; SAF: Linear(s, 1) and
+        the weighted sum of the L+1 nodes; sim_eval_w. Per caption: TextSA (two Linear(d, d)
+        and Linear(d, 1) on L words). Per shard of `shard` captions: VisualSA on all the images
+        (the original recomputes it per call)."""
+        total = 0
+        for L in lens:
+            N = L + 1
+            pair = 2 * R * d * L * 2 + 2 * L * d * s + 2 * d * s + 2 * s
+            if name == "SGR":
+                pair += sgr_step * (3 * 2 * N * s * s + 2 * 2 * N * N * s)
+            else:
+                pair += 2 * N * s + 2 * N * s
+            total += n_img * pair + 2 * L * d * d + 2 * d * d + 2 * L * d
+        n_shards = -(-len(lens) // shard)
+        total += n_shards * n_img * (2 * R * d * d + 2 * d * d + 2 * R * d)
+        return total
+
+
+def percaption_shard_scores(model, img_embs, cap_embs, cap_lens, shard_size=100):
+    """The original shard_attn_scores: 100 x 100 shards, caption by caption
+    (EncoderSimilarity.forward_percaption): the oracle of SGRAF.score."""
+    sims = np.zeros((len(img_embs), len(cap_embs)))
+    for i in range(0, len(img_embs), shard_size):
+        for j in range(0, len(cap_embs), shard_size):
+            lens = cap_lens[j:j + shard_size]
+            with torch.no_grad():
+                im = torch.from_numpy(img_embs[i:i + shard_size]).to(model.device)
+                ca = torch.from_numpy(cap_embs[j:j + shard_size, :max(lens)]).to(model.device)
+                sim = model.sim_enc.forward_percaption(im, ca, lens)
+            sims[i:i + shard_size, j:j + shard_size] = sim.cpu().numpy()
+    return sims

@@ -16,7 +16,7 @@ Read top to bottom:
               at a fixed threshold), naaf_sims_percaption (the original loop, kept as the oracle)
   threshold   ThresholdLearner and train_sims: one caption at a time, the threshold moving
               between captions
-  wrapper     NAAF: the encoders, the hinge loss, Adam and the train step (model.Matcher)
+  wrapper     NAAF: the encoders, the hinge loss, Adam and the train step (contract.Matcher)
 
 The threshold state lives in `opt`, as in the original, so that every checkpoint carries it:
 `opt.thres` (used in training), `opt.thres_safe` (used at evaluation), `opt.mean_pos`,
@@ -30,16 +30,17 @@ import logging
 import os
 import re
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
 import errors
-import runs
 import vocab
+from contract import Matcher, bench_opt, l1norm, l2norm
 from loss import ContrastiveLoss
-from model import EncoderImage, EncoderText, Matcher, l1norm, l2norm
+from model import EncoderImage, EncoderText
 from similarity import word_mask
 from vocab import Vocabulary, deserialize_vocab
 
@@ -606,3 +607,100 @@ class NAAF(Matcher):
         sims = train_sims(img_embs, cap_embs, cap_lens, self.opt, self.learner)
         loss = self.forward_loss(sims, ids=ids)
         return loss, loss
+
+    # ------------------------------------------------------------------ benchmark (bench.py)
+    # the original evaluation's shard_xattn(..., shard_size=128), caption by caption
+    bench_ref_shard = 128
+    no_reference_step_why = ("naaf.py has none; the step's threshold learner goes caption by "
+                             "caption")
+
+    @classmethod
+    def add_bench_options(cls, parser):
+        parser.add_argument("--thres_safe", type=float, default=0.3,
+                            help="NAAF's test threshold (a checkpoint's learned opt.thres_safe)")
+        parser.add_argument("--naaf_ref_fp64", action="store_true",
+                            help="NAAF's per-caption reference in float64, as the original "
+                                 "evaluates")
+
+    @classmethod
+    def bench_model(cls, args, name, variant=None):
+        """The original's own options (complete_naaf_opt: lambda_softmax 20, the basic text
+        encoder, learning rate 5e-4) and the test threshold of --thres_safe, default 0.3: the
+        learned test threshold of the repository's NAAF fixture checkpoints (written by the
+        original code: thres_safe 0.2998, mismatched words' best-region cosine 0.334 +-
+        0.069)."""
+        opt = bench_opt(args, name)
+        del opt.bi_gru, opt.learning_rate  # SGRAF's, not the original NAAF's
+        opt.thres_safe = args.thres_safe
+        complete_naaf_opt(opt)
+        return cls(opt), opt
+
+    @classmethod
+    def bench_embeddings(cls, args, rng, lens):
+        """Embeddings near a BENCH_LATENT-dimensional subspace (naaf_bench_embeddings), so that
+        each word's best-region cosine is 0.34 +- 0.07 as in the fixtures and the threshold
+        splits the words (independent random 1024-d vectors would leave every cosine below it,
+        and the positive branch at 0)."""
+        img, cap = naaf_bench_embeddings(args, rng, lens)
+        return img, cap, lens.tolist(), {}
+
+    @classmethod
+    def bench_precision(cls, args):
+        return "fp32, thres_safe %g" % args.thres_safe  # no bf16 path
+
+    @classmethod
+    def bench_reference_label(cls, args):
+        return "per-caption (%s)" % ("fp64" if args.naaf_ref_fp64 else "fp32")
+
+    @classmethod
+    def original_flops(cls, name, n_img, lens, R=36, d=1024, s=256, shard=100, intra=True):
+        """xattn_score_test, `shard` images a shard: per pair the cosines (L x d x R) and the
+        context (L x R x d), and with `intra` (evaluation) the smoothed mask (L x L x 1); per
+        caption and image shard the word-word attention (L x d x L). intra=False: the training
+        score."""
+        n_im_shards = -(-n_img // shard)
+        return sum(n_img * (4 * L * R * d + (2 * L * L if intra else 0)) +
+                   (n_im_shards * 2 * L * L * d if intra else 0) for L in lens)
+
+    def percaption_scores(self, args, img_embs, cap_embs, cap_lens, **extra):
+        """The original's shard_xattn; float32 unless --naaf_ref_fp64 (the original evaluates
+        float64 copies)."""
+        return percaption_naaf_scores(self, img_embs, cap_embs, cap_lens, args.naaf_ref_fp64,
+                                      self.bench_ref_shard)
+
+
+BENCH_LATENT = 32  # bench.py's embeddings: the dimension of the subspace they lie near
+
+
+def naaf_bench_embeddings(args, rng, lens, noise=0.3):
+    """Unit vectors along z W + noise n: z ~ N(0, I_k), W a random k x d matrix of N(0, 1/k)
+    entries (k = BENCH_LATENT), n ~ N(0, I_d). Cosines about N(0, 0.16), so each word's best of
+    36 regions is at 0.34 +- 0.07 (d 1024; about the same at bench.py's --quick d 128)."""
+    k, d = BENCH_LATENT, args.embed_size
+    basis = rng.standard_normal((k, d)) * np.sqrt(1.0 / k)
+
+    def vectors(*shape):
+        v = rng.standard_normal(shape + (k,)) @ basis + noise * rng.standard_normal(shape + (d,))
+        return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+    img = vectors(args.n_img, 36)
+    cap = vectors(len(lens), int(lens.max()))
+    cap *= (np.arange(lens.max())[None, :] < lens[:, None])[:, :, None]
+    return img, cap
+
+
+def percaption_naaf_scores(model, img_embs, cap_embs, cap_lens, fp64=False, shard_size=128):
+    """The original NAAF shard_xattn: shard_size x shard_size shards, each scored caption by
+    caption by xattn_score_test (naaf_sims_percaption) at opt.thres_safe: the oracle of
+    NAAF.score."""
+    opt, dtype = model.opt, torch.float64 if fp64 else torch.float32
+    sims = np.zeros((len(img_embs), len(cap_embs)))
+    for i in range(0, len(img_embs), shard_size):
+        for j in range(0, len(cap_embs), shard_size):
+            lens = cap_lens[j:j + shard_size]
+            with torch.no_grad():
+                im = torch.from_numpy(img_embs[i:i + shard_size]).to(model.device, dtype)
+                ca = torch.from_numpy(cap_embs[j:j + shard_size]).to(model.device, dtype)
+                sim = naaf_sims_percaption(im, ca, lens, opt.thres_safe, opt.lambda_softmax,
+                                           intra=True)
+            sims[i:i + shard_size, j:j + shard_size] = sim.cpu().numpy()
+    return sims

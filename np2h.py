@@ -22,9 +22,6 @@ import outputs
 
 log = logging.getLogger(__name__)
 
-# a conversion refused (the .npy cannot be converted, or the .h5 exists): a one-line error
-ConversionError = errors.DataError
-
 
 def _source(npy_path):
     """What an .h5 was converted from, as np2h.py records it with the .h5."""

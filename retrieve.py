@@ -22,13 +22,12 @@ split's directory), of the vocabulary and of the code that encodes, so that a ch
 never served stale. Digests are remembered by each file's inode, size, mtime and ctime, so an
 unchanged file is not read again; a file changed within 2 s of its hashing is hashed again.
 
-Everything a matcher does differently goes through the contract (model.Matcher):
+Everything a matcher does differently goes through the contract (contract.Matcher):
 `query_batch` (free text -> the batch its text encoder takes, the tokens, the unknown words),
 `forward_text`, `gallery_inputs` (what its `score` computes from the images alone, computed once
 and cached: SGR/SAF's image global vectors), `score` and, for `--explain`,
 `word_region_attention` and `attention_info`.
 """
-import argparse
 import hashlib
 import inspect
 import json
@@ -743,7 +742,8 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
 
 def build_parser():
     """retrieve.py's flags; `.matcher_dests`: the matchers' evaluation flags among them."""
-    p = argparse.ArgumentParser(
+    p = errors.ArgumentParser(
+        prog="retrieve.py",
         description="Search a split with a sentence (--query: its top images) or one of its "
                     "images (--image N: its top captions), with any checkpoint of the registry")
     p.add_argument("--model_path", default=evaluation.DEFAULT_MODEL_PATH)

@@ -81,7 +81,7 @@ def softmax_(x):
 
 
 def l2norm(x, dim=-1):
-    """x / (||x|| + eps) along dim, as model.l2norm."""
+    """x / (||x|| + eps) along dim, as contract.l2norm."""
     return x / (norm(x, dim) + EPS)
 
 

@@ -124,8 +124,6 @@ N_SUBJ, N_OBJ, N_COL, N_SCENE = len(SUBJECTS), len(OBJECTS), len(COLOURS), len(S
 # Concept ids: subjects, then objects, colours, scenes.
 SUBJ0, OBJ0, COL0, SCENE0 = 0, N_SUBJ, N_SUBJ + N_OBJ, N_SUBJ + N_OBJ + N_COL
 N_CONCEPTS = SCENE0 + N_SCENE
-CONCEPT_NAMES = ([s[0][0] for s in SUBJECTS] + [o[0][0] for o in OBJECTS] + list(COLOURS)
-                 + [s[0][0] for s in SCENES])
 N_CLUTTER = 24  # unnamed objects of the background
 
 # Feature magnitudes. A direction has RMS 1 per dimension over img_dim (sparse, so larger
@@ -136,19 +134,6 @@ _COLOUR_STRENGTH = (0.5, 0.8)
 _CLUTTER_STRENGTH = (0.5, 1.0)
 _CLUTTER_P = 0.4          # chance a background region holds a clutter object
 _REGION_NOISE = 0.5       # scale of the relu noise left in a concept region
-
-
-def concept_words():
-    """Lowercase token -> concept id, for every word a caption uses to name a concept."""
-    words = {}
-    for i, (sing, plur) in enumerate(SUBJECTS):
-        words.update({w: SUBJ0 + i for w in sing + plur})
-    for i, (forms, _) in enumerate(OBJECTS):
-        words.update({w: OBJ0 + i for w in forms})
-    words.update({c: COL0 + i for i, c in enumerate(COLOURS)})
-    for i, (names, _) in enumerate(SCENES):
-        words.update({w: SCENE0 + i for w in names})
-    return words
 
 
 def _directions(rng, n, img_dim):
@@ -370,13 +355,6 @@ def _paths(data_path, data_name, split):
 
 def vocab_file(vocab_path, data_name):
     return os.path.join(vocab_path, "%s_vocab.json" % data_name)
-
-
-def is_present(data_path, data_name, vocab_path):
-    """True when train/dev/test features and captions and the vocab json all exist."""
-    files = [p for s in ("train", "dev", "test") for p in _paths(data_path, data_name, s)]
-    files.append(vocab_file(vocab_path, data_name))
-    return all(os.path.isfile(p) for p in files)
 
 
 # a subject (up to 3 regions), an object (up to 2) and a scene (up to 3) in one image

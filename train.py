@@ -147,144 +147,213 @@ def train_epoch(opt, train_loader, model, epoch, val_loader, writer=None):
             validate_on_master(opt, val_loader, model, writer)
 
 
-@errors.exit_on_error
-def main(argv=None):
+class Run:
+    """What main's phases share: the launch (torchrun or one process) and the run's files
+    (the checkpoint it resumes, the files of a run it replaces, its latest checkpoint)."""
+
+    def __init__(self):
+        self.ddp, self.rank, self.local_rank, self.world_size = distributed.env()
+        self.master = self.rank == 0  # logs, validates and saves
+        self.ckpt, self.replaced = None, []  # the checkpoint resumed, a replaced run's files
+        self.generator = None  # the single process's shuffling, reseeded every epoch
+        self.last = None  # the run's latest checkpoint, for the advice of a diverged run
+
+
+def parse_and_check(argv):
+    """The flags, the matcher and the run's files, every check before any compute:
+    (opt, matcher class, Run)."""
     opt = opts.parse_opt(argv)
-    ddp, rank, local_rank, world_size = distributed.env()
-    master_process = rank == 0  # logs, validates and saves
+    run = Run()
     logging.basicConfig(format="%(asctime)s %(message)s",
-                        level=logging.INFO if master_process else logging.WARNING)
-    check_world_size(opt, world_size, ddp)
+                        level=logging.INFO if run.master else logging.WARNING)
+    check_world_size(opt, run.world_size, run.ddp)
     matcher = matchers.matcher_class(opt.module_name)
-    matcher.check_opt(opt, distributed=ddp)  # the matcher's own flags and refusals
+    matcher.check_opt(opt, distributed=run.ddp)  # the matcher's own flags and refusals
     opts.check_train_opt(opt)  # flags, device, paths
-    ckpt = load_checkpoint(opt.resume) if opt.resume else None
+    run.ckpt = load_checkpoint(opt.resume) if opt.resume else None
     # never over another run's checkpoints or logs; the files of a run it replaces (with
     # --overwrite) are removed at its first checkpoint
-    replaced = runs.check_run(opt, ckpt)
-    if opt.seed is None and ckpt is not None:  # replay the resumed run's shuffling
-        opt.seed = getattr(ckpt["opt"], "seed", None)
-    if ddp:
-        opt.device = distributed.local_device(opt.device, local_rank)
+    run.replaced = runs.check_run(opt, run.ckpt)
+    run.last = opt.resume or None
+    if opt.seed is None and run.ckpt is not None:  # replay the resumed run's shuffling
+        opt.seed = getattr(run.ckpt["opt"], "seed", None)
+    return opt, matcher, run
+
+
+def launch(opt, run):
+    """Under torchrun, join the process group; seed every process; the learning rate's scale."""
+    if run.ddp:
+        opt.device = distributed.local_device(opt.device, run.local_rank)
         distributed.init(opt.device)
     if opt.seed is None:  # still seed the shuffling, so that --resume can replay it
         # one seed for all: the DistributedSampler shards one permutation
         opt.seed = distributed.broadcast(random.SystemRandom().randrange(2 ** 31))
     # dropout differs between processes; DDP copies rank 0's initial weights to the others
-    seed_everything(opt.seed + rank)
+    seed_everything(opt.seed + run.rank)
     # DAA's convention: learning rate x world size, the batch of each process --batch_size
-    opt.lr_scale = world_size if ddp and opt.scale_lr else 1
-    if ddp:
+    opt.lr_scale = run.world_size if run.ddp and opt.scale_lr else 1
+    if run.ddp:
         log.info("torchrun: %d processes (%s), learning rate %g x %d, %d pairs a step",
-                 world_size, dist.get_backend(), opt.learning_rate, opt.lr_scale,
-                 world_size * opt.batch_size)
+                 run.world_size, dist.get_backend(), opt.learning_rate, opt.lr_scale,
+                 run.world_size * opt.batch_size)
 
+
+def prepare_data(opt, matcher, run):
+    """The vocabulary and the train and validation loaders, checked against the matcher and
+    the flags: (train_loader, val_loader, vocab_file)."""
     vocab, vocab_file = matcher.vocabulary(opt)
     opt.vocab_size = len(vocab)
-
     # single process: a generator for the shuffling, reseeded every epoch, so that a resumed run
     # sees the same batches as an uninterrupted one; torchrun: each process's shard of one
     # permutation per epoch (set_epoch), from the same seed
-    generator = None if ddp else torch.Generator()
-    sampler = (partial(DistributedSampler, num_replicas=world_size, rank=rank, shuffle=True,
-                       seed=opt.seed) if ddp else None)
+    run.generator = None if run.ddp else torch.Generator()
+    sampler = (partial(DistributedSampler, num_replicas=run.world_size, rank=run.rank,
+                       shuffle=True, seed=opt.seed) if run.ddp else None)
     train_loader, val_loader = data.get_loaders(opt.data_name, vocab, opt.batch_size,
                                                 opt.workers, opt, train_sampler=sampler,
-                                                generator=generator, matcher=matcher)
+                                                generator=run.generator, matcher=matcher)
     # the captions of one process's epoch (the DistributedSampler pads the split to a multiple
     # of the world size), e.g. against a last batch of 1 for BatchNorm
-    matcher.check_train_data(len(train_loader.sampler) if ddp else len(train_loader.dataset),
-                             opt.batch_size)
+    matcher.check_train_data(len(train_loader.sampler) if run.ddp else
+                             len(train_loader.dataset), opt.batch_size)
     dset = val_loader.dataset  # validation reports R@K: five captions per image
     if hasattr(dset, "im_div"):
         data.check_eval_captions(len(dset) // dset.im_div, len(dset),
                                  getattr(dset, "cap_path", "the validation split"))
     dset = train_loader.dataset
-    train_features = getattr(dset, "feat_path", "the training features")
-    if ckpt is None:  # a resumed model's biases moved: an all-zero region no longer stops it
-        data.warn_zero_regions(getattr(dset, "images", None), train_features)
+    if run.ckpt is None:  # a resumed model's biases moved: an all-zero region no longer stops it
+        data.warn_zero_regions(getattr(dset, "images", None), train_features(dset))
+    return train_loader, val_loader, vocab_file
 
+
+def train_features(dset):
+    """The training features as a message names them: their file, when the dataset has one."""
+    return getattr(dset, "feat_path", "the training features")
+
+
+def build_model(opt, matcher, run, train_set, vocab_file):
+    """The matcher, new or resumed (weights, optimizer, iteration, generators), wrapped for DDP
+    under torchrun: (model, start_epoch, best_rsum)."""
     # resumed: the checkpoint's weights replace any pretrained ones the flags name
-    model = matcher(opt) if ckpt is None else matcher.for_checkpoint(opt)
-    model.set_semantics(dset.captions[:len(dset)])  # DAA's TF-IDF (only with --daa_weight)
+    model = matcher(opt) if run.ckpt is None else matcher.for_checkpoint(opt)
+    model.set_semantics(train_set.captions[:len(train_set)])  # DAA's TF-IDF (with --daa_weight)
     runs.stop_on_nonfinite(model)  # a NaN loss stops the run before the step, unsaved
     start_epoch, best_rsum = 0, 0
-    if ckpt is not None:
-        matchers.check_fits(model, ckpt, opt.resume, vocab_file)
-        model.resume(ckpt)  # weights, optimizer, iteration, the matcher's own state
-        start_epoch, best_rsum = ckpt["epoch"], ckpt["best_rsum"]
-        # every process's generators when the checkpoint was written by as many processes
-        rngs = ckpt.get("rng_ranks", [ckpt["rng"]] if "rng" in ckpt else None)
-        if rngs is not None and len(rngs) == world_size:
-            set_rng_state(rngs[rank])
-        log.info("=> resumed from %s (epoch %d, best_rsum %.1f)", opt.resume, start_epoch,
-                 best_rsum)
-    if ddp:  # after loading: the wrappers start from the same weights on every process
-        model.ddp([local_rank] if model.device.type == "cuda" else None)
+    if run.ckpt is not None:
+        start_epoch, best_rsum = resume(opt, model, run, vocab_file)
+    if run.ddp:  # after loading: the wrappers start from the same weights on every process
+        model.ddp([run.local_rank] if model.device.type == "cuda" else None)
+    return model, start_epoch, best_rsum
 
-    writer = None
-    if master_process:
-        os.makedirs(opt.model_name, exist_ok=True)
-        os.makedirs(opt.logger_name, exist_ok=True)
-        # the log directory belongs to this run: a run in another --model_name is refused there
-        outputs.mark_made(opt.logger_name, "train.py",
-                          model_name=os.path.abspath(opt.model_name))
-        from torch.utils.tensorboard import SummaryWriter
-        # a resumed run drops the logged steps after its checkpoint's (a killed run's last ones)
-        writer = SummaryWriter(opt.logger_name, flush_secs=5,
-                               purge_step=model.Eiters if ckpt is not None else None)
 
-    last = opt.resume or None  # the run's latest checkpoint, for the advice of a diverged run
+def resume(opt, model, run, vocab_file):
+    """The checkpoint's state into the model and this process's generators:
+    (start_epoch, best_rsum)."""
+    ckpt = run.ckpt
+    matchers.check_fits(model, ckpt, opt.resume, vocab_file)
+    model.resume(ckpt)  # weights, optimizer, iteration, the matcher's own state
+    start_epoch, best_rsum = ckpt["epoch"], ckpt["best_rsum"]
+    # every process's generators when the checkpoint was written by as many processes
+    rngs = ckpt.get("rng_ranks", [ckpt["rng"]] if "rng" in ckpt else None)
+    if rngs is not None and len(rngs) == run.world_size:
+        set_rng_state(rngs[run.rank])
+    log.info("=> resumed from %s (epoch %d, best_rsum %.1f)", opt.resume, start_epoch,
+             best_rsum)
+    return start_epoch, best_rsum
+
+
+def open_logs(opt, model, run):
+    """On rank 0: the run's directories and its TensorBoard writer (None elsewhere)."""
+    if not run.master:
+        return None
+    os.makedirs(opt.model_name, exist_ok=True)
+    os.makedirs(opt.logger_name, exist_ok=True)
+    # the log directory belongs to this run: a run in another --model_name is refused there
+    outputs.mark_made(opt.logger_name, "train.py", model_name=os.path.abspath(opt.model_name))
+    from torch.utils.tensorboard import SummaryWriter
+    # a resumed run drops the logged steps after its checkpoint's (a killed run's last ones)
+    return SummaryWriter(opt.logger_name, flush_secs=5,
+                         purge_step=model.Eiters if run.ckpt is not None else None)
+
+
+def train_loop(opt, model, run, train_loader, val_loader, writer, start_epoch, best_rsum):
+    """Every epoch: its learning rates and shuffling, its steps, R@K on dev, a checkpoint;
+    returns the best dev rsum."""
     for epoch in range(start_epoch, opt.num_epochs):
         log.info("%s\n%s", opt.logger_name, opt.model_name)
         model.start_epoch(epoch, lr_scale=opt.lr_scale)  # learning rates, the matcher's hooks
-        if ddp:
+        if run.ddp:
             train_loader.sampler.set_epoch(epoch)
         else:
-            generator.manual_seed(opt.seed * 1000003 + epoch)
-
+            run.generator.manual_seed(opt.seed * 1000003 + epoch)
         try:
             train_epoch(opt, train_loader, model, epoch, val_loader, writer)
         except errors.DivergedError as e:
-            # the batch's images as the file holds them (a matcher's collate may pad or
-            # drop regions): what in them explains it, if anything
-            batch, images, image_ids = getattr(e, "batch", None), None, None
-            if batch is not None and getattr(dset, "images", None) is not None:
-                image_ids = sorted({int(i) // getattr(dset, "im_div", 1) for i in batch.ids})
-                images = np.stack([np.asarray(dset.images[j], dtype=np.float32)
-                                   for j in image_ids])
-            raise runs.explain_divergence(e, last, images=images, image_ids=image_ids,
-                                          features=train_features) from None
+            raise diverged(e, run, train_loader.dataset) from None
         r_sum = validate_on_master(opt, val_loader, model, writer)
-
         is_best = r_sum > best_rsum
         best_rsum = max(r_sum, best_rsum)
-        state = {
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "best_rsum": best_rsum,
-            "opt": opt,
-            "Eiters": model.Eiters,
-            "optimizer": model.optimizer.state_dict(),
-            "rng": rng_state(),
-            **model.checkpoint_extra(),
-        }
-        if ddp:  # every process's generators, for an exact --resume with as many processes
-            state["rng_ranks"] = [None] * world_size
-            dist.all_gather_object(state["rng_ranks"], state["rng"])
-        if master_process:
-            name = "checkpoint_{}.pth.tar".format(epoch)
-            save_checkpoint(state, is_best, filename=name, prefix=opt.model_name + "/")
-            last = os.path.join(opt.model_name, name)
-            if replaced:  # the replaced run's files go once this run has its own
-                runs.remove_files(replaced, keep=[last] + (
-                  [os.path.join(opt.model_name, runs.BEST)] if is_best else []))
-                replaced = []
-        if ddp:  # the others wait for the checkpoint
-            dist.barrier()
+        save_epoch(opt, model, run, epoch, best_rsum, is_best)
+    return best_rsum
+
+
+def diverged(e, run, dset):
+    """The error of a diverged run, saying what in the batch's images explains it, if
+    anything: the images as the file holds them (a matcher's collate may pad or drop
+    regions)."""
+    batch, images, image_ids = getattr(e, "batch", None), None, None
+    if batch is not None and getattr(dset, "images", None) is not None:
+        image_ids = sorted({int(i) // getattr(dset, "im_div", 1) for i in batch.ids})
+        images = np.stack([np.asarray(dset.images[j], dtype=np.float32) for j in image_ids])
+    return runs.explain_divergence(e, run.last, images=images, image_ids=image_ids,
+                                     features=train_features(dset))
+
+
+def save_epoch(opt, model, run, epoch, best_rsum, is_best):
+    """`checkpoint_{epoch}.pth.tar` (and `model_best.pth.tar`) on rank 0, with every process's
+    generators; the files of a run this one replaces go once it has its own."""
+    state = {
+        "epoch": epoch + 1,
+        "model": model.state_dict(),
+        "best_rsum": best_rsum,
+        "opt": opt,
+        "Eiters": model.Eiters,
+        "optimizer": model.optimizer.state_dict(),
+        "rng": rng_state(),
+        **model.checkpoint_extra(),
+    }
+    if run.ddp:  # every process's generators, for an exact --resume with as many processes
+        state["rng_ranks"] = [None] * run.world_size
+        dist.all_gather_object(state["rng_ranks"], state["rng"])
+    if run.master:
+        name = "checkpoint_{}.pth.tar".format(epoch)
+        save_checkpoint(state, is_best, filename=name, prefix=opt.model_name + "/")
+        run.last = os.path.join(opt.model_name, name)
+        if run.replaced:  # the replaced run's files go once this run has its own
+            runs.remove_files(run.replaced, keep=[run.last] + (
+                [os.path.join(opt.model_name, runs.BEST)] if is_best else []))
+            run.replaced = []
+    if run.ddp:  # the others wait for the checkpoint
+        dist.barrier()
+
+
+def finish(model, writer):
     if writer is not None:
         writer.close()
     distributed.finish(model)  # the backend's threads end here, not at interpreter exit
+
+
+@errors.exit_on_error
+def main(argv=None):
+    opt, matcher, run = parse_and_check(argv)
+    launch(opt, run)
+    train_loader, val_loader, vocab_file = prepare_data(opt, matcher, run)
+    model, start_epoch, best_rsum = build_model(opt, matcher, run, train_loader.dataset,
+                                                vocab_file)
+    writer = open_logs(opt, model, run)
+    best_rsum = train_loop(opt, model, run, train_loader, val_loader, writer, start_epoch,
+                           best_rsum)
+    finish(model, writer)
     return best_rsum
 
 

@@ -1,14 +1,22 @@
-"""Small builders shared by the tests: a tiny synthetic dataset and tiny model flags; the
+"""What the tests share, written once: a tiny synthetic dataset and tiny model flags; the
+reference fixtures (their folders, their checkpoints loaded strictly, the parameters in the
+originals' order); evaluation.py run as a command or in-process and its result lines; the
 checks of a refused command (its exit code, its one `error:` line, no file changed)."""
+import argparse
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import errors
-
+import evaluation
+from checkpoint import load_checkpoint
 from synthetic import make_synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_DIMS = ["--img_dim", "32", "--embed_size", "16", "--word_dim", "8"]
 # the tiny dims of a matcher's own flags (a flag of another matcher is refused)
@@ -78,3 +86,60 @@ def expect_exit(main, argv, capsys, key, *fragments, root=None, code=2, new_allo
     if root:
         assert_unchanged(before, root, new_allowed)
     return lines[0]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def fixture_dir(fixtures, family, name):
+    """The folder of one reference fixture, e.g. fixtures/gsmn_ref/<name>."""
+    return fixtures / family / name
+
+
+def load_fixture(fixtures, family, name, cls, opt_cls=argparse.Namespace):
+    """A fixture's model_best.pth.tar loaded strictly into `cls` (its flags as `opt_cls`), on
+    the CPU: (model, opt, checkpoint)."""
+    ckpt = load_checkpoint(str(fixture_dir(fixtures, family, name) / "model_best.pth.tar"))
+    opt = opt_cls(**vars(ckpt["opt"]))
+    opt.device = "cpu"
+    model = cls(opt)
+    model.load_state_dict(ckpt["model"])  # strict
+    return model, opt, ckpt
+
+
+def named_params(model, parts, rename=None):
+    """[(name, parameter)] of the model's `parts` (its submodules, in that order, as the
+    original's `model.params`), each name `part.name` as `rename` gives the original's."""
+    return [((rename or str)(part + "." + k), v) for part in parts
+            for k, v in getattr(model, part).named_parameters()]
+
+
+# ----------------------------------------------------------------------------- evaluation.py
+
+def run_eval(*args, code=0):
+    """evaluation.py as a command: a subprocess (its own imports, its exit code)."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "evaluation.py")] + list(args),
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == code, out.stderr
+    return out
+
+
+def eval_main(capsys, *args, code=0):
+    """evaluation.main in this process (faster): (stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        evaluation.main(list(args))
+        rc = 0
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc == code, err
+    return out, err
+
+
+def result_lines(stdout, only=None):
+    """The result lines evaluation prints, from `rsum:` on (R@K, means, ASP; with --fold5
+    every fold's lines first); with `only`, those starting with one of these prefixes."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith(("rsum: ", "Image to text: ")))
+    return [line for line in lines[start:] if only is None or line.startswith(only)]

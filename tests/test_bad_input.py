@@ -29,7 +29,6 @@ import opts
 import outputs
 import runs
 import train
-import vocab
 from checkpoint import load_checkpoint, save_checkpoint
 from data import PrecompDataset, collate_fn
 from helpers import assert_unchanged, expect_exit, snapshot, tiny_dataset, train_args

@@ -7,6 +7,7 @@ import pytest
 import bench
 import errors
 import gsmn
+import matchers
 import naaf
 from model import SGRAF
 
@@ -32,7 +33,7 @@ def test_naaf_eval_fast_equals_percaption():
     assert np.abs(fast - bench.job_eval(args, "NAAF", True)["sims"]).max() < 1e-5
 
     # the embeddings put the threshold inside the cosines (both branches at work) ...
-    img, cap, lens = bench.make_embeddings(args, np.random.default_rng(args.seed), "NAAF")
+    img, cap, lens, _ = bench.make_embeddings(args, np.random.default_rng(args.seed), "NAAF")
     best = np.einsum("brd,cld->bclr", img, cap).max(-1)      # each word's best region
     real = np.arange(cap.shape[1])[None, :] < np.array(lens)[:, None]
     above = (best > args.thres_safe)[:, real].mean()
@@ -40,13 +41,13 @@ def test_naaf_eval_fast_equals_percaption():
     # ... so that a wrong threshold shows in the comparison
     model, _ = bench.make_model(args, "NAAF")
     model.opt.thres_safe = 0.2
-    other = bench.percaption_naaf_scores(model, img, cap, lens)
+    other = naaf.percaption_naaf_scores(model, img, cap, lens)
     assert np.abs(other - fast).max() > 1e-3
 
 
 def test_make_model_every_module():
     args = tiny_args()
-    assert args.modules.split(",") == list(bench.MODULES)
+    assert args.modules.split(",") == list(matchers.MATCHERS)
     for module in ("SGR", "SAF"):
         model, opt = bench.make_model(args, module)
         assert isinstance(model, SGRAF) and opt.module_name == module
@@ -97,7 +98,9 @@ def test_daa_cost_job_runs_both_steps():
     args = tiny_args("--daa_weight", "10")
     args.min_len = 3
     r = bench.job_daa(args, "SGR", False)
-    assert set(r) == {"with", "without"} and r["with"] > 0 and r["without"] > 0
+    assert set(r) == {"with", "without"}
+    # seconds of one training step each: floats, finite, positive, and a tiny step's size
+    assert all(isinstance(v, float) and np.isfinite(v) and 0 < v < 60 for v in r.values()), r
 
 
 def test_retrieve_job(tmp_path, monkeypatch):
@@ -109,7 +112,13 @@ def test_retrieve_job(tmp_path, monkeypatch):
     for module, bert in (("SGR", None), ("GSMN", None), ("HREM", "demo")):
         r = bench.job_retrieve(args, module, False, bert)
         assert set(r) == {"uncached", "cached", "query", "query_plain", "command"}
-        assert all(v > 0 for v in r.values())
+        # seconds: floats, finite, positive
+        assert all(isinstance(v, float) and np.isfinite(v) and 0 < v < 600
+                   for v in r.values()), r
+        # consistent: a query on the loaded gallery is part of a retrieve() call (which loads
+        # the checkpoint and the gallery), and the command a new process that imports torch
+        assert r["query"] < min(r["uncached"], r["cached"]), r
+        assert r["command"] > max(r["query"], r["query_plain"]), r
     assert not list(tmp_path.iterdir())
 
 
@@ -134,3 +143,51 @@ def test_gsmn_eval_and_train_jobs_fast_equal_percaption():
     assert bench.original_flops("GSMN", 2, [5], R=36, d=64) == 2 * (
         8 * 5 * 36 * 64 + 2 * 36 * 8 * 36 * 16 + 2 * 36 * (16 * 32 + 32 * 32 + 32) +
         2 * 5 * 8 * 5 * 16 + 2 * 5 * (16 * 32 + 32 * 32 + 32)) + 2 * 5 * 5 * 64
+
+
+FAKE_ORIGINAL_MODEL = '''import argparse
+
+import gsmn
+
+
+class GSMN:
+    """Stands in for the original's GSMN: ours, built from the original's opt."""
+
+    def __init__(self, opt):
+        o = argparse.Namespace(**vars(opt), module_name="GSMN", device="cpu")
+        gsmn.GSMN.complete_opt(o)
+        self.m = gsmn.GSMN(o)
+
+    def val_start(self):
+        self.m.val_start()
+
+    def state_dict(self):
+        return self.m.state_dict()
+'''
+
+FAKE_ORIGINAL_EVALUATION = '''import torch
+
+
+def shard_xattn(model, images, captions, boxes, deps, caplens, opt, shard_size=80):
+    assert boxes.dtype.name == "float64" and len(deps) == len(caplens)
+    return model.m.score(images, captions, caplens, boxes=torch.from_numpy(boxes).float())
+'''
+
+
+def test_original_job_sets_our_modules_aside_and_back(tmp_path):
+    """--gsmn_original: the checkout's model.py and evaluation.py are imported under their own
+    names while ours step aside, and ours are back afterwards (a fake checkout whose GSMN is
+    ours, so the fast path with its weights scores the same)."""
+    import sys
+
+    import evaluation
+    import model
+    (tmp_path / "model.py").write_text(FAKE_ORIGINAL_MODEL)
+    (tmp_path / "evaluation.py").write_text(FAKE_ORIGINAL_EVALUATION)
+    args = tiny_args("--modules", "GSMN", "--gsmn_original", str(tmp_path))
+    assert matchers.matcher_class("GSMN").bench_original_code(args) == str(tmp_path)
+    r = bench.job_original(args, "GSMN", True)
+    assert r["sims"].shape == (6, 20) and r["time"] > 0
+    assert r["fast_diff"] < 1e-6
+    assert sys.modules["model"] is model and sys.modules["evaluation"] is evaluation
+    assert str(tmp_path) not in sys.path

@@ -51,6 +51,7 @@ COMMANDS = {
     "checks.py": ("checks", "main"),
     "synthetic.py": ("synthetic", "main"),
     "bench.py": ("bench", "main"),
+    "retrieve.py": ("retrieve", "main"),
 }
 
 # the workspace (see `base`), as relative paths from its root, the working directory
@@ -63,6 +64,8 @@ E = "--model_path ckpt/SGR.pth.tar --data_path data --vocab_path vocab --split t
 T_OTHER = T.replace(" --sim_dim 8", "")  # for the matchers without --sim_dim
 D = "--data_path data --vocab_path vocab --device cpu --run_dir runs/demo"
 D2 = "--data_path fresh --vocab_path freshvocab --device cpu --run_dir runs/demo"
+R = "--model_path ckpt/SGR.pth.tar --data_path data --vocab_path vocab --split test " \
+    "--device cpu --no_cache"
 MINE = "--model_name runs/mine/checkpoint --logger_name runs/mine/log"
 
 # (command, arguments, the problem's key)
@@ -174,6 +177,14 @@ MISTAKES = [
     ("bench.py", "--hrem_bert large", "flag_choice"),
     ("bench.py", "--hrem_n_img 0", "flag_positive"),
     ("bench.py", "--gsmn_original nowhere", "dir_missing"),
+    # argparse's own mistakes: one line, not its usage block
+    ("retrieve.py", R, "arguments"),  # neither --query nor --image
+    ("retrieve.py", R + " --query dog --image 1", "arguments"),
+    ("retrieve.py", R + " --image one", "arguments"),
+    ("retrieve.py", R + " --query dog --feat_format hdf5", "arguments"),
+    ("retrieve.py", R + " --query dog --bogus 1", "arguments"),
+    ("retrieve.py", R + " --query dog --topk 0", "flag_positive"),
+    ("retrieve.py", R + " --query ' '", "query_empty"),
 ]
 
 
@@ -298,6 +309,9 @@ LISTED = [
                    "pass --data_path %s --data_name synth_precomp" % os.path.join(os.sep, "abs")]),
     ("evaluation.py", E + " --data_name synth_precomp/", "data_name",
      ["--data_name synth_precomp/: is a path", "pass --data_path data --data_name synth_precomp"]),
+    ("retrieve.py", R, "arguments",
+     ["retrieve.py: ", "one of the arguments --query --image is required",
+      "python retrieve.py --help"]),
 ]
 
 

@@ -13,7 +13,8 @@ import train
 from daa import DAALoss
 from helpers import tiny_dataset, train_args
 from loss import ContrastiveLoss
-from model import EncoderSimilarity, l2norm
+from contract import l2norm
+from model import EncoderSimilarity
 
 
 @pytest.mark.parametrize("dense", [0.0, 1.01])  # whole-matrix recompute; pair by pair

@@ -3,18 +3,14 @@ format (authors' absolute paths in `opt`), single models, the ensemble, npy and 
 import argparse
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import np2h
-from helpers import tiny_dataset
+from helpers import result_lines, run_eval, tiny_dataset
 from model import SGRAF
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def original_opt(module_name, vocab_size):
@@ -47,23 +43,15 @@ def setup(tmp_path_factory):
     return data_path, vocab_path, paths
 
 
-def run_cli(*args):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "evaluation.py")] + list(args),
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 LINES = [r"^rsum: \d+\.\d$", r"^Average i2t Recall: \d+\.\d$",
          r"^Image to text: (\d+\.\d ){4}\d+\.\d$", r"^Average t2i Recall: \d+\.\d$",
          r"^Text to image: (\d+\.\d ){4}\d+\.\d$"]
 
 
-def result_lines(stdout):
-    lines = stdout.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith("rsum: "))
-    block = lines[start:start + 5]
-    for pattern, line in zip(LINES, block):
+def original_block(stdout):
+    """The five lines the original's evalrank prints first, each in its format."""
+    block = result_lines(stdout)[:5]
+    for pattern, line in zip(LINES, block, strict=True):
         assert re.match(pattern, line), line
     return block
 
@@ -73,15 +61,16 @@ def test_cli_single_and_ensemble(setup, tmp_path):
     sims = {}
     for name in ["SGR", "SAF"]:
         f = str(tmp_path / ("%s.npy" % name))
-        out = run_cli("--model_path", paths[name], "--data_path", data_path, "--vocab_path",
-                      vocab_path, "--split", "test", "--save_sims", f)
-        result_lines(out)
+        out = run_eval("--model_path", paths[name], "--data_path", data_path, "--vocab_path",
+                       vocab_path, "--split", "test", "--save_sims", f).stdout
+        original_block(out)
         sims[name] = np.load(f)
         assert sims[name].shape == (8, 40)
     f = str(tmp_path / "ens.npy")
-    out = run_cli("--model_path", paths["SGR"], "--model_path2", paths["SAF"], "--data_path",
-                  data_path, "--vocab_path", vocab_path, "--split", "test", "--save_sims", f)
-    block = result_lines(out)
+    out = run_eval("--model_path", paths["SGR"], "--model_path2", paths["SAF"], "--data_path",
+                   data_path, "--vocab_path", vocab_path, "--split", "test", "--save_sims",
+                   f).stdout
+    block = original_block(out)
     np.testing.assert_allclose(np.load(f), (sims["SGR"] + sims["SAF"]) / 2, rtol=0, atol=1e-12)
     # the printed numbers are those of the ensemble's matrix
     from evaluation import i2t, t2i
@@ -108,8 +97,8 @@ def test_h5_features_give_identical_numbers(setup, tmp_path):
     outs = []
     for fmt in ["npy", "h5"]:
         f = str(tmp_path / ("%s.npy" % fmt))
-        run_cli("--model_path", paths["SGR"], "--data_path", data_path, "--vocab_path",
-                vocab_path, "--split", "test", "--feat_format", fmt, "--save_sims", f)
+        run_eval("--model_path", paths["SGR"], "--data_path", data_path, "--vocab_path",
+                 vocab_path, "--split", "test", "--feat_format", fmt, "--save_sims", f)
         outs.append(np.load(f))
     assert np.array_equal(outs[0], outs[1])
 
@@ -123,7 +112,7 @@ def test_precision_flag(setup, tmp_path):
         f = str(tmp_path / ("%s.npy" % prec))
         args = ["--model_path", paths["SAF"], "--data_path", data_path, "--vocab_path",
                 vocab_path, "--split", "test", "--save_sims", f]
-        result_lines(run_cli(*(args + ([] if prec is None else ["--precision", prec]))))
+        original_block(run_eval(*args, *([] if prec is None else ["--precision", prec])).stdout)
         res[prec] = np.load(f)
     diff = np.abs(res["bf16"] - res[None]).max()
     assert 0 < diff < 2e-2, diff

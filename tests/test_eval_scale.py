@@ -27,7 +27,7 @@ import torch
 import evaluation
 import naaf
 import outputs
-from helpers import tiny_dataset
+from helpers import result_lines, tiny_dataset
 from model import SGRAF
 from vocab import deserialize_vocab
 
@@ -121,14 +121,6 @@ def run(setup, args, nproc=1, code=0, **env):
                          env=child_env(**env), cwd=str(setup["root"]), timeout=600)
     assert out.returncode == code, out.stdout[-2000:] + out.stderr[-3000:]
     return out
-
-
-def result_lines(stdout):
-    """The lines from `rsum:` on (R@K, means, ASP; with --fold5 every fold's lines first)."""
-    lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines)
-                 if line.startswith(("rsum: ", "Image to text: ")))
-    return lines[start:]
 
 
 def done_shards(record):

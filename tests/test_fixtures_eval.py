@@ -6,6 +6,7 @@ import torch
 from checkpoint import load_checkpoint
 from data import collate_fn
 from evaluation import encode_data, i2t, shard_attn_scores, t2i
+from helpers import fixture_dir, load_fixture
 from loss import ContrastiveLoss
 from model import SGRAF
 
@@ -26,28 +27,25 @@ class ArrayDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[k // 5]), cap, k, k // 5
 
 
-def load_fixture(fixtures, name):
-    d = fixtures / "sgraf_ref" / name
-    ckpt = load_checkpoint(str(d / "model_best.pth.tar"))
-    opt = ckpt["opt"]
-    opt.device = "cpu"
-    model = SGRAF(opt)
-    model.load_state_dict(ckpt["model"])  # strict
+def load_sgraf(fixtures, name):
+    """A fixture's model, its flags, its inputs and the original's outputs."""
+    model, opt, _ = load_fixture(fixtures, "sgraf_ref", name, SGRAF)
+    d = fixture_dir(fixtures, "sgraf_ref", name)
     return model, opt, np.load(d / "inputs.npz"), np.load(d / "expected.npz")
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_strict_load_and_names(fixtures, name):
-    d = fixtures / "sgraf_ref" / name
+    d = fixture_dir(fixtures, "sgraf_ref", name)
     ckpt = load_checkpoint(str(d / "model_best.pth.tar"))
-    model, *_ = load_fixture(fixtures, name)
-    for ours, theirs in zip(model.state_dict(), ckpt["model"]):
+    model, *_ = load_sgraf(fixtures, name)
+    for ours, theirs in zip(model.state_dict(), ckpt["model"], strict=True):
         assert list(ours.keys()) == list(theirs.keys())
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_direct_sims(fixtures, name):
-    model, opt, inp, exp = load_fixture(fixtures, name)
+    model, opt, inp, exp = load_sgraf(fixtures, name)
     model.val_start()
     with torch.no_grad():
         img, cap, lens = model.forward_emb(torch.from_numpy(inp["images"]),
@@ -59,7 +57,7 @@ def test_direct_sims(fixtures, name):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_evalrank_path(fixtures, name):
-    model, opt, inp, exp = load_fixture(fixtures, name)
+    model, opt, inp, exp = load_sgraf(fixtures, name)
     ds = ArrayDataset(inp["images"], inp["captions"], inp["lengths"])
     loader = torch.utils.data.DataLoader(ds, batch_size=7, shuffle=False, collate_fn=collate_fn)
     img_embs, cap_embs, cap_lens = encode_data(model, loader)
@@ -81,7 +79,7 @@ def test_evalrank_path(fixtures, name):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_contrastive_loss(fixtures, name):
-    _, opt, _, exp = load_fixture(fixtures, name)
+    _, opt, _, exp = load_sgraf(fixtures, name)
     square = torch.from_numpy(exp["square_sims"])
     hard = ContrastiveLoss(margin=opt.margin, max_violation=True)(square)
     total = ContrastiveLoss(margin=opt.margin, max_violation=False)(square)

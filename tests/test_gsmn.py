@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import contract
 import gsmn
-import model as model_module
 from evaluation import i2t, t2i
 from gsmn import GSMN
+from helpers import fixture_dir, load_fixture, named_params
 
 FIXTURES = ["gsmn_dense_small_seed1", "gsmn_sparse_small_seed1"]
 # zero gradient in exact arithmetic: the textual kernel scalars cancel in the normalisation over
@@ -25,50 +26,42 @@ NOISE_ONLY = ("t2i_match_G.graph_convolution_3.params", "i2t_match_G.out_2.bias"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def fixture_dir(fixtures, name):
-    return fixtures / "gsmn_ref" / name
-
-
 def load_ckpt(path):
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_fixture(fixtures, name, dtype=torch.float32):
-    d = fixture_dir(fixtures, name)
-    ckpt = load_ckpt(str(d / "model_best.pth.tar"))
-    opt = argparse.Namespace(**vars(ckpt["opt"]))
-    opt.device = "cpu"
-    model = GSMN(opt)
-    model.load_state_dict(ckpt["model"])  # strict
+def load_gsmn(fixtures, name, dtype=torch.float32):
+    """A fixture's model in `dtype`: (model, opt, checkpoint, its dependency arcs)."""
+    model, opt, ckpt = load_fixture(fixtures, "gsmn_ref", name, GSMN)
     for m in model.modules():
         m.to(dtype)
-    with open(d / "depends.json") as f:
+    with open(fixture_dir(fixtures, "gsmn_ref", name) / "depends.json") as f:
         depends = json.load(f)
     return model, opt, ckpt, depends
 
 
-def named_params(model):
-    return dict([("txt_enc." + k.replace("cap_rnn.", "rnn."), v)
-                 for k, v in model.txt_enc.named_parameters()] +
-                [("img_enc." + k, v) for k, v in model.img_enc.named_parameters()] +
-                [("i2t_match_G." + k, v) for k, v in model.i2t_match_G.named_parameters()] +
-                [("t2i_match_G." + k, v) for k, v in model.t2i_match_G.named_parameters()])
+# the original's model.params order and names (its text GRU is `rnn`)
+PARTS = ("txt_enc", "img_enc", "i2t_match_G", "t2i_match_G")
+
+
+def theirs(name):
+    return name.replace("txt_enc.cap_rnn.", "txt_enc.rnn.")
 
 
 # ----------------------------------------------------------------------------- 1. loading
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_strict_load(fixtures, name):
-    model, opt, ckpt, _ = load_fixture(fixtures, name)
+    model, opt, ckpt, _ = load_gsmn(fixtures, name)
     assert opt.is_sparse == ("sparse" in name)
-    for ours, ref in zip(model.state_dict(), ckpt["model"]):
+    for ours, ref in zip(model.state_dict(), ckpt["model"], strict=True):
         assert list(ours.keys()) == list(ref.keys())
         for k in ref:
             assert torch.equal(ours[k], ref[k]), k
     # the optimiser's parameters are the original's, in its order (Adam's state follows it)
-    ts = np.load(fixture_dir(fixtures, name) / "train_step.npz")
-    by_id = {id(p): n for n, p in named_params(model).items()}
+    ts = np.load(fixture_dir(fixtures, "gsmn_ref", name) / "train_step.npz")
+    by_id = {id(p): n for n, p in named_params(model, PARTS, theirs)}
     assert [by_id[id(p)] for p in model.params] == list(ts["param_names"])
     # the textual convolution's Linears have biases, the visual one's none (meta.json)
     assert model.t2i_match_G.graph_convolution_3.conv_weights[0].bias is not None
@@ -97,7 +90,7 @@ def test_boxes_as_the_original_passes_them(fixtures, name):
     split twice, so the rows are divided 10 times (float32: every row of an image shows the
     count at its batch's end); evalrank(fold5=False) hands image k the row of caption k (its
     boxes are image k // 5's). Training: a fresh dataset, divided once."""
-    d = fixture_dir(fixtures, name)
+    d = fixture_dir(fixtures, "gsmn_ref", name)
     inp, exp = np.load(d / "inputs.npz"), np.load(d / "expected.npz")
     ts = np.load(d / "train_step.npz")
     sizes = np.stack([inp["image_w"], inp["image_h"]], 1)
@@ -163,8 +156,8 @@ def test_original_eval_counts(dtype, n_cap, batch_size):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_evaluation(fixtures, name):
-    model, opt, ckpt, depends = load_fixture(fixtures, name)
-    d = fixture_dir(fixtures, name)
+    model, opt, ckpt, depends = load_gsmn(fixtures, name)
+    d = fixture_dir(fixtures, "gsmn_ref", name)
     inp, exp = np.load(d / "inputs.npz"), np.load(d / "expected.npz")
     model.val_start()
     lens = inp["lengths"].tolist()
@@ -196,7 +189,7 @@ def test_evaluation(fixtures, name):
 # ----------------------------------------------------------------------------- 4. train step
 
 def train_batch(fixtures, name):
-    ts = np.load(fixture_dir(fixtures, name) / "train_step.npz")
+    ts = np.load(fixture_dir(fixtures, "gsmn_ref", name) / "train_step.npz")
     lens = ts["train_lengths"].tolist()
     return ts, (torch.from_numpy(ts["train_images"]),
                 torch.from_numpy(ts["train_captions"][:, :max(lens)]), lens)
@@ -204,7 +197,7 @@ def train_batch(fixtures, name):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_train_step(fixtures, name, monkeypatch):
-    model, opt, _, depends = load_fixture(fixtures, name)
+    model, opt, _, depends = load_gsmn(fixtures, name)
     ts, (images, captions, lens) = train_batch(fixtures, name)
     boxes = torch.from_numpy(ts["train_bboxes"])
     deps = [depends[i] for i in ts["train_ids"]]
@@ -215,14 +208,14 @@ def test_train_step(fixtures, name, monkeypatch):
     np.testing.assert_allclose(sims.numpy(), ts["sims_train"], atol=1e-5, rtol=0)
 
     seen = {}
-    clip = model_module.clip_grad_norm_
+    clip = contract.clip_grad_norm_
 
     def spy(params, max_norm):
         seen["grads"] = {id(p): p.grad.detach().clone() for p in params}
         seen["norm"] = float(clip(params, max_norm))
         return seen["norm"]
-    monkeypatch.setattr(model_module, "clip_grad_norm_", spy)
-    named = named_params(model)
+    monkeypatch.setattr(contract, "clip_grad_norm_", spy)
+    named = dict(named_params(model, PARTS, theirs))
     before = {n: p.detach().clone() for n, p in named.items()}
     loss = model.train_emb(images, captions, lens, boxes=boxes, depends=deps)
     assert abs(float(loss) - float(ts["loss"])) <= 1e-5 * abs(float(ts["loss"]))
@@ -236,9 +229,10 @@ def test_train_step(fixtures, name, monkeypatch):
 
     # the clipped Adam step, where the gradient is not float noise at the scale of Adam's eps
     # (its first step moves each entry by lr g / (|g| + 1e-8)); noise-only parameters aside
-    after = load_ckpt(str(fixture_dir(fixtures, name) / "after_step.pth.tar"))["model"]
+    after = load_ckpt(str(fixture_dir(fixtures, "gsmn_ref", name) / "after_step.pth.tar"))["model"]
     after_params = {}
-    for prefix, sd in zip(["img_enc.", "txt_enc.", "i2t_match_G.", "t2i_match_G."], after):
+    for prefix, sd in zip(["img_enc.", "txt_enc.", "i2t_match_G.", "t2i_match_G."], after,
+                          strict=True):
         after_params.update({prefix + k: v for k, v in sd.items()})
     coef = min(1.0, opt.grad_clip / (float(ts["grad_norm"]) + 1e-6))
     lr = opt.learning_rate
@@ -256,7 +250,7 @@ def test_train_gradients_fast_equal_literal(fixtures):
     """In float64 the training step's gradients through the fast path equal those through the
     literal per-caption graphs (exact algebra, not an approximation)."""
     name = FIXTURES[1]
-    model, opt, _, depends = load_fixture(fixtures, name, torch.float64)
+    model, opt, _, depends = load_gsmn(fixtures, name, torch.float64)
     ts, (images, captions, lens) = train_batch(fixtures, name)
     boxes = torch.from_numpy(ts["train_bboxes"]).double()
     deps = [depends[i] for i in ts["train_ids"]]
@@ -268,7 +262,7 @@ def test_train_gradients_fast_equal_literal(fixtures):
         img, cap, _ = model.forward_emb(images.double(), captions, lens)
         model.criterion(fn(img, cap, lens, boxes, deps)).backward()
         grads.append({n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                      for n, p in named_params(model).items()})
+                      for n, p in named_params(model, PARTS, theirs)})
     for n in grads[0]:
         if n in NOISE_ONLY:
             continue

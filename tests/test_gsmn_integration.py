@@ -7,8 +7,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,33 +18,11 @@ import matchers
 import opts
 import train
 from checkpoint import load_checkpoint
-from helpers import tiny_dataset, train_args
+from helpers import eval_main, result_lines, run_eval, tiny_dataset, train_args
 from test_gsmn import OriginalBoxLoader
 from vocab import Vocabulary, deserialize_vocab, serialize_vocab
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = ["gsmn_dense_small_seed1", "gsmn_sparse_small_seed1"]
-
-
-def run_eval(*args, code=0):
-    """evaluation.py as a command: a subprocess (its own imports, its exit code)."""
-    out = subprocess.run([sys.executable, os.path.join(REPO, "evaluation.py")] + list(args),
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == code, out.stderr
-    return out
-
-
-def eval_main(capsys, *args, code=0):
-    """evaluation.main in this process (faster): (stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        evaluation.main(list(args))
-        rc = 0
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    assert rc == code, err
-    return out, err
 
 
 def sizes_file(path, w, h, protocol=None):
@@ -96,9 +72,7 @@ def fixture_dataset(root, fixtures, name, boxes=True, arcs=True):
     return data_path, vocab_path, ckpt, loc
 
 
-def result_lines(stdout):
-    return [line for line in stdout.splitlines()
-            if line.startswith(("rsum:", "Image to text:", "Text to image:"))]
+RESULTS = ("rsum:", "Image to text:", "Text to image:")  # the lines of the original's evalrank
 
 
 # ----------------------------------------------------------------------------- evaluation.py
@@ -114,7 +88,7 @@ def test_cli_original_checkpoint(fixtures, tmp_path, name):
                    "--split", "test", "--save_sims", sims).stdout
     np.testing.assert_allclose(np.load(sims), exp["sims"], rtol=0, atol=1e-5)
     i2t, t2i = exp["i2t"], exp["t2i"]
-    assert result_lines(out) == [
+    assert result_lines(out, RESULTS) == [
         "rsum: %.1f" % float(exp["rsum"]),
         "Image to text: %.1f %.1f %.1f %.1f %.1f" % tuple(i2t),
         "Text to image: %.1f %.1f %.1f %.1f %.1f" % tuple(t2i)]
@@ -321,7 +295,7 @@ def test_train_and_evaluate(trained, tmp_path, capsys):
     out, _ = eval_main(capsys, "--model_path", best, "--data_path", data_path, "--vocab_path",
                        vocab_path, "--split", "test", "--save_sims", sims, "--device", "cpu")
     assert "Images: 6, Captions: 30" in out and np.load(sims).shape == (6, 30)
-    assert len(result_lines(out)) == 3
+    assert len(result_lines(out, RESULTS)) == 3
 
 
 def test_resume_with_contradicting_is_sparse(trained, capsys, tmp_path):
@@ -404,6 +378,7 @@ def test_ddp_step_gradients(tmp_path, one_thread):
         model = ddp_model()
         model.train_emb(images, captions, lens, ids, boxes=boxes, depends=arcs)
         per_rank.append([p.grad.detach().clone() for p in model.params])
+    assert len(per_rank) == 2 and len(per_rank[0]) == len(model.params) > 0
     for r in range(2):
-        for a, g0, g1 in zip(got[r], *per_rank):
+        for a, g0, g1 in zip(got[r], *per_rank, strict=True):
             torch.testing.assert_close(a, (g0 + g1) / 2, rtol=0, atol=1e-5)

@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+import contract
 import hrem
-import model as model_module
 from evaluation import i2t, t2i
+from helpers import fixture_dir, named_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIXTURE = "hrem_small_seed1"
-
-
-def fixture_dir(fixtures):
-    return fixtures / "hrem_ref" / FIXTURE
 
 
 def torch_load(path):
@@ -36,7 +33,7 @@ def bert_dir(fixtures, tmp_path_factory):
     """A Hugging Face directory of the fixture's tiny BERT: config.json and vocab.txt, no
     weights (they come from the checkpoint)."""
     d = tmp_path_factory.mktemp("tiny_bert")
-    src = fixture_dir(fixtures)
+    src = fixture_dir(fixtures, "hrem_ref", FIXTURE)
     cfg = json.loads((src / "bert_config.json").read_text())
     cfg["model_type"] = "bert"
     (d / "config.json").write_text(json.dumps(cfg))
@@ -47,7 +44,7 @@ def bert_dir(fixtures, tmp_path_factory):
 def build(fixtures, bert_dir):
     """The fixture's checkpoint (the original's format and opt) as evaluation.py loads it:
     the opt completed, BERT built from --bert_path's config, the weights from the checkpoint."""
-    d = fixture_dir(fixtures)
+    d = fixture_dir(fixtures, "hrem_ref", FIXTURE)
     ckpt = torch_load(d / "model_best.pth")
     assert hrem.HREM.recognise(ckpt) == "HREM"
     opt = hrem.HREM.complete_opt(argparse.Namespace(**vars(ckpt["opt"])))
@@ -59,22 +56,19 @@ def build(fixtures, bert_dir):
     return model, ckpt
 
 
-def named_params(model):
-    """Parameters in the original's `model.params` order (txt_enc, img_enc, criterion)."""
-    return ([("txt_enc." + k, v) for k, v in model.txt_enc.named_parameters()] +
-            [("img_enc." + k, v) for k, v in model.img_enc.named_parameters()] +
-            [("criterion." + k, v) for k, v in model.criterion.named_parameters()])
+# the original's `model.params` order: txt_enc, img_enc, criterion
+PARTS = ("txt_enc", "img_enc", "criterion")
 
 
 # ----------------------------------------------------------------------------- 1. loading
 
 def test_strict_load(fixtures, bert_dir):
     model, ckpt = build(fixtures, bert_dir)
-    for ours, ref in zip(model.state_dict(), ckpt["model"]):
+    for ours, ref in zip(model.state_dict(), ckpt["model"], strict=True):
         assert list(ours) == list(ref)
         for k in ref:
             assert torch.equal(ours[k], ref[k]), k
-    crit = torch_load(fixture_dir(fixtures) / "criterion_init.pth")
+    crit = torch_load(fixture_dir(fixtures, "hrem_ref", FIXTURE) / "criterion_init.pth")
     assert list(model.criterion.state_dict()) == list(crit)
     # the Linear after BERT is sized from the BERT config (32 here), not 768
     assert model.txt_enc.linear.in_features == model.txt_enc.bert.config.hidden_size == 32
@@ -95,7 +89,7 @@ def test_strict_load(fixtures, bert_dir):
 def test_tokenisation(fixtures, bert_dir):
     tok = hrem.CaptionTokenizer(hrem.load_tokenizer(bert_dir))
     assert (tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id, len(tok)) == (0, 2, 3, 4, 75)
-    d = fixture_dir(fixtures)
+    d = fixture_dir(fixtures, "hrem_ref", FIXTURE)
     inp, exp = np.load(d / "inputs.npz"), np.load(d / "expected.npz")
     for k, caption in enumerate(inp["caption_text"]):
         ids = tok.encode(str(caption))
@@ -139,7 +133,7 @@ TRAIN_ORDER = [0, 5, 10, 15, 20, 25, 30, 35, 40, 1]  # the recorded batch's capt
 def train_items(fixtures, bert_dir):
     """The training loader's batch of the recorded captions, before augmentation: hrem's
     dataset items (image, ids, index, image index, words), collated."""
-    inp = np.load(fixture_dir(fixtures) / "inputs.npz")
+    inp = np.load(fixture_dir(fixtures, "hrem_ref", FIXTURE) / "inputs.npz")
     tok = hrem.CaptionTokenizer(hrem.load_tokenizer(bert_dir))
     items = []
     for i in TRAIN_ORDER:
@@ -155,7 +149,7 @@ def test_train_batch(fixtures, bert_dir):
     collated (sorted by caption length, padded): HREM.augment draws the same from the same
     generators."""
     model, _ = build(fixtures, bert_dir)
-    ts = np.load(fixture_dir(fixtures) / "train_step.npz")
+    ts = np.load(fixture_dir(fixtures, "hrem_ref", FIXTURE) / "train_step.npz")
     batch = train_items(fixtures, bert_dir)
     random.seed(1)
     np.random.seed(1)
@@ -177,7 +171,7 @@ def test_train_batch(fixtures, bert_dir):
 
 def test_evaluation(fixtures, bert_dir):
     model, _ = build(fixtures, bert_dir)
-    d = fixture_dir(fixtures)
+    d = fixture_dir(fixtures, "hrem_ref", FIXTURE)
     inp, exp = np.load(d / "inputs.npz"), np.load(d / "expected.npz")
     model.val_start()
     with torch.no_grad():
@@ -218,10 +212,10 @@ def key_bias_rows(name, numel, d=32):
 
 def test_train_step(fixtures, bert_dir, monkeypatch):
     model, _ = build(fixtures, bert_dir)
-    d = fixture_dir(fixtures)
+    d = fixture_dir(fixtures, "hrem_ref", FIXTURE)
     ts = np.load(d / "train_step.npz")
     names = list(ts["param_names"])
-    params = dict(named_params(model))
+    params = dict(named_params(model, PARTS))
     assert list(params) == names
     assert [g["lr"] for g in model.optimizer.param_groups] == [5e-4, 5e-5, 5e-4, 5e-4]
     lr_of = {id(p): g["lr"] for g in model.optimizer.param_groups for p in g["params"]}
@@ -236,7 +230,7 @@ def test_train_step(fixtures, bert_dir, monkeypatch):
     assert model.criterion.iter_count >= model.criterion.warmup
 
     seen = {"draws": []}
-    clip, multinomial = model_module.clip_grad_norm_, torch.multinomial
+    clip, multinomial = contract.clip_grad_norm_, torch.multinomial
 
     def spy_clip(ps, max_norm):
         seen["grads"] = {id(p): None if p.grad is None else p.grad.detach().clone()
@@ -252,7 +246,7 @@ def test_train_step(fixtures, bert_dir, monkeypatch):
     def spy_inputs(module, args):
         seen["img_emb"], seen["cap_emb"] = args[0][0].detach(), args[1][0].detach()
 
-    monkeypatch.setattr(model_module, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(contract, "clip_grad_norm_", spy_clip)
     monkeypatch.setattr(torch, "multinomial", spy_multinomial)
     model.criterion.register_forward_pre_hook(spy_inputs)
     before = {n: p.detach().clone() for n, p in params.items()}

@@ -17,7 +17,7 @@ import opts
 import train
 from checkpoint import load_checkpoint
 from conftest import REPO
-from helpers import tiny_dataset, train_args
+from helpers import eval_main, tiny_dataset, train_args
 from model import SGRAF
 from vocab import deserialize_vocab
 
@@ -50,12 +50,6 @@ def trained(dataset, tmp_path_factory):
 
 def ckpt_path(run, name="model_best.pth.tar"):
     return os.path.join(run, "checkpoint", name)
-
-
-def run_eval(capsys, *args):
-    capsys.readouterr()
-    evaluation.main(list(args) + ["--device", "cpu"])
-    return capsys.readouterr().out
 
 
 def expect_error(capsys, fn, argv, *fragments):
@@ -156,8 +150,8 @@ def test_train_batch_drops_last_and_augments(dataset):
 def test_evaluate_our_checkpoint(dataset, trained, capsys, tmp_path):
     data_path, _ = dataset
     sims_file = str(tmp_path / "sims.npy")
-    out = run_eval(capsys, "--model_path", ckpt_path(trained), "--data_path", data_path,
-                   "--split", "test", "--save_sims", sims_file)
+    out, _ = eval_main(capsys, "--model_path", ckpt_path(trained), "--data_path", data_path,
+                       "--split", "test", "--save_sims", sims_file, "--device", "cpu")
     assert "rsum: " in out
     sims = np.load(sims_file)
     assert sims.shape == (6, 30) and sims.dtype == np.float64
@@ -193,8 +187,10 @@ def test_evaluate_original_format_checkpoint(dataset, trained, capsys, tmp_path,
                 "Eiters": 20}, path)
     common = ["--data_path", data_path, "--data_name", "synth_precomp", "--split", "test"]
     a, b = str(tmp_path / "a.npy"), str(tmp_path / "b.npy")
-    run_eval(capsys, "--model_path", ckpt_path(trained), "--save_sims", a, *common)
-    run_eval(capsys, "--model_path", path, "--bert_path", BERT_DEMO, "--save_sims", b, *common)
+    eval_main(capsys, "--model_path", ckpt_path(trained), "--save_sims", a, *common,
+              "--device", "cpu")
+    eval_main(capsys, "--model_path", path, "--bert_path", BERT_DEMO, "--save_sims", b, *common,
+              "--device", "cpu")
     np.testing.assert_array_equal(np.load(a), np.load(b))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     c = str(tmp_path / "c.npy")
@@ -216,13 +212,14 @@ def test_ensemble_with_a_cross_attention_matcher(dataset, trained, capsys, tmp_p
     torch.save({"epoch": 1, "model": SGRAF(argparse.Namespace(**vars(sgr_opt), device="cpu"))
                 .state_dict(), "best_rsum": 0.0, "opt": sgr_opt, "Eiters": 1}, sgr)
     # --vocab_path: the SCAN vocabulary of the cross-attention model (HREM reads BERT's)
-    common = ["--data_path", data_path, "--vocab_path", vocab_path, "--split", "test"]
+    common = ["--data_path", data_path, "--vocab_path", vocab_path, "--split", "test",
+              "--device", "cpu"]
     files = [str(tmp_path / ("%s.npy" % k)) for k in ("h", "s", "hs")]
-    run_eval(capsys, "--model_path", ckpt_path(trained), "--save_sims", files[0],
-             "--data_path", data_path, "--split", "test")
-    run_eval(capsys, "--model_path", sgr, "--save_sims", files[1], *common)
-    out = run_eval(capsys, "--model_path", ckpt_path(trained), "--model_path2", sgr,
-                   "--save_sims", files[2], *common)
+    eval_main(capsys, "--model_path", ckpt_path(trained), "--save_sims", files[0],
+              "--data_path", data_path, "--split", "test", "--device", "cpu")
+    eval_main(capsys, "--model_path", sgr, "--save_sims", files[1], *common)
+    out, _ = eval_main(capsys, "--model_path", ckpt_path(trained), "--model_path2", sgr,
+                       "--save_sims", files[2], *common)
     h, s, hs = (np.load(f) for f in files)
     np.testing.assert_allclose(hs, (h + s) / 2, atol=1e-12)
     assert "rsum: " in out

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import contract
 import matchers
-import model as model_module
 import naaf
 from checkpoint import load_checkpoint
 from evaluation import i2t, t2i
+from helpers import fixture_dir, load_fixture, named_params
 from naaf import NAAF
 
 FIXTURES = ["naaf_small_seed1", "naaf_glove_small_seed1"]
@@ -34,43 +35,27 @@ class LoggedOpt(argparse.Namespace):
         super().__setattr__(k, v)
 
 
-def fixture_dir(fixtures, name):
-    return fixtures / "naaf_ref" / name
-
-
-def load_fixture(fixtures, name, opt_cls=argparse.Namespace):
-    d = fixture_dir(fixtures, name)
-    ckpt = load_checkpoint(str(d / "model_best.pth.tar"))
-    opt = opt_cls(**vars(ckpt["opt"]))
-    opt.device = "cpu"
-    model = NAAF(opt)
-    model.load_state_dict(ckpt["model"])  # strict
-    return model, opt, ckpt
+PARTS = ("txt_enc", "img_enc")  # the original's model.params order
 
 
 def theirs(name):
     return name.replace("txt_enc.cap_rnn.", "txt_enc.rnn.")
 
 
-def named_params(model):
-    return ([(theirs("txt_enc." + k), v) for k, v in model.txt_enc.named_parameters()] +
-            [("img_enc." + k, v) for k, v in model.img_enc.named_parameters()])
-
-
 # ----------------------------------------------------------------------------- 1. loading
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_strict_load(fixtures, name):
-    model, opt, ckpt = load_fixture(fixtures, name)
+    model, opt, ckpt = load_fixture(fixtures, "naaf_ref", name, NAAF)
     assert matchers.recognise(ckpt, name) == "NAAF"
     assert opt.precomp_enc_text_type == ("GloVe" if "glove" in name else "basic")
-    for ours, ref in zip(model.state_dict(), ckpt["model"]):
+    for ours, ref in zip(model.state_dict(), ckpt["model"], strict=True):
         assert list(ours.keys()) == list(ref.keys())
         for k in ref:
             assert torch.equal(ours[k], ref[k]), k
     # the optimiser's parameters are the original's, in its order (GloVe table included)
-    ts = np.load(fixture_dir(fixtures, name) / "train_step.npz")
-    by_id = {id(p): n for n, p in named_params(model)}
+    ts = np.load(fixture_dir(fixtures, "naaf_ref", name) / "train_step.npz")
+    by_id = {id(p): n for n, p in named_params(model, PARTS, theirs)}
     assert [by_id[id(p)] for p in model.params] == list(ts["param_names"])
 
 
@@ -87,8 +72,8 @@ def test_not_naaf_checkpoints():
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_evaluation(fixtures, name):
-    model, opt, ckpt = load_fixture(fixtures, name)
-    d = fixture_dir(fixtures, name)
+    model, opt, ckpt = load_fixture(fixtures, "naaf_ref", name, NAAF)
+    d = fixture_dir(fixtures, "naaf_ref", name)
     inp, exp = np.load(d / "inputs.npz"), np.load(d / "expected.npz")
     assert opt.thres_safe == float(exp["thres_safe_used"])
     model.val_start()
@@ -117,20 +102,20 @@ def test_evaluation(fixtures, name):
 
 def spy_clip(monkeypatch):
     seen = {}
-    clip = model_module.clip_grad_norm_  # the base class's train step clips
+    clip = contract.clip_grad_norm_  # the base class's train step clips
 
     def spy(params, max_norm):
         seen["grads"] = {id(p): p.grad.detach().clone() for p in params}
         seen["norm"] = float(clip(params, max_norm))
         return seen["norm"]
-    monkeypatch.setattr(model_module, "clip_grad_norm_", spy)
+    monkeypatch.setattr(contract, "clip_grad_norm_", spy)
     return seen
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_train_step(fixtures, name, monkeypatch):
-    model, opt, _ = load_fixture(fixtures, name, LoggedOpt)
-    d = fixture_dir(fixtures, name)
+    model, opt, _ = load_fixture(fixtures, "naaf_ref", name, NAAF, LoggedOpt)
+    d = fixture_dir(fixtures, "naaf_ref", name)
     inp, ts = np.load(d / "inputs.npz"), np.load(d / "train_step.npz")
     keys = list(ts["thres_state_keys"])
     np.testing.assert_array_equal([getattr(opt, k) for k in keys], ts["thres_before"])
@@ -152,7 +137,8 @@ def test_train_step(fixtures, name, monkeypatch):
     assert abs(float(loss) - float(ts["loss"])) < 1e-4
     assert abs(seen["norm"] - float(ts["grad_norm"])) < 1e-4 * float(ts["grad_norm"])
     names = list(ts["param_names"])
-    grads = {n: seen["grads"][id(p)].double().numpy() for n, p in named_params(model)}
+    grads = {n: seen["grads"][id(p)].double().numpy()
+             for n, p in named_params(model, PARTS, theirs)}
     assert sorted(grads) == sorted(names)
     total = np.sqrt(sum((ts["grad/" + n].astype(np.float64) ** 2).sum() for n in names))
     for n in names:
@@ -165,7 +151,7 @@ def test_train_step(fixtures, name, monkeypatch):
     np.testing.assert_allclose([getattr(opt, k) for k in keys], ts["thres_after"], atol=1e-7)
     # the Adam step lands where the original's did
     after = load_checkpoint(str(d / "after_step.pth.tar"))
-    for ours, ref in zip(model.state_dict(), after["model"]):
+    for ours, ref in zip(model.state_dict(), after["model"], strict=True):
         for k in ref:
             np.testing.assert_allclose(ours[k].numpy(), ref[k].numpy(), atol=2e-6, rtol=0)
     np.testing.assert_allclose([getattr(opt, k) for k in keys],
@@ -175,7 +161,7 @@ def test_train_step(fixtures, name, monkeypatch):
 # ----------------------------------------------------------------------------- 4. learner
 
 def learning_batch(fixtures):
-    tl = np.load(fixture_dir(fixtures, FIXTURES[0]) / "thres_learning.npz")
+    tl = np.load(fixture_dir(fixtures, "naaf_ref", FIXTURES[0]) / "thres_learning.npz")
     return (tl, torch.from_numpy(tl["img_emb"]), torch.from_numpy(tl["cap_emb"]),
             tl["cap_lens"].tolist())
 

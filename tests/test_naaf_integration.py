@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,12 +22,11 @@ import opts
 import runs
 import train
 from checkpoint import load_checkpoint
-from helpers import tiny_dataset, tiny_dims, train_args
+from helpers import run_eval, tiny_dataset, tiny_dims, train_args
 from matchers import build_model
 from model import SGRAF
 from vocab import Vocabulary, deserialize_vocab, serialize_vocab
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = ["naaf_small_seed1", "naaf_glove_small_seed1"]
 
 
@@ -56,13 +53,6 @@ def original_sgr_opt(vocab_size):
         log_step=10, val_step=1000, grad_clip=2.0, margin=0.2, max_violation=True, img_dim=32,
         word_dim=8, embed_size=16, sim_dim=8, num_layers=1, bi_gru=True, no_imgnorm=False,
         no_txtnorm=False, module_name="SGR", sgr_step=3, vocab_size=vocab_size)
-
-
-def run_eval(*args):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "evaluation.py")] + list(args),
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def rsum_line(stdout):
@@ -126,7 +116,7 @@ def test_cli_naaf_checkpoint_and_ensembles(setup, tmp_path):
     for a, b in [("NAAF", "NAAF2"), ("SGR", "NAAF")]:
         f = str(tmp_path / ("%s_%s.npy" % (a, b)))
         out = run_eval("--model_path", paths[a], "--model_path2", paths[b], "--save_sims", f,
-                       *common)
+                       *common).stdout
         np.testing.assert_allclose(np.load(f), (sims[a] + sims[b]) / 2, rtol=0, atol=1e-12)
         r = evaluation.report((sims[a] + sims[b]) / 2)
         assert rsum_line(out) == pytest.approx(round(r["rsum"], 1))
@@ -162,7 +152,7 @@ def test_cli_authors_checkpoint(fixtures, tmp_path, name):
     ckpt = str(tmp_path / "model_best.pth.tar")
     shutil.copy(fixtures / "naaf_ref" / name / "model_best.pth.tar", ckpt)
     out = run_eval("--model_path", ckpt, "--data_path", data_path, "--vocab_path", vocab_path,
-                   "--split", "test")
+                   "--split", "test").stdout
     assert "Images: 6, Captions: 30" in out
     rsum_line(out)
 

@@ -10,17 +10,7 @@ import torch
 import np2h
 import train
 from checkpoint import load_checkpoint
-from helpers import tiny_dataset, train_args
-
-
-def expect_exit(argv, capsys, fragment):
-    """np2h.main(argv) exits with code 2 and one `error:` line holding `fragment`."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        np2h.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+from helpers import expect_exit, tiny_dataset, train_args
 
 
 def test_round_trip_exact(tmp_path, capsys):
@@ -37,11 +27,11 @@ def test_round_trip_exact(tmp_path, capsys):
     assert (tmp_path / "train.h5").read_bytes() == before
     # an .h5 np2h.py did not write (or one of another .npy) is not replaced without --overwrite
     np.save(tmp_path / "train_ims.npy", x[:20])
-    expect_exit(["--data_path", str(tmp_path), "--splits", "train"], capsys,
-                "train.h5: already exists (converted by np2h.py from another .npy)")
+    expect_exit(np2h.main, ["--data_path", str(tmp_path), "--splits", "train"], capsys,
+                "file_exists", "train.h5: already exists (converted by np2h.py from another .npy)")
     (tmp_path / "train.h5").write_bytes(b"not mine")
-    expect_exit(["--data_path", str(tmp_path), "--splits", "train"], capsys,
-                "train.h5: already exists; pass --overwrite to replace it")
+    expect_exit(np2h.main, ["--data_path", str(tmp_path), "--splits", "train"], capsys,
+                "file_exists", "train.h5: already exists; pass --overwrite to replace it")
     assert (tmp_path / "train.h5").read_bytes() == b"not mine"
     assert np2h.main(["--data_path", str(tmp_path), "--splits", "train", "--overwrite"]) == 0
     with h5py.File(tmp_path / "train.h5", "r") as f:
@@ -53,14 +43,15 @@ def test_nan_inf_refused(tmp_path, capsys, bad):
     x = np.ones((10, 36, 4), dtype=np.float32)
     x[7, 3, 1] = bad
     np.save(tmp_path / "dev_ims.npy", x)
-    expect_exit(["--data_path", str(tmp_path), "--splits", "dev", "--chunk", "4"], capsys,
+    expect_exit(np2h.main, ["--data_path", str(tmp_path), "--splits", "dev", "--chunk", "4"],
+                capsys, "features_nonfinite",
                 "image 7 has NaN or Inf features (found while converting it)")
     assert sorted(os.listdir(tmp_path)) == ["dev_ims.npy"]  # no partial file left
 
 
 def test_missing_split_named(tmp_path, capsys):
-    expect_exit(["--data_path", str(tmp_path), "--splits", "test"], capsys,
-                "test_ims.npy: feature file not found")
+    expect_exit(np2h.main, ["--data_path", str(tmp_path), "--splits", "test"], capsys,
+                "features_missing", "test_ims.npy: feature file not found")
 
 
 def test_training_npy_equals_h5(tmp_path):

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,17 +18,19 @@ import torch
 import torch.nn.functional as F
 
 import errors
+import contract
 import evaluation
+import helpers
 import matchers
-import model as model_py
 import naaf
 import opts
 import outputs
 import plots
 import retrieve
 from conftest import REPO
+from contract import l2norm
 from helpers import tiny_dataset, train_args
-from model import SGRAF, l2norm
+from model import SGRAF
 from test_contract import Toy
 from test_eval_cli import original_opt
 from test_gsmn_integration import add_gsmn_files
@@ -225,20 +228,8 @@ def test_digests_of_unchanged_files_are_remembered(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- errors
 
-def expect_exit(argv, capsys, key, *fragments):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        retrieve.main(argv)
-    assert exc.value.code == 2
-    err = exc.value.__context__
-    assert isinstance(err, errors.SGRAFError) and err.key == key, err
-    lines = capsys.readouterr().err.splitlines()
-    errs = [line for line in lines if line.startswith("error:")]
-    assert len(errs) == 1 and "Traceback" not in "\n".join(lines)
-    assert len(errs[0]) <= 300, (len(errs[0]), errs[0])  # read at a glance (issue 16)
-    for fragment in fragments:
-        assert fragment in errs[0], (fragment, errs[0])
-    return errs[0]
+# retrieve.py's refusals: (argv, capsys, key, *fragments), see helpers.expect_exit
+expect_exit = partial(helpers.expect_exit, retrieve.main)
 
 
 def test_errors(setup, tmp_path, capsys):
@@ -423,8 +414,8 @@ def test_the_contract_hooks_have_defaults():
     """A matcher that adds nothing gets the SCAN tokenisation and text encoder call, and an
     --explain refusal that names it."""
     for name in ("query_batch", "forward_text", "word_region_attention"):
-        assert callable(getattr(model_py.Matcher, name))
-    assert model_py.Matcher.attention_info is None
+        assert callable(getattr(contract.Matcher, name))
+    assert contract.Matcher.attention_info is None
     assert SGRAF.attention_info and naaf.NAAF.attention_info
 
 

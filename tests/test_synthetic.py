@@ -36,6 +36,27 @@ def _all_bytes(out):
     return blobs
 
 
+def concept_words():
+    """Lowercase token -> concept id, for every word a caption uses to name a concept."""
+    words = {}
+    for i, (sing, plur) in enumerate(synthetic.SUBJECTS):
+        words.update({w: synthetic.SUBJ0 + i for w in sing + plur})
+    for i, (forms, _) in enumerate(synthetic.OBJECTS):
+        words.update({w: synthetic.OBJ0 + i for w in forms})
+    words.update({c: synthetic.COL0 + i for i, c in enumerate(synthetic.COLOURS)})
+    for i, (names, _) in enumerate(synthetic.SCENES):
+        words.update({w: synthetic.SCENE0 + i for w in names})
+    return words
+
+
+def is_present(data_path, data_name, vocab_path):
+    """True when train/dev/test features and captions and the vocab json all exist."""
+    files = [os.path.join(data_path, data_name, "%s_%s" % (s, f))
+             for s in SPLITS for f in ("ims.npy", "caps.txt")]
+    files.append(os.path.join(vocab_path, "%s_vocab.json" % data_name))
+    return all(os.path.isfile(p) for p in files)
+
+
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     return _make(str(tmp_path_factory.mktemp("synth")))
@@ -60,8 +81,8 @@ def test_files_shapes_and_captions(ds):
         distinct = [len(set(caps[5 * i:5 * i + 5])) for i in range(n)]
         assert np.mean(distinct) >= 4.5
     assert ds["sizes"] == {"train": 300, "dev": 30, "test": 60}
-    assert synthetic.is_present(os.path.dirname(ds["data_dir"]), "synth_precomp",
-                                os.path.dirname(ds["vocab_file"]))
+    assert is_present(os.path.dirname(ds["data_dir"]), "synth_precomp",
+                      os.path.dirname(ds["vocab_file"]))
 
 
 def test_images_are_distinct():
@@ -103,7 +124,7 @@ def test_skip_overwrite_and_testall(tmp_path):
 def test_vocab_covers_captions(ds):
     vocab = deserialize_vocab(ds["vocab_file"])
     assert [vocab.idx2word[i] for i in range(4)] == ["<pad>", "<start>", "<end>", "<unk>"]
-    for word in synthetic.concept_words():
+    for word in concept_words():
         assert word in vocab.word2idx, word
     tokens = [t for c in _read_caps(ds, "test") for t in tokenize(c)]
     assert sum(vocab(t) == vocab(UNK) for t in tokens) <= 0.01 * len(tokens)
@@ -122,7 +143,7 @@ def test_oracle_retrieves_images_from_captions(ds):
     ims, caps = _read_ims(ds, "test"), _read_caps(ds, "test")
     dirs = synthetic.concept_directions(0, SIZES["img_dim"])
     shown = (ims @ dirs.T / SIZES["img_dim"]).max(1)  # (N, K) concept evidence per image
-    words = synthetic.concept_words()
+    words = concept_words()
     named = np.zeros((len(caps), synthetic.N_CONCEPTS))  # (5N, K)
     for i, c in enumerate(caps):
         for t in tokenize(c):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import model as model_module
+import contract
 from checkpoint import load_checkpoint
+from helpers import named_params
 from model import SGRAF
 
 FIXTURES = ["small_sgr_seed1", "small_saf_seed1"]
@@ -43,23 +44,20 @@ def load(fixtures, name, dtype=torch.float32):
     return model, (images, captions, lens.tolist()), ts, after
 
 
-def named_params(model):
-    return dict([("txt_enc." + k, v) for k, v in model.txt_enc.named_parameters()] +
-                [("img_enc." + k, v) for k, v in model.img_enc.named_parameters()] +
-                [("sim_enc." + k, v) for k, v in model.sim_enc.named_parameters()])
+PARTS = ("txt_enc", "img_enc", "sim_enc")  # the original's model.params order
 
 
 def step_capturing_grads(model, batch, monkeypatch):
     """model.train_emb(batch), returning the loss and the pre-clip gradients."""
     grads = {}
-    clip = model_module.clip_grad_norm_
+    clip = contract.clip_grad_norm_
 
     def spy(params, max_norm):
         grads.update({id(p): p.grad.detach().clone() for p in params})
         return clip(params, max_norm)
-    monkeypatch.setattr(model_module, "clip_grad_norm_", spy)
+    monkeypatch.setattr(contract, "clip_grad_norm_", spy)
     loss = model.train_emb(*batch)
-    return float(loss), {n: grads[id(p)] for n, p in named_params(model).items()}
+    return float(loss), {n: grads[id(p)] for n, p in named_params(model, PARTS)}
 
 
 def check_grads(grads, ts, rel, abs_):
@@ -76,7 +74,7 @@ def check_grads(grads, ts, rel, abs_):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_train_step(fixtures, name, monkeypatch):
     model, batch, ts, after = load(fixtures, name)
-    before = {n: p.detach().clone() for n, p in named_params(model).items()}
+    before = {n: p.detach().clone() for n, p in named_params(model, PARTS)}
     loss, grads = step_capturing_grads(model, batch, monkeypatch)
     assert abs(loss - float(ts["loss"])) <= 1e-5 * abs(float(ts["loss"]))
     norm = check_grads(grads, ts, rel=1e-4, abs_=1e-6)
@@ -95,10 +93,10 @@ def test_train_step(fixtures, name, monkeypatch):
     # the clipped Adam step: ~lr x sign(gradient), so it is compared where the gradient is
     # not zero in exact arithmetic
     after_params = {}
-    for prefix, sd in zip(["img_enc.", "txt_enc.", "sim_enc."], after):
+    for prefix, sd in zip(["img_enc.", "txt_enc.", "sim_enc."], after, strict=True):
         after_params.update({prefix + k: v for k, v in sd.items()})
     lr = model.optimizer.param_groups[0]["lr"]
-    for n, p in named_params(model).items():
+    for n, p in named_params(model, PARTS):
         if is_noise_only(n):
             continue
         moved, ref_moved = p.detach() - before[n], after_params[n] - before[n]
