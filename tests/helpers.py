@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import errors
 import evaluation
@@ -111,6 +113,30 @@ def named_params(model, parts, rename=None):
     original's `model.params`), each name `part.name` as `rename` gives the original's."""
     return [((rename or str)(part + "." + k), v) for part in parts
             for k, v in getattr(model, part).named_parameters()]
+
+
+def assert_loads_as_recorded(model, ckpt, train_step, parts, rename=None):
+    """The model's state dicts are the checkpoint's, key for key, and its optimiser's parameters
+    are the original's, in its order (Adam's state follows that order)."""
+    for ours, ref in zip(model.state_dict(), ckpt["model"], strict=True):
+        assert list(ours.keys()) == list(ref.keys())
+        for k in ref:
+            assert torch.equal(ours[k], ref[k]), k
+    by_id = {id(p): n for n, p in named_params(model, parts, rename)}
+    assert [by_id[id(p)] for p in model.params] == list(train_step["param_names"])
+
+
+def assert_ranks_as_recorded(sims, exp):
+    """The original's R@K, rsum, ranks and top-1 of the recorded similarity matrix `exp`."""
+    r, (ranks, top1) = evaluation.i2t(None, None, None, sims, return_ranks=True)
+    ri, (ranks_i, top1_i) = evaluation.t2i(None, None, None, sims, return_ranks=True)
+    assert list(r) == list(exp["i2t"]) and list(ri) == list(exp["t2i"])
+    assert sum(r[:3]) + sum(ri[:3]) == float(exp["rsum"])
+    np.testing.assert_array_equal(ranks, exp["i2t_ranks"])
+    np.testing.assert_array_equal(ranks_i, exp["t2i_ranks"])
+    for key, got in (("i2t_top1", top1), ("t2i_top1", top1_i)):
+        if key in exp:
+            np.testing.assert_array_equal(got, exp[key])
 
 
 # ----------------------------------------------------------------------------- evaluation.py

@@ -34,6 +34,7 @@ import errors
 import evaluation
 import matchers
 import opts
+import releases
 import vocab
 from conftest import REPO
 from helpers import ERROR_LINE_LIMIT, assert_unchanged, snapshot, tiny_dims
@@ -226,14 +227,14 @@ def leftovers(root):
 # ----------------------------------------------------------------------------- --list
 
 def test_list_has_every_release_and_each_command_parses(capsys, monkeypatch):
-    names = [it.name for it in download.ITEMS]
+    names = [it.name for it in releases.ITEMS]
     assert len(names) == len(set(names))
     assert {"scan-data", "scan-vocab"} | RELEASED == set(names)
     code, out, _ = run(["--list"], capsys)
     assert code == 0
     seen = []
     monkeypatch.setattr(evaluation, "evalrank", lambda *a, **k: seen.append((a, k)))
-    for it in download.ITEMS:
+    for it in releases.ITEMS:
         assert it.name in out and it.url in out
         assert it.url.startswith("https://")
         if it.kind == "checkpoint":
@@ -246,8 +247,8 @@ def test_list_has_every_release_and_each_command_parses(capsys, monkeypatch):
             seen.clear()
             evaluation.main(argv[2:])  # evaluation.py's own parser; evalrank is not run
             (model_path,), kw = seen[0]
-            installed = {download.ckpt_path(download.DEFAULT_DEST, n, m)
-                         for n, m in [(x.name, m) for x in download.ITEMS for m in x.modules]}
+            installed = {releases.ckpt_path(releases.DEFAULT_DEST, n, m)
+                         for n, m in [(x.name, m) for x in releases.ITEMS for m in x.modules]}
             assert model_path in installed, model_path
             assert kw["model_path2"] in installed | {None}
             assert kw["split"] in ("test", "testall")
@@ -256,7 +257,7 @@ def test_list_has_every_release_and_each_command_parses(capsys, monkeypatch):
 
 def test_the_docs_show_the_table_as_list_prints_it():
     text = (REPO / "docs" / "download.md").read_text(encoding="utf-8")
-    assert "```\n%s\n```" % download.list_table() in text
+    assert "```\n%s\n```" % releases.list_table() in text
 
 
 # ----------------------------------------------------------------------------- installing
@@ -277,7 +278,7 @@ def test_zips_unpack_into_the_layout_and_evaluation_runs(src, serve, tmp_path, c
     assert srv.served == sum(len(src[n]) for n in ("data.zip", "vocab.zip", "sgraf-f30k.zip"))
 
     # the SGRAF command of --list, on what was installed
-    cmd = next(r.command for r in download.ITEMS[2].results if r.label == "SGRAF")
+    cmd = next(r.command for r in releases.ITEMS[2].results if r.label == "SGRAF")
     argv = [a.replace("runs/released", str(tmp_path / "released")) for a in
             shlex.split(cmd)[2:]]
     argv[argv.index("--data_path") + 1] = str(tmp_path / "data")
@@ -403,11 +404,11 @@ def test_a_bad_download_is_refused_and_nothing_changes(case, src, serve, tmp_pat
         "layout": ("scan-data", zip_bytes({"readme.txt": b"hello"}), "archive_layout",
                    "holds no"),
     }[case]
-    it = download.item(name)
+    it = releases.item(name)
     if case in ("size", "sha256"):
         fake = it._replace(size=len(payload) + 1) if case == "size" else \
             it._replace(sha256=hashlib.sha256(b"other").hexdigest())
-        monkeypatch.setattr(download, "ITEMS", [fake if x is it else x for x in download.ITEMS])
+        monkeypatch.setattr(releases, "ITEMS", [fake if x is it else x for x in releases.ITEMS])
     srv = serve({it.file: payload})
     (tmp_path / "odd.pth.tar").unlink(missing_ok=True)
     refused([name, "--mirror", srv.url] + paths(tmp_path), capsys, key, fragment,

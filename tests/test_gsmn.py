@@ -12,9 +12,8 @@ import torch
 
 import contract
 import gsmn
-from evaluation import i2t, t2i
 from gsmn import GSMN
-from helpers import fixture_dir, load_fixture, named_params
+from helpers import assert_loads_as_recorded, assert_ranks_as_recorded, fixture_dir, load_fixture, named_params
 
 FIXTURES = ["gsmn_dense_small_seed1", "gsmn_sparse_small_seed1"]
 # zero gradient in exact arithmetic: the textual kernel scalars cancel in the normalisation over
@@ -55,14 +54,9 @@ def theirs(name):
 def test_strict_load(fixtures, name):
     model, opt, ckpt, _ = load_gsmn(fixtures, name)
     assert opt.is_sparse == ("sparse" in name)
-    for ours, ref in zip(model.state_dict(), ckpt["model"], strict=True):
-        assert list(ours.keys()) == list(ref.keys())
-        for k in ref:
-            assert torch.equal(ours[k], ref[k]), k
     # the optimiser's parameters are the original's, in its order (Adam's state follows it)
     ts = np.load(fixture_dir(fixtures, "gsmn_ref", name) / "train_step.npz")
-    by_id = {id(p): n for n, p in named_params(model, PARTS, theirs)}
-    assert [by_id[id(p)] for p in model.params] == list(ts["param_names"])
+    assert_loads_as_recorded(model, ckpt, ts, PARTS, theirs)
     # the textual convolution's Linears have biases, the visual one's none (meta.json)
     assert model.t2i_match_G.graph_convolution_3.conv_weights[0].bias is not None
     assert model.i2t_match_G.graph_convolution_1.conv_weights[0].bias is None
@@ -174,14 +168,7 @@ def test_evaluation(fixtures, name):
     np.testing.assert_allclose(once, exp["sims_bbox_once"], atol=1e-5, rtol=0)
     for sims in (fast, literal):
         np.testing.assert_allclose(sims, exp["sims"], atol=1e-5, rtol=0)
-        (r, (ranks, top1)) = i2t(None, None, None, sims, return_ranks=True)
-        (ri, (ranks_i, top1_i)) = t2i(None, None, None, sims, return_ranks=True)
-        assert list(r) == list(exp["i2t"]) and list(ri) == list(exp["t2i"])
-        assert sum(r[:3]) + sum(ri[:3]) == float(exp["rsum"])
-        np.testing.assert_array_equal(ranks, exp["i2t_ranks"])
-        np.testing.assert_array_equal(ranks_i, exp["t2i_ranks"])
-        np.testing.assert_array_equal(top1, exp["i2t_top1"])
-        np.testing.assert_array_equal(top1_i, exp["t2i_top1"])
+        assert_ranks_as_recorded(sims, exp)
     loss = model.criterion(torch.from_numpy(fast[:, ::5].copy()))
     assert abs(loss.item() - float(exp["loss_square"])) < 1e-4
 

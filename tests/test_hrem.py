@@ -15,8 +15,7 @@ import torch
 
 import contract
 import hrem
-from evaluation import i2t, t2i
-from helpers import fixture_dir, named_params
+from helpers import assert_ranks_as_recorded, fixture_dir, named_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,14 +183,7 @@ def test_evaluation(fixtures, bert_dir):
         sims = hrem.dot_scores(img.numpy(), cap.numpy(), block=block)
         assert sims.shape == (10, 50) and sims.dtype == np.float64
         np.testing.assert_allclose(sims, exp["sims"], atol=1e-5, rtol=0)
-        (r, (ranks, top1)) = i2t(None, None, None, sims, return_ranks=True)
-        (ri, (ranks_i, top1_i)) = t2i(None, None, None, sims, return_ranks=True)
-        assert list(r) == list(exp["i2t"]) and list(ri) == list(exp["t2i"])
-        assert sum(r[:3]) + sum(ri[:3]) == float(exp["rsum"])
-        np.testing.assert_array_equal(ranks, exp["i2t_ranks"])
-        np.testing.assert_array_equal(top1, exp["i2t_top1"])
-        np.testing.assert_array_equal(ranks_i, exp["t2i_ranks"])
-        np.testing.assert_array_equal(top1_i, exp["t2i_top1"])
+        assert_ranks_as_recorded(sims, exp)
 
 
 # ----------------------------------------------------------------------------- 4. train step
