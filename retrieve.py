@@ -30,6 +30,7 @@ and cached: SGR/SAF's image global vectors), `score` and, for `--explain`,
 """
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -49,11 +50,14 @@ import outputs
 log = logging.getLogger(__name__)
 
 TOOL = "retrieve.py"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: each file's size and crc32 in the entry's record
 CAPTION_CHUNK = 1024  # captions scored at once for an image query (padded to their longest)
 RACY_NS = 2 * 10 ** 9  # a file changed this close to its hashing is hashed again next time
 # the files whose code makes the encodings (besides the matcher's own file)
 ENCODING_CODE = ("model.py", "data.py", "vocab.py", "evaluation.py")
+# the files of a cache entry (and its record, .made_by.json, with each one's size and crc32)
+CACHE_FILES = ("images.npy", "captions.npy", "cap_lens.npy", "gallery.npz", "extra.pt",
+               "meta.json")
 
 
 def default_cache_dir():
@@ -76,8 +80,13 @@ class Digests:
             if outputs.made_by(self.path) != TOOL:
                 raise errors.error("file_not_made", self.path, tool=TOOL + "'s cache",
                                    flag="--cache_dir")
-            with open(self.path, encoding="utf-8") as f:
-                self.files = json.load(f).get("files", {})
+            # as written (its size and crc32), or damaged: then every digest is computed again
+            size, crc = outputs.file_crc32(self.path)
+            if outputs.made_record(self.path).get("sums") == {"size": size, "crc32": crc}:
+                with open(self.path, encoding="utf-8") as f:
+                    self.files = json.load(f)["files"]
+            else:
+                self.dirty = True
 
     def __call__(self, path):
         real = os.path.realpath(path)
@@ -94,9 +103,12 @@ class Digests:
 
     def save(self):
         if self.path and self.dirty:
-            with outputs.atomic_output(self.path, TOOL) as tmp:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump({"files": self.files}, f)
+            sums = {}
+            with outputs.atomic_output(self.path, TOOL, sums=sums) as tmp:
+                with open(tmp, "wb") as f:
+                    summed = outputs.Summed(f)
+                    summed.write(json.dumps({"files": self.files}).encode())
+                sums.update(summed.sums)
             self.dirty = False
 
 
@@ -209,16 +221,31 @@ class Encodings:
         except TypeError as e:
             log.warning("retrieve: encodings not cached (%s)", e)
             return False
+        sums = {}  # file -> {"size", "crc32"}, as written: recorded when the entry is whole
+
+        def write(tmp, name, save):
+            with open(os.path.join(tmp, name), "wb") as f:
+                summed = outputs.Summed(f)
+                save(summed)
+            sums[name] = summed.sums
+
+        def via_bytes(save):  # for the writers that seek (zip files)
+            def write_bytes(f):
+                buf = io.BytesIO()
+                save(buf)
+                f.write(buf.getbuffer())
+            return write_bytes
+
+        meta = json.dumps(dict(meta, im_div=self.im_div, captions=self.captions)).encode()
         try:
-            with outputs.atomic_output(entry, TOOL, format=CACHE_FORMAT) as tmp:
+            with outputs.atomic_output(entry, TOOL, format=CACHE_FORMAT, files=sums) as tmp:
                 os.mkdir(tmp)
-                np.save(os.path.join(tmp, "images.npy"), self.img_embs)
-                np.save(os.path.join(tmp, "captions.npy"), self.cap_embs)
-                np.save(os.path.join(tmp, "cap_lens.npy"), self.cap_lens)
-                np.savez(os.path.join(tmp, "gallery.npz"), **self.gallery)
-                torch.save(extra, os.path.join(tmp, "extra.pt"))
-                with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-                    json.dump(dict(meta, im_div=self.im_div, captions=self.captions), f)
+                write(tmp, "images.npy", lambda f: np.save(f, self.img_embs))
+                write(tmp, "captions.npy", lambda f: np.save(f, self.cap_embs))
+                write(tmp, "cap_lens.npy", lambda f: np.save(f, self.cap_lens))
+                write(tmp, "gallery.npz", via_bytes(lambda f: np.savez(f, **self.gallery)))
+                write(tmp, "extra.pt", via_bytes(lambda f: torch.save(extra, f)))
+                write(tmp, "meta.json", lambda f: f.write(meta))
         except OSError:
             if not os.path.isdir(entry):
                 raise
@@ -227,9 +254,13 @@ class Encodings:
 
     @classmethod
     def load(cls, entry):
-        """The encodings of a cache entry, or None when it is not a complete entry of ours."""
+        """The encodings of a cache entry, or None when it is not a complete entry of ours, or
+        when a file of it does not match the size and crc32 recorded when it was written
+        (verified before anything is read from it)."""
         record = outputs.made_record(entry)
         if not record or record.get("made_by") != TOOL or record.get("format") != CACHE_FORMAT:
+            return None
+        if cls.damage(entry, record):
             return None
         try:
             with open(os.path.join(entry, "meta.json"), encoding="utf-8") as f:
@@ -243,6 +274,23 @@ class Encodings:
                        meta["captions"], meta["im_div"], gallery)
         except (OSError, ValueError, KeyError, RuntimeError, EOFError):
             return None
+
+    @staticmethod
+    def damage(entry, record):
+        """What is wrong with the files of a cache entry of the current format (`record`: its
+        made_record), compared with the sizes and crc32 recorded as they were written; None
+        when every file is as written."""
+        sums = record.get("files")
+        if not isinstance(sums, dict) or set(sums) != set(CACHE_FILES):
+            return "its record lists no checksum of its files"
+        for name in CACHE_FILES:
+            try:
+                size, crc = outputs.file_crc32(os.path.join(entry, name))
+            except (OSError, ValueError) as e:
+                return "%s cannot be read (%s)" % (name, errors.first_line(e))
+            if sums[name] != {"size": size, "crc32": crc}:
+                return "%s does not match its size and checksum" % name
+        return None
 
 
 class Member:
@@ -376,9 +424,13 @@ class Gallery:
                         log.info("retrieve: %s: the encodings of %s %s from the cache %s",
                                  m.label, self.data_name, self.split, m.entry)
                         return
-                    if outputs.made_by(m.entry) != TOOL:
+                    record = outputs.made_record(m.entry)
+                    if (record or {}).get("made_by") != TOOL:
                         raise errors.error("file_not_made", m.entry,
                                            tool=TOOL + "'s cache", flag="--cache_dir")
+                    if record.get("format") == CACHE_FORMAT:  # an older format: re-encoded
+                        why = Encodings.damage(m.entry, record) or "a file cannot be loaded"
+                        log.warning(errors.message("cache_damaged", m.entry, why=why))
         vkey = (type(m.model), tuple(sorted(getattr(m.vocab, "word2idx", {}).items())) or
                 id(m.vocab))
         if vkey not in loaders:
