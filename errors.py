@@ -135,14 +135,10 @@ PROBLEMS = {
         DataError, "images {images} x captions {captions} score NaN or Inf",
         "check those images and captions and the checkpoint; no result is printed from "
         "non-finite scores"),
-    "caption_encoding": Problem(
-        DataError, "the file is {encoding} ({why})",
-        "re-encode it as UTF-8: iconv -f {iconv} -t UTF-8 FILE > FILE.utf8"),
     "oov_refused": Problem(
-        DataError, "{rate:.1f}% of caption tokens are not in the vocabulary {vocab}{hint}: the "
-        "wrong vocabulary or the wrong encoding",
-        "check --vocab_path and --data_name (the vocabulary of this dataset, or build one with "
-        "vocab.py) and that the caption file is UTF-8"),
+        DataError, "{rate:.1f}% of caption tokens are not in the vocabulary {vocab}{hint}",
+        "the wrong vocabulary or encoding: check --vocab_path and --data_name, and that the "
+        "file is UTF-8"),
     "caption_count": Problem(
         DataError, "{n_caps} captions for the {n_images} images of {features}, not 5 per "
         "image ({n_five}) or 1 ({n_images}): every pair after a missing or extra line is "

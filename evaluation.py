@@ -542,7 +542,8 @@ class SavedSims:
     def _warn(self, n, n_recorded, damaged):
         lines = ", and %d record line(s) are damaged" % damaged if damaged else ""
         log.warning(errors.message("sims_rescored", self.path, n=n, n_recorded=n_recorded,
-                                   lines=lines, record=self.record.record_path))
+                                   lines=lines,
+                                   record=os.path.basename(self.record.record_path)))
 
     def _other_array(self, f):
         """Whether `f` starts with a whole .npy header of another array (not a damaged one)."""
