@@ -436,7 +436,7 @@ class OutputRecord:
 
     def append(self, entry):
         """Add one entry (a JSON-serialisable dict), durably."""
-        self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        self._file.write((json.dumps(entry, separators=(",", ":")) + "\n").encode())
         self._file.flush()
         os.fsync(self._file.fileno())
         self.entries.append(entry)
@@ -495,7 +495,7 @@ def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None)
     if exists and not overwrite and not os.path.isfile(rec):
         raise errors.error("output_not_ours", path, flag=flag,
                            why="no %s beside it" % os.path.basename(rec))
-    f = open(rec, "a+")
+    f = open(rec, "a+b")  # bytes: a damaged line need not be UTF-8
     try:
         try:
             lock(f.fileno(), blocking=False)
@@ -511,8 +511,8 @@ def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None)
                 raise errors.error("output_other_run", path, flag=flag, change=change)
             f.seek(0)
             text = f.read()
-            if not text.endswith("\n"):  # drop a line that a crash cut short
-                f.truncate(text.rfind("\n") + 1)
+            if not text.endswith(b"\n"):  # drop a line that a crash cut short
+                f.truncate(text.rfind(b"\n") + 1)
             return OutputRecord(path, f, old[0], old[1])
         # a fresh record; a record left without its output (deleted) describes nothing, but
         # a file of that name that is not a record is the user's
@@ -522,7 +522,7 @@ def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None)
                   "identity": identity, "info": info or {}}
         f.seek(0)
         f.truncate()
-        f.write(json.dumps(header, separators=(",", ":")) + "\n")
+        f.write((json.dumps(header, separators=(",", ":")) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
         return OutputRecord(path, f, header, [])
