@@ -25,7 +25,9 @@ under torchrun every process encodes the split and scores its share of the shard
 assembles the matrix, writes and prints. `--save_sims FILE.npy` writes the matrix as it is
 scored (a memory-mapped .npy) with a record of the finished shards beside it
 (`FILE.npy.record`, see outputs.claim_output): the same command run again after a crash or a
-kill continues where it stopped; a file that is not this evaluation's is refused.
+kill continues where it stopped; a file that is not this evaluation's is refused. Each recorded
+shard carries the crc32 of its scores: a shard damaged on disk is scored again, never served.
+No NaN or Inf reaches a result: the encodings and each shard's scores are checked.
 """
 import argparse
 import hashlib

@@ -21,6 +21,8 @@ the sha256 of the checkpoint, of the split's files (every `{split}_*` and `{spli
 split's directory), of the vocabulary and of the code that encodes, so that a changed file is
 never served stale. Digests are remembered by each file's inode, size, mtime and ctime, so an
 unchanged file is not read again; a file changed within 2 s of its hashing is hashed again.
+Each file of an entry is recorded with its size and crc32 (computed as it is written) and
+checked when read: a damaged entry is encoded again and replaced, with one warning line.
 
 Everything a matcher does differently goes through the contract (contract.Matcher):
 `query_batch` (free text -> the batch its text encoder takes, the tokens, the unknown words),
@@ -55,9 +57,15 @@ CAPTION_CHUNK = 1024  # captions scored at once for an image query (padded to th
 RACY_NS = 2 * 10 ** 9  # a file changed this close to its hashing is hashed again next time
 # the files whose code makes the encodings (besides the matcher's own file)
 ENCODING_CODE = ("model.py", "data.py", "vocab.py", "evaluation.py")
-# the files of a cache entry (and its record, .made_by.json, with each one's size and crc32)
+# the files of a cache entry (and its record, .made_by.json, with each one's size and crc32);
+# LAZY is checked when first read (a text query never reads the captions: 2/3 of the entry)
 CACHE_FILES = ("images.npy", "captions.npy", "cap_lens.npy", "gallery.npz", "extra.pt",
                "meta.json")
+LAZY = "captions.npy"
+
+
+class CacheDamaged(Exception):
+    """A file of a cache entry that does not match its size and crc32 (the reason)."""
 
 
 def default_cache_dir():
@@ -168,7 +176,8 @@ class Encodings:
 
     def __init__(self, img_embs, cap_embs, cap_lens, extra, captions, im_div, gallery=None):
         self.img_embs = img_embs
-        self.cap_embs = cap_embs          # (T, d) words of all captions, or (C, d) global
+        self._cap_embs = cap_embs         # (T, d) words of all captions, or (C, d) global
+        self.unchecked = None             # (path, its recorded sums): checked when first read
         self.cap_lens = np.asarray(cap_lens, dtype=np.int64)
         self.ragged = cap_embs.ndim == 2 and img_embs.ndim == 3
         self.offsets = np.concatenate([[0], np.cumsum(self.cap_lens)]) if self.ragged else None
@@ -184,6 +193,18 @@ class Encodings:
             cap_embs = np.concatenate([cap_embs[k, :n] for k, n in enumerate(cap_lens)])
         return cls(img_embs, cap_embs, cap_lens, enc.extra, captions[:len(cap_lens)], im_div,
                    gallery)
+
+    @property
+    def cap_embs(self):
+        """The captions' encodings; CacheDamaged when their file (from a cache entry) does not
+        match its recorded size and crc32 (checked once, when first read)."""
+        if self.unchecked is not None:
+            path, sums = self.unchecked
+            why = _mismatch(path, sums)
+            if why:
+                raise CacheDamaged(why)
+            self.unchecked = None
+        return self._cap_embs
 
     def gallery_rows(self, rows):
         """The gallery inputs of some images (a slice or indices), for `score`."""
@@ -256,11 +277,11 @@ class Encodings:
     def load(cls, entry):
         """The encodings of a cache entry, or None when it is not a complete entry of ours, or
         when a file of it does not match the size and crc32 recorded when it was written
-        (verified before anything is read from it)."""
+        (checked before anything is read from it; LAZY's when first read: `cap_embs`)."""
         record = outputs.made_record(entry)
         if not record or record.get("made_by") != TOOL or record.get("format") != CACHE_FORMAT:
             return None
-        if cls.damage(entry, record):
+        if cls.damage(entry, record, lazy=False):
             return None
         try:
             with open(os.path.join(entry, "meta.json"), encoding="utf-8") as f:
@@ -268,29 +289,40 @@ class Encodings:
             extra = torch.load(os.path.join(entry, "extra.pt"), weights_only=True)
             with np.load(os.path.join(entry, "gallery.npz")) as f:
                 gallery = {k: f[k] for k in f.files}
-            return cls(np.load(os.path.join(entry, "images.npy"), mmap_mode="r"),
-                       np.load(os.path.join(entry, "captions.npy"), mmap_mode="r"),
-                       np.load(os.path.join(entry, "cap_lens.npy")), _unpack(extra),
-                       meta["captions"], meta["im_div"], gallery)
+            enc = cls(np.load(os.path.join(entry, "images.npy"), mmap_mode="r"),
+                      np.load(os.path.join(entry, LAZY), mmap_mode="r"),
+                      np.load(os.path.join(entry, "cap_lens.npy")), _unpack(extra),
+                      meta["captions"], meta["im_div"], gallery)
+            enc.unchecked = (os.path.join(entry, LAZY), record["files"][LAZY])
+            return enc
         except (OSError, ValueError, KeyError, RuntimeError, EOFError):
             return None
 
     @staticmethod
-    def damage(entry, record):
+    def damage(entry, record, lazy=True):
         """What is wrong with the files of a cache entry of the current format (`record`: its
-        made_record), compared with the sizes and crc32 recorded as they were written; None
-        when every file is as written."""
+        made_record), compared with the sizes and crc32 recorded as they were written (LAZY's
+        only with `lazy`); None when every file is as written."""
         sums = record.get("files")
         if not isinstance(sums, dict) or set(sums) != set(CACHE_FILES):
             return "its record lists no checksum of its files"
         for name in CACHE_FILES:
-            try:
-                size, crc = outputs.file_crc32(os.path.join(entry, name))
-            except (OSError, ValueError) as e:
-                return "%s cannot be read (%s)" % (name, errors.first_line(e))
-            if sums[name] != {"size": size, "crc32": crc}:
-                return "%s does not match its size and checksum" % name
+            if name != LAZY or lazy:
+                why = _mismatch(os.path.join(entry, name), sums[name])
+                if why:
+                    return why
         return None
+
+
+def _mismatch(path, sums):
+    """Why the file `path` is not as recorded (`sums`: its size and crc32), or None."""
+    try:
+        size, crc = outputs.file_crc32(path)
+    except (OSError, ValueError) as e:
+        return "%s cannot be read (%s)" % (os.path.basename(path), errors.first_line(e))
+    if sums != {"size": size, "crc32": crc}:
+        return "%s does not match its size and checksum" % os.path.basename(path)
+    return None
 
 
 class Member:
@@ -362,9 +394,9 @@ class Gallery:
                 raise errors.error("cache_unwritable", self.cache_dir,
                                    reason=errors.first_line(e)) from None
             self.digests = Digests(self.cache_dir)
-        loaders = {}
+        self._loaders = {}
         for m in self.members:
-            self._prepare(m, loaders)
+            self._prepare(m)
         if self.digests:
             self.digests.save()
 
@@ -410,7 +442,7 @@ class Gallery:
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
         return key, inputs
 
-    def _prepare(self, m, loaders):
+    def _prepare(self, m):
         """The cached encodings of member m, or a loader to encode the split (which checks the
         split's files before any compute)."""
         if self.cache_dir:
@@ -431,16 +463,27 @@ class Gallery:
                     if record.get("format") == CACHE_FORMAT:  # an older format: re-encoded
                         why = Encodings.damage(m.entry, record) or "a file cannot be loaded"
                         log.warning(errors.message("cache_damaged", m.entry, why=why))
+        m.loader = self._loader(m)
+
+    def _loader(self, m):
         vkey = (type(m.model), tuple(sorted(getattr(m.vocab, "word2idx", {}).items())) or
                 id(m.vocab))
-        if vkey not in loaders:
-            loaders[vkey] = data.get_test_loader(self.split, m.opt.data_name, m.vocab,
-                                                 m.opt.batch_size, m.opt.workers, m.opt,
-                                                 matcher=type(m.model))
-        m.loader = loaders[vkey]
+        if vkey not in self._loaders:
+            self._loaders[vkey] = data.get_test_loader(self.split, m.opt.data_name, m.vocab,
+                                                       m.opt.batch_size, m.opt.workers, m.opt,
+                                                       matcher=type(m.model))
+        return self._loaders[vkey]
 
-    def encodings(self, m):
-        """Member m's encodings of the split: cached, or encoded now (and cached)."""
+    def encodings(self, m, captions=False):
+        """Member m's encodings of the split: cached, or encoded now (and cached). With
+        `captions`, the captions' encodings are read: a cached file of them that is damaged
+        is encoded again."""
+        if m.enc is not None and captions:
+            try:
+                m.enc.cap_embs
+            except CacheDamaged as e:
+                log.warning(errors.message("cache_damaged", m.entry, why=e))
+                m.enc, m.cached, m.loader = None, False, self._loader(m)
         if m.enc is None:
             dset = m.loader.dataset
             log.info("retrieve: %s: encoding %s %s (%d images, %d captions)", m.label,
@@ -534,7 +577,7 @@ class Gallery:
         index = int(index)
         scores = []
         for m in self.members:
-            enc = self.encodings(m)
+            enc = self.encodings(m, captions=True)
             inputs = getattr(m.model, "score_inputs", {})
             img = np.array(enc.img_embs[index:index + 1])
             s = np.empty(len(enc.cap_lens))
@@ -585,7 +628,7 @@ class Gallery:
         for k, m in enumerate(self.members):
             if type(m.model).attention_info is None:
                 continue
-            enc = self.encodings(m)
+            enc = self.encodings(m, captions=True)
             idx = [r["index"] for r in hits["results"]]
             inputs = getattr(m.model, "score_inputs", {})
             if hits.context["kind"] == "text":
