@@ -38,6 +38,8 @@ N_SAMPLE_IMAGES = 8
 N_SAMPLE_CAPTIONS = 5000
 # above this share of <unk> tokens the vocabulary is probably of another dataset
 OOV_WARN = 0.10
+# from this share on, the vocabulary or the caption file's encoding is wrong: refused
+OOV_REFUSE = 0.90
 
 
 def feature_path(loc, split, feat_format="auto"):
@@ -101,7 +103,24 @@ def open_features(path):
             return H5Features(path)
         return np.load(path, mmap_mode="r")
     except Exception as e:  # a damaged header or a short file: whatever numpy or h5py raise
+        dtype = _pickled_dtype(path)
+        if dtype is not None:
+            raise errors.error("features_pickled", path, dtype=dtype) from None
         raise errors.error("features_unreadable", path, reason=errors.first_line(e)) from None
+
+
+def _pickled_dtype(path):
+    """The dtype of an .npy whose header is whole and says it holds Python objects (a pickled
+    array, which np.load will not memory-map), or None."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}[version]
+            _, _, dtype = read(f)
+    except Exception:  # not even its header can be read
+        return None
+    return str(dtype) if dtype.hasobject else None
 
 
 # ----------------------------------------------------------------------------- checks of a split
@@ -231,6 +250,12 @@ def report_oov(captions, vocab, cap_path, max_captions=N_SAMPLE_CAPTIONS):
             "a sample of %d of %d captions" % (len(sample), len(captions)))
     log.info(errors.message("oov", cap_path, rate=rate, n_oov=n_oov, n_tokens=n_tokens,
                             sample=what))
+    if n_tokens and n_oov >= OOV_REFUSE * n_tokens:
+        # UTF-16 without a byte-order mark reads as words with NUL bytes in them
+        hint = (" (it holds NUL bytes: UTF-16 without a byte-order mark?)"
+                if any("\x00" in c for c in sample) else "")
+        raise errors.error("oov_refused", cap_path, rate=rate, vocab="(%d words)" % len(vocab),
+                           hint=hint)
     if rate > 100 * OOV_WARN:
         log.warning(errors.message("oov_high", cap_path, rate=rate,
                                    vocab="(%d words)" % len(vocab)))
@@ -240,6 +265,8 @@ def report_oov(captions, vocab, cap_path, max_captions=N_SAMPLE_CAPTIONS):
 def check_split(images, captions, feat_path, cap_path, img_dim=None, vocab=None, regions=None):
     """Everything about a loaded split that is cheap to check; reports the OOV rate."""
     check_features(images, feat_path, img_dim, regions=regions)
+    if vocab is not None and any("\x00" in c for c in captions[:5]):
+        report_oov(captions, vocab, cap_path)  # UTF-16: say so before the count is wrong
     check_captions(captions, len(images), cap_path, feat_path)
     if vocab is not None:
         report_oov(captions, vocab, cap_path)

@@ -123,6 +123,22 @@ PROBLEMS = {
         DataError, "image {index} has NaN or Inf features ({checked})",
         "regenerate or re-download the file; `python checks.py --features FILE` checks "
         "every image"),
+    "features_pickled": Problem(
+        DataError, "a pickled object array, not a numeric .npy (dtype {dtype})",
+        "save the features as one float32 array: np.save(path, np.asarray(feats, "
+        "dtype=np.float32))"),
+    "embeddings_nonfinite": Problem(
+        DataError, "{what} {indices} encode to NaN or Inf with {model}",
+        "check those {what} in the split's files (`python checks.py --features FILE` checks "
+        "every image) and the checkpoint; no result is printed from non-finite scores"),
+    "scores_nonfinite": Problem(
+        DataError, "images {images} x captions {captions} score NaN or Inf",
+        "check those images and captions and the checkpoint; no result is printed from "
+        "non-finite scores"),
+    "oov_refused": Problem(
+        DataError, "{rate:.1f}% of caption tokens are not in the vocabulary {vocab}{hint}",
+        "the wrong vocabulary or encoding: check --vocab_path and --data_name, and that the "
+        "file is UTF-8"),
     "caption_count": Problem(
         DataError, "{n_caps} captions for the {n_images} images of {features}, not 5 per "
         "image ({n_five}) or 1 ({n_images}): every pair after a missing or extra line is "
@@ -336,6 +352,14 @@ PROBLEMS = {
         UsageError, "holds the output of another run ({change})",
         "rerun that command to finish it, pass another {flag} file, or add --overwrite to "
         "start afresh"),
+    "sims_rescored": Problem(
+        Warn, "{n} of the {n_recorded} shards recorded in {record} do not match their "
+        "checksum{lines}; they are scored again",
+        "nothing to do: the rest of the matrix is kept"),
+    "cache_damaged": Problem(
+        Warn, "the cache entry is damaged ({why}); the split is encoded again and the entry "
+        "replaced",
+        "nothing to do; if it happens again, check the disk that holds --cache_dir"),
     "output_busy": Problem(
         UsageError, "is being written by another running process (its record is locked)",
         "wait for that process to finish, or pass another {flag} file"),

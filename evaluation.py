@@ -25,15 +25,19 @@ under torchrun every process encodes the split and scores its share of the shard
 assembles the matrix, writes and prints. `--save_sims FILE.npy` writes the matrix as it is
 scored (a memory-mapped .npy) with a record of the finished shards beside it
 (`FILE.npy.record`, see outputs.claim_output): the same command run again after a crash or a
-kill continues where it stopped; a file that is not this evaluation's is refused.
+kill continues where it stopped; a file that is not this evaluation's is refused. Each recorded
+shard carries the crc32 of its scores: a shard damaged on disk is scored again, never served.
+No NaN or Inf reaches a result: the encodings and each shard's scores are checked.
 """
 import argparse
 import hashlib
+import io
 import json
 import logging
 import os
 import sys
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -118,6 +122,40 @@ def encode_data(model, data_loader, img_stride=1, progress=True):
         for k, part in enumerate(cap_parts):
             cap_embs[k, :len(part)] = part
     return Encoded(img_embs, cap_embs, cap_lens.tolist(), extra)
+
+
+def _nonfinite_rows(x):
+    """The rows of `x` holding NaN or Inf (one pass over it when there is none)."""
+    if np.isfinite(np.sum(x)):  # (an overflow only sends it to the exact check)
+        return []
+    return np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)).tolist()
+
+
+def _indices(rows, most=6):
+    shown = ", ".join(str(r) for r in rows[:most])
+    return shown + (" ... (%d in all)" % len(rows) if len(rows) > most else "")
+
+
+def check_encoded(enc, label, where):
+    """No NaN or Inf in a split's encodings (a NaN in one image's features gives a NaN image
+    embedding, whose scores would rank anywhere): a DataError naming the images or captions."""
+    img_embs, cap_embs, _ = enc
+    for what, x in (("images", img_embs), ("captions", cap_embs)):
+        rows = _nonfinite_rows(x)
+        if rows:
+            raise errors.error("embeddings_nonfinite", where, what=what, indices=_indices(rows),
+                               model=label)
+
+
+def check_block(block, shard):
+    """No NaN or Inf in a shard's scores: a DataError naming its images and captions."""
+    if np.isfinite(np.sum(block)):
+        return
+    bad = ~np.isfinite(block)
+    i0, _, j0, _ = shard
+    raise errors.error("scores_nonfinite", "the similarity matrix",
+                       images=_indices((np.flatnonzero(bad.any(axis=1)) + i0).tolist()),
+                       captions=_indices((np.flatnonzero(bad.any(axis=0)) + j0).tolist()))
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -379,6 +417,7 @@ def score_shards(scorers, shards, todo, out, commit=None, bar=None, each=False, 
             if rank != 0:
                 continue
             for k, (block, blocks_own) in zip(batch, blocks):
+                check_block(block, shards[k])
                 i0, i1, j0, j1 = shards[k]
                 if out is not None:
                     out[i0:i1, j0:j1] = block
@@ -430,31 +469,67 @@ def sims_identity(loaded, datasets, split, fold5, shape, grid, overrides=None):
     return ident
 
 
+def _shard_sums(entry, n_shards):
+    """[(shard, crc32)] of a record entry `{"done": [k, ...], "crc32": [c, ...]}`, or None for
+    a line of another shape (damaged, or of a version that kept no checksums)."""
+    if not isinstance(entry, dict) or set(entry) != {"done", "crc32"}:
+        return None
+    done, sums = entry["done"], entry["crc32"]
+    if not (isinstance(done, list) and isinstance(sums, list) and len(done) == len(sums)):
+        return None
+    if not all(type(k) is int and 0 <= k < n_shards for k in done) or \
+            not all(type(c) is int for c in sums):
+        return None
+    return list(zip(done, sums))
+
+
+def _block_crc32(sims, shard):
+    i0, i1, j0, j1 = shard
+    return zlib.crc32(np.ascontiguousarray(sims[i0:i1, j0:j1]))
+
+
 class SavedSims:
     """The --save_sims matrix, written as it is scored: a memory-mapped float64 .npy (NaN where
     nothing is scored yet, e.g. outside the folds of --fold5) and the record of the finished
-    shards beside it (outputs.OutputRecord). A shard's scores reach the disk before the shard
-    is recorded, so the record never names a shard that a crash lost; rerunning the command
-    continues from the recorded shards. Rank 0 only: made before the evaluation, so that it is
-    closed whatever happens; nothing is read or written before `claim`."""
+    shards beside it (outputs.OutputRecord), each with the crc32 of its scores. A shard's
+    scores reach the disk before the shard is recorded, so the record never names a shard that
+    a crash lost; rerunning the command continues from the recorded shards whose scores still
+    match their checksum, and scores the others again (one warning line says how many).
+    Rank 0 only: made before the evaluation, so that it is closed whatever happens; nothing is
+    read or written before `claim`."""
 
     def __init__(self, path, overwrite=False):
         self.path, self.overwrite = path, overwrite
         self.record, self.sims, self.shape, self.done = None, None, None, set()
+        self.grid = None
 
-    def claim(self, identity, shape, info=None):
-        """The file for the evaluation `identity`: a fresh matrix, or the one an earlier run of
-        the same evaluation left; returns the shards already scored."""
+    def claim(self, identity, shape, grid, info=None):
+        """The file for the evaluation `identity` (its shards `grid`): a fresh matrix, or the
+        one an earlier run of the same evaluation left; returns the shards already scored."""
         record = outputs.claim_output(self.path, identity, "--save_sims",
                                       made_by="evaluation.py --save_sims",
                                       overwrite=self.overwrite, info=info)
-        self.record, self.shape = record, tuple(shape)
+        self.record, self.shape, self.grid = record, tuple(shape), grid
         try:
-            ready = any(e.get("ready") for e in record.entries)
-            self.done = {k for e in record.entries for k in e.get("done", [])}
-            self.sims = self._open() if ready else None
-            if self.sims is None:  # fresh, or the earlier run stopped before the file was made
-                self.done = set()
+            ready = any(e == {"ready": True} for e in record.entries)
+            sums, damaged = {}, 0
+            for e in record.entries:
+                if e == {"ready": True}:
+                    continue
+                found = _shard_sums(e, len(grid))
+                if found is None:
+                    damaged += 1
+                else:
+                    sums.update(found)  # a shard scored again: its latest checksum
+            self.done = set()
+            if ready:
+                self.sims = self._open()
+                self.done = {k for k, c in sums.items() if _block_crc32(self.sims, grid[k]) == c}
+                if damaged or len(self.done) < len(sums):
+                    self._warn(len(sums) - len(self.done), len(sums), damaged)
+            else:  # fresh, or the earlier run stopped before the file was made
+                if sums or damaged:  # its "ready" line is damaged: all of it is scored again
+                    self._warn(len(sums), len(sums), damaged)
                 self.sims = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float64,
                                                       shape=self.shape)
                 self.sims[:] = np.nan
@@ -466,21 +541,64 @@ class SavedSims:
             raise
         return self.done
 
-    def _open(self):
+    def _warn(self, n, n_recorded, damaged):
+        lines = ", and %d record line(s) are damaged" % damaged if damaged else ""
+        log.warning(errors.message("sims_rescored", self.path, n=n, n_recorded=n_recorded,
+                                   lines=lines,
+                                   record=os.path.basename(self.record.record_path)))
+
+    def _other_array(self, f):
+        """Whether `f` starts with a whole .npy header of another array (not a damaged one)."""
+        f.seek(0)
         try:
-            sims = np.load(self.path, mmap_mode="r+")
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, fortran, dtype = read(f)
+        except Exception:  # a damaged header: whatever numpy raises for it
+            return False
+        return (tuple(shape), fortran, dtype) != (self.shape, False, np.dtype(np.float64))
+
+    def _header(self):
+        """The .npy header open_memmap writes for the matrix."""
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(
+            np.dtype(np.float64)), "fortran_order": False, "shape": self.shape})
+        return buf.getvalue()
+
+    def _open(self):
+        """The matrix an earlier run wrote, opened for writing without trusting its size or its
+        header: those are the record's (a damaged header is written again, a longer file cut,
+        a shorter one completed with NaN, never silently with zeros); the shards' checksums
+        then say which scores survived."""
+        header = self._header()
+        size = len(header) + 8 * self.shape[0] * self.shape[1]
+        not_ours = errors.error("output_not_ours", self.path, flag="--save_sims",
+                                why="it does not hold the (%d, %d) float64 matrix its record "
+                                    "describes" % self.shape)
+        try:
+            with open(self.path, "r+b") as f:
+                if f.read(len(header)) != header:
+                    if self._other_array(f):  # an .npy of the user's, saved over ours
+                        raise not_ours
+                    f.seek(0)
+                    f.write(header)
+                found = os.fstat(f.fileno()).st_size
+                if found != size:
+                    f.truncate(size)
+            sims = np.lib.format.open_memmap(self.path, mode="r+")
         except (OSError, ValueError):
-            sims = None
-        if sims is None or sims.shape != self.shape or sims.dtype != np.float64:
-            raise errors.error("output_not_ours", self.path, flag="--save_sims",
-                               why="it does not hold the (%d, %d) float64 matrix its record "
-                                   "describes" % self.shape)
+            raise not_ours from None
+        if found < size:  # the part cut off (and the value it cut) is unscored
+            sims.reshape(-1)[max(0, found - len(header)) // 8:] = np.nan
+            sims.flush()
         return sims
 
     def commit(self, shards):
-        """The shards' scores are on disk (msync), then recorded (fsync)."""
+        """The shards' scores are on disk (msync), then recorded (fsync) with their checksums."""
         self.sims.flush()
-        self.record.append({"done": list(shards)})
+        self.record.append({"done": list(shards),
+                            "crc32": [_block_crc32(self.sims, self.grid[k]) for k in shards]})
 
     def close(self):
         if self.record is not None:
@@ -565,7 +683,7 @@ def claim_sims(saved, loaded, scorers, data_path, split, fold5, shape, shards, o
                           shards, overrides)
     info = {"checkpoints": [p for _, _, p in loaded], "data_path": data_path,
             "command": " ".join(sys.argv)}
-    return saved.claim(ident, shape, info=info)
+    return saved.claim(ident, shape, shards, info=info)
 
 
 def score(scorers, shards, done, shape, saved, each, rank, say):
@@ -577,8 +695,10 @@ def score(scorers, shards, done, shape, saved, each, rank, say):
     if todo or each:
         say("Computing results...")
         for model, _, dl in scorers:
-            encoded.append((model, encode_data(model, dl, img_stride=dl.dataset.im_div,
-                                               progress=rank == 0)))
+            enc = encode_data(model, dl, img_stride=dl.dataset.im_div, progress=rank == 0)
+            check_encoded(enc, model.opt.module_name,
+                          getattr(dl.dataset, "feat_path", None) or "the split")
+            encoded.append((model, enc))
     sims = None
     if rank == 0:
         sims = saved.sims if saved is not None else np.full(shape, np.nan)

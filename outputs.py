@@ -23,16 +23,24 @@ recorded (under a lock on the directory, so that the record and the file never d
 partial of a killed process is removed by the next write in that directory.
 
 The digests: `file_digest`, sha256 of a file's bytes (records, the --save_sims identity, the
-retrieval cache's keys).
+retrieval cache's keys); `crc32` (`Summed` while a file is written, `file_crc32` when it is read
+back), what a file read back carries to show it is as written: a fast checksum against damage,
+not forgery.
+
+The locks (a record being written, a directory's marker) die with the process that took them:
+a child forked while one is held (a DataLoader worker) drops its copy of the descriptor at once
+(`_drop_locks_in_child`), so that it cannot keep the lock alive after its parent is killed.
 """
 import contextlib
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
 import socket
+import zlib
 
 import errors
 
@@ -61,6 +69,76 @@ def file_digest(path, algorithm="sha256"):
         return hashlib.file_digest(f, algorithm).hexdigest()
 
 
+def file_crc32(path):
+    """(size, crc32) of a file's bytes, read through a memory map (no copy)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return 0, 0
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return size, zlib.crc32(m)
+
+
+class Summed:
+    """A binary file being written, whose size and crc32 are kept as it is written."""
+
+    def __init__(self, f):
+        self._f, self.size, self.crc32 = f, 0, 0
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        self.crc32 = zlib.crc32(view, self.crc32)
+        self.size += len(view)
+        return self._f.write(view)
+
+    def flush(self):
+        self._f.flush()
+
+    @property
+    def sums(self):
+        return {"size": self.size, "crc32": self.crc32}
+
+
+# ----------------------------------------------------------------------------- the locks
+
+_HELD = set()  # the descriptors of the locks this process holds
+
+
+def _drop_locks_in_child():
+    # a forked child shares the parent's open file descriptions, and with them its flock
+    # locks: point its copies at /dev/null, so that a lock dies with the process that took it
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd, inheritable=False)
+    os.close(null)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+def lock(fd, exclusive=True, blocking=True):
+    """flock `fd`, held until `unlock(fd)` (which closes nothing) or the descriptor is closed;
+    never by a forked child. BlockingIOError when `blocking` is False and another process
+    holds it; a file system without locks goes on unlocked."""
+    flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        fcntl.flock(fd, flags if blocking else flags | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError:
+        return
+    _HELD.add(fd)
+
+
+def unlock(fd):
+    """Forget the lock on `fd` (the caller closes it, which releases it)."""
+    _HELD.discard(fd)
+
+
 # ----------------------------------------------------------------------------- the record
 
 @contextlib.contextmanager
@@ -73,12 +151,10 @@ def _locked(directory, exclusive):
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        except OSError:  # a file system without locks: go on unlocked
-            pass
+        lock(fd, exclusive)
         yield
     finally:
+        unlock(fd)
         os.close(fd)  # releases the lock
 
 
@@ -123,7 +199,8 @@ def _progress_record(path):
     found = read_record(path + RECORD_SUFFIX)
     if found is None or found[0].get("output") != os.path.basename(path):
         return None
-    return dict(found[0].get("info") or {}, made_by=found[0].get("made_by"),
+    info = found[0].get("info")
+    return dict(info if isinstance(info, dict) else {}, made_by=found[0].get("made_by"),
                 identity=found[0]["identity"])
 
 
@@ -286,7 +363,8 @@ def atomic_output(path, made_by=None, **info):
     """Write `path` through a partial path beside it: the block writes a file there, or makes
     a directory there and fills it. When the block ends the partial is fsynced and renamed to
     `path` (a directory never over a full one: OSError when another process made it meanwhile)
-    and, with `made_by`, recorded as that command's with `info` (mark_made); when it raises,
+    and, with `made_by`, recorded as that command's with `info` (mark_made) as it is then: the
+    block may fill in what it computed while writing (a dict of checksums); when it raises,
     the partial is removed. A killed process leaves its partial, which the next atomic_output
     in that directory removes."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -358,20 +436,22 @@ class OutputRecord:
 
     def append(self, entry):
         """Add one entry (a JSON-serialisable dict), durably."""
-        self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        self._file.write((json.dumps(entry, separators=(",", ":")) + "\n").encode())
         self._file.flush()
         os.fsync(self._file.fileno())
         self.entries.append(entry)
 
     def close(self):
         if self._file is not None:
+            unlock(self._file.fileno())
             self._file.close()  # releases the lock
             self._file = None
 
 
 def read_record(record_path):
-    """(header, entries) of a record file, or None when it is not one. A last line cut short
-    by a crash is ignored."""
+    """(header, entries) of a record file, or None when it is not one (its header is not a
+    dict with an `identity` dict). A last line cut short by a crash is ignored; an entry line
+    that is not JSON (damaged) is None among the entries, for the reader to count."""
     try:
         with open(record_path, "rb") as f:
             lines = f.read().split(b"\n")
@@ -382,10 +462,11 @@ def read_record(record_path):
         try:
             parsed.append(json.loads(line))
         except ValueError:
-            break
-    if not parsed or not isinstance(parsed[0], dict) or "identity" not in parsed[0]:
+            parsed.append(None)
+    if not parsed or not isinstance(parsed[0], dict) or \
+            not isinstance(parsed[0].get("identity"), dict):
         return None
-    return parsed[0], [e for e in parsed[1:] if isinstance(e, dict)]
+    return parsed[0], parsed[1:]
 
 
 def check_output_path(path, flag):
@@ -414,14 +495,12 @@ def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None)
     if exists and not overwrite and not os.path.isfile(rec):
         raise errors.error("output_not_ours", path, flag=flag,
                            why="no %s beside it" % os.path.basename(rec))
-    f = open(rec, "a+")
+    f = open(rec, "a+b")  # bytes: a damaged line need not be UTF-8
     try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock(f.fileno(), blocking=False)
         except BlockingIOError:
             raise errors.error("output_busy", path, flag=flag) from None
-        except OSError:  # a file system without locks: go on unlocked
-            pass
         old = read_record(rec) if exists and not overwrite else None
         if exists and not overwrite:
             if old is None:
@@ -432,8 +511,8 @@ def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None)
                 raise errors.error("output_other_run", path, flag=flag, change=change)
             f.seek(0)
             text = f.read()
-            if not text.endswith("\n"):  # drop a line that a crash cut short
-                f.truncate(text.rfind("\n") + 1)
+            if not text.endswith(b"\n"):  # drop a line that a crash cut short
+                f.truncate(text.rfind(b"\n") + 1)
             return OutputRecord(path, f, old[0], old[1])
         # a fresh record; a record left without its output (deleted) describes nothing, but
         # a file of that name that is not a record is the user's
@@ -443,11 +522,12 @@ def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None)
                   "identity": identity, "info": info or {}}
         f.seek(0)
         f.truncate()
-        f.write(json.dumps(header, separators=(",", ":")) + "\n")
+        f.write((json.dumps(header, separators=(",", ":")) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
         return OutputRecord(path, f, header, [])
     except BaseException:
+        unlock(f.fileno())
         f.close()
         if os.path.exists(rec) and os.path.getsize(rec) == 0:
             os.remove(rec)  # made by the open above: leave nothing behind

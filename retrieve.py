@@ -21,6 +21,8 @@ the sha256 of the checkpoint, of the split's files (every `{split}_*` and `{spli
 split's directory), of the vocabulary and of the code that encodes, so that a changed file is
 never served stale. Digests are remembered by each file's inode, size, mtime and ctime, so an
 unchanged file is not read again; a file changed within 2 s of its hashing is hashed again.
+Each file of an entry is recorded with its size and crc32 (computed as it is written) and
+checked when read: a damaged entry is encoded again and replaced, with one warning line.
 
 Everything a matcher does differently goes through the contract (contract.Matcher):
 `query_batch` (free text -> the batch its text encoder takes, the tokens, the unknown words),
@@ -30,6 +32,7 @@ and cached: SGR/SAF's image global vectors), `score` and, for `--explain`,
 """
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -49,11 +52,20 @@ import outputs
 log = logging.getLogger(__name__)
 
 TOOL = "retrieve.py"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: each file's size and crc32 in the entry's record
 CAPTION_CHUNK = 1024  # captions scored at once for an image query (padded to their longest)
 RACY_NS = 2 * 10 ** 9  # a file changed this close to its hashing is hashed again next time
 # the files whose code makes the encodings (besides the matcher's own file)
 ENCODING_CODE = ("model.py", "data.py", "vocab.py", "evaluation.py")
+# the files of a cache entry (and its record, .made_by.json, with each one's size and crc32);
+# LAZY is checked when first read (a text query never reads the captions: 2/3 of the entry)
+CACHE_FILES = ("images.npy", "captions.npy", "cap_lens.npy", "gallery.npz", "extra.pt",
+               "meta.json")
+LAZY = "captions.npy"
+
+
+class CacheDamaged(Exception):
+    """A file of a cache entry that does not match its size and crc32 (the reason)."""
 
 
 def default_cache_dir():
@@ -76,8 +88,13 @@ class Digests:
             if outputs.made_by(self.path) != TOOL:
                 raise errors.error("file_not_made", self.path, tool=TOOL + "'s cache",
                                    flag="--cache_dir")
-            with open(self.path, encoding="utf-8") as f:
-                self.files = json.load(f).get("files", {})
+            # as written (its size and crc32), or damaged: then every digest is computed again
+            size, crc = outputs.file_crc32(self.path)
+            if outputs.made_record(self.path).get("sums") == {"size": size, "crc32": crc}:
+                with open(self.path, encoding="utf-8") as f:
+                    self.files = json.load(f)["files"]
+            else:
+                self.dirty = True
 
     def __call__(self, path):
         real = os.path.realpath(path)
@@ -94,9 +111,12 @@ class Digests:
 
     def save(self):
         if self.path and self.dirty:
-            with outputs.atomic_output(self.path, TOOL) as tmp:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump({"files": self.files}, f)
+            sums = {}
+            with outputs.atomic_output(self.path, TOOL, sums=sums) as tmp:
+                with open(tmp, "wb") as f:
+                    summed = outputs.Summed(f)
+                    summed.write(json.dumps({"files": self.files}).encode())
+                sums.update(summed.sums)
             self.dirty = False
 
 
@@ -156,7 +176,8 @@ class Encodings:
 
     def __init__(self, img_embs, cap_embs, cap_lens, extra, captions, im_div, gallery=None):
         self.img_embs = img_embs
-        self.cap_embs = cap_embs          # (T, d) words of all captions, or (C, d) global
+        self._cap_embs = cap_embs         # (T, d) words of all captions, or (C, d) global
+        self.unchecked = None             # (path, its recorded sums): checked when first read
         self.cap_lens = np.asarray(cap_lens, dtype=np.int64)
         self.ragged = cap_embs.ndim == 2 and img_embs.ndim == 3
         self.offsets = np.concatenate([[0], np.cumsum(self.cap_lens)]) if self.ragged else None
@@ -172,6 +193,18 @@ class Encodings:
             cap_embs = np.concatenate([cap_embs[k, :n] for k, n in enumerate(cap_lens)])
         return cls(img_embs, cap_embs, cap_lens, enc.extra, captions[:len(cap_lens)], im_div,
                    gallery)
+
+    @property
+    def cap_embs(self):
+        """The captions' encodings; CacheDamaged when their file (from a cache entry) does not
+        match its recorded size and crc32 (checked once, when first read)."""
+        if self.unchecked is not None:
+            path, sums = self.unchecked
+            why = _mismatch(path, sums)
+            if why:
+                raise CacheDamaged(why)
+            self.unchecked = None
+        return self._cap_embs
 
     def gallery_rows(self, rows):
         """The gallery inputs of some images (a slice or indices), for `score`."""
@@ -209,16 +242,31 @@ class Encodings:
         except TypeError as e:
             log.warning("retrieve: encodings not cached (%s)", e)
             return False
+        sums = {}  # file -> {"size", "crc32"}, as written: recorded when the entry is whole
+
+        def write(tmp, name, save):
+            with open(os.path.join(tmp, name), "wb") as f:
+                summed = outputs.Summed(f)
+                save(summed)
+            sums[name] = summed.sums
+
+        def via_bytes(save):  # for the writers that seek (zip files)
+            def write_bytes(f):
+                buf = io.BytesIO()
+                save(buf)
+                f.write(buf.getbuffer())
+            return write_bytes
+
+        meta = json.dumps(dict(meta, im_div=self.im_div, captions=self.captions)).encode()
         try:
-            with outputs.atomic_output(entry, TOOL, format=CACHE_FORMAT) as tmp:
+            with outputs.atomic_output(entry, TOOL, format=CACHE_FORMAT, files=sums) as tmp:
                 os.mkdir(tmp)
-                np.save(os.path.join(tmp, "images.npy"), self.img_embs)
-                np.save(os.path.join(tmp, "captions.npy"), self.cap_embs)
-                np.save(os.path.join(tmp, "cap_lens.npy"), self.cap_lens)
-                np.savez(os.path.join(tmp, "gallery.npz"), **self.gallery)
-                torch.save(extra, os.path.join(tmp, "extra.pt"))
-                with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-                    json.dump(dict(meta, im_div=self.im_div, captions=self.captions), f)
+                write(tmp, "images.npy", lambda f: np.save(f, self.img_embs))
+                write(tmp, "captions.npy", lambda f: np.save(f, self.cap_embs))
+                write(tmp, "cap_lens.npy", lambda f: np.save(f, self.cap_lens))
+                write(tmp, "gallery.npz", via_bytes(lambda f: np.savez(f, **self.gallery)))
+                write(tmp, "extra.pt", via_bytes(lambda f: torch.save(extra, f)))
+                write(tmp, "meta.json", lambda f: f.write(meta))
         except OSError:
             if not os.path.isdir(entry):
                 raise
@@ -227,9 +275,13 @@ class Encodings:
 
     @classmethod
     def load(cls, entry):
-        """The encodings of a cache entry, or None when it is not a complete entry of ours."""
+        """The encodings of a cache entry, or None when it is not a complete entry of ours, or
+        when a file of it does not match the size and crc32 recorded when it was written
+        (checked before anything is read from it; LAZY's when first read: `cap_embs`)."""
         record = outputs.made_record(entry)
         if not record or record.get("made_by") != TOOL or record.get("format") != CACHE_FORMAT:
+            return None
+        if cls.damage(entry, record, lazy=False):
             return None
         try:
             with open(os.path.join(entry, "meta.json"), encoding="utf-8") as f:
@@ -237,12 +289,40 @@ class Encodings:
             extra = torch.load(os.path.join(entry, "extra.pt"), weights_only=True)
             with np.load(os.path.join(entry, "gallery.npz")) as f:
                 gallery = {k: f[k] for k in f.files}
-            return cls(np.load(os.path.join(entry, "images.npy"), mmap_mode="r"),
-                       np.load(os.path.join(entry, "captions.npy"), mmap_mode="r"),
-                       np.load(os.path.join(entry, "cap_lens.npy")), _unpack(extra),
-                       meta["captions"], meta["im_div"], gallery)
+            enc = cls(np.load(os.path.join(entry, "images.npy"), mmap_mode="r"),
+                      np.load(os.path.join(entry, LAZY), mmap_mode="r"),
+                      np.load(os.path.join(entry, "cap_lens.npy")), _unpack(extra),
+                      meta["captions"], meta["im_div"], gallery)
+            enc.unchecked = (os.path.join(entry, LAZY), record["files"][LAZY])
+            return enc
         except (OSError, ValueError, KeyError, RuntimeError, EOFError):
             return None
+
+    @staticmethod
+    def damage(entry, record, lazy=True):
+        """What is wrong with the files of a cache entry of the current format (`record`: its
+        made_record), compared with the sizes and crc32 recorded as they were written (LAZY's
+        only with `lazy`); None when every file is as written."""
+        sums = record.get("files")
+        if not isinstance(sums, dict) or set(sums) != set(CACHE_FILES):
+            return "its record lists no checksum of its files"
+        for name in CACHE_FILES:
+            if name != LAZY or lazy:
+                why = _mismatch(os.path.join(entry, name), sums[name])
+                if why:
+                    return why
+        return None
+
+
+def _mismatch(path, sums):
+    """Why the file `path` is not as recorded (`sums`: its size and crc32), or None."""
+    try:
+        size, crc = outputs.file_crc32(path)
+    except (OSError, ValueError) as e:
+        return "%s cannot be read (%s)" % (os.path.basename(path), errors.first_line(e))
+    if sums != {"size": size, "crc32": crc}:
+        return "%s does not match its size and checksum" % os.path.basename(path)
+    return None
 
 
 class Member:
@@ -314,9 +394,9 @@ class Gallery:
                 raise errors.error("cache_unwritable", self.cache_dir,
                                    reason=errors.first_line(e)) from None
             self.digests = Digests(self.cache_dir)
-        loaders = {}
+        self._loaders = {}
         for m in self.members:
-            self._prepare(m, loaders)
+            self._prepare(m)
         if self.digests:
             self.digests.save()
 
@@ -362,7 +442,7 @@ class Gallery:
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
         return key, inputs
 
-    def _prepare(self, m, loaders):
+    def _prepare(self, m):
         """The cached encodings of member m, or a loader to encode the split (which checks the
         split's files before any compute)."""
         if self.cache_dir:
@@ -376,19 +456,34 @@ class Gallery:
                         log.info("retrieve: %s: the encodings of %s %s from the cache %s",
                                  m.label, self.data_name, self.split, m.entry)
                         return
-                    if outputs.made_by(m.entry) != TOOL:
+                    record = outputs.made_record(m.entry)
+                    if (record or {}).get("made_by") != TOOL:
                         raise errors.error("file_not_made", m.entry,
                                            tool=TOOL + "'s cache", flag="--cache_dir")
+                    if record.get("format") == CACHE_FORMAT:  # an older format: re-encoded
+                        why = Encodings.damage(m.entry, record) or "a file cannot be loaded"
+                        log.warning(errors.message("cache_damaged", m.entry, why=why))
+        m.loader = self._loader(m)
+
+    def _loader(self, m):
         vkey = (type(m.model), tuple(sorted(getattr(m.vocab, "word2idx", {}).items())) or
                 id(m.vocab))
-        if vkey not in loaders:
-            loaders[vkey] = data.get_test_loader(self.split, m.opt.data_name, m.vocab,
-                                                 m.opt.batch_size, m.opt.workers, m.opt,
-                                                 matcher=type(m.model))
-        m.loader = loaders[vkey]
+        if vkey not in self._loaders:
+            self._loaders[vkey] = data.get_test_loader(self.split, m.opt.data_name, m.vocab,
+                                                       m.opt.batch_size, m.opt.workers, m.opt,
+                                                       matcher=type(m.model))
+        return self._loaders[vkey]
 
-    def encodings(self, m):
-        """Member m's encodings of the split: cached, or encoded now (and cached)."""
+    def encodings(self, m, captions=False):
+        """Member m's encodings of the split: cached, or encoded now (and cached). With
+        `captions`, the captions' encodings are read: a cached file of them that is damaged
+        is encoded again."""
+        if m.enc is not None and captions:
+            try:
+                m.enc.cap_embs
+            except CacheDamaged as e:
+                log.warning(errors.message("cache_damaged", m.entry, why=e))
+                m.enc, m.cached, m.loader = None, False, self._loader(m)
         if m.enc is None:
             dset = m.loader.dataset
             log.info("retrieve: %s: encoding %s %s (%d images, %d captions)", m.label,
@@ -482,7 +577,7 @@ class Gallery:
         index = int(index)
         scores = []
         for m in self.members:
-            enc = self.encodings(m)
+            enc = self.encodings(m, captions=True)
             inputs = getattr(m.model, "score_inputs", {})
             img = np.array(enc.img_embs[index:index + 1])
             s = np.empty(len(enc.cap_lens))
@@ -533,7 +628,7 @@ class Gallery:
         for k, m in enumerate(self.members):
             if type(m.model).attention_info is None:
                 continue
-            enc = self.encodings(m)
+            enc = self.encodings(m, captions=True)
             idx = [r["index"] for r in hits["results"]]
             inputs = getattr(m.model, "score_inputs", {})
             if hits.context["kind"] == "text":

@@ -182,11 +182,18 @@ def _caption_files(data_name, caption_file):
 def read_lines(path):
     """The lines of a caption file, stripped, and the (1-based) numbers of those that were not
     valid UTF-8. A UTF-8 byte-order mark (some editors write one) is not part of the first
-    caption; bytes that are not UTF-8 are replaced (U+FFFD, which maps to <unk>)."""
+    caption; a file that starts with a UTF-16 byte-order mark is read as UTF-16; bytes that are
+    not UTF-8 are replaced (U+FFFD, which maps to <unk>)."""
     with open(path, "rb") as f:
         raw = f.read()
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # UTF-16 says so by its byte-order mark (Windows' "Unicode"): read it as such
+        try:
+            raw = raw.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError:
+            pass  # not UTF-16 after all: its lines are read as UTF-8, with the bad ones counted
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()

@@ -24,7 +24,8 @@ import train
 from checkpoint import load_checkpoint
 from conftest import REPO
 from model import SGRAF
-from test_bad_input import (N_TRAIN, Payload, Work, base, python2_checkpoint,  # noqa: F401
+from test_bad_input import (N_TEST, N_TRAIN, Payload, Work, base,  # noqa: F401
+                            python2_checkpoint,
                             tiny_opt)
 from vocab import load_vocab
 
@@ -360,6 +361,53 @@ def output_busy(w, capsys, caplog):
         held.close()
 
 
+def sims_rescored(w, capsys, caplog):
+    evaluation.main(save_sims(w))
+    path = str(w.root / "sims_of_the_test_split.npy")
+    sims = np.load(path, mmap_mode="r+")
+    sims[:3] = 0.0  # three rows lost
+    sims.flush()
+    del sims
+    with open(path + ".record", "a") as f:
+        f.write('{"done": null}\n')
+    return logged("sims_rescored", caplog, evaluation.main, save_sims(w))
+
+
+def cache_damaged(w, capsys, caplog):
+    import retrieve
+    args = w.eval_args("--query", "a dog", "--cache_dir", str(w.root / "cache"))
+    retrieve.main(args)
+    entry = next(p for p in (w.root / "cache").iterdir() if p.is_dir())
+    with open(entry / "images.npy", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    return logged("cache_damaged", caplog, retrieve.main, args)
+
+
+def unsampled_test_image():
+    return next(i for i in range(N_TEST) if i not in set(data.sample_indices(N_TEST)))
+
+
+def embeddings_nonfinite(w, capsys, caplog):
+    feats = w.features("test")
+    feats[unsampled_test_image(), 2, 1] = np.nan  # not among the start-up sample
+    np.save(w.ds / "test_ims.npy", feats)
+    return cli(evaluation.main, w.eval_args(), capsys)
+
+
+def features_pickled(w, capsys, caplog):
+    objects = np.empty(N_TEST, dtype=object)
+    objects[:] = [np.zeros((36, 32), np.float32) for _ in range(N_TEST)]
+    np.save(w.ds / "test_ims.npy", objects, allow_pickle=True)
+    return cli(evaluation.main, w.eval_args(), capsys)
+
+
+def oov_refused(w, capsys, caplog):
+    text = (w.ds / "test_caps.txt").read_text(encoding="utf-8")
+    (w.ds / "test_caps.txt").write_bytes(text.encode("utf-16-le"))  # no byte-order mark
+    return cli(evaluation.main, w.eval_args(), capsys)
+
+
 # --- a matcher's optional input files (the graph matcher's word ids, boxes, sizes, arcs)
 
 def gsmn_dataset(w, split="test", **flags):
@@ -479,7 +527,9 @@ CASES = {
     "output_unwritable": output_unwritable, "cache_unwritable": cache_unwritable, "world_size": world_size,
     "features_zero_region": features_zero_region, "output_dir": output_dir,
     "output_not_ours": output_not_ours, "output_other_run": output_other_run,
-    "output_busy": output_busy,
+    "output_busy": output_busy, "sims_rescored": sims_rescored, "cache_damaged": cache_damaged,
+    "embeddings_nonfinite": embeddings_nonfinite, "features_pickled": features_pickled,
+    "oov_refused": oov_refused,
     "input_count": input_count, "input_shape": input_shape, "input_invalid": input_invalid,
     "input_unpaired": input_unpaired, "input_required": input_required,
     "bert_missing": bert(path=lambda w: w.root / "models" / "no-such-bert"),
@@ -555,6 +605,7 @@ REPRESENTATIVE = {
     "refetch": "the download was removed: run again, or fetch it yourself and pass --from_file "
                "data.zip",
     "layout": "f30k_precomp/ or coco_precomp/ with {split}_ims.npy and {split}_caps.txt",
+    "indices": "1, 11, 12, 14, 15, 17 ... (9 in all)",
 }
 
 
@@ -634,6 +685,9 @@ RENDERED = {
     "ckpt_download_other": rendered("ckpt_download_other", {
         "expected": "module", "found": "model", "fix": "refetch"}, "{item}"),
     "data_check": rendered("data_check", {"count": "count"}, "--data_path {data}"),
+    "scores_nonfinite": rendered("scores_nonfinite", {"images": "indices",
+                                                      "captions": "indices"},
+                                 "the similarity matrix"),
 }
 
 
