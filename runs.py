@@ -124,11 +124,75 @@ def check_log_dir(logger_name, model_name, resume=False, overwrite=False):
     owner = record.get("model_name") if record.get("made_by") == "train.py" else None
     if resume and (owner is None or _same_path(owner, model_name)):
         return []
+    if owner is not None and _same_path(owner, model_name):
+        # the logs of this --model_name's own run, which has no checkpoint (check_run_dir
+        # refuses one that has): it was stopped before its first one, and this run, which
+        # holds the directory now (lock_run), starts it over
+        return events
     if overwrite:
         return events
     owner = _shown(owner) if owner else None
     raise errors.error("log_exists", "--logger_name %s" % logger_name,
                        owner="the run in %s" % owner if owner else "another run")
+
+
+def lock_run(opt):
+    """Hold `--model_name` and `--logger_name` for this run (outputs.lock_dir): a second run
+    into either is refused (`run_busy`) while this one lives. Returns the locks."""
+    locks = []
+    try:
+        for flag in ("model_name", "logger_name"):
+            path = getattr(opt, flag)
+            if any(_same_path(lock.directory, path) for lock in locks):
+                continue  # one lock per directory: a second one would release the first
+            locks.append(outputs.lock_dir(path, errors.opt_where(opt, flag), "--" + flag))
+    except BaseException:
+        for lock in reversed(locks):
+            lock.release()
+        raise
+    return locks
+
+
+def checkpoint_bytes(model):
+    """About the size of a checkpoint of `model`: its weights and its optimizer's state (two
+    tensors per parameter for Adam before the first step has made them)."""
+    def nbytes(x):  # a state dict, or the list of them of the original format
+        if torch.is_tensor(x):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(nbytes(v) for v in x.values())
+        return sum(nbytes(v) for v in x) if isinstance(x, (list, tuple)) else 0
+    weights = nbytes(model.state_dict())
+    params = [p for g in model.optimizer.param_groups for p in g["params"]]
+    state = [model.optimizer.state[p] for p in params if p in model.optimizer.state]
+    optim = nbytes(state) if state else 2 * nbytes(params)
+    return weights + optim
+
+
+def check_disk(model_name, size):
+    """Before the first epoch: the disk of `--model_name` holds two checkpoints of `size`
+    bytes (checkpoint_N.pth.tar and model_best.pth.tar), or the run is refused now rather than
+    at its first save."""
+    outputs.check_space(os.path.join(model_name, BEST), 2 * size,
+                        "two checkpoints of %s" % outputs.human(size), "--model_name",
+                        where="--model_name %s" % model_name)
+
+
+def save_failed(exc, last, best_epoch):
+    """The error of a checkpoint that could not be written (`exc`: outputs.write_failed):
+    what the run kept (its latest checkpoint `last`, model_best.pth.tar of `best_epoch`) and
+    how to go on from it."""
+    path, reason = exc.where, exc.fields["reason"]
+    kept = []
+    if last:
+        kept.append("%s is intact" % os.path.basename(last))
+    if best_epoch is not None:
+        kept.append("%s of epoch %d is intact" % (BEST, best_epoch))
+    kept = " and ".join(kept) or "no checkpoint of this run was saved"
+    then = ("continue with --resume %s" % last if last else "run the same command again")
+    fix = ("free some space, then %s" % then if "space" in reason or "quota" in reason else
+           "make --model_name writable, then %s" % then)
+    return outputs.write_failed(path, reason, kept=kept, fix=fix)
 
 
 def _shown(path):
