@@ -587,11 +587,15 @@ def exit_on_error(main):
         except KeyboardInterrupt:
             if len(_INTERRUPT_NOTES) > 1:  # a command run inside another: the outer one says
                 raise
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no traceback
+            # a second Ctrl-C while the process exits: no traceback (a main called from
+            # another program's code, a test's, gets its handler back)
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             where, saved, how = _INTERRUPT_NOTES[-1]
             if os.environ.get("RANK", "0") == "0":
                 print("error: %s" % message("interrupted", where, saved=saved, how=how),
                       file=sys.stderr, flush=True)
+            if main.__globals__.get("__name__") != "__main__":
+                signal.signal(signal.SIGINT, previous)
             raise SystemExit(Interrupted.exit_code) from None
         finally:
             _INTERRUPT_NOTES.pop()

@@ -286,9 +286,13 @@ class DirLock:
         self.directory, self.path, self._fd, self._made = directory, os.path.join(
             directory, LOCK), fd, made
 
+    def keep(self):
+        """The run has started in its directory: release() leaves it, even empty."""
+        self._made = []
+
     def release(self):
         """Unlock, remove the lock file, and the directories that lock_dir made if they were
-        left empty (a run refused before it wrote anything leaves nothing behind)."""
+        left empty and not kept (a run refused before it started leaves nothing behind)."""
         if self._fd is None:
             return
         with contextlib.suppress(OSError):

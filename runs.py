@@ -155,18 +155,23 @@ def lock_run(opt):
 
 def checkpoint_bytes(model):
     """About the size of a checkpoint of `model`: its weights and its optimizer's state (two
-    tensors per parameter for Adam before the first step has made them)."""
+    tensors per parameter for Adam before the first step has made them), each tensor with the
+    few hundred bytes of its record in torch.save's zip, plus the generators' states."""
     def nbytes(x):  # a state dict, or the list of them of the original format
         if torch.is_tensor(x):
-            return x.numel() * x.element_size()
+            return x.numel() * x.element_size() + TENSOR_OVERHEAD
         if isinstance(x, dict):
             return sum(nbytes(v) for v in x.values())
         return sum(nbytes(v) for v in x) if isinstance(x, (list, tuple)) else 0
-    weights = nbytes(model.state_dict())
     params = [p for g in model.optimizer.param_groups for p in g["params"]]
     state = [model.optimizer.state[p] for p in params if p in model.optimizer.state]
-    optim = nbytes(state) if state else 2 * nbytes(params)
-    return weights + optim
+    return nbytes(model.state_dict()) + (nbytes(state) if state else 2 * nbytes(params)) + \
+        RNG_BYTES
+
+
+# what torch.save adds per tensor (zip headers, 64-byte alignment, its name), and the
+# random generators' states that train.py saves (torch's and numpy's, about 5 KB each)
+TENSOR_OVERHEAD, RNG_BYTES = 256, 12 << 10
 
 
 def check_disk(model_name, size):
@@ -183,11 +188,11 @@ def save_failed(exc, last, best_epoch):
     what the run kept (its latest checkpoint `last`, model_best.pth.tar of `best_epoch`) and
     how to go on from it."""
     path, reason = exc.where, exc.fields["reason"]
-    kept = []
-    if last:
-        kept.append("%s is intact" % os.path.basename(last))
+    kept = ["%s is intact" % os.path.basename(last)] if last else []
     if best_epoch is not None:
         kept.append("%s of epoch %d is intact" % (BEST, best_epoch))
+    elif os.path.basename(path) == BEST and os.path.isfile(path):
+        kept.append("the earlier %s is intact" % BEST)
     kept = " and ".join(kept) or "no checkpoint of this run was saved"
     then = ("continue with --resume %s" % last if last else "run the same command again")
     fix = ("free some space, then %s" % then if "space" in reason or "quota" in reason else

@@ -285,6 +285,8 @@ def open_logs(opt, model, run):
         return None
     os.makedirs(opt.model_name, exist_ok=True)
     os.makedirs(opt.logger_name, exist_ok=True)
+    for lock in run.locks:  # the run starts: its directories stay, its files appear
+        lock.keep()
     # the log directory belongs to this run: a run in another --model_name is refused there
     outputs.mark_made(opt.logger_name, "train.py", model_name=os.path.abspath(opt.model_name))
     from torch.utils.tensorboard import SummaryWriter
