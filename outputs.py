@@ -22,6 +22,13 @@ The writer: `atomic_output` for every file and directory: written to a partial
 recorded (under a lock on the directory, so that the record and the file never disagree); the
 partial of a killed process is removed by the next write in that directory.
 
+The run lock: `lock_dir` holds a directory for one process's run (train.py's --model_name and
+--logger_name), with a POSIX record lock that dies with the process and that no forked child
+(a DataLoader worker) inherits; a second run there is refused (`run_busy`). Before any compute,
+`check_writable` and `check_space` refuse an output that a read-only or full disk could not
+take; an OS failure while writing (`os_failure`: ENOSPC, EROFS, EACCES) is one line,
+`write_failed`, naming the file and what was kept, and leaves no partial file.
+
 The digests: `file_digest`, sha256 of a file's bytes (records, the --save_sims identity, the
 retrieval cache's keys).
 """

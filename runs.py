@@ -5,7 +5,10 @@ checkpoints (`--model_name`) or TensorBoard logs (`--logger_name`) unless `--ove
 resumed run goes on in its own directory, but neither over the checkpoints of later epochs nor
 with nothing left to train. The files of a run that `--overwrite` replaces are removed at the
 new run's first checkpoint (`remove_files`), so that no file of the earlier run stays beside
-its own.
+its own. One run at a time holds the two directories (`lock_run`), and the logs of a run of
+the same --model_name that was stopped before its first checkpoint are its own, started over.
+Before the first epoch the disk must hold two checkpoints (`check_disk`); a checkpoint that
+cannot be written is one line saying what was kept (`save_failed`).
 
 A run that diverges stops before the optimizer step that would apply a NaN/Inf
 (`stop_on_nonfinite`), so nothing non-finite is saved, and the error says why when the batch

@@ -159,7 +159,8 @@ def test_two_runs_into_one_directory(long_dataset, tmp_path, capsys):
 
 def test_rerun_after_a_kill_before_the_first_checkpoint(long_dataset, tmp_path):
     """SIGKILL while the first epoch trains (DataLoader workers orphaned, still alive for a
-    while): the same command at once is the same run, started over, not `log_exists`."""
+    while): the same command at once is the same run, started over, not `log_exists` nor
+    `run_busy`."""
     data_path, vocab_path = long_dataset
     run = tmp_path / "run"
     args = train_args(data_path, vocab_path, str(run), "--num_epochs", "1", "--seed", "1",
@@ -171,12 +172,14 @@ def test_rerun_after_a_kill_before_the_first_checkpoint(long_dataset, tmp_path):
     assert runs.run_checkpoints(str(run / "checkpoint")) == []  # killed before the first
     old = [n for n in os.listdir(run / "log") if n.startswith(runs.TB_EVENTS)]
     assert len(old) == 1
-    rerun = subprocess.run([sys.executable, os.path.join(REPO, "train.py")] + args,
-                           cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert [p for _, p in runs.run_checkpoints(str(run / "checkpoint"))]
-    events = [n for n in os.listdir(run / "log") if n.startswith(runs.TB_EVENTS)]
-    assert len(events) == 1 and events != old  # the killed run's curves were replaced
+    # the same command: it starts (no refusal), and a Ctrl-C stops it with one line
+    rerun = start_train(args, tmp_path)
+    wait_for(rerun, "Epoch: [0][0/")
+    rerun.send_signal(signal.SIGINT)
+    code, err = finish(rerun)
+    assert code == 130 and "Traceback" not in err, err
+    assert error_lines(err) == ["error: train.py: interrupted (Ctrl-C); no checkpoint was saved "
+                                "yet; run the same command again (it starts over)"]
 
 
 # ----------------------------------------------------------------------------- before compute
