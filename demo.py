@@ -124,7 +124,7 @@ def main(argv=None):
              DEMO_FLAGS + matcher.demo_flags + extra +
              (["--num_epochs", str(args.num_epochs)] if args.num_epochs else []) +
              (["--device", args.device] if args.device else []))
-    opt = opts.parse_opt(flags)
+    opt = opts.parse_opt(flags, prog="demo.py")
     matcher.check_opt(opt)
     opts.check_train_opt(opt)
     synthetic.check_synthetic(args.data_path, data_name, args.vocab_path, n_train=args.n_train,
@@ -156,6 +156,9 @@ def main(argv=None):
     os.makedirs(run_dir, exist_ok=True)
     if args.run_dir is None:
         outputs.mark_made(run_dir, "demo.py")
+    errors.on_interrupt("the demo's run in %s is incomplete" % run_dir,
+                        "run the same command again%s" % (" with --overwrite" if args.run_dir
+                                                          and not opt.overwrite else ""))
     synthetic.make_synthetic(args.data_path, data_name, args.vocab_path, n_train=args.n_train,
                              overwrite=opt.overwrite)
 

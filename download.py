@@ -773,6 +773,9 @@ def main(argv=None):
     if args.from_file and len(its) != 1:
         raise errors.error("from_file_names", "--from_file %s" % args.from_file,
                            count=len(its))
+    # a download is kept in its partial file (and gdown's), and what is installed stays
+    errors.on_interrupt("what was fetched so far is kept (partial downloads included)",
+                        "run the same command again: it continues from there")
     for it in its:
         for path in get(it, args):
             print("%s: %s" % (it.name, path))

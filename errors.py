@@ -19,9 +19,11 @@ imported inside `check_device`), and it knows no matcher; what is specific to on
 checks of the files that guard it (data.py, vocab.py, checkpoint.py, runs.py) as arguments.
 """
 import argparse
+import errno
 import functools
 import os
 import re
+import signal
 import sys
 from collections import namedtuple
 
@@ -62,6 +64,11 @@ class CheckpointError(SGRAFError):
 class DivergedError(SGRAFError):
     """The loss or the gradients stopped being finite during training."""
     exit_code = 1
+
+
+class Interrupted(SGRAFError):
+    """Ctrl-C: the line says what is saved and how to continue (exit code 130, as a shell's)."""
+    exit_code = 130
 
 
 class Warn:
@@ -360,6 +367,14 @@ PROBLEMS = {
         Warn, "the cache entry is damaged ({why}); the split is encoded again and the entry "
         "replaced",
         "nothing to do; if it happens again, check the disk that holds --cache_dir"),
+    "run_busy": Problem(
+        UsageError, "another train.py (pid {pid}) is running in this directory",
+        "wait for it to finish (or stop it), or pass another {flag}"),
+    "write_failed": Problem(
+        DataError, "could not be written ({reason}); {kept}",
+        "{fix}"),
+    "interrupted": Problem(
+        Interrupted, "interrupted (Ctrl-C); {saved}", "{how}"),
     "output_busy": Problem(
         UsageError, "is being written by another running process (its record is locked)",
         "wait for that process to finish, or pass another {flag} file"),
@@ -421,8 +436,8 @@ PROBLEMS = {
         "or checkpoints",
         "pass a --cache_dir outside it (the default is {default})"),
     "cache_unwritable": Problem(
-        UsageError, "the retrieval cache cannot be kept there ({reason})",
-        "pass a --cache_dir you can write to, or --no_cache"),
+        Warn, "the retrieval cache cannot be kept there ({reason}); the split is encoded "
+        "without it", "pass a --cache_dir you can write to, or --no_cache"),
     "images_dir": Problem(
         DataError, "image directory not found",
         "pass --images DIR holding the split's image files"),
@@ -562,18 +577,62 @@ def error(key, where, **fields):
     return exc
 
 
+# what each running command has saved, for the line a Ctrl-C prints: one entry per command
+# main on the stack (demo.py runs train.py's main inside its own); the outermost one speaks
+_INTERRUPT_NOTES = []
+NOTHING_SAVED = ("nothing was written", "run the same command again")
+
+
+def on_interrupt(saved, how):
+    """What the running command has saved so far and how to continue from it, said by the one
+    line that a Ctrl-C prints (`interrupted (Ctrl-C); <saved>; <how>`); a command updates it as
+    it writes (e.g. train.py after every checkpoint)."""
+    if _INTERRUPT_NOTES:
+        _INTERRUPT_NOTES[-1][1:] = [saved, how]
+
+
 def exit_on_error(main):
     """Wrap a CLI `main(argv)`: an SGRAFError prints `error: <message>` and exits with its
-    code; every other exception stays a traceback (it is a bug, not a usage error)."""
+    code; a Ctrl-C (KeyboardInterrupt) prints one line, what is saved and how to continue
+    (`on_interrupt`), and exits with 130; every other exception stays a traceback (it is a
+    bug, not a usage error). Under torchrun rank 0 alone prints a shared error or a Ctrl-C;
+    the other processes exit quietly."""
+    name = os.path.basename(main.__globals__.get("__file__") or main.__module__ + ".py")
+
     @functools.wraps(main)
     def wrapper(argv=None):
+        _INTERRUPT_NOTES.append([name, *NOTHING_SAVED])
         try:
             return main(argv)
         except SGRAFError as e:
             if not (e.shared and os.environ.get("RANK", "0") != "0"):
                 print("error: %s" % e, file=sys.stderr)
             raise SystemExit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if len(_INTERRUPT_NOTES) > 1:  # a command run inside another: the outer one says
+                raise
+            # a second Ctrl-C while the process exits: no traceback (a main called from
+            # another program's code, a test's, gets its handler back)
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            where, saved, how = _INTERRUPT_NOTES[-1]
+            if os.environ.get("RANK", "0") == "0":
+                print("error: %s" % message("interrupted", where, saved=saved, how=how),
+                      file=sys.stderr, flush=True)
+            if main.__globals__.get("__name__") != "__main__":
+                signal.signal(signal.SIGINT, previous)
+            raise SystemExit(Interrupted.exit_code) from None
+        finally:
+            _INTERRUPT_NOTES.pop()
     return wrapper
+
+
+def write_failure(exc):
+    """The reason of an OSError that no retry can fix, as a line quotes it (`no space left
+    on device`, `read-only file system`, `permission denied`), or None for any other."""
+    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+    return reasons.get(getattr(exc, "errno", None))
 
 
 # a library's reason, quoted inside one of our lines, is cut to this length

@@ -683,7 +683,19 @@ def claim_sims(saved, loaded, scorers, data_path, split, fold5, shape, shards, o
                           shards, overrides)
     info = {"checkpoints": [p for _, _, p in loaded], "data_path": data_path,
             "command": " ".join(sys.argv)}
-    return saved.claim(ident, shape, shards, info=info)
+    if saved.overwrite or not os.path.exists(saved.path):  # room for the whole matrix
+        outputs.check_space(saved.path, 8 * shape[0] * shape[1], "the (%d, %d) float64 "
+                            "matrix" % tuple(shape), "--save_sims")
+    try:
+        done = saved.claim(ident, shape, shards, info=info)
+    except OSError as e:
+        reason = outputs.os_failure(e)
+        if reason is None:
+            raise
+        raise outputs.write_failed(saved.path, reason, kept="nothing was scored") from None
+    errors.on_interrupt("the shards of %s scored so far are saved" % saved.path,
+                        "run the same command again: it continues from them")
+    return done
 
 
 def score(scorers, shards, done, shape, saved, each, rank, say):

@@ -29,8 +29,8 @@ def _device_default():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_parser():
-    p = errors.ArgumentParser(prog="train.py", description="SGRAF / DAA image-text matching")
+def build_parser(prog="train.py"):
+    p = errors.ArgumentParser(prog=prog, description="SGRAF / DAA image-text matching")
     # --------------------------- data path -------------------------#
     p.add_argument("--data_path", default="data", help="path to datasets (holds <data_name>/)")
     p.add_argument("--data_name", default="f30k_precomp", help="{coco,f30k}_precomp")
@@ -124,8 +124,10 @@ def finalize(opt):
     return opt
 
 
-def parse_opt(argv=None):
-    parser = build_parser()
+def parse_opt(argv=None, prog="train.py"):
+    """train.py's options from `argv`; `prog` is the command whose line they were given on
+    (demo.py passes train.py the flags it does not know), named by an argument error."""
+    parser = build_parser(prog)
     opt = parser.parse_args(argv)
     return finalize(apply_matcher(opt, given_flags(parser, argv)))
 

@@ -22,6 +22,13 @@ The writer: `atomic_output` for every file and directory: written to a partial
 recorded (under a lock on the directory, so that the record and the file never disagree); the
 partial of a killed process is removed by the next write in that directory.
 
+The run lock: `lock_dir` holds a directory for one process's run (train.py's --model_name and
+--logger_name), with a POSIX record lock that dies with the process and that no forked child
+(a DataLoader worker) inherits; a second run there is refused (`run_busy`). Before any compute,
+`check_writable` and `check_space` refuse an output that a read-only or full disk could not
+take; an OS failure while writing (`os_failure`: ENOSPC, EROFS, EACCES) is one line,
+`write_failed`, naming the file and what was kept, and leaves no partial file.
+
 The digests: `file_digest`, sha256 of a file's bytes (records, the --save_sims identity, the
 retrieval cache's keys); `crc32` (`Summed` while a file is written, `file_crc32` when it is read
 back), what a file read back carries to show it is as written: a fast checksum against damage,
@@ -32,6 +39,7 @@ a child forked while one is held (a DataLoader worker) drops its copy of the des
 (`_drop_locks_in_child`), so that it cannot keep the lock alive after its parent is killed.
 """
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -289,14 +297,152 @@ def check_outputs(paths, tool, flag):
     for path in paths:
         if os.path.isdir(path) or (os.path.lexists(path) and made_by(path) != tool):
             raise errors.error("file_not_made", path, tool=tool, flag=flag)
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise errors.error("output_unwritable", path,
-                               reason="%s is not a directory" % parent)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise errors.error("output_unwritable", path, reason="%s is not writable" % parent)
+        check_writable(path)
+
+
+def _existing(path):
+    """`path`, or its nearest ancestor that exists."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def unwritable(path):
+    """Why `path` (a file or a directory to write, existing or not) cannot be written, or
+    None: the question asked before any compute. (os.access answers for root as well on a
+    read-only file system.)"""
+    target = _existing(path)
+    if target != os.path.abspath(path):  # it will be made in target
+        if not os.path.isdir(target):
+            return "%s is not a directory" % target
+        writable = os.access(target, os.W_OK | os.X_OK)
+    else:
+        writable = os.access(target, os.W_OK | (os.X_OK if os.path.isdir(target) else 0))
+    if writable:
+        return None
+    try:
+        read_only = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return "%s is %s" % (target, "on a read-only file system" if read_only else
+                         "not writable")
+
+
+def check_space(path, need, what, flag, where=None):
+    """Refuse (disk_space), before any compute, an output of `need` bytes that the disk
+    where `path` goes cannot hold."""
+    free = shutil.disk_usage(_existing(os.path.dirname(os.path.abspath(path)))).free
+    if free < need:
+        raise errors.error("disk_space", where or "%s %s" % (flag, path), need=human(need), what=what,
+                           free=human(free), flag=flag)
+
+
+def human(n):
+    """A number of bytes as a line shows it: `12.3 MB`."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return "%d B" % n if unit == "B" else "%.1f %s" % (n, unit)
+        n /= 1024
+
+
+def check_writable(path, where=None):
+    """Refuse (output_unwritable), before any compute, an output that cannot be written."""
+    reason = unwritable(path)
+    if reason:
+        raise errors.error("output_unwritable", where or path, reason=reason)
+
+
+# ----------------------------------------------------------------------------- one run per directory
+
+LOCK = ".lock"
+
+
+class DirLock:
+    """An exclusive lock on a directory for as long as a run writes there (`lock_dir`): a
+    POSIX record lock (fcntl.lockf) on `<dir>/.lock`, which holds the owner's pid. Such a lock
+    belongs to the process that took it: it dies with it (a SIGKILL included), and a child
+    (fork: a DataLoader worker, a subprocess) never holds it, unlike flock, whose lock every
+    forked child keeps alive. The file is removed by `release`; a killed run's is unlocked,
+    and taken by the next run."""
+
+    def __init__(self, directory, fd, made):
+        self.directory, self.path, self._fd, self._made = directory, os.path.join(
+            directory, LOCK), fd, made
+
+    def keep(self):
+        """The run has started in its directory: release() leaves it, even empty."""
+        self._made = []
+
+    def release(self):
+        """Unlock, remove the lock file, and the directories that lock_dir made if they were
+        left empty and not kept (a run refused before it started leaves nothing behind)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            # removed while locked: a run that opened it meanwhile finds it gone (lock_dir)
+            os.remove(self.path)
+        os.close(self._fd)  # releases the lock
+        self._fd = None
+        for d in self._made:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
+def lock_dir(directory, where, flag):
+    """Take `directory` (made if missing) for this process's run, or refuse it: `run_busy`
+    when another running process holds it, `output_unwritable` when it cannot be written.
+    Returns a DirLock (release() it; the process's exit releases it anyway). A file system
+    without record locks (some network ones) runs unlocked."""
+    directory = os.path.abspath(directory)
+    made, d = [], directory
+    while not os.path.lexists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    path = os.path.join(directory, LOCK)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                held = e.errno in (errno.EAGAIN, errno.EACCES)
+                pid = _lock_owner(fd) if held else None
+                os.close(fd)
+                if held:
+                    raise errors.error("run_busy", where, pid=pid or "unknown",
+                                       flag=flag) from None
+                fd = None  # no record locks here: go on unlocked
+                break
+            try:  # the file may have been removed by its last owner while we waited
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        if fd is not None:
+            with contextlib.suppress(OSError):  # only for the message of a refused run
+                os.ftruncate(fd, 0)
+                os.write(fd, b"%d\n" % os.getpid())
+    except OSError as e:
+        for d in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise errors.error("output_unwritable", where, reason=errors.write_failure(e) or
+                           errors.first_line(e)) from None
+    return DirLock(directory, fd, made)
+
+
+def _lock_owner(fd):
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return text if text.isdigit() else None
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -385,10 +531,43 @@ def atomic_output(path, made_by=None, **info):
             with _locked(directory, exclusive=True):
                 os.replace(tmp, path)
                 _record_file(directory, os.path.basename(path), dict(info, made_by=made_by))
-    except BaseException:
+    except BaseException as e:
         if os.path.lexists(tmp):
-            _remove(tmp)
-        raise
+            with contextlib.suppress(OSError):
+                _remove(tmp)
+        reason = os_failure(e)
+        if reason is None:
+            raise
+        raise write_failed(path, reason) from None
+
+
+def os_failure(exc):
+    """The reason (errors.write_failure) of the OS failure behind `exc`: the exception itself
+    or one it was raised from (torch.save reports a full disk as a RuntimeError of its zip
+    writer, raised while handling the OSError); None when it is none of those."""
+    for _ in range(4):
+        if exc is None:
+            return None
+        reason = errors.write_failure(exc)
+        if reason:
+            return reason
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failed(path, reason, kept=None, fix=None):
+    """The one-line error of a file that the OS refused to write (`reason`: os_failure):
+    what was kept (by default: the earlier file, when there is one, or nothing) and what
+    to do."""
+    if kept is None:
+        kept = ("the earlier %s is intact" % os.path.basename(path) if os.path.isfile(path)
+                else "nothing was written")
+    if fix is None:
+        fix = ("free some space, then run the same command again" if "space" in reason or
+               "quota" in reason else
+               "make the directory writable (or write elsewhere), then run the same command "
+               "again")
+    return errors.error("write_failed", path, reason=reason, kept=kept, fix=fix)
 
 
 def atomic_save(obj, path, made_by=None, **info):
@@ -476,6 +655,9 @@ def check_output_path(path, flag):
         raise errors.error("output_dir", directory, flag=flag)
     if os.path.isdir(path):
         raise errors.error("output_not_ours", path, why="it is a directory", flag=flag)
+    check_writable(path + RECORD_SUFFIX if os.path.exists(path) else path)
+    if os.path.exists(path):
+        check_writable(path)
 
 
 def claim_output(path, identity, flag, made_by=None, overwrite=False, info=None):

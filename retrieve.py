@@ -112,11 +112,17 @@ class Digests:
     def save(self):
         if self.path and self.dirty:
             sums = {}
-            with outputs.atomic_output(self.path, TOOL, sums=sums) as tmp:
-                with open(tmp, "wb") as f:
-                    summed = outputs.Summed(f)
-                    summed.write(json.dumps({"files": self.files}).encode())
-                sums.update(summed.sums)
+            try:
+                with outputs.atomic_output(self.path, TOOL, sums=sums) as tmp:
+                    with open(tmp, "wb") as f:
+                        summed = outputs.Summed(f)
+                        summed.write(json.dumps({"files": self.files}).encode())
+                    sums.update(summed.sums)
+            except errors.SGRAFError as e:  # a full disk: the files are hashed again next time
+                if e.key != "write_failed":
+                    raise
+                log.warning(errors.message("cache_unwritable", os.path.dirname(self.path),
+                                           reason=e.fields["reason"]))
             self.dirty = False
 
 
@@ -388,11 +394,13 @@ class Gallery:
             self._check_cache_dir(opt.data_path, paths)
             try:
                 os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
-                if not os.access(self.cache_dir, os.W_OK | os.X_OK):
-                    raise PermissionError("not writable")
+                reason = outputs.unwritable(self.cache_dir)
             except OSError as e:
-                raise errors.error("cache_unwritable", self.cache_dir,
-                                   reason=errors.first_line(e)) from None
+                reason = errors.write_failure(e) or errors.first_line(e)
+            if reason:  # the query is answered all the same, by encoding the split
+                log.warning(errors.message("cache_unwritable", self.cache_dir, reason=reason))
+                self.cache_dir = None
+        if self.cache_dir:
             self.digests = Digests(self.cache_dir)
         self._loaders = {}
         for m in self.members:
@@ -496,7 +504,15 @@ class Gallery:
                     shutil.rmtree(m.entry)
                 meta = {"checkpoint": m.path, "data": self.split_dir, "inputs": m.key_inputs,
                         "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-                if m.enc.save(m.entry, meta):
+                try:
+                    saved = m.enc.save(m.entry, meta)
+                except errors.SGRAFError as e:  # a full or read-only disk: answer uncached
+                    if e.key != "write_failed":
+                        raise
+                    log.warning(errors.message("cache_unwritable", self.cache_dir,
+                                               reason=e.fields["reason"]))
+                    saved = False
+                if saved:
                     size = sum(os.path.getsize(os.path.join(m.entry, f))
                                for f in os.listdir(m.entry))
                     log.info("retrieve: cached in %s (%.1f MB)", m.entry, size / 2 ** 20)

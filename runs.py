@@ -5,7 +5,10 @@ checkpoints (`--model_name`) or TensorBoard logs (`--logger_name`) unless `--ove
 resumed run goes on in its own directory, but neither over the checkpoints of later epochs nor
 with nothing left to train. The files of a run that `--overwrite` replaces are removed at the
 new run's first checkpoint (`remove_files`), so that no file of the earlier run stays beside
-its own.
+its own. One run at a time holds the two directories (`lock_run`), and the logs of a run of
+the same --model_name that was stopped before its first checkpoint are its own, started over.
+Before the first epoch the disk must hold two checkpoints (`check_disk`); a checkpoint that
+cannot be written is one line saying what was kept (`save_failed`).
 
 A run that diverges stops before the optimizer step that would apply a NaN/Inf
 (`stop_on_nonfinite`), so nothing non-finite is saved, and the error says why when the batch
@@ -124,11 +127,80 @@ def check_log_dir(logger_name, model_name, resume=False, overwrite=False):
     owner = record.get("model_name") if record.get("made_by") == "train.py" else None
     if resume and (owner is None or _same_path(owner, model_name)):
         return []
+    if owner is not None and _same_path(owner, model_name):
+        # the logs of this --model_name's own run, which has no checkpoint (check_run_dir
+        # refuses one that has): it was stopped before its first one, and this run, which
+        # holds the directory now (lock_run), starts it over
+        return events
     if overwrite:
         return events
     owner = _shown(owner) if owner else None
     raise errors.error("log_exists", "--logger_name %s" % logger_name,
                        owner="the run in %s" % owner if owner else "another run")
+
+
+def lock_run(opt):
+    """Hold `--model_name` and `--logger_name` for this run (outputs.lock_dir): a second run
+    into either is refused (`run_busy`) while this one lives. Returns the locks."""
+    locks = []
+    try:
+        for flag in ("model_name", "logger_name"):
+            path = getattr(opt, flag)
+            if any(_same_path(lock.directory, path) for lock in locks):
+                continue  # one lock per directory: a second one would release the first
+            locks.append(outputs.lock_dir(path, errors.opt_where(opt, flag), "--" + flag))
+    except BaseException:
+        for lock in reversed(locks):
+            lock.release()
+        raise
+    return locks
+
+
+def checkpoint_bytes(model):
+    """About the size of a checkpoint of `model`: its weights and its optimizer's state (two
+    tensors per parameter for Adam before the first step has made them), each tensor with the
+    few hundred bytes of its record in torch.save's zip, plus the generators' states."""
+    def nbytes(x):  # a state dict, or the list of them of the original format
+        if torch.is_tensor(x):
+            return x.numel() * x.element_size() + TENSOR_OVERHEAD
+        if isinstance(x, dict):
+            return sum(nbytes(v) for v in x.values())
+        return sum(nbytes(v) for v in x) if isinstance(x, (list, tuple)) else 0
+    params = [p for g in model.optimizer.param_groups for p in g["params"]]
+    state = [model.optimizer.state[p] for p in params if p in model.optimizer.state]
+    return nbytes(model.state_dict()) + (nbytes(state) if state else 2 * nbytes(params)) + \
+        RNG_BYTES
+
+
+# what torch.save adds per tensor (zip headers, 64-byte alignment, its name), and the
+# random generators' states that train.py saves (torch's and numpy's, about 5 KB each)
+TENSOR_OVERHEAD, RNG_BYTES = 256, 12 << 10
+
+
+def check_disk(model_name, size):
+    """Before the first epoch: the disk of `--model_name` holds two checkpoints of `size`
+    bytes (checkpoint_N.pth.tar and model_best.pth.tar), or the run is refused now rather than
+    at its first save."""
+    outputs.check_space(os.path.join(model_name, BEST), 2 * size,
+                        "two checkpoints of %s" % outputs.human(size), "--model_name",
+                        where="--model_name %s" % model_name)
+
+
+def save_failed(exc, last, best_epoch):
+    """The error of a checkpoint that could not be written (`exc`: outputs.write_failed):
+    what the run kept (its latest checkpoint `last`, model_best.pth.tar of `best_epoch`) and
+    how to go on from it."""
+    path, reason = exc.where, exc.fields["reason"]
+    kept = ["%s is intact" % os.path.basename(last)] if last else []
+    if best_epoch is not None:
+        kept.append("%s of epoch %d is intact" % (BEST, best_epoch))
+    elif os.path.basename(path) == BEST and os.path.isfile(path):
+        kept.append("the earlier %s is intact" % BEST)
+    kept = " and ".join(kept) or "no checkpoint of this run was saved"
+    then = ("continue with --resume %s" % last if last else "run the same command again")
+    fix = ("free some space, then %s" % then if "space" in reason or "quota" in reason else
+           "make --model_name writable, then %s" % then)
+    return outputs.write_failed(path, reason, kept=kept, fix=fix)
 
 
 def _shown(path):

@@ -157,13 +157,20 @@ class Run:
         self.ckpt, self.replaced = None, []  # the checkpoint resumed, a replaced run's files
         self.generator = None  # the single process's shuffling, reseeded every epoch
         self.last = None  # the run's latest checkpoint, for the advice of a diverged run
+        self.best_epoch = None  # the epochs of model_best.pth.tar, when this run wrote it
+        self.locks = []  # its directories, held for the whole run (rank 0)
+
+    def release(self):
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks = []
 
 
-def parse_and_check(argv):
+def parse_and_check(argv, run=None):
     """The flags, the matcher and the run's files, every check before any compute:
-    (opt, matcher class, Run)."""
+    (opt, matcher class, Run); its directories are locked for the run (Run.release)."""
     opt = opts.parse_opt(argv)
-    run = Run()
+    run = run or Run()
     logging.basicConfig(format="%(asctime)s %(message)s",
                         level=logging.INFO if run.master else logging.WARNING)
     check_world_size(opt, run.world_size, run.ddp)
@@ -171,10 +178,20 @@ def parse_and_check(argv):
     matcher.check_opt(opt, distributed=run.ddp)  # the matcher's own flags and refusals
     opts.check_train_opt(opt)  # flags, device, paths
     run.ckpt = load_checkpoint(opt.resume) if opt.resume else None
+    # one run per directory, from here to the end (rank 0 holds it for all); taken before
+    # the checks below, so that of two runs started together one runs and one is refused
+    if run.master:
+        run.locks = runs.lock_run(opt)
     # never over another run's checkpoints or logs; the files of a run it replaces (with
     # --overwrite) are removed at its first checkpoint
     run.replaced = runs.check_run(opt, run.ckpt)
     run.last = opt.resume or None
+    if run.last:
+        errors.on_interrupt("nothing new was saved (%s is the latest checkpoint)" % run.last,
+                            "continue with the same command")
+    else:
+        errors.on_interrupt("no checkpoint was saved yet",
+                            "run the same command again (it starts over)")
     if opt.seed is None and run.ckpt is not None:  # replay the resumed run's shuffling
         opt.seed = getattr(run.ckpt["opt"], "seed", None)
     return opt, matcher, run
@@ -268,6 +285,8 @@ def open_logs(opt, model, run):
         return None
     os.makedirs(opt.model_name, exist_ok=True)
     os.makedirs(opt.logger_name, exist_ok=True)
+    for lock in run.locks:  # the run starts: its directories stay, its files appear
+        lock.keep()
     # the log directory belongs to this run: a run in another --model_name is refused there
     outputs.mark_made(opt.logger_name, "train.py", model_name=os.path.abspath(opt.model_name))
     from torch.utils.tensorboard import SummaryWriter
@@ -325,16 +344,28 @@ def save_epoch(opt, model, run, epoch, best_rsum, is_best):
     if run.ddp:  # every process's generators, for an exact --resume with as many processes
         state["rng_ranks"] = [None] * run.world_size
         dist.all_gather_object(state["rng_ranks"], state["rng"])
-    if run.master:
+
+    def save():
         name = "checkpoint_{}.pth.tar".format(epoch)
-        save_checkpoint(state, is_best, filename=name, prefix=opt.model_name + "/")
+        try:
+            save_checkpoint(state, is_best, filename=name, prefix=opt.model_name + "/")
+        except errors.SGRAFError as e:
+            if e.key != "write_failed":
+                raise
+            # model_best.pth.tar is written after checkpoint_N, which is whole then
+            last = (os.path.join(opt.model_name, name) if os.path.basename(e.where) ==
+                    runs.BEST else run.last)
+            raise runs.save_failed(e, last, run.best_epoch) from None
         run.last = os.path.join(opt.model_name, name)
+        run.best_epoch = epoch + 1 if is_best else run.best_epoch
+        errors.on_interrupt("%s (epoch %d) is saved" % (run.last, epoch + 1),
+                            "continue with the same command and --resume %s" % run.last)
         if run.replaced:  # the replaced run's files go once this run has its own
             runs.remove_files(run.replaced, keep=[run.last] + (
                 [os.path.join(opt.model_name, runs.BEST)] if is_best else []))
             run.replaced = []
-    if run.ddp:  # the others wait for the checkpoint
-        dist.barrier()
+    # on rank 0, while the others wait for it (and stop with it when it cannot write)
+    distributed.agree(save, master_only=True)
 
 
 def finish(model, writer):
@@ -345,15 +376,21 @@ def finish(model, writer):
 
 @errors.exit_on_error
 def main(argv=None):
-    opt, matcher, run = parse_and_check(argv)
-    launch(opt, run)
-    train_loader, val_loader, vocab_file = prepare_data(opt, matcher, run)
-    model, start_epoch, best_rsum = build_model(opt, matcher, run, train_loader.dataset,
-                                                vocab_file)
-    writer = open_logs(opt, model, run)
-    best_rsum = train_loop(opt, model, run, train_loader, val_loader, writer, start_epoch,
-                           best_rsum)
-    finish(model, writer)
+    run = Run()
+    try:
+        opt, matcher, run = parse_and_check(argv, run)
+        launch(opt, run)
+        train_loader, val_loader, vocab_file = prepare_data(opt, matcher, run)
+        model, start_epoch, best_rsum = build_model(opt, matcher, run, train_loader.dataset,
+                                                    vocab_file)
+        if run.master:  # before the first epoch: room for checkpoint_N and model_best.pth.tar
+            runs.check_disk(opt.model_name, runs.checkpoint_bytes(model))
+        writer = open_logs(opt, model, run)
+        best_rsum = train_loop(opt, model, run, train_loader, val_loader, writer, start_epoch,
+                               best_rsum)
+        finish(model, writer)
+    finally:
+        run.release()
     return best_rsum
 
 

@@ -325,11 +325,12 @@ def output_unwritable(w, capsys, caplog):
                capsys)
 
 
-def cache_unwritable(w, capsys, caplog):
+def cache_unwritable(w, capsys, caplog):  # a warning: the query is answered uncached
     import retrieve
     (w.root / "a_file").write_text("not a directory")
-    return cli(retrieve.main, w.eval_args("--query", "a dog", "--cache_dir",
-                                          str(w.root / "a_file" / "cache")), capsys)
+    return logged("cache_unwritable", caplog, retrieve.main,
+                  w.eval_args("--query", "a dog", "--cache_dir",
+                              str(w.root / "a_file" / "cache")))
 
 
 def save_sims(w, *extra):
@@ -604,12 +605,26 @@ REPRESENTATIVE = {
     "resume": ": it continues from data/.data.zip.partial", "module": "SGR",
     "refetch": "the download was removed: run again, or fetch it yourself and pass --from_file "
                "data.zip",
+    # tests/test_runs.py's
+    "pid": 4194303, "run_flag": "--model_name", "os_reason": "no space left on device",
+    "kept": "checkpoint_2.pth.tar is intact and model_best.pth.tar of epoch 2 is intact",
+    "write_fix": "free some space, then continue with --resume %s/checkpoint/"
+                 "checkpoint_2.pth.tar" % RUN,
+    "saved": RUN + "/checkpoint/checkpoint_3.pth.tar (epoch 4) is saved",
+    "how": "continue with the same command and --resume %s/checkpoint/checkpoint_3.pth.tar"
+           % RUN,
     "layout": "f30k_precomp/ or coco_precomp/ with {split}_ims.npy and {split}_caps.txt",
     "indices": "1, 11, 12, 14, 15, 17 ... (9 in all)",
 }
 
 
 RENDERED = {
+    # tests/test_runs.py drives these
+    "run_busy": rendered("run_busy", {"pid": "pid", "flag": "run_flag"},
+                         "--model_name {run_dir}"),
+    "write_failed": rendered("write_failed", {"reason": "os_reason", "kept": "kept",
+                                              "fix": "write_fix"}, "{ckpt}"),
+    "interrupted": rendered("interrupted", {"saved": "saved", "how": "how"}, "train.py"),
     "data_dir_nested": rendered("data_dir_nested", {"parent": "split_dir", "split": "split",
                                                     "above": "data", "name": "name"},
                                  "--data_path {split_dir}"),
