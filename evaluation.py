@@ -30,14 +30,10 @@ shard carries the crc32 of its scores: a shard damaged on disk is scored again, 
 No NaN or Inf reaches a result: the encodings and each shard's scores are checked.
 """
 import argparse
-import hashlib
-import io
-import json
 import logging
 import os
 import sys
 import time
-import zlib
 
 import numpy as np
 import torch
@@ -50,6 +46,7 @@ import errors
 import matchers
 import opts
 import outputs
+import matrix
 from checkpoint import load_checkpoint
 from data import get_test_loader
 from meters import AverageMeter, LogCollector  # noqa: F401  (the original exposes them here)
@@ -64,7 +61,6 @@ DEFAULT_DATA_PATH = "data"
 DEFAULT_SPLIT = "test"
 DEFAULT_FOLD5 = False
 # --fold5: COCO 1K, five folds of 1000 images (and their 5000 captions) of the 5K split
-FOLDS, FOLD_IMAGES = 5, 1000
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -124,38 +120,15 @@ def encode_data(model, data_loader, img_stride=1, progress=True):
     return Encoded(img_embs, cap_embs, cap_lens.tolist(), extra)
 
 
-def _nonfinite_rows(x):
-    """The rows of `x` holding NaN or Inf (one pass over it when there is none)."""
-    if np.isfinite(np.sum(x)):  # (an overflow only sends it to the exact check)
-        return []
-    return np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)).tolist()
-
-
-def _indices(rows, most=6):
-    shown = ", ".join(str(r) for r in rows[:most])
-    return shown + (" ... (%d in all)" % len(rows) if len(rows) > most else "")
-
-
 def check_encoded(enc, label, where):
     """No NaN or Inf in a split's encodings (a NaN in one image's features gives a NaN image
     embedding, whose scores would rank anywhere): a DataError naming the images or captions."""
     img_embs, cap_embs, _ = enc
     for what, x in (("images", img_embs), ("captions", cap_embs)):
-        rows = _nonfinite_rows(x)
+        rows = matrix.nonfinite_rows(x)
         if rows:
-            raise errors.error("embeddings_nonfinite", where, what=what, indices=_indices(rows),
+            raise errors.error("embeddings_nonfinite", where, what=what, indices=matrix.indices_text(rows),
                                model=label)
-
-
-def check_block(block, shard):
-    """No NaN or Inf in a shard's scores: a DataError naming its images and captions."""
-    if np.isfinite(np.sum(block)):
-        return
-    bad = ~np.isfinite(block)
-    i0, _, j0, _ = shard
-    raise errors.error("scores_nonfinite", "the similarity matrix",
-                       images=_indices((np.flatnonzero(bad.any(axis=1)) + i0).tolist()),
-                       captions=_indices((np.flatnonzero(bad.any(axis=0)) + j0).tolist()))
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -338,273 +311,6 @@ def _print_results(r, ri, log=print):
     return rsum
 
 
-# ----------------------------------------------------------------------------- shards
-
-# Scoring is cut into shards of at most IMAGE_BLOCK images x CAPTION_BLOCK captions, and each
-# side into MIN_BLOCKS blocks where that leaves blocks of IMAGE_MIN images and CAPTION_MIN
-# captions or more: Flickr30K's test split is 10 x 10 shards of 100 x 500, 100 images x 500
-# captions 8 x 8 shards, a split of 10 images one shard (tiny shards cost more in per-call
-# overhead than they save). The grid depends on the matrix only, not on the number of
-# processes: every shard is scored the same way whoever scores it, so 1 and N processes give
-# the same matrix, and a rerun with another number of processes continues a --save_sims file.
-IMAGE_BLOCK, CAPTION_BLOCK, MIN_BLOCKS, IMAGE_MIN, CAPTION_MIN = 100, 500, 8, 10, 50
-
-
-def _blocks(start, stop, least, most):
-    size = min(most, max(least, -(-(stop - start) // MIN_BLOCKS)))
-    return [(b, min(b + size, stop)) for b in range(start, stop, size)]
-
-
-def score_regions(n_img, n_cap, fold5=False):
-    """The parts of the (n_img, n_cap) matrix that are scored: all of it, or with `fold5` the
-    five diagonal 1000 x 5000 folds (the original's COCO 1K: 25M pairs instead of 125M)."""
-    if fold5:
-        n = FOLD_IMAGES
-        return [(k * n, (k + 1) * n, 5 * k * n, 5 * (k + 1) * n) for k in range(FOLDS)]
-    return [(0, n_img, 0, n_cap)]
-
-
-def shard_grid(regions):
-    """[(i0, i1, j0, j1)]: images i0..i1-1 x captions j0..j1-1 for every shard of the
-    regions."""
-    return [(i0, i1, j0, j1) for r0, r1, c0, c1 in regions
-            for i0, i1 in _blocks(r0, r1, IMAGE_MIN, IMAGE_BLOCK)
-            for j0, j1 in _blocks(c0, c1, CAPTION_MIN, CAPTION_BLOCK)]
-
-
-def _pairs(shard):
-    i0, i1, j0, j1 = shard
-    return (i1 - i0) * (j1 - j0)
-
-
-def score_shard(scorers, shard):
-    """The mean of the models' scores of one shard (one model: its scores), float64. Each
-    scorer is (model, encoded split); a model sees the block of images x captions only,
-    through its `score`."""
-    i0, i1, j0, j1 = shard
-    sims, own = None, []
-    for model, enc in scorers:
-        inputs = getattr(model, "score_inputs", {})
-        extra = {k: enc.extra[k][i0:i1] if where == "image" else enc.extra[k][j0:j1]
-                 for k, where in inputs.items()}
-        img_embs, cap_embs, cap_lens = enc
-        s = model.score(img_embs[i0:i1], cap_embs[j0:j1], cap_lens[j0:j1], **extra)
-        sims = s if sims is None else sims + s
-        own.append(s)
-    return sims / len(scorers), own
-
-
-def score_shards(scorers, shards, todo, out, commit=None, bar=None, each=False, own=None):
-    """Score the shards `todo` (indices into `shards`) and write each into `out` (rank 0's
-    matrix). Under torchrun the shards are dealt out in rounds, one per process, largest
-    first, so that every process gets an equal share of the pairs and a round's shards are of
-    a size; rank 0 collects each round's blocks, writes them, then calls `commit(indices)`
-    (the --save_sims record) and advances `bar` by the round's pairs. `each`: also each model's
-    own block, written into `own` (rank 0's list of matrices, one per model); `out` None: only
-    those."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    order = sorted(todo, key=lambda k: -_pairs(shards[k]))  # stable: grid order among equals
-    for model, _ in scorers:  # one bar over the pairs, not one per shard
-        model.show_progress = False
-    try:
-        for start in range(0, len(order), world):
-            batch = order[start:start + world]
-            mine = score_shard(scorers, shards[batch[rank]]) if rank < len(batch) else None
-            if mine is not None and not each:
-                mine = (mine[0], None)  # the models' own blocks stay home
-            blocks = distributed.gather(mine)
-            if rank != 0:
-                continue
-            for k, (block, blocks_own) in zip(batch, blocks):
-                check_block(block, shards[k])
-                i0, i1, j0, j1 = shards[k]
-                if out is not None:
-                    out[i0:i1, j0:j1] = block
-                for m, b in zip(own or [], blocks_own or []):
-                    m[i0:i1, j0:j1] = b
-            if commit is not None:
-                commit(batch)
-            if bar is not None:
-                bar.update(sum(_pairs(shards[k]) for k in batch))
-    finally:
-        for model, _ in scorers:
-            model.show_progress = True
-
-
-# ----------------------------------------------------------------------------- --save_sims
-
-def sims_path(path):
-    """`--save_sims` as np.save names it: `.npy` appended when missing."""
-    return path if path.endswith(".npy") else path + ".npy"
-
-
-def sims_identity(loaded, datasets, split, fold5, shape, grid, overrides=None):
-    """What determines the matrix, for the --save_sims record: the checkpoints' and the
-    split's files by content (sha256), the vocabularies, and the options that change
-    scores (precision, the matchers' evaluation flags given). `loaded`: [(model, opt,
-    checkpoint path)]; `datasets`: the split as each model reads it (their `files`)."""
-    ident = {}
-    for k, (model, opt, path) in enumerate(loaded):
-        tag = "checkpoint" if k == 0 else "checkpoint%d" % (k + 1)
-        ident[tag + " sha256"] = outputs.file_digest(path)
-        vocab_file = getattr(opt, "vocab_file", None)
-        if vocab_file and os.path.isfile(vocab_file):
-            ident[tag + " vocabulary sha256"] = outputs.file_digest(vocab_file)
-        ident[tag + " precision"] = getattr(model.opt, "precision", "fp32")
-    for k, v in sorted((overrides or {}).items()):
-        ident["--" + k] = v if isinstance(v, (bool, int, float, str)) else repr(v)
-    ident["split"] = split
-    for dset in datasets:
-        for f in getattr(dset, "files", None) or [os.path.join(getattr(dset, "data_path", "?"),
-                                                               split)]:
-            key = os.path.basename(f) + " sha256"
-            if key not in ident:
-                ident[key] = outputs.file_digest(f) if os.path.isfile(f) else f
-    ident["device"] = torch.device(loaded[0][0].device).type
-    ident["fold5"] = bool(fold5)
-    ident["shape"] = list(shape)
-    # the record's shard numbers index this grid
-    ident["shard grid sha256"] = hashlib.sha256(json.dumps(grid).encode()).hexdigest()
-    return ident
-
-
-def _shard_sums(entry, n_shards):
-    """[(shard, crc32)] of a record entry `{"done": [k, ...], "crc32": [c, ...]}`, or None for
-    a line of another shape (damaged, or of a version that kept no checksums)."""
-    if not isinstance(entry, dict) or set(entry) != {"done", "crc32"}:
-        return None
-    done, sums = entry["done"], entry["crc32"]
-    if not (isinstance(done, list) and isinstance(sums, list) and len(done) == len(sums)):
-        return None
-    if not all(type(k) is int and 0 <= k < n_shards for k in done) or \
-            not all(type(c) is int for c in sums):
-        return None
-    return list(zip(done, sums))
-
-
-def _block_crc32(sims, shard):
-    i0, i1, j0, j1 = shard
-    return zlib.crc32(np.ascontiguousarray(sims[i0:i1, j0:j1]))
-
-
-class SavedSims:
-    """The --save_sims matrix, written as it is scored: a memory-mapped float64 .npy (NaN where
-    nothing is scored yet, e.g. outside the folds of --fold5) and the record of the finished
-    shards beside it (outputs.OutputRecord), each with the crc32 of its scores. A shard's
-    scores reach the disk before the shard is recorded, so the record never names a shard that
-    a crash lost; rerunning the command continues from the recorded shards whose scores still
-    match their checksum, and scores the others again (one warning line says how many).
-    Rank 0 only: made before the evaluation, so that it is closed whatever happens; nothing is
-    read or written before `claim`."""
-
-    def __init__(self, path, overwrite=False):
-        self.path, self.overwrite = path, overwrite
-        self.record, self.sims, self.shape, self.done = None, None, None, set()
-        self.grid = None
-
-    def claim(self, identity, shape, grid, info=None):
-        """The file for the evaluation `identity` (its shards `grid`): a fresh matrix, or the
-        one an earlier run of the same evaluation left; returns the shards already scored."""
-        record = outputs.claim_output(self.path, identity, "--save_sims",
-                                      made_by="evaluation.py --save_sims",
-                                      overwrite=self.overwrite, info=info)
-        self.record, self.shape, self.grid = record, tuple(shape), grid
-        try:
-            ready = any(e == {"ready": True} for e in record.entries)
-            sums, damaged = {}, 0
-            for e in record.entries:
-                if e == {"ready": True}:
-                    continue
-                found = _shard_sums(e, len(grid))
-                if found is None:
-                    damaged += 1
-                else:
-                    sums.update(found)  # a shard scored again: its latest checksum
-            self.done = set()
-            if ready:
-                self.sims = self._open()
-                self.done = {k for k, c in sums.items() if _block_crc32(self.sims, grid[k]) == c}
-                if damaged or len(self.done) < len(sums):
-                    self._warn(len(sums) - len(self.done), len(sums), damaged)
-            else:  # fresh, or the earlier run stopped before the file was made
-                if sums or damaged:  # its "ready" line is damaged: all of it is scored again
-                    self._warn(len(sums), len(sums), damaged)
-                self.sims = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float64,
-                                                      shape=self.shape)
-                self.sims[:] = np.nan
-                self.sims.flush()
-                record.append({"ready": True})
-        except BaseException:
-            self.record = None
-            record.close()
-            raise
-        return self.done
-
-    def _warn(self, n, n_recorded, damaged):
-        lines = ", and %d record line(s) are damaged" % damaged if damaged else ""
-        log.warning(errors.message("sims_rescored", self.path, n=n, n_recorded=n_recorded,
-                                   lines=lines,
-                                   record=os.path.basename(self.record.record_path)))
-
-    def _other_array(self, f):
-        """Whether `f` starts with a whole .npy header of another array (not a damaged one)."""
-        f.seek(0)
-        try:
-            version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0,
-                    (2, 0): np.lib.format.read_array_header_2_0}[version]
-            shape, fortran, dtype = read(f)
-        except Exception:  # a damaged header: whatever numpy raises for it
-            return False
-        return (tuple(shape), fortran, dtype) != (self.shape, False, np.dtype(np.float64))
-
-    def _header(self):
-        """The .npy header open_memmap writes for the matrix."""
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(
-            np.dtype(np.float64)), "fortran_order": False, "shape": self.shape})
-        return buf.getvalue()
-
-    def _open(self):
-        """The matrix an earlier run wrote, opened for writing without trusting its size or its
-        header: those are the record's (a damaged header is written again, a longer file cut,
-        a shorter one completed with NaN, never silently with zeros); the shards' checksums
-        then say which scores survived."""
-        header = self._header()
-        size = len(header) + 8 * self.shape[0] * self.shape[1]
-        not_ours = errors.error("output_not_ours", self.path, flag="--save_sims",
-                                why="it does not hold the (%d, %d) float64 matrix its record "
-                                    "describes" % self.shape)
-        try:
-            with open(self.path, "r+b") as f:
-                if f.read(len(header)) != header:
-                    if self._other_array(f):  # an .npy of the user's, saved over ours
-                        raise not_ours
-                    f.seek(0)
-                    f.write(header)
-                found = os.fstat(f.fileno()).st_size
-                if found != size:
-                    f.truncate(size)
-            sims = np.lib.format.open_memmap(self.path, mode="r+")
-        except (OSError, ValueError):
-            raise not_ours from None
-        if found < size:  # the part cut off (and the value it cut) is unscored
-            sims.reshape(-1)[max(0, found - len(header)) // 8:] = np.nan
-            sims.flush()
-        return sims
-
-    def commit(self, shards):
-        """The shards' scores are on disk (msync), then recorded (fsync) with their checksums."""
-        self.sims.flush()
-        self.record.append({"done": list(shards),
-                            "crc32": [_block_crc32(self.sims, self.grid[k]) for k in shards]})
-
-    def close(self):
-        if self.record is not None:
-            self.record.close()
-
-
 # ----------------------------------------------------------------------------- evalrank
 
 def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=None,
@@ -625,13 +331,13 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     check_arguments(plots, data_name, data_path, device)
     rank, device = join_processes(device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    saved = SavedSims(sims_path(save_sims), overwrite) if save_sims and rank == 0 else None
+    saved = matrix.SavedSims(matrix.sims_path(save_sims), overwrite) if save_sims and rank == 0 else None
     try:
         loaded, scorers, data_loader, shape = distributed.agree(
             lambda: _prepare(model_path, model_path2, data_path, split, fold5, vocab_path,
                              data_name, device, feat_format, precision, say, overrides,
                              check_flags))
-        shards = shard_grid(score_regions(*shape, fold5=fold5))
+        shards = matrix.shard_grid(matrix.score_regions(*shape, fold5=fold5))
         done = distributed.agree(
             lambda: claim_sims(saved, loaded, scorers, data_path, split, fold5, shape, shards,
                                overrides), master_only=True)
@@ -679,7 +385,7 @@ def claim_sims(saved, loaded, scorers, data_path, split, fold5, shape, shards, o
     if saved is None:
         return set()
     datasets = [dl.dataset for dl in dict.fromkeys(dl for _, _, dl in scorers)]
-    ident = sims_identity([(m, o, p) for m, o, p in loaded], datasets, split, fold5, shape,
+    ident = matrix.sims_identity([(m, o, p) for m, o, p in loaded], datasets, split, fold5, shape,
                           shards, overrides)
     info = {"checkpoints": [p for _, _, p in loaded], "data_path": data_path,
             "command": " ".join(sys.argv)}
@@ -714,17 +420,17 @@ def score(scorers, shards, done, shape, saved, each, rank, say):
     sims = None
     if rank == 0:
         sims = saved.sims if saved is not None else np.full(shape, np.nan)
-    total = sum(_pairs(s) for s in shards)
-    bar = tqdm(total=total, initial=total - sum(_pairs(shards[k]) for k in todo),
+    total = sum(matrix._pairs(s) for s in shards)
+    bar = tqdm(total=total, initial=total - sum(matrix._pairs(shards[k]) for k in todo),
                unit="pair", unit_scale=True, desc="score", leave=False,
                disable=None if rank == 0 and todo else True)
     start = time.time()
     own = [np.full(shape, np.nan) for _ in scorers] if each and rank == 0 else None
-    score_shards(encoded, shards, todo, sims, commit=saved.commit if saved else None,
+    matrix.score_shards(encoded, shards, todo, sims, commit=saved.commit if saved else None,
                  bar=bar, each=each, own=own)
     bar.close()
     if each and done:  # shards an earlier run scored: each model's own scores for the plots
-        score_shards(encoded, shards, sorted(done), None, each=each, own=own)
+        matrix.score_shards(encoded, shards, sorted(done), None, each=each, own=own)
     if todo:
         say("calculate similarity time:", time.time() - start)
     else:
@@ -780,7 +486,7 @@ def _prepare(model_path, model_path2, data_path, split, fold5, vocab_path, data_
                 dset = loaders[key].dataset
                 n_images = len(dset) // dset.im_div
                 data.check_fold5(fold5, n_images, split, len(dset),
-                                 needed=FOLDS * FOLD_IMAGES)
+                                 needed=matrix.FOLDS * matrix.FOLD_IMAGES)
                 data.check_eval_captions(n_images, len(dset), getattr(dset, "cap_path", split))
         scorers.append((model, mopt, loaders[key]))
     first = scorers[0][2].dataset
@@ -812,12 +518,12 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
             log("ASP: i2t %.1f t2i %.1f" % out["asp"])
         return out
 
-    n = FOLD_IMAGES
-    if sims.shape[0] != FOLDS * n:
+    n = matrix.FOLD_IMAGES
+    if sims.shape[0] != matrix.FOLDS * n:
         raise ValueError("--fold5 needs a split of %d images (COCO testall), got %d"
-                         % (FOLDS * n, sims.shape[0]))
+                         % (matrix.FOLDS * n, sims.shape[0]))
     results, asps = [], []
-    for i in range(FOLDS):
+    for i in range(matrix.FOLDS):
         s = sims[i * n:(i + 1) * n, 5 * i * n:5 * (i + 1) * n]
         r = i2t(None, None, None, s)
         log("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r)

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import evaluation
+import matrix
 import naaf
 import outputs
 from helpers import result_lines, tiny_dataset
@@ -41,14 +42,15 @@ PROBE = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import evaluation
-evaluation.FOLD_IMAGES = 8
+import matrix
+matrix.FOLD_IMAGES = 8
 delay = float(os.environ.get("SLOW_SHARD", "0"))
 if delay:
-    score_shard = evaluation.score_shard
+    score_shard = matrix.score_shard
     def slow(*args):
         time.sleep(delay)
         return score_shard(*args)
-    evaluation.score_shard = slow
+    matrix.score_shard = slow
 if os.environ.get("PID_DIR"):
     with open(os.path.join(os.environ["PID_DIR"], "pid%s" % os.environ.get("RANK", "")), "w") as f:
         f.write(str(os.getpid()))
@@ -130,7 +132,7 @@ def done_shards(record):
 
 @pytest.mark.parametrize("name,fold5", [("SGR", False), ("NAAF", False), ("SGR", True)])
 def test_torchrun_two_processes_equal_one(setup, tmp_path, monkeypatch, name, fold5):
-    monkeypatch.setattr(evaluation, "FOLD_IMAGES", 8)  # as the probe
+    monkeypatch.setattr(matrix, "FOLD_IMAGES", 8)  # as the probe
     flags = ["--fold5"] if fold5 else []
     one, two = str(tmp_path / "one.npy"), str(tmp_path / "two.npy")
     out1 = run(setup, eval_args(setup, name, "--save_sims", one, *flags)).stdout
@@ -152,7 +154,7 @@ def test_torchrun_two_processes_equal_one(setup, tmp_path, monkeypatch, name, fo
         assert np.isfinite(a).all()
     assert np.nanmax(np.abs(a - b)) <= 1e-7
     # both records list every shard once; the two processes' record says the same
-    shards = evaluation.shard_grid(evaluation.score_regions(N_TEST, 5 * N_TEST, fold5))
+    shards = matrix.shard_grid(matrix.score_regions(N_TEST, 5 * N_TEST, fold5))
     assert len(shards) == (5 if fold5 else 16)
     for f in (one, two):
         header, done = done_shards(f + ".record")
@@ -220,7 +222,7 @@ def test_a_crash_between_shards_continues_in_one_process(setup, tmp_path, capsys
     sims = np.load(f, mmap_mode="r+")
     sims[:] = np.nan  # whatever a shard held, only the recorded shards are trusted...
     header, done = done_shards(rec)
-    for k, (i0, i1, j0, j1) in enumerate(evaluation.shard_grid([(0, N_TEST, 0, 5 * N_TEST)])):
+    for k, (i0, i1, j0, j1) in enumerate(matrix.shard_grid([(0, N_TEST, 0, 5 * N_TEST)])):
         if k in done:
             sims[i0:i1, j0:j1] = full[i0:i1, j0:j1]  # ...and those are on disk
     sims.flush()
@@ -325,24 +327,24 @@ def test_files_it_did_not_make_are_refused(setup, tmp_path, capsys):
 
 def test_the_grid_covers_each_pair_once_and_shares_are_balanced():
     for shape in [(1, 5), (8, 40), (40, 200), (100, 500), (1000, 5000), (1001, 5005)]:
-        regions = evaluation.score_regions(*shape)
-        shards = evaluation.shard_grid(regions)
+        regions = matrix.score_regions(*shape)
+        shards = matrix.shard_grid(regions)
         cover = np.zeros(shape, dtype=np.int64)
         for i0, i1, j0, j1 in shards:
-            assert 0 < i1 - i0 <= evaluation.IMAGE_BLOCK
-            assert 0 < j1 - j0 <= evaluation.CAPTION_BLOCK
+            assert 0 < i1 - i0 <= matrix.IMAGE_BLOCK
+            assert 0 < j1 - j0 <= matrix.CAPTION_BLOCK
             cover[i0:i1, j0:j1] += 1
         assert (cover == 1).all(), shape
-    assert len(evaluation.shard_grid(evaluation.score_regions(100, 500))) == 64
-    assert len(evaluation.shard_grid(evaluation.score_regions(1000, 5000))) == 100
-    assert len(evaluation.shard_grid(evaluation.score_regions(5000, 25000, fold5=True))) == 500
+    assert len(matrix.shard_grid(matrix.score_regions(100, 500))) == 64
+    assert len(matrix.shard_grid(matrix.score_regions(1000, 5000))) == 100
+    assert len(matrix.shard_grid(matrix.score_regions(5000, 25000, fold5=True))) == 500
     # the rounds of score_shards: each process's pairs within one shard of the others'
-    shards = evaluation.shard_grid(evaluation.score_regions(1001, 5005))
-    order = sorted(range(len(shards)), key=lambda k: -evaluation._pairs(shards[k]))
+    shards = matrix.shard_grid(matrix.score_regions(1001, 5005))
+    order = sorted(range(len(shards)), key=lambda k: -matrix._pairs(shards[k]))
     for world in (2, 3, 8):
-        share = [sum(evaluation._pairs(shards[k]) for k in order[r::world])
+        share = [sum(matrix._pairs(shards[k]) for k in order[r::world])
                  for r in range(world)]
-        assert max(share) - min(share) <= evaluation._pairs(shards[order[0]])
+        assert max(share) - min(share) <= matrix._pairs(shards[order[0]])
 
 
 class Recorder:
@@ -367,9 +369,9 @@ def test_one_bar_over_the_pairs(setup):
     img = np.random.rand(12, 36, 16).astype(np.float32)
     cap = np.random.rand(60, 5, 16).astype(np.float32)
     enc = evaluation.Encoded(img, cap, [5] * 60)
-    shards = evaluation.shard_grid(evaluation.score_regions(12, 60))
+    shards = matrix.shard_grid(matrix.score_regions(12, 60))
     out, bar, committed = np.full((12, 60), np.nan), Recorder(), []
-    evaluation.score_shards([(model, enc)], shards, list(range(len(shards))), out,
+    matrix.score_shards([(model, enc)], shards, list(range(len(shards))), out,
                             commit=committed.extend, bar=bar)
     assert bar.n == 12 * 60 and sorted(committed) == list(range(len(shards)))
     assert seen and not any(seen) and model.show_progress

@@ -28,6 +28,7 @@ import pytest
 import data
 import errors
 import evaluation
+import matrix
 import outputs
 import retrieve
 from helpers import expect_exit, result_lines
@@ -81,19 +82,19 @@ class Fixed:
 
 
 SHAPE = (40, 200)  # 4 x 4 shards
-GRID = evaluation.shard_grid(evaluation.score_regions(*SHAPE))
+GRID = matrix.shard_grid(matrix.score_regions(*SHAPE))
 IDENT = {"checkpoint sha256": "0" * 64, "shape": list(SHAPE)}
 
 
 def save_sims(path, ref):
     """An evaluation --save_sims of the matrix `ref` (or its rerun): the matrix it ends with,
     and the shards it found scored."""
-    saved = evaluation.SavedSims(path)
+    saved = matrix.SavedSims(path)
     try:
         done = saved.claim(IDENT, SHAPE, GRID)
         enc = evaluation.Encoded(np.arange(SHAPE[0]), np.arange(SHAPE[1]), [1] * SHAPE[1])
         todo = [k for k in range(len(GRID)) if k not in done]
-        evaluation.score_shards([(Fixed(ref), enc)], GRID, todo, saved.sims,
+        matrix.score_shards([(Fixed(ref), enc)], GRID, todo, saved.sims,
                                 commit=saved.commit)
         return np.array(saved.sims), done
     finally:
@@ -137,7 +138,7 @@ def test_a_cut_matrix_is_completed_with_nan_never_zeros(tmp_path):
     save_sims(path, ref)
     with open(path, "r+b") as f:
         f.truncate(5000)
-    saved = evaluation.SavedSims(path)
+    saved = matrix.SavedSims(path)
     try:
         done = saved.claim(IDENT, SHAPE, GRID)
         assert os.path.getsize(path) == 128 + 8 * SHAPE[0] * SHAPE[1]
@@ -394,9 +395,9 @@ def test_non_finite_captions_and_scores_are_named():
     block = np.zeros((4, 5))
     block[2, 1] = np.nan
     with pytest.raises(errors.SGRAFError) as e:
-        evaluation.check_block(block, (10, 14, 50, 55))
+        matrix.check_block(block, (10, 14, 50, 55))
     assert e.value.key == "scores_nonfinite" and "images 12 x captions 51 " in str(e.value)
-    evaluation.check_block(np.ones((4, 5)), (0, 4, 0, 5))  # finite: nothing to say
+    matrix.check_block(np.ones((4, 5)), (0, 4, 0, 5))  # finite: nothing to say
 
 
 def test_utf16_captions(work, capsys, tmp_path):
