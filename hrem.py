@@ -817,7 +817,7 @@ class HREM(Matcher):
     drop_last = True
     collate_fn = staticmethod(collate_fn)
     fp32_parts = {
-        "the criterion (HREMCriterion: its triplet or VSE loss, the cross-modal graph and its "
+        "the criterion (GraphLoss: its triplet or VSE loss, the cross-modal graph and its "
         "regulariser)": "a loss: the distance cut-off of the triplet weights (1.7, 1.9) and "
                         "the softmax-weighted graph over 2B nodes compare scores that bf16 "
                         "would tie",

@@ -428,9 +428,10 @@ class NAAF(Matcher):
     demo_flags = ["--batch_size", "16", "--learning_rate", "0.0005"]
     fp32_parts = {
         "the threshold learner's samples and statistics (train_sims, ThresholdLearner)":
-            "the words' best-region cosines, the means and stds and the quadratic for the "
-            "threshold: bf16 rounds a cosine near 0.3 by 0.001-0.002, the size of the gap "
-            "the threshold has to find between matched and mismatched words",
+            "the words' best-region cosines, their means and stds and the quadratic for the "
+            "threshold: bf16 rounds a cosine near 0.3 by up to 0.001 (its step there is "
+            "0.002), and sums of hundreds of samples in bf16 lose more, so that the learned "
+            "threshold would move by rounding alone",
     }
     # the original train.py's defaults where they differ from SGRAF's
     defaults = {"learning_rate": 0.0005, "lr_update": 20, "num_epochs": 20,
