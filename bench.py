@@ -542,8 +542,8 @@ def main(argv=None):
     args.precision = ",".join(precisions)
     if args.table:
         print("\n%s, torch %s: seconds; eval %d images x %d captions, train batch %d "
-              "(GSMN: --gsmn_batch)\n" % (device_name(dev), torch.__version__, args.n_img,
-                                          args.n_cap, args.batch))
+              "(or a matcher's own bench_train_batch)\n"
+              % (device_name(dev), torch.__version__, args.n_img, args.n_cap, args.batch))
         print(markdown_table(results))
     return results
 

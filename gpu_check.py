@@ -19,7 +19,6 @@ CUDA check and measurement of the project, in about 8 minutes on one H100.
 Where CUDA is not available it says so in one line and exits 0 (so that a script may run it
 anywhere). The exit code is otherwise pytest's (0: every cuda test passed).
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 import torch
 
 import bench
+import errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_TIMEOUT = 300  # seconds for the cuda tests; the rest of the 8 minutes is bench.py's
@@ -66,13 +66,19 @@ RATIOS = [("eval 100x500 per-caption", "eval 100x500 fp32"),
           ("train per-caption", "train fp32"), ("train fp32", "train bf16")]
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n")[0])
+def build_parser():
+    p = errors.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n")[0])
     p.add_argument("--skip_tests", action="store_true", help="bench.py only")
     p.add_argument("--skip_bench", action="store_true", help="the cuda tests only")
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    p.add_argument("bench_args", nargs="*", metavar="-- BENCH_FLAG",
+                   help="after --: flags for bench.py (e.g. --sgraf_original DIR)")
+    return p
+
+
+@errors.exit_on_error
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    extra = args.bench_args
     if not torch.cuda.is_available():
         print("gpu_check.py: CUDA is not available here (torch %s); nothing to check"
               % torch.__version__)
@@ -88,8 +94,8 @@ def main(argv=None):
     if not args.skip_bench:
         rows = measure(extra)
         print("\n%s, torch %s: times in seconds (bench.py, full dimensions; eval fast paths "
-              "fp32/bf16 against the fp32 per-caption reference; train batch 128, GSMN's "
-              "--gsmn_batch)\n" % (name, torch.__version__))
+              "fp32/bf16 against the fp32 per-caption reference; train batch 128, or a "
+              "matcher's own bench_train_batch)\n" % (name, torch.__version__))
         print(bench.markdown_table(rows, RATIOS))
     print("\ngpu_check.py: done in %.0f s" % (time.time() - start))
     return code
