@@ -27,8 +27,13 @@ file names none:
     python bench.py                      # every matcher: 100 images x 500 captions, batch 128
     python bench.py --quick              # small sanity run
     python bench.py --modules NAME --what eval --precision bf16
+    python bench.py --what train --precision fp32,bf16 --table   # fp32 vs bf16 steps, a table
     python bench.py --what retrieve --modules NAME,NAME   # one text query, 1000-image gallery
     python bench.py --help               # the flags, the matchers' own included
+
+`--precision fp32,bf16` runs the eval and train jobs in each precision (the per-caption
+reference, fp32, once): bf16 autocast in `score` where the matcher has it, and in the train step
+(train.py --precision bf16). `--table` ends with one markdown table of the times (docs/speed.md).
 
 `--what retrieve` times retrieve.py end to end on a gallery written to a temporary directory
 (`--gallery` images of random features at `--img_dim`, 5 synthetic captions each, the shipped
@@ -79,8 +84,11 @@ def build_parser():
     p.add_argument("--word_dim", type=int, default=300)
     p.add_argument("--vocab_size", type=int, default=8000)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="evaluation precision of the fast path (bf16: autocast)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated fp32, bf16: the fast path's precision in the eval and "
+                        "train jobs (bf16: autocast), each in turn")
+    p.add_argument("--table", action="store_true",
+                   help="end with one markdown table of the eval and train times")
     p.add_argument("--daa_weight", type=float, default=0.0,
                    help="train jobs of the matchers that train with DAA at this weight ('--what "
                         "daa' times the step with --daa_weight, default 10, against without)")
@@ -119,6 +127,7 @@ def get_args(argv=None):
                            other="--max_len %d" % args.max_len, limit=args.max_len)
     errors.check_choices(args, "modules", tuple(registry().MATCHERS))
     errors.check_choices(args, "what", WHATS)
+    errors.check_choices(args, "precision", PRECISIONS)
     for cls in registry().classes():
         cls.check_bench_args(args)  # their own flags; --quick's sizes for them
     errors.check_device(args.device)
@@ -468,6 +477,12 @@ JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_d
 DUAL_JOBS = {"eval": job_dual_eval, "train": job_dual_train,
              "retrieve": lambda args, name, variant: job_retrieve(args, name, False, variant)}
 WHATS = ("encode", "eval", "train", "daa", "retrieve")  # "original": spawned by bench_original
+PRECISIONS = ("fp32", "bf16")
+# the table's columns within a job, and its ratios: the speed-ups over the references, and
+# bf16's over fp32
+COLUMN_ORDER = ("fp32", "bf16", "per-caption", "ORIGINAL")
+RATIOS = [("eval per-caption", "eval fp32"), ("eval ORIGINAL", "eval fp32"),
+          ("train per-caption", "train fp32"), ("train fp32", "train bf16")]
 
 
 def run_job(args, start_mb):
@@ -512,16 +527,61 @@ def main(argv=None):
           % (args.n_img, args.n_cap, args.min_len, args.max_len, args.batch, args.img_dim,
              args.embed_size, args.sim_dim))
     whats = args.what.split(",")
+    precisions = args.precision.split(",")
+    results = {}  # row (matcher, variant) -> {column: seconds}
     for name in args.modules.split(","):
-        if matcher(name).dual_encoder:
-            bench_dual(argv, args, whats, name)
-        else:
-            bench_pairwise(argv, args, whats, name, fp32)
+        for k, precision in enumerate(precisions):
+            # the jobs that do not depend on the precision, and the fp32 references, once
+            todo = whats if k == 0 else [w for w in whats if w in ("eval", "train")]
+            sub = argv + ["--precision", precision]  # argparse: the last value wins
+            args.precision = precision
+            if matcher(name).dual_encoder:
+                bench_dual(sub, args, todo, name, results)
+            else:
+                bench_pairwise(sub, args, todo, name, fp32, results, refs=k == 0)
+    args.precision = ",".join(precisions)
+    if args.table:
+        print("\n%s, torch %s: seconds; eval %d images x %d captions, train batch %d "
+              "(or a matcher's own bench_train_batch)\n"
+              % (device_name(dev), torch.__version__, args.n_img, args.n_cap, args.batch))
+        print(markdown_table(results))
+    return results
 
 
-def bench_pairwise(argv, args, whats, name, fp32):
-    """The jobs of a matcher scored pair by pair, and their lines."""
+def markdown_table(rows, ratios=RATIOS):
+    """rows {(matcher, variant): {column: seconds}} as one markdown table: a row per matcher
+    (and variant), the columns grouped by job ("eval fp32", "eval bf16", "eval per-caption",
+    ...), then each ratio a / b of `ratios` that some row has."""
+    cols = []
+    for r in rows.values():
+        cols += [c for c in r if c not in cols]
+    groups = list(dict.fromkeys(c.rsplit(" ", 1)[0] for c in cols))
+    cols.sort(key=lambda c: (groups.index(c.rsplit(" ", 1)[0]),
+                             COLUMN_ORDER.index(c.rsplit(" ", 1)[1])))
+    ratios = [(a, b) for a, b in ratios if any(a in r and b in r for r in rows.values())]
+    head = (["matcher"] + ["%s (s)" % c for c in cols] +
+            ["%s / %s" % (a, b) for a, b in ratios])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (name, label), r in rows.items():
+        cells = [name if label is None else "%s (%s)" % (name, label)]
+        cells += ["%.3f" % r[c] if c in r else "" for c in cols]
+        cells += ["%.2fx" % (r[a] / r[b]) if a in r and b in r else "" for a, b in ratios]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def device_name(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return "CPU, %d threads" % torch.get_num_threads()
+
+
+def bench_pairwise(argv, args, whats, name, fp32, results, refs=True):
+    """The jobs of a matcher scored pair by pair, and their lines; their times into
+    results[(name, None)]. `refs`: also the references (fp32, once for all precisions)."""
     cls = matcher(name)
+    rec = results.setdefault((name, None), {})
+    prec = args.precision
     if "encode" in whats:
         r = spawn(argv, "encode", name, "fast")
         print("[%s] encode %d images + %d captions: %.3f s, peak %.0f MB"
@@ -534,13 +594,15 @@ def bench_pairwise(argv, args, whats, name, fp32):
                                shard=ref_shard)
         pairs = args.n_img * args.n_cap
         f = spawn(argv, "eval", name, "fast")
+        rec["eval " + prec] = float(f["time"])
         print("[%s] eval fast (%s): %.2f s, %.0f pairs/s, %.1f effective GFLOP/s "
               "(%.0f%% of fp32 peak, original %.0f GFLOP), peak RSS %.0f MB (start %.0f)"
               % (name, cls.bench_precision(args), f["time"], pairs / f["time"],
                  flops / f["time"] / 1e9, 100 * flops / f["time"] / 1e9 / fp32, flops / 1e9,
                  f["peak_mb"], f["base_mb"]))
-        if not args.no_ref:
+        if refs and not args.no_ref:
             r = spawn(argv, "eval", name, "ref")
+            rec["eval per-caption"] = float(r["time"])
             ref_what = cls.bench_reference_label(args)
             ref_what += ", shards of %d x %d" % (ref_shard, ref_shard)
             print("[%s] eval %s: %.2f s, %.0f pairs/s, %.1f effective GFLOP/s, "
@@ -561,6 +623,7 @@ def bench_pairwise(argv, args, whats, name, fp32):
             original = cls.bench_original_code(args)
             if original:
                 o = spawn(argv, "original", name, "ref")
+                rec["eval ORIGINAL"] = float(o["time"])
                 print("[%s] eval ORIGINAL shard_xattn (%s): %.2f s, peak RSS %.0f MB; "
                       "per-caption / original %.3f, fast speedup over the original %.2fx, "
                       "max |fast - original| = %.2e"
@@ -582,15 +645,19 @@ def bench_pairwise(argv, args, whats, name, fp32):
         flops = original_flops(name, batch, lens, d=args.embed_size, s=args.sim_dim,
                                intra=False)
         f = spawn(argv, "train", name, "fast")
-        print("[%s] train step fast (batch %d): %.2f s, peak RSS %.0f MB (start %.0f), "
+        rec["train " + prec] = float(f["time"])
+        print("[%s] train step fast (batch %d%s): %.2f s, peak RSS %.0f MB (start %.0f), "
               "%.1f effective forward GFLOP/s"
-              % (name, batch, f["time"], f["peak_mb"], f["base_mb"],
-                 flops / f["time"] / 1e9))
-        if cls.forward_sim_percaption is None:
+              % (name, batch, "" if prec == "fp32" else ", " + prec, f["time"], f["peak_mb"],
+                 f["base_mb"], flops / f["time"] / 1e9))
+        if not refs:
+            pass
+        elif cls.forward_sim_percaption is None:
             print("[%s] train step: no per-caption reference (%s)"
                   % (name, cls.no_reference_step_why))
         elif not args.no_ref:
             r = spawn(argv, "train", name, "ref")
+            rec["train per-caption"] = float(r["time"])
             g, gr = f["grads"], r["grads"]
             print("[%s] train step per-caption: %.2f s, peak RSS %.0f MB (start %.0f)"
                   % (name, r["time"], r["peak_mb"], r["base_mb"]))
@@ -610,13 +677,17 @@ def print_retrieve(name, args, r):
              r["query"], r["query_plain"], r["command"], r["peak_mb"]))
 
 
-def bench_dual(argv, args, whats, name):
-    """The jobs of a dual encoder, in each of its variants, and their lines."""
+def bench_dual(argv, args, whats, name, results):
+    """The jobs of a dual encoder, in each of its variants, and their lines; their times into
+    results[(name, label)]."""
     cls = matcher(name)
+    prec = args.precision
     for variant, label in cls.bench_variants(args):
-        tag = "[%s, %s]" % (name, label)
+        tag = "[%s, %s%s]" % (name, label, "" if prec == "fp32" else ", " + prec)
+        rec = results.setdefault((name, label), {})
         if "eval" in whats:
             r = spawn(argv, "eval", name, variant)
+            rec["eval " + prec] = float(r["time"])
             print("%s eval %d images x %d captions: %.1f s (images %.1f s, captions %.1f s, "
                   "scores %.2f s), peak RSS %.0f MB (start %.0f)"
                   % (tag, int(r["n_img"]), int(r["n_cap"]), r["time"], r["images"],
@@ -625,6 +696,7 @@ def bench_dual(argv, args, whats, name):
             print_retrieve(tag, args, spawn(argv, "retrieve", name, variant))
         if "train" in whats:
             r = spawn(argv, "train", name, variant)
+            rec["train " + prec] = float(r["time"])
             print("%s train step, batch %d%s: %.2f s, peak RSS %.0f MB (start %.0f)"
                   % (tag, args.batch, cls.bench_train_note, r["time"], r["peak_mb"],
                      r["base_mb"]))

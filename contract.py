@@ -20,12 +20,14 @@ SCAN's two encoders from model.py, and hrem.py loads nothing of SGRAF (no GRU, n
 scikit-learn).
 
 Also here, shared by the matchers: l1norm and l2norm (the originals' normalisations, eps after
-the root), memory_budget (the size of a scoring shard), TextQuery (a free-text query), and the
-random inputs of bench.py's jobs at the benchmark's sizes (bench_opt, random_lengths,
+the root), the train step's precision (train_autocast; fp32, the parts that stay fp32 under
+`--precision bf16`), memory_budget (the size of a scoring shard), TextQuery (a free-text
+query), and the random inputs of bench.py's jobs at the benchmark's sizes (bench_opt, random_lengths,
 random_batch, random_embeddings), which the matchers' bench hooks build on.
 """
 import os
 from collections import namedtuple
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -48,6 +50,42 @@ def l1norm(X, dim, eps=1e-8):
 def l2norm(X, dim=-1, eps=1e-8):
     """X / (||X|| + eps) along dim: the eps is added after the square root, as the original."""
     return X / (X.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+
+
+def train_autocast(device, precision):
+    """The train step's autocast, chosen once per model (nanoGPT's `ctx`): bf16 autocast on
+    `device` (CPU or CUDA) for `--precision bf16`, nothing for fp32 (the default, the originals'
+    arithmetic). Autocast computes the matmuls (and, on CUDA, the GRU) in bf16; the weights, their
+    gradients and Adam's state stay fp32, as does what a matcher marks with `fp32`."""
+    if precision != "bf16":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def to_fp32(x):
+    """x with every floating tensor in it (nested tuples and lists too) in float32; a float32
+    tensor is returned as is (no copy: the fp32 path is unchanged)."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_fp32(v) for v in x)
+    return x
+
+
+@contextmanager
+def fp32(x):
+    """`with fp32(x) as x:` a part of the train step that stays fp32 under --precision bf16
+    (the loss, a matcher's statistics): x in float32 (to_fp32) and autocast off on its device.
+    Without autocast, x as is and nothing else."""
+    t = x
+    while isinstance(t, (tuple, list)):
+        t = next((v for v in t if isinstance(v, (torch.Tensor, tuple, list))), None)
+    dev = t.device.type if isinstance(t, torch.Tensor) else "cpu"
+    if not torch.is_autocast_enabled(dev):
+        yield x
+        return
+    with torch.autocast(dev, enabled=False):
+        yield to_fp32(x)
 
 
 def memory_budget():
@@ -93,6 +131,9 @@ class Matcher:
     #                        some library versions save)
     vocab_path_unused = None  # why --vocab_path does not apply (None: the vocabulary reads it)
     demo_flags = []        # flags with which demo.py's small model learns in a few minutes
+    # train.py --precision bf16: what this matcher keeps in fp32 beyond the contract's (the loss,
+    # the weights, the gradients, Adam's state), and why: {part: why} (docs/training.md)
+    fp32_parts = {}
 
     # ------------------------------------------------------------------ options and text
     @classmethod
@@ -201,6 +242,9 @@ class Matcher:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = self.make_optimizer(groups)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        # the train step's precision, opt.precision (train.py --precision; fp32 when absent):
+        # its autocast context chosen once
+        self.autocast = train_autocast(self.device, getattr(self.opt, "precision", None))
 
     def modules(self):
         """The nn.Modules whose state dicts make the checkpoint's 'model', in `state_names`
@@ -272,12 +316,15 @@ class Matcher:
 
     def train_emb(self, images, captions, lengths, ids=None, **extra):
         """One optimisation step on a batch whose pair k is (image k, caption k); returns the
-        loss, detached."""
+        loss, detached. The forward pass runs under `self.autocast` (--precision); the loss
+        (computed under `fp32` by each matcher), the backward's gradients of the fp32 weights,
+        the clipping and Adam's step are fp32 whatever the precision."""
         self.Eiters += 1
         self.logger.update("Eit", self.Eiters)
         self.logger.update("lr", self.optimizer.param_groups[0]["lr"])
         self.optimizer.zero_grad()
-        loss, objective = self.train_loss(images, captions, lengths, ids, **extra)
+        with self.autocast:
+            loss, objective = self.train_loss(images, captions, lengths, ids, **extra)
         objective.backward()
         self.after_backward()
         if self.grad_clip > 0:

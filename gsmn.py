@@ -59,7 +59,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import errors
-from contract import (Matcher, bench_opt, l2norm, memory_budget, random_batch,
+from contract import (Matcher, bench_opt, fp32, l2norm, memory_budget, random_batch,
                       random_embeddings)
 from loss import ContrastiveLoss
 from model import EncoderImage, EncoderText
@@ -1156,7 +1156,8 @@ class GSMN(Matcher):
 
     # ------------------------------------------------------------------ training
     def forward_loss(self, sims, **kwargs):
-        loss = self.criterion(sims)
+        with fp32(sims) as sims:  # the loss in fp32 under --precision bf16
+            loss = self.criterion(sims)
         self.logger.update("Loss", loss.item(), sims.size(0))
         return loss
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import errors
-from contract import Matcher, TextQuery, l2norm, memory_budget
+from contract import Matcher, TextQuery, fp32, l2norm, memory_budget
 from loss import ContrastiveLoss
 
 log = logging.getLogger(__name__)
@@ -816,6 +816,12 @@ class HREM(Matcher):
     optional_keys = ("txt_enc." + POSITION_IDS,)
     drop_last = True
     collate_fn = staticmethod(collate_fn)
+    fp32_parts = {
+        "the criterion (GraphLoss: its triplet or VSE loss, the cross-modal graph and its "
+        "regulariser)": "a loss: the distance cut-off of the triplet weights (1.7, 1.9) and "
+                        "the softmax-weighted graph over 2B nodes compare scores that bf16 "
+                        "would tie",
+    }
     vocab_path_unused = "its captions are tokenised by the WordPiece vocabulary of --bert_path"
     defaults = {"learning_rate": 5e-4, "num_epochs": 30, "max_violation": False,
                 "log_step": 200, "val_step": VAL_PER_EPOCH, "workers": 8}
@@ -1077,7 +1083,8 @@ class HREM(Matcher):
         img = img_enc(images.to(self.device, non_blocking=True),
                       torch.as_tensor(img_lengths).to(self.device), graph=True)
         cap = txt_enc(captions.to(self.device, non_blocking=True), lengths, graph=True)
-        loss = self.criterion(img, cap + (lengths,), torch.as_tensor(img_ids))
+        with fp32((img, cap)) as (img, cap):  # HREM.fp32_parts
+            loss = self.criterion(img, cap + (lengths,), torch.as_tensor(img_ids))
         n = len(lengths)
         self.logger.update("Loss", loss.item(), n)
         parts = self.criterion.parts
@@ -1191,7 +1198,7 @@ class HREM(Matcher):
                                  no_imgnorm=False, no_txtnorm=False, grad_clip=2.0, margin=0.2,
                                  max_violation=False, device=args.device,
                                  data_name="f30k_precomp", bert_path=BERT_DEMO,
-                                 bert_init="random")
+                                 bert_init="random", precision=args.precision)
         cls.complete_opt(opt)
         cfg = BertConfig.from_pretrained(BERT_DEMO) if variant == "demo" else BertConfig()
         return cls(opt, bert=BertModel(cfg)), opt

@@ -34,7 +34,7 @@ import daa
 import data
 import errors
 import similarity
-from contract import Matcher, bench_opt, l1norm, l2norm, memory_budget
+from contract import Matcher, bench_opt, fp32, l1norm, l2norm, memory_budget
 from daa import DAALoss
 from loss import ContrastiveLoss
 
@@ -307,6 +307,14 @@ class SGRAF(Matcher):
 
     state_names = ("img_enc", "txt_enc", "sim_enc")
     num_regions = (36, "VisualSA's BatchNorm1d(36)")
+    fp32_parts = {
+        "SAF's gate BatchNorm (similarity.saf_head)":
+            "its per-caption statistics of the B x (L+1) gate logits: in bf16 (8 bits of "
+            "mantissa) the variance of close logits loses its digits, and the running stats "
+            "(updated per caption) would drift",
+        "DAA's two terms (forward_loss)": "part of the loss; they rank the batch's scores "
+                                          "against the semantics, which bf16 ties",
+    }
     # the sum of violations: from random weights on the demo's small dataset, whose images
     # share concepts, the hardest-negative hinge (the default for real data) collapses every
     # score to one value, as VSE++ warns for training from scratch
@@ -426,15 +434,17 @@ class SGRAF(Matcher):
 
     def forward_loss(self, sims, ids=None):
         """The hinge loss of a (B, B) score matrix, plus DAA's two terms when `--daa_weight`
-        is set (`ids`: the batch's caption indices in the split, for the semantics)."""
-        loss = self.criterion(sims)
-        if self.daa is not None:
-            self.logger.update("Hinge", loss.item(), sims.size(0))
-            sems = daa.batch_semantics(self.tfidf, None, ids).to(sims.device)
-            daa_i2t, daa_t2i = self.daa(sims, sems)
-            self.logger.update("DAA_i2t", daa_i2t.item(), sims.size(0))
-            self.logger.update("DAA_t2i", daa_t2i.item(), sims.size(0))
-            loss = loss + daa_i2t + daa_t2i
+        is set (`ids`: the batch's caption indices in the split, for the semantics). In fp32
+        under --precision bf16 (contract.fp32)."""
+        with fp32(sims) as sims:
+            loss = self.criterion(sims)
+            if self.daa is not None:
+                self.logger.update("Hinge", loss.item(), sims.size(0))
+                sems = daa.batch_semantics(self.tfidf, None, ids).to(sims.device)
+                daa_i2t, daa_t2i = self.daa(sims, sems)
+                self.logger.update("DAA_i2t", daa_i2t.item(), sims.size(0))
+                self.logger.update("DAA_t2i", daa_t2i.item(), sims.size(0))
+                loss = loss + daa_i2t + daa_t2i
         self.logger.update("Loss", loss.item(), sims.size(0))
         return loss
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import checkpoint
 import errors
 import vocab
-from contract import Matcher, bench_opt, l1norm, l2norm
+from contract import Matcher, bench_opt, fp32, l1norm, l2norm
 from loss import ContrastiveLoss
 from model import EncoderImage, EncoderText
 from similarity import word_mask
@@ -405,7 +405,8 @@ def train_sims(img_emb, cap_emb, cap_lens, opt, learner=None):
         neg, pos_f = thresholded_scores(A_cap[i][:, :, None, :n], gram, opt.thres,
                                         opt.lambda_softmax)        # (B, 1, n) each
         sim_i = (neg + (pos_f + pos_r_cap[i][:, None, :n])).mean(-1)  # (B, 1)
-        learner.observe(i, sim_i.detach()[:, 0], row_max[:, i, :n])
+        # fp32 samples for the threshold's statistics (no-op in fp32): NAAF.fp32_parts
+        learner.observe(i, sim_i.detach()[:, 0].float(), row_max[:, i, :n].float())
         cols.append(sim_i)
     return torch.cat(cols, 1)                                      # (B, C)
 
@@ -425,6 +426,13 @@ class NAAF(Matcher):
     # its hinge always takes the hardest negatives: with them, a smaller batch and its own
     # learning rate keep the demo from collapsing
     demo_flags = ["--batch_size", "16", "--learning_rate", "0.0005"]
+    fp32_parts = {
+        "the threshold learner's samples and statistics (train_sims, ThresholdLearner)":
+            "the words' best-region cosines, their means and stds and the quadratic for the "
+            "threshold: bf16 rounds a cosine near 0.3 by up to 0.001 (its step there is "
+            "0.002), and sums of hundreds of samples in bf16 lose more, so that the learned "
+            "threshold would move by rounding alone",
+    }
     # the original train.py's defaults where they differ from SGRAF's
     defaults = {"learning_rate": 0.0005, "lr_update": 20, "num_epochs": 20,
                 "lambda_softmax": 20.0}
@@ -594,7 +602,8 @@ class NAAF(Matcher):
         return out
 
     def forward_loss(self, sims, ids=None):
-        loss = self.criterion(sims)
+        with fp32(sims) as sims:  # the loss in fp32 under --precision bf16
+            loss = self.criterion(sims)
         # "Loss" as SGRAF's (the original NAAF's log says "Le"): the log line, TensorBoard and
         # runs.stop_on_nonfinite, which stops a non-finite loss before the step, read it
         self.logger.update("Loss", loss.item(), sims.size(0))

@@ -81,8 +81,9 @@ def build_parser(prog="train.py"):
                    help="accepted for the DAA commands; must equal the torchrun world size")
     p.add_argument("--scale_lr", default=True, action=argparse.BooleanOptionalAction,
                    help="under torchrun, multiply the learning rate by the world size (DAA)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="similarity precision at evaluation (bf16 autocast)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="training precision, also of the validation scores: fp32 (default; "
+                        "with --resume, the checkpoint's) or bf16 autocast (docs/training.md)")
 
     # ------------------------- the matchers (matchers.py) ----------#
     matchers.add_options(p)
@@ -121,6 +122,8 @@ def finalize(opt):
         opt.logger_name = os.path.join(run_dir, "log")
     if opt.device is None:
         opt.device = _device_default()
+    if opt.precision is None and not opt.resume:  # a resumed run keeps its checkpoint's
+        opt.precision = "fp32"
     return opt
 
 

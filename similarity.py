@@ -207,7 +207,9 @@ def saf_head(saf, nodes, node_mask=None, n_img=None, bn_stats=None):
     logits = torch.addmm(saf.attn_sim_w.bias, nodes.reshape(P * N, s),
                          saf.attn_sim_w.weight.t()).view(P, N)    # (P, N)
     if bn.training or bn.running_mean is None:
-        lg = logits.view(n_img, P // n_img, N)                    # (B, Cb, N)
+        # the batch statistics in fp32 under a bf16 autocast (train.py --precision bf16;
+        # a no-op in fp32): SGRAF.fp32_parts
+        lg = logits.float().view(n_img, P // n_img, N)            # (B, Cb, N)
         m = None if node_mask is None else node_mask.view(n_img, P // n_img, N).to(lg.dtype)
         cnt = torch.full((lg.size(1),), float(n_img * N), dtype=lg.dtype, device=lg.device) \
             if m is None else m.sum((0, 2))                       # (Cb,)

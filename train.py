@@ -19,6 +19,12 @@ CPU); the learning rate is multiplied by the world size unless `--no-scale_lr`. 
 master process) alone validates, logs, writes TensorBoard and checkpoints while the others wait
 for it. `--world_size` is only checked against the launcher; it never starts processes.
 
+`--precision bf16` trains under bf16 autocast (CPU or CUDA, opt-in; fp32 the default, the
+originals' arithmetic): one context chosen once (contract.Matcher.train_emb), with the loss, the
+weights, their gradients and Adam's state in fp32, and what each matcher declares in its
+`fp32_parts` (docs/training.md). The checkpoint's `opt` records it; `--resume` keeps it unless
+`--precision` is given.
+
 A matcher may refuse flags or torchrun (its class's `check_opt`, before any compute), and save
 state of its own beside the weights (`checkpoint_extra`, restored by `resume`).
 """
@@ -194,6 +200,8 @@ def parse_and_check(argv, run=None):
                             "run the same command again (it starts over)")
     if opt.seed is None and run.ckpt is not None:  # replay the resumed run's shuffling
         opt.seed = getattr(run.ckpt["opt"], "seed", None)
+    if opt.precision is None:  # --resume without --precision: the checkpoint's (fp32 if none)
+        opt.precision = getattr(run.ckpt["opt"], "precision", None) or "fp32"
     return opt, matcher, run
 
 

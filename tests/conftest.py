@@ -21,6 +21,11 @@ def fixtures_dir() -> Path:
     return path
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (tests/test_cuda.py; skipped "
+                                       "where CUDA is not available)")
+
+
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return fixtures_dir()

@@ -191,3 +191,36 @@ def test_original_job_sets_our_modules_aside_and_back(tmp_path):
     assert r["fast_diff"] < 1e-6
     assert sys.modules["model"] is model and sys.modules["evaluation"] is evaluation
     assert str(tmp_path) not in sys.path
+
+
+def test_precision_list_and_train_job_in_bf16():
+    """--precision fp32,bf16 is checked as a list; the train job runs in bf16 (autocast in
+    the train step: a finite loss, other than fp32's) and the table puts both side by side."""
+    with pytest.raises(errors.SGRAFError):
+        bench.get_args(["--precision", "fp32,fp16"])
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        args = tiny_args("--precision", precision)
+        args.min_len = 2  # make_batch writes <start> and <end>
+        losses[precision] = bench.job_train(args, "SAF", False)["loss"]
+    assert np.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"]
+    rows = {("SAF", None): {"train fp32": 2.0, "train per-caption": 5.0, "train bf16": 1.0},
+            ("HREM", "demo BERT"): {"train fp32": 3.0, "train bf16": 1.5}}
+    lines = bench.markdown_table(rows).splitlines()
+    assert lines[0] == ("| matcher | train fp32 (s) | train bf16 (s) | train per-caption (s) | "
+                        "train per-caption / train fp32 | train fp32 / train bf16 |")
+    assert lines[2] == "| SAF | 2.000 | 1.000 | 5.000 | 2.50x | 2.00x |"
+    assert lines[3] == "| HREM (demo BERT) | 3.000 | 1.500 |  |  | 2.00x |"
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, "gpu_check.py")], cwd=repo,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [r.stdout.strip()]  # one line
+    assert "CUDA is not available" in r.stdout
