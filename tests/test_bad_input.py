@@ -613,7 +613,7 @@ def test_fuzz_npy_headers(work, fuzz_model):
 
 def test_troubleshooting_table_is_up_to_date():
     path = REPO / "TROUBLESHOOTING.md"
-    assert path.read_text(encoding="utf-8") == errors.render_table(), \
+    assert path.read_text(encoding="utf-8") == checks.render_table(), \
         "regenerate it: python checks.py --table > TROUBLESHOOTING.md"
 
 
@@ -630,5 +630,5 @@ def test_every_message_is_one_line_with_a_fix():
 def test_readme_links_the_troubleshooting_table_without_a_copy():
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert "[TROUBLESHOOTING.md](TROUBLESHOOTING.md)" in text
-    rows = [l for l in errors.render_table().splitlines() if l.startswith("| ")]
+    rows = [l for l in checks.render_table().splitlines() if l.startswith("| ")]
     assert not [r for r in rows[1:] if r in text], "README repeats the table: link it instead"
