@@ -138,7 +138,8 @@ def shard_attn_scores(model, img_embs, cap_embs, cap_lens, opt, shard_size=None)
     scoring: every matcher scores with its own `score` (the cross-attention ones shard by
     shard, `shard_size` as the original's 100, or None for shards sized by the memory
     available). `opt.precision` (e.g. bf16) applies where the matcher supports it."""
-    model.opt.precision = getattr(opt, "precision", getattr(model.opt, "precision", "fp32"))
+    model.opt.precision = (getattr(opt, "precision", None) or
+                           getattr(model.opt, "precision", None) or "fp32")
     return model.score(img_embs, cap_embs, cap_lens, shard_size=shard_size)
 
 

@@ -160,7 +160,7 @@ def sims_identity(loaded, datasets, split, fold5, shape, grid, overrides=None):
         vocab_file = getattr(opt, "vocab_file", None)
         if vocab_file and os.path.isfile(vocab_file):
             ident[tag + " vocabulary sha256"] = outputs.file_digest(vocab_file)
-        ident[tag + " precision"] = getattr(model.opt, "precision", "fp32")
+        ident[tag + " precision"] = getattr(model.opt, "precision", None) or "fp32"
     for k, v in sorted((overrides or {}).items()):
         ident["--" + k] = v if isinstance(v, (bool, int, float, str)) else repr(v)
     ident["split"] = split

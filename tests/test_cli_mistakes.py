@@ -173,7 +173,7 @@ MISTAKES = [
     ("bench.py", "--min_len 30 --max_len 20", "flag_order"),
     ("bench.py", "--batch 1", "flag_min"),
     ("bench.py", "--vocab_size 3", "flag_min"),
-    ("bench.py", "--precision fp16", "arguments"),
+    ("bench.py", "--precision fp16", "flag_choice"),  # a comma-separated list, as --modules
     ("bench.py", "--hrem_bert large", "flag_choice"),
     ("bench.py", "--hrem_n_img 0", "flag_positive"),
     ("bench.py", "--gsmn_original nowhere", "dir_missing"),

@@ -36,6 +36,7 @@ import data
 import errors
 import evaluation
 import matchers
+import matrix
 import opts
 import retrieve
 from checkpoint import load_checkpoint
@@ -111,7 +112,7 @@ def scores(ckpt, ds, device, precision=None):
     enc = evaluation.encode_data(model, loader, img_stride=loader.dataset.im_div,
                                  progress=False)
     model.show_progress = False
-    sims, _ = evaluation.score_shard([(model, enc)], (0, len(enc[0]), 0, len(enc[1])))
+    sims, _ = matrix.score_shard([(model, enc)], (0, len(enc[0]), 0, len(enc[1])))
     return sims
 
 
