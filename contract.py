@@ -434,6 +434,21 @@ class Matcher:
         raise errors.error("explain_unsupported", "--explain", model=self.opt.module_name,
                            why=self.no_attention_why)
 
+    # ------------------------------------------------------------------ two-stage retrieval
+    # evaluation.py and retrieve.py --shortlist: a matcher whose score of a pair is the dot
+    # product of one vector per image and one per caption, each computed alone (a dual encoder),
+    # can shortlist candidates for a cross-attention matcher, which re-ranks them.
+    embeds_alone = False
+    no_shortlist_why = ("it scores each (image, caption) pair by cross-attention: it has no "
+                        "vector per image and per caption to shortlist with")
+
+    def shortlist_embeddings(self, img_embs, cap_embs, cap_lens):
+        """(image vectors (n_images, d), caption vectors (n_captions, d)), float32, from the
+        split's encodings (evaluation.encode_data) or a query's (`forward_text`): `score` of a
+        pair is their dot product (computed in float64 there). Only when `embeds_alone`."""
+        raise errors.error("shortlist_unsupported", "--shortlist", model=self.opt.module_name,
+                           why=self.no_shortlist_why)
+
     # ------------------------------------------------------------------ benchmark (bench.py)
     # bench.py times every matcher of the registry through these and names none. A matcher
     # scored pair by pair (the default) gets: encode; its scores of random embeddings

@@ -431,6 +431,26 @@ PROBLEMS = {
     "explain_unsupported": Problem(
         UsageError, "{model} has no word x region attention to show: {why}",
         "drop --explain (the search itself works)"),
+    # --------------------------------------------------------------- two-stage retrieval
+    "shortlist_unsupported": Problem(
+        UsageError, "{model} cannot shortlist: {why}",
+        "pass a dual encoder's checkpoint (HREM) as --shortlist; the cross-attention model "
+        "that re-ranks is --model_path"),
+    "rerank_needs_shortlist": Problem(
+        UsageError, "re-ranks a shortlist, and no --shortlist is given",
+        "pass --shortlist CKPT (a dual encoder, e.g. HREM), or drop --rerank_k for the "
+        "exhaustive ranking"),
+    "shortlist_needs_k": Problem(
+        UsageError, "needs --rerank_k K, the number of candidates re-ranked per query",
+        "pass e.g. --rerank_k 128, or several: --rerank_k 16,32,64,128"),
+    "shortlist_split": Problem(
+        UsageError, "reads {theirs}, the re-ranker reads {ours}: the shortlist must rank the "
+        "same images and captions",
+        "pass a shortlist checkpoint of the same data, or a --data_name both read"),
+    "rerank_k_gallery": Problem(
+        Warn, "K = {k} is at least the gallery of {direction} ({n} {what}): all of them are "
+        "re-ranked, which is the exhaustive ranking",
+        "pass a smaller K to score fewer pairs"),
     "cache_inside": Problem(
         UsageError, "is inside the {what} {inside}; the retrieval cache must not mix with data "
         "or checkpoints",

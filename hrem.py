@@ -1160,6 +1160,13 @@ class HREM(Matcher):
         block = shard_size or max(1, memory_budget() // (8 * (n_img + d)))
         return dot_scores(img_embs, cap_embs, device=self.device, block=block)
 
+    # ------------------------------------------------------------------ two-stage retrieval
+    embeds_alone = True  # one vector per image and per caption, scored by their dot product
+
+    def shortlist_embeddings(self, img_embs, cap_embs, cap_lens):
+        """The global embeddings as they are (float32): `score` is their dot product."""
+        return (np.asarray(img_embs, dtype=np.float32), np.asarray(cap_embs, dtype=np.float32))
+
     # ------------------------------------------------------------------ benchmark (bench.py)
     # a dual encoder: its evaluation is encoding (each image once, each caption once, in
     # batches of 128) plus one blocked matrix product, timed end to end on random region
