@@ -435,7 +435,7 @@ PROBLEMS = {
     "shortlist_unsupported": Problem(
         UsageError, "{model} cannot shortlist: {why}",
         "pass as --shortlist a dual encoder's checkpoint, one that embeds alone "
-        "(docs/scale.md); --model_path re-ranks"),
+        "(docs/two_stage.md); --model_path re-ranks"),
     "rerank_needs_shortlist": Problem(
         UsageError, "re-ranks a shortlist, and no --shortlist is given",
         "pass --shortlist CKPT, a dual encoder's checkpoint, or drop --rerank_k for the "

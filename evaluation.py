@@ -395,7 +395,7 @@ def score(scorers, shards, done, shape, saved, each, rank, say):
         matrix.score_shards(encoded, shards, sorted(done), None, each=each, own=own)
     if todo:
         say("calculate similarity time:", time.time() - start)
-    else:
+    elif saved is not None:  # rank 0's (the other processes hold no file)
         say("=> %s: every shard already scored (%s)" % (saved.path, saved.record.record_path))
     return sims, own
 
@@ -755,7 +755,7 @@ def build_parser():
     p.add_argument("--shortlist", default=None, metavar="CKPT",
                    help="two-stage: a dual encoder's checkpoint shortlists each "
                         "query's --rerank_k best candidates, which the --model_path model(s) "
-                        "re-rank (docs/scale.md)")
+                        "re-rank (docs/two_stage.md)")
     p.add_argument("--rerank_k", default=None, type=twostage.parse_ks, metavar="K[,K...]",
                    help="with --shortlist: candidates re-ranked per query; several "
                         "(16,32,64,128) print one block each, scoring each pair once")
