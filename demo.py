@@ -109,9 +109,12 @@ def main(argv=None):
     if args.two_stage:
         return two_stage(args, [a for a in (sys.argv[1:] if argv is None else argv)
                                 if a != "--two_stage"])
+    return run(prepare(args, extra))
 
-    # every check before any compute: the demo's flags, train.py's (the extra ones included),
-    # the synthetic data, and where the run writes
+
+def prepare(args, extra):
+    """Every check before any compute: the demo's flags, train.py's (the extra ones
+    included), the synthetic data, and where the run writes. Returns what `run` needs."""
     errors.check_positive(args, ["num_epochs", "lr_update", "n_train", "threads"])
     errors.check_nonnegative(args, ["seed"])
     errors.check_device(args.device)
@@ -160,6 +163,15 @@ def main(argv=None):
     if replace and not opt.overwrite:
         flags.append("--overwrite")  # the demo's own earlier run, in its own directory
 
+    return argparse.Namespace(args=args, flags=flags, opt=opt, run_dir=run_dir,
+                              data_name=data_name, untrained=untrained,
+                              plots_dir=plots_dir, explain=explain)
+
+
+def run(p):
+    """The demo `prepare` checked: train, evaluate before and after, draw."""
+    args, flags, opt, run_dir = p.args, p.flags, p.opt, p.run_dir
+    data_name, untrained, plots_dir, explain = p.data_name, p.untrained, p.plots_dir, p.explain
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -221,13 +233,15 @@ def two_stage(args, argv):
                                "cross-attention")
     short_name = next(n for n in matchers.MATCHERS if matchers.matcher_class(n).embeds_alone)
     argv = _without(_without(_without(argv, "--module_name"), "--run_dir"), "--rerank_k")
-    best, alone = {}, {}
-    for name in (args.module_name, short_name):
-        run_dir = (os.path.join(args.run_dir, name) if args.run_dir else
-                   os.path.join("runs", "demo_%s" % name))
-        main(argv + ["--module_name", name] +
-             (["--run_dir", run_dir] if args.run_dir else []))
-        best[name] = os.path.join(run_dir, "checkpoint", runs.BEST)
+    plans, best, alone = [], {}, {}
+    for name in (args.module_name, short_name):  # both checked before either trains
+        sub, extra = build_parser().parse_known_args(
+            argv + ["--module_name", name] +
+            (["--run_dir", os.path.join(args.run_dir, name)] if args.run_dir else []))
+        plans.append(prepare(sub, extra))
+        best[name] = os.path.join(plans[-1].opt.model_name, runs.BEST)
+    for plan in plans:
+        run(plan)
     common = dict(data_path=args.data_path, split="test", vocab_path=args.vocab_path,
                   device=args.device)
     rows = []
