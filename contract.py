@@ -425,6 +425,13 @@ class Matcher:
         each to `score(..., name=rows)`, the rows of the images being scored. Default: {}."""
         return {}
 
+    def caption_inputs(self, cap_embs, cap_lens):
+        """What `score` computes from the captions alone, computed once for a split whose pairs
+        are scored in many small blocks (two-stage re-ranking: one image against its candidate
+        captions at a time): {name: array (n_captions, ...)}, passed to `score(..., name=rows)`,
+        the rows of the captions being scored. Default: {}."""
+        return {}
+
     def word_region_attention(self, img_embs, cap_embs, cap_lens, **extra):
         """The word x region attention weights this matcher computes when it scores the pairs
         (image k, caption k): a list of (cap_lens[k], R) float64 arrays, each row (a word) a

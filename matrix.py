@@ -95,15 +95,18 @@ def _take(seq, idx):
     return [seq[k] for k in idx]
 
 
-def score_block(scorers, rows, cols):
+def score_block(scorers, rows, cols, precomputed=None):
     """The mean of the models' scores of images `rows` x captions `cols` (slices, or arrays of
     indices), float64, and each model's own scores. Each scorer is (model, encoded split); a
-    model sees that block only, through its `score`."""
+    model sees that block only, through its `score`. `precomputed`: per scorer, what its
+    `caption_inputs` computed for the split's captions (passed for the rows `cols`)."""
     sims, own = None, []
-    for model, enc in scorers:
+    for k_model, (model, enc) in enumerate(scorers):
         inputs = getattr(model, "score_inputs", {})
         extra = {k: _take(enc.extra[k], rows if where == "image" else cols)
                  for k, where in inputs.items()}
+        if precomputed is not None:
+            extra.update({k: _take(v, cols) for k, v in precomputed[k_model].items()})
         img_embs, cap_embs, cap_lens = enc
         s = model.score(_take(img_embs, rows), _take(cap_embs, cols), _take(cap_lens, cols),
                         **extra)

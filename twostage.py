@@ -173,7 +173,8 @@ class PairUnits:
         """Unit u's pair scores (the mean over the re-rankers, as the exhaustive matrix):
         its whole cell when at least DENSE of it is needed (the exhaustive evaluation's very
         shard, so its scores to the bit), else image by image against that image's captions
-        (equal to the cell's to float rounding)."""
+        (equal to the cell's to float rounding), with what each re-ranker computes from the
+        captions alone (`caption_inputs`) computed once for the split."""
         img, cap = self.pairs(u)
         i0, i1, j0, j1 = self.grid[self.cells[u]]
         if len(img) >= DENSE * (i1 - i0) * (j1 - j0):
@@ -183,8 +184,16 @@ class PairUnits:
         cuts = np.flatnonzero(np.diff(img)) + 1
         for part in np.split(np.arange(len(img)), cuts):
             i = int(img[part[0]])
-            out[part] = matrix.score_block(scorers, slice(i, i + 1), cap[part])[0][0]
+            out[part] = matrix.score_block(scorers, slice(i, i + 1), cap[part],
+                                           self.caption_inputs(scorers))[0][0]
         return out
+
+    def caption_inputs(self, scorers):
+        """Each re-ranker's `caption_inputs` of the split's captions, computed once."""
+        if getattr(self, "_cap_inputs", None) is None or self._cap_inputs[0] is not scorers:
+            self._cap_inputs = (scorers, [model.caption_inputs(enc[1], enc[2])
+                                          for model, enc in scorers])
+        return self._cap_inputs[1]
 
     def lookup(self, scores, img, cap):
         """The scores (pair vector, unit order) of the pairs (img, cap)."""

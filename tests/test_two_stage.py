@@ -352,3 +352,19 @@ def test_k_past_the_gallery_is_run_and_stated(s, capsys, caplog):
     assert 100 in blocks(out)
     said = [r.getMessage() for r in caplog.records if "at least the gallery" in r.getMessage()]
     assert len(said) == 1 and "text to image (40 images)" in said[0]
+
+
+def test_caption_inputs_give_the_scores_of_the_block(s):
+    """What a re-ranker computes from the captions alone (SGR's TextSA globals), computed once
+    for the split and passed to `score` for a subset of captions: the same scores."""
+    model, opt, vocab, _ = evaluation.load_model(s.paths["SGR"], s.data, s.vocab, "cpu")
+    loader = evaluation.get_test_loader("test", opt.data_name, vocab, 16, 0, opt,
+                                        matcher=type(model))
+    img, cap, lens = evaluation.encode_data(model, loader, img_stride=5, progress=False)
+    pre = model.caption_inputs(cap, lens)
+    assert pre["cap_glo"].shape == (5 * N_TEST, opt.embed_size)
+    cols = np.array([3, 17, 18, 90, 150, 199])
+    plain = model.score(img[4:5], cap[cols], [lens[j] for j in cols])
+    fast = model.score(img[4:5], cap[cols], [lens[j] for j in cols],
+                       cap_glo=pre["cap_glo"][cols])
+    assert np.abs(plain - fast).max() <= 1e-6
