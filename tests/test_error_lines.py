@@ -615,6 +615,9 @@ REPRESENTATIVE = {
            % RUN,
     "layout": "f30k_precomp/ or coco_precomp/ with {split}_ims.npy and {split}_caps.txt",
     "indices": "1, 11, 12, 14, 15, 17 ... (9 in all)",
+    # tests/test_serve.py's
+    "host": "127.0.0.1",
+    "sims_why": "it is the 1000x5000 matrix of test, not the gallery's 1014x5070 of dev",
 }
 
 
@@ -700,6 +703,11 @@ RENDERED = {
     "ckpt_download_other": rendered("ckpt_download_other", {
         "expected": "module", "found": "model", "fix": "refetch"}, "{item}"),
     "data_check": rendered("data_check", {"count": "count"}, "--data_path {data}"),
+    # tests/test_serve.py drives these
+    "serve_host": rendered("serve_host", {}, "--host 0.0.0.0"),
+    "port_unavailable": rendered("port_unavailable", {"host": "host", "reason": "reason"},
+                                 "--port 8000"),
+    "sims_foreign": rendered("sims_foreign", {"why": "sims_why"}, "--sims {sims}"),
     "scores_nonfinite": rendered("scores_nonfinite", {"images": "indices",
                                                       "captions": "indices"},
                                  "the similarity matrix"),
