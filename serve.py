@@ -559,12 +559,13 @@ def main(argv=None):
     if args.host not in LOOPBACK:
         log.warning(errors.message("serve_host", "--host %s" % args.host))
     args.workers = args.workers or cores()
-    torch.set_num_threads(max(1, cores() // args.workers))
     sock = listen(args.host, args.port)
     import uvicorn
     try:
         service = build_service(args, {d: getattr(args, d) for d in p.matcher_dests
                                        if getattr(args, d) is not None})
+        # the start-up used every core; each worker now gets its share (no oversubscription)
+        torch.set_num_threads(max(1, cores() // args.workers))
         app = make_app(service, None if args.host in LOOPBACK else ["*"])
         host, port = sock.getsockname()[:2]
         url = "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)

@@ -47,7 +47,7 @@ TIMEOUT = httpx.Timeout(30.0)
 ERROR_LIMIT = 300
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny split (with GSMN's boxes, sizes and arcs, and image files), checkpoints of SGR,
     NAAF (original format), GSMN and HREM (from the flags), and SGR's --save_sims matrix."""
