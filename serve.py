@@ -44,6 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import threadpoolctl
 import torch
 from tqdm import tqdm
 
@@ -475,10 +476,12 @@ def build_service(args, overrides=None):
     kwargs = {}
     if args.shortlist or args.rerank_k is not None:
         kwargs = {"shortlist": args.shortlist, "rerank_k": args.rerank_k}
-    gallery = retrieve.Gallery(args.model_path, args.data_path, args.split, args.model_path2,
-                               args.vocab_path, args.data_name, args.device, args.feat_format,
-                               None if args.no_cache else args.cache_dir, overrides,
-                               check_flags=True, **kwargs)
+    gallery = retrieve.Gallery(args.model_path, data_path=args.data_path, split=args.split,
+                               model_path2=args.model_path2, vocab_path=args.vocab_path,
+                               data_name=args.data_name, device=args.device,
+                               feat_format=args.feat_format,
+                               cache_dir=None if args.no_cache else args.cache_dir,
+                               overrides=overrides, check_flags=True, **kwargs)
     for m in gallery.members:  # every encoding in memory now: a request reads, never writes
         gallery.encodings(m, captions=True).all_images()
     if gallery.digests:
@@ -564,8 +567,11 @@ def main(argv=None):
     try:
         service = build_service(args, {d: getattr(args, d) for d in p.matcher_dests
                                        if getattr(args, d) is not None})
-        # the start-up used every core; each worker now gets its share (no oversubscription)
-        torch.set_num_threads(max(1, cores() // args.workers))
+        # the start-up used every core; each worker now gets its share of torch's and the
+        # BLAS's threads (no oversubscription)
+        threads = max(1, cores() // args.workers)
+        torch.set_num_threads(threads)
+        threadpoolctl.threadpool_limits(threads)
         app = make_app(service, None if args.host in LOOPBACK else ["*"])
         host, port = sock.getsockname()[:2]
         url = "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)

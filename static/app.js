@@ -36,8 +36,13 @@ const link = (href, text, cls) => el("a", {href: href, className: cls || ""}, te
 const imageLink = (i) => link("/?image=" + i + "&k=" + $("k").value,
                               "image " + i + ": its captions \u203a", "to-image");
 
-function thumbnail(i) {
-  return el("img", {src: "/api/image/" + i + "/file", alt: "image " + i, loading: "lazy"});
+function thumbnail(i, toCaptions) {
+  const img = el("img", {src: "/api/image/" + i + "/file", alt: "image " + i, loading: "lazy",
+                         title: toCaptions ? "its captions" : ""});
+  if (toCaptions) img.addEventListener("click", () => {
+    location.href = "/?image=" + i + "&k=" + $("k").value;
+  });
+  return img;
 }
 
 function captionList(captions) {
@@ -84,10 +89,12 @@ async function search(q, k) {
   $("grid").replaceChildren(...res.results.map((r) => {
     const card = el("div", {className: "card", dataset: {index: r.index, rank: r.rank},
                             title: "click: the attention behind this score"},
-                    meta(r), health.images ? thumbnail(r.index) : captionList(r.captions),
+                    meta(r), health.images ? thumbnail(r.index, true) : captionList(r.captions),
                     imageLink(r.index));
-    card.addEventListener("click", (e) => {
-      if (e.target.tagName !== "A") showExplain(q, r.index, "#" + r.rank + ", image " + r.index);
+    card.addEventListener("click", (e) => {  // the image and its link: its captions
+      if (e.target.tagName !== "A" && e.target.tagName !== "IMG") {
+        showExplain(q, r.index, "#" + r.rank + ", image " + r.index);
+      }
     });
     return card;
   }));
@@ -108,6 +115,7 @@ async function image(i, k) {
                             title: r.match ? "one of the image's own captions" : ""},
                     meta(r), el("p", {className: "text"}, r.text), imageLink(r.image));
     card.addEventListener("click", (e) => {
+      // a caption's attention: its text as the query (the same scores: retrieve.py's parity)
       if (e.target.tagName !== "A") showExplain(r.text, i, "caption " + r.index + ", image " + i);
     });
     return card;

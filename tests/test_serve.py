@@ -166,6 +166,24 @@ def test_search_and_image_answer_what_retrieve_json_prints(tiny, case, capsys):
                                                            "--topk", "7"), capsys))
         for r in got.json()["results"]:
             assert r.get("stage", "exhaustive") == "exhaustive"
+        assert_concurrent_answers_equal(client, tiny.captions[:6])
+
+
+def assert_concurrent_answers_equal(client, queries):
+    """The matcher scores from several worker threads at once: each answer is the one it gets
+    alone (its models are shared, read-only)."""
+    from concurrent.futures import ThreadPoolExecutor
+    paths = ([("/api/search", {"q": q, "k": 4}) for q in queries] +
+             [("/api/image/%d" % i, {"k": 4}) for i in range(4)])
+    alone = [client.get(p, params=kw).json() for p, kw in paths]
+    base = str(client.base_url)
+
+    def get(job):
+        with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
+            return c.get(job[0], params=job[1]).json()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(get, paths * 3))
+    assert together == alone * 3
 
 
 def test_two_stage_answers_what_retrieve_json_prints(tiny, capsys):
@@ -304,6 +322,8 @@ def test_safety(tiny, sgr):
     assert_refused(*raw_get(sgr, "/api/search?q=a+dog&k=%d" % (N_TEST + 1)))
     assert sgr.get("/api/search", params={"q": "a dog", "k": N_TEST}).status_code == 200
     assert sgr.get("/api/image/0", params={"k": 5 * N_TEST}).status_code == 200
+    for q in ("%ff%fe", "%00", "a%0Ab", "%F0%9F%90%95+dog"):  # bytes, NUL, newline, emoji
+        assert raw_get(sgr, "/api/search?k=2&q=" + q)[0] == 200
     for path in ("/api/image/%d" % N_TEST, "/api/image/-1", "/api/image/99/file",
                  "/api/explain?q=a&index=%d" % N_TEST, "/api/image/123456789012345678901234"):
         assert_refused(*raw_get(sgr, path))

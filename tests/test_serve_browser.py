@@ -44,7 +44,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny):  # noqa: F811
-    with serving(flags(tiny, "SGR")) as client:
+    with serving(flags(tiny, "SGR", "--images", tiny.images, "--image_ids", tiny.ids)) as client:
         yield client
 
 
@@ -76,6 +76,11 @@ def test_the_page_lists_the_results_shows_attention_captions_and_failures(browse
                                                               api["results"]]
     assert browser.find_element(By.ID, "query-text").text == q
     assert "exhaustive" in cards[0].text and ("%.4f" % api["results"][0]["score"]) in cards[0].text
+    WebDriverWait(browser, WAIT).until(lambda d: d.execute_script(  # the images, by index
+        "const imgs = [...document.querySelectorAll('#grid img')];"
+        "return imgs.length === arguments[0] && imgs.every(i => i.complete && "
+        "i.naturalWidth > 0 && i.src.endsWith('/api/image/' + i.closest('.card').dataset.index "
+        "+ '/file'))", k))
     shot(browser, "search.png", tmp_path)
 
     cards[0].find_element(By.CSS_SELECTOR, ".meta").click()  # the attention heatmap
