@@ -94,10 +94,11 @@ def _shown(value, most=40):
 
 # ----------------------------------------------------------------------------- the matrix
 
-def load_sims(path, gallery):
+def load_sims(path, gallery, overrides=None):
     """The (images, captions) matrix of `--sims FILE.npy`, refused (sims_foreign) unless it is
     a finished evaluation.py --save_sims matrix of this gallery: its record says so, with the
-    shape, split and checkpoints (by sha256) of the gallery, and every pair is scored."""
+    shape, split, checkpoints (by sha256), precision (fp32, as the server scores) and matcher
+    flags (`overrides`) of the gallery, and every pair is scored."""
     where = "--sims %s" % path
 
     def refuse(why):
@@ -121,6 +122,16 @@ def load_sims(path, gallery):
         if (m is None) != (theirs is None) or (m and theirs != outputs.file_digest(m.path)):
             raise refuse("it was scored with other checkpoints than --model_path%s" % (
                 " and --model_path2" if len(gallery.members) > 1 else ""))
+        if m is not None and ident.get(tag + " precision", "fp32") != "fp32":
+            raise refuse("it was scored in %s; the server scores in fp32"
+                         % ident[tag + " precision"])
+    ours = {"--" + k: v if isinstance(v, (bool, int, float, str)) else repr(v)
+            for k, v in (overrides or {}).items()}
+    theirs = {k: v for k, v in ident.items() if k.startswith("--")}
+    if ours != theirs:
+        raise refuse("its matcher flags are %s, the server's %s" % (
+            " ".join("%s %s" % kv for kv in sorted(theirs.items())) or "none",
+            " ".join("%s %s" % kv for kv in sorted(ours.items())) or "none"))
     try:
         sims = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
@@ -491,7 +502,7 @@ def build_service(args, overrides=None):
                                  gallery.n_images, enc.im_div, boxes=False)
              if args.images else None)
     if args.sims:
-        failures = Failures(load_sims(args.sims, gallery), "--sims %s" % args.sims)
+        failures = Failures(load_sims(args.sims, gallery, overrides), "--sims %s" % args.sims)
     else:
         failures = Failures(score_sims(gallery), "scored at start-up")
     if any(type(m.model).attention_info is not None for m in gallery.members):

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import errors
 import evaluation
 import matchers
 import naaf
@@ -255,6 +256,13 @@ def test_sims_of_another_kind_are_refused(tiny, tmp_path, capsys):
                       (str(tmp_path / "none.npy"), "no such file")):
         expect_exit(serve.main, flags(tiny, "SGR", "--sims", path, "--port", "0"), capsys,
                     "sims_foreign", os.path.basename(path), why)
+
+
+def test_sims_of_other_flags_are_refused(tiny, sgr):
+    with pytest.raises(errors.SGRAFError) as e:
+        serve.load_sims(tiny.sims, sgr.service.gallery, {"bert_path": "elsewhere"})
+    assert e.value.key == "sims_foreign"
+    assert "its matcher flags are none, the server's --bert_path elsewhere" in str(e.value)
 
 
 def test_command_line_mistakes(tiny, capsys):
