@@ -56,6 +56,12 @@ function meta(r) {
                r.stage || "exhaustive"));
 }
 
+function button(label, onclick) {
+  const b = el("button", {type: "button"}, label);
+  b.addEventListener("click", onclick);
+  return b;
+}
+
 function done(what) {
   document.body.dataset.state = what;
 }
@@ -138,11 +144,19 @@ function failureItem(f, way) {
     above = f.above.map((a) => el("li", {}, "#" + a.rank + " " + fmt(a.score) + " " + a.text +
                                   " (image " + a.image + ")"));
   }
+  // why: the attention of the ground-truth pair, and of the pair ranked first instead
+  // (a pair is a text and an image: for i2t, the caption's text)
+  const truth = way === "t2i" ? [f.text, f.image] : [f.text, f.query];
+  const first = !f.above.length ? null :
+    way === "t2i" ? [f.text, f.above[0].index] : [f.above[0].text, f.query];
+  const why = !health.explain ? null : el("div", {className: "why"},
+    button("attention: the truth", () => showExplain(...truth, "the ground truth, #" + f.rank)),
+    first ? button("attention: #1", () => showExplain(...first, "ranked #1 instead")) : null);
   return el("li", {className: "failure", dataset: {query: f.query, rank: f.rank}},
             el("div", {className: "head"}, ...head),
             el("p", {className: "truth"}, "score " + fmt(f.score) +
                (way === "i2t" ? ": " + f.text : "") + "; ranked above it:"),
-            el("ol", {className: "above"}, ...above));
+            el("ol", {className: "above"}, ...above), why);
 }
 
 async function failures(n) {

@@ -59,7 +59,7 @@ def tiny(tmp_path_factory):
     images.mkdir()
     import matplotlib.image
     for i in range(N_TEST):
-        matplotlib.image.imsave(images / ("im%d.png" % i), np.full((4, 6), i, float))
+        matplotlib.image.imsave(images / ("im%d.png" % i), np.full((40, 60), i, float))
     (root / "ids.txt").write_text("".join("im%d.png\n" % i for i in range(N_TEST)))
     n_vocab = len(deserialize_vocab(os.path.join(vocab, "synth_precomp_vocab.json")))
     (root / "ckpt").mkdir()
@@ -413,9 +413,13 @@ def demo_gallery(tmp_path_factory):
     path = str(root / "SGR.pth.tar")
     torch.save({"epoch": 1, "model": matchers.build_model(opt).state_dict(), "best_rsum": 0.0,
                 "opt": opt, "Eiters": 1}, path)
+    sims = str(root / "SGR.npy")  # the failures' matrix: the server starts in seconds
+    evaluation.main(["--model_path", path, "--data_path", data, "--vocab_path", vocab,
+                     "--split", "test", "--device", "cpu", "--save_sims", sims])
     captions = open(os.path.join(data, "synth_precomp", "test_caps.txt"),
                     encoding="utf-8").read().splitlines()
-    return argparse.Namespace(root=root, data=data, vocab=vocab, path=path, captions=captions)
+    return argparse.Namespace(root=root, data=data, vocab=vocab, path=path, captions=captions,
+                              sims=sims)
 
 
 def test_process_under_load_then_sigterm(demo_gallery, tmp_path):
@@ -427,13 +431,13 @@ def test_process_under_load_then_sigterm(demo_gallery, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "serve.py"), "--model_path", g.path, "--data_path",
          g.data, "--vocab_path", g.vocab, "--split", "test", "--device", "cpu", "--port", "0",
-         "--no_cache"], cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "--no_cache", "--sims", g.sims], cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
         lines = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
         reader.start()
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded machine
         while not lines:
             assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
             time.sleep(0.05)

@@ -109,6 +109,12 @@ def test_the_page_lists_the_results_shows_attention_captions_and_failures(browse
         assert [(i.get_attribute("data-query"), i.get_attribute("data-rank")) for i in items] \
             == [(str(f["query"]), str(f["rank"])) for f in ref["failures"]]
     shot(browser, "failures.png", tmp_path)
+    first = browser.find_element(By.CSS_SELECTOR, "#fail-t2i > li.failure .why button")
+    first.click()  # the attention of the ground-truth pair
+    WebDriverWait(browser, WAIT).until(lambda d: d.execute_script(
+        "const i = document.getElementById('heatmap');"
+        "return i.dataset.loaded === '1' && i.naturalWidth > 0"))
+    assert "the ground truth" in browser.find_element(By.ID, "explain-title").text
 
 
 def test_a_script_query_is_shown_as_text_and_never_runs(browser, server):
