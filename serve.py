@@ -316,7 +316,7 @@ class Service:
 def make_app(service, allowed_hosts=None):
     """The FastAPI app of a Service. `allowed_hosts`: the Host headers answered (the loopback
     names by default: a page of another site cannot reach the server by DNS rebinding)."""
-    from fastapi import FastAPI, Path, Query, Request
+    from fastapi import FastAPI, Path, Query
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
@@ -333,7 +333,6 @@ def make_app(service, allowed_hosts=None):
             return (text.replace("<", "\\u003c").replace(">", "\\u003e")
                     .replace("&", "\\u0026").encode("utf-8"))
 
-    nosniff = HEADERS
     pages = {}
     for route, (name, media) in PAGES.items():
         with open(os.path.join(STATIC, name), "rb") as f:
@@ -343,7 +342,7 @@ def make_app(service, allowed_hosts=None):
         if status < 500:
             with service.metrics.lock:
                 service.metrics.refused[str(status)] += 1
-        return SafeJSON({"error": line}, status_code=status, headers=nosniff)
+        return SafeJSON({"error": line}, status_code=status, headers=HEADERS)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -382,7 +381,7 @@ def make_app(service, allowed_hosts=None):
     def page(route):
         body, media = pages[route]
         return Response(body, media_type=media,
-                        headers=dict(nosniff, **{"Content-Security-Policy": PAGE_POLICY}))
+                        headers=dict(HEADERS, **{"Content-Security-Policy": PAGE_POLICY}))
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -420,7 +419,7 @@ def make_app(service, allowed_hosts=None):
             raise BadRequest(404, "index", "the server has no image files",
                              "start serve.py with --images DIR")
         service.index(index, g.n_images)
-        return FileResponse(service.files.paths[index], headers=nosniff)
+        return FileResponse(service.files.paths[index], headers=HEADERS)
 
     @app.get("/api/explain", summary="the word x region attention of one pair, a PNG",
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
@@ -437,7 +436,7 @@ def make_app(service, allowed_hosts=None):
                              % (m.opt.module_name, m.model.no_attention_why),
                              "the search works without it")
         png = await service.run("explain", service.explain, q, index)
-        return Response(png, media_type="image/png", headers=nosniff)
+        return Response(png, media_type="image/png", headers=HEADERS)
 
     @app.get("/api/failures", summary="the queries whose ground truth ranks worst")
     async def failures(direction: str = Query("t2i", description="t2i (a caption's image) "

@@ -431,8 +431,8 @@ def test_process_under_load_then_sigterm(demo_gallery, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "serve.py"), "--model_path", g.path, "--data_path",
          g.data, "--vocab_path", g.vocab, "--split", "test", "--device", "cpu", "--port", "0",
-         "--no_cache", "--sims", g.sims], cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+         "--no_cache", "--sims", g.sims], cwd=str(tmp_path), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from test_serve import CASES, N_TEST, flags, serving, tiny  # noqa: F401  (the fixture)
+from test_serve import N_TEST, flags, serving, tiny  # noqa: F401  (the fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -62,8 +62,8 @@ def shot(driver, name, tmp_path):
     return path
 
 
-def test_the_page_lists_the_results_shows_attention_captions_and_failures(browser, server,
-                                                                          tiny, tmp_path):  # noqa: F811
+def test_the_page_lists_the_results_shows_attention_captions_and_failures(  # noqa: F811
+        browser, server, tiny, tmp_path):
     base = str(server.base_url).rstrip("/")
     q, k = tiny.captions[17], 6
     browser.get("%s/?q=%s&k=%d" % (base, urllib.parse.quote(q), k))
