@@ -48,8 +48,25 @@ TIMEOUT = httpx.Timeout(30.0)
 ERROR_LIMIT = 300
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread for the fixtures (they run before a test's `one_thread`): tiny tensors,
+    and a machine that other jobs load (where two spinning threads are many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
+    with one_torch_thread():
+        return make_tiny(tmp_path_factory)
+
+
+def make_tiny(tmp_path_factory):
     """A tiny split (with GSMN's boxes, sizes and arcs, and image files), checkpoints of SGR,
     NAAF (original format), GSMN and HREM (from the flags), and SGR's --save_sims matrix."""
     root = tmp_path_factory.mktemp("serve")
@@ -103,8 +120,9 @@ def serving(argv):
     import uvicorn
     p = serve.build_parser()
     args = p.parse_args(argv + ["--workers", "2"])
-    service = serve.build_service(args, {d: getattr(args, d) for d in p.matcher_dests
-                                         if getattr(args, d) is not None})
+    with one_torch_thread():
+        service = serve.build_service(args, {d: getattr(args, d) for d in p.matcher_dests
+                                             if getattr(args, d) is not None})
     sock = serve.listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(serve.make_app(service), http="h11",
                                            h11_max_incomplete_event_size=serve.MAX_REQUEST_HEAD,
@@ -414,8 +432,9 @@ def demo_gallery(tmp_path_factory):
     torch.save({"epoch": 1, "model": matchers.build_model(opt).state_dict(), "best_rsum": 0.0,
                 "opt": opt, "Eiters": 1}, path)
     sims = str(root / "SGR.npy")  # the failures' matrix: the server starts in seconds
-    evaluation.main(["--model_path", path, "--data_path", data, "--vocab_path", vocab,
-                     "--split", "test", "--device", "cpu", "--save_sims", sims])
+    with one_torch_thread():
+        evaluation.main(["--model_path", path, "--data_path", data, "--vocab_path", vocab,
+                         "--split", "test", "--device", "cpu", "--save_sims", sims])
     captions = open(os.path.join(data, "synth_precomp", "test_caps.txt"),
                     encoding="utf-8").read().splitlines()
     return argparse.Namespace(root=root, data=data, vocab=vocab, path=path, captions=captions,
