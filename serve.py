@@ -244,9 +244,9 @@ class Metrics:
 class Service:
     """The loaded gallery, its failures and image files, and the worker pool that scores."""
 
-    def __init__(self, gallery, failures, files=None, workers=1):
+    def __init__(self, gallery, failures, files=None, workers=1, two_stage=None):
         self.gallery, self.failures, self.files = gallery, failures, files
-        self.workers = workers
+        self.workers, self.two_stage = workers, two_stage
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="score")
         self.metrics = Metrics()
         enc = gallery.members[0].enc
@@ -310,7 +310,7 @@ class Service:
                 "images": self.files is not None, "explain": any(self.explains),
                 "failures": self.failures.source, "recall": self.failures.recall,
                 "workers": self.workers, "torch_threads": torch.get_num_threads(),
-                "two_stage": getattr(g, "two_stage", None) is not None}
+                "two_stage": self.two_stage}
 
 
 def make_app(service, allowed_hosts=None):
@@ -507,7 +507,7 @@ def build_service(args, overrides=None):
     if any(type(m.model).attention_info is not None for m in gallery.members):
         import plots  # noqa: F401  (matplotlib and its font cache, before any request)
         from matplotlib import font_manager  # noqa: F401
-    return Service(gallery, failures, files, args.workers)
+    return Service(gallery, failures, files, args.workers, kwargs or None)
 
 
 def build_parser():

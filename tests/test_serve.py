@@ -218,6 +218,8 @@ def test_two_stage_answers_what_retrieve_json_prints(tiny, capsys):
             assert_same_answer(got.json(), ref)
             assert got.json()["two_stage"] is not None
             assert {r["stage"] for r in got.json()["results"]} <= {"rerank", "shortlist"}
+        assert client.get("/api/health").json()["two_stage"] == {
+            "shortlist": tiny.paths["HREM"], "rerank_k": 4}
 
 
 # ----------------------------------------------------------------------------- failures
@@ -403,6 +405,7 @@ def test_health_and_metrics(sgr):
     h = sgr.get("/api/health").json()
     assert h["n_images"] == N_TEST and h["n_captions"] == 5 * N_TEST and h["images"]
     assert h["matchers"] == ["SGR"] and h["explain"] and h["workers"] == 2
+    assert h["two_stage"] is None and h["recall"]["t2i"]["R@1"] >= 0
 
 
 # ----------------------------------------------------------------------------- the process
