@@ -361,6 +361,16 @@ def make_app(service, allowed_hosts=None):
     async def bad_request(request, exc):
         return error(exc.status, str(exc))
 
+    @app.exception_handler(errors.SGRAFError)
+    async def refused(request, exc):  # a check of the gallery's (the API checks first)
+        return error(422, str(exc))
+
+    @app.exception_handler(Exception)
+    async def failed(request, exc):  # a bug: one line here, the traceback in the log
+        log.error("serve: %s failed", request.url.path, exc_info=exc)
+        return error(500, "%s: the server failed (%s); see its log" % (
+            _shown(request.url.path), errors.first_line(exc)))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
         e = exc.errors()[0]

@@ -393,6 +393,16 @@ def test_explain_is_a_png_and_a_dual_encoder_says_it_has_none(tiny, sgr):
         assert line.startswith("explain: HREM has no word x region attention to show")
 
 
+def test_a_failure_is_one_line_of_json_and_the_server_stays_up(sgr, monkeypatch):
+    monkeypatch.setattr(sgr.service.gallery, "search_image",
+                        lambda *a: 1 / 0)  # a bug in a request
+    r = sgr.get("/api/image/0")
+    assert r.status_code == 500 and r.json() == {
+        "error": '"/api/image/0": the server failed (division by zero); see its log'}
+    monkeypatch.undo()
+    assert sgr.get("/api/image/0").status_code == 200
+
+
 def test_health_and_metrics(sgr):
     before = sgr.get("/api/metrics").json()
     for q in ("a dog", "a cat", "two men"):
