@@ -265,6 +265,12 @@ class Service:
         start = time.perf_counter()
         try:
             out = await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        except errors.SGRAFError:
+            raise
+        except Exception as e:  # a bug: one line in the answer, the traceback in the log
+            log.error("serve: %s failed", endpoint, exc_info=e)
+            raise BadRequest(500, endpoint, "the server failed (%s)" % errors.first_line(e),
+                             "see its log") from None
         finally:
             with m.lock:
                 m.waiting -= 1
@@ -364,12 +370,6 @@ def make_app(service, allowed_hosts=None):
     @app.exception_handler(errors.SGRAFError)
     async def refused(request, exc):  # a check of the gallery's (the API checks first)
         return error(422, str(exc))
-
-    @app.exception_handler(Exception)
-    async def failed(request, exc):  # a bug: one line here, the traceback in the log
-        log.error("serve: %s failed", request.url.path, exc_info=exc)
-        return error(500, "%s: the server failed (%s); see its log" % (
-            _shown(request.url.path), errors.first_line(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):

@@ -398,7 +398,7 @@ def test_a_failure_is_one_line_of_json_and_the_server_stays_up(sgr, monkeypatch)
                         lambda *a: 1 / 0)  # a bug in a request
     r = sgr.get("/api/image/0")
     assert r.status_code == 500 and r.json() == {
-        "error": '"/api/image/0": the server failed (division by zero); see its log'}
+        "error": "image: the server failed (division by zero); see its log"}
     monkeypatch.undo()
     assert sgr.get("/api/image/0").status_code == 200
 
