@@ -6,7 +6,8 @@ train.py, and evaluates the best checkpoint on the test split with evaluation.py
 original result lines next to those of the same model before training. Then the pictures
 (README, "Search and pictures"): `evaluation.py --plots` into <run_dir>/plots/, and
 `retrieve.py --query DEMO_QUERY --explain <run_dir>/explain.png` (its top 3 test images and the
-attention behind them).
+attention behind them). It ends with the command that serves the model's search page
+(serve.py).
 
     python demo.py                      # SGR
     python demo.py --module_name SAF
@@ -20,6 +21,7 @@ to --run_dir: a directory that holds another run is refused, never replaced, unl
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -205,6 +207,9 @@ def run(p):
     print("demo: rsum %.1f after training, %.1f before (%.1fx) in %.0f s; pictures: %s%s"
           % (after["rsum"], before["rsum"], after["rsum"] / max(before["rsum"], 1e-9),
              time.time() - t0, plots_dir, (", " + explain) if explained else ""))
+    print("demo: browse its results and mistakes: python serve.py --model_path %s --data_path "
+          "%s --vocab_path %s --split test  (then open http://127.0.0.1:8000/)"
+          % tuple(shlex.quote(p) for p in (best, args.data_path, args.vocab_path)))
     return after, before
 
 

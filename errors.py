@@ -431,6 +431,18 @@ PROBLEMS = {
     "explain_unsupported": Problem(
         UsageError, "{model} has no word x region attention to show: {why}",
         "drop --explain (the search itself works)"),
+    # --------------------------------------------------------------- serve.py
+    "serve_host": Problem(
+        Warn, "the server is reachable from other machines: anyone who can reach it can "
+        "query the model and read the split's captions and images",
+        "pass --host 127.0.0.1 (the default) unless that is what you want"),
+    "port_unavailable": Problem(
+        UsageError, "cannot listen on {host} ({reason})",
+        "pass another --port (--port 0 picks a free one) or stop what holds it"),
+    "sims_foreign": Problem(
+        UsageError, "is not a finished evaluation.py --save_sims of this gallery ({why})",
+        "pass one of the same checkpoints, data and split, or drop --sims (to score the "
+        "split at start-up)"),
     # --------------------------------------------------------------- two-stage retrieval
     "shortlist_unsupported": Problem(
         UsageError, "{model} cannot shortlist: {why}",

@@ -623,7 +623,8 @@ class Gallery:
     def check_explain(self, path, images=None, image_ids=None):
         """Everything --explain needs, before any compute: the output file, a matcher with
         attention, and for --images the image files (ImageFiles) and the region boxes."""
-        outputs.check_outputs([path], TOOL + " --explain", "--explain")
+        if not hasattr(path, "write"):  # a file, not a buffer (serve.py's, in memory)
+            outputs.check_outputs([path], TOOL + " --explain", "--explain")
         if all(type(m.model).attention_info is None for m in self.members):
             m = self.members[0]
             raise errors.error("explain_unsupported", "--explain", model=m.opt.module_name,
@@ -716,9 +717,10 @@ class ImageFiles:
     """The split's image files (`--images DIR`, `--image_ids FILE`: one line per image of the
     split, or one per caption, each a file name under DIR, or an id found as DIR/<id>.jpg,
     DIR/<id>.png or COCO's DIR/*_<12-digit id>.jpg) and region boxes (`{split}_ims_bbx.npy`,
-    (images, regions, 4) x1 y1 x2 y2 in pixels), checked when made."""
+    (images, regions, 4) x1 y1 x2 y2 in pixels), checked when made; with `boxes=False` the
+    boxes may be missing (`boxes` None: no region can be drawn)."""
 
-    def __init__(self, images, image_ids, split_dir, split, n_images, im_div):
+    def __init__(self, images, image_ids, split_dir, split, n_images, im_div, boxes=True):
         if not os.path.isdir(images):
             raise errors.error("images_dir", images)
         ids = image_ids or os.path.join(split_dir, "%s_ids.txt" % split)
@@ -742,6 +744,9 @@ class ImageFiles:
                                    images=images, tried=", ".join(self._candidates(name)))
             self.paths.append(found)
         box_path = os.path.join(split_dir, "%s_ims_bbx.npy" % split)
+        self.boxes = None
+        if not boxes and not os.path.isfile(box_path):  # the files alone (serve.py's grid)
+            return
         if not os.path.isfile(box_path):
             raise errors.error("boxes_missing", box_path, name=os.path.basename(box_path))
         self.boxes = np.load(box_path, mmap_mode="r")

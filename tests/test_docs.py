@@ -219,7 +219,7 @@ def test_every_script_documented_parses():
     scripts = {script for page in PAGES
                for _, script, _ in commands(page.read_text(encoding="utf-8"))}
     assert {"train.py", "evaluation.py", "retrieve.py", "demo.py", "bench.py", "np2h.py",
-            "vocab.py", "checks.py", "synthetic.py"} <= scripts, sorted(scripts)
+            "vocab.py", "checks.py", "synthetic.py", "serve.py"} <= scripts, sorted(scripts)
 
 
 def test_readme_first_screen():

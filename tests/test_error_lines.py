@@ -620,6 +620,9 @@ REPRESENTATIVE = {
                      "per caption",
     "reads": "coco_precomp testall", "reads_ours": "f30k_precomp test", "k": 2000,
     "direction": "text to image", "items": "images",
+    # tests/test_serve.py's
+    "host": "127.0.0.1",
+    "sims_why": "it is the 1000x5000 matrix of test, not the gallery's 1014x5070 of dev",
 }
 
 
@@ -715,6 +718,11 @@ RENDERED = {
     "rerank_k_gallery": rendered("rerank_k_gallery", {"k": "k", "direction": "direction",
                                                       "n": "n", "items": "items"},
                                  "--rerank_k 2000"),
+    # tests/test_serve.py drives these
+    "serve_host": rendered("serve_host", {}, "--host 0.0.0.0"),
+    "port_unavailable": rendered("port_unavailable", {"host": "host", "reason": "reason"},
+                                 "--port 8000"),
+    "sims_foreign": rendered("sims_foreign", {"why": "sims_why"}, "--sims {sims}"),
     "scores_nonfinite": rendered("scores_nonfinite", {"images": "indices",
                                                       "captions": "indices"},
                                  "the similarity matrix"),

@@ -5,6 +5,7 @@ cross-attention matcher), demo.py, and the one-line errors of bad input."""
 import argparse
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import demo
 import evaluation
 import hrem
 import opts
+import serve
 import train
 from checkpoint import load_checkpoint
 from conftest import REPO
@@ -227,16 +229,22 @@ def test_ensemble_with_a_cross_attention_matcher(dataset, trained, capsys, tmp_p
 
 # ----------------------------------------------------------------------------- demo
 
-def test_demo_runs(tmp_path):
+def test_demo_runs(tmp_path, capsys):
     """demo.py --module_name HREM at a reduced size (its learning is measured at full size:
-    README)."""
+    README); it ends with the serve.py command of its model."""
     after, before = demo.main(["--module_name", "HREM", "--data_path", str(tmp_path / "d"),
                                "--vocab_path", str(tmp_path / "v"), "--run_dir",
                                str(tmp_path / "r"), "--n_train", "60", "--num_epochs", "1",
                                "--device", "cpu"])
     assert after["sims"].shape == before["sims"].shape == (200, 1000)
-    ckpt = load_checkpoint(str(tmp_path / "r" / "checkpoint" / "model_best.pth.tar"))
+    best = str(tmp_path / "r" / "checkpoint" / "model_best.pth.tar")
+    ckpt = load_checkpoint(best)
     assert ckpt["opt"].bert_path == BERT_DEMO and ckpt["opt"].embed_size == 256
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "python serve.py" in last, last
+    args = serve.build_parser().parse_args(
+        shlex.split(last.split("python serve.py", 1)[1].split("  (then")[0]))
+    assert args.model_path == best and args.data_path == str(tmp_path / "d")
 
 
 # ----------------------------------------------------------------------------- bad input
