@@ -97,6 +97,28 @@ class ShortlistIndex:
         if kind != "flat":
             self._build(hnsw_m, ef_construction, ef_search, nlist, nprobe)
 
+    def save(self, path):
+        """An approximate index's FAISS index to `path` (written beside it, then renamed)."""
+        import faiss
+        faiss.write_index(self.faiss, path + ".partial")
+        os.replace(path + ".partial", path)
+
+    @classmethod
+    def load(cls, vecs, path, ef_search=256):
+        """The index `save` wrote, over the same vectors."""
+        import faiss
+        self = cls(vecs, "flat", progress=False)
+        self.faiss = faiss.read_index(path)
+        hnsw = getattr(self.faiss, "hnsw", None)
+        if hnsw is not None:
+            self.kind, hnsw.efSearch = "hnsw", ef_search
+            self.params = {"M": hnsw.nb_neighbors(1), "efConstruction": hnsw.efConstruction,
+                           "efSearch": ef_search}
+        else:
+            self.kind = "ivf"
+            self.params = {"nlist": self.faiss.nlist, "nprobe": self.faiss.nprobe}
+        return self
+
     @property
     def approximate(self):
         return self.kind != "flat"
