@@ -261,3 +261,29 @@ def test_gallery_store_resumes_a_killed_build_and_refuses_another(tmp_path):
     with pytest.raises(Exception) as e:
         index.GalleryStore.build(str(tmp_path / "mine"), 23, encode, ident, progress=False)
     assert e.value.key == "file_not_made"
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+def test_bench_two_stage_jobs_at_tiny_sizes(tmp_path):
+    """bench.py --what two_stage's jobs in this process: the rates are measured, the synthetic
+    gallery is stored (two chunks) and queried, HNSW's recall is against flat, and float16
+    regions score within 1e-3 of float32's."""
+    import bench_two_stage
+    from test_bench import tiny_args
+    args = tiny_args("--what", "two_stage", "--modules", "SGR", "--big_gallery", "700",
+                     "--store", str(tmp_path / "store"))
+    args.min_len = 4  # [CLS] and [SEP] and words
+    r = bench_two_stage.job_eval(args, "SGR")
+    assert r["block_rate"] > 0 and r["short_rate"] > 0 and r["per"] == 6 * args.rerank_k
+    assert r["s_cap"] > 0 and r["r_img"] > 0 and str(r["sl_label"]).startswith("HREM")
+    rows = bench_two_stage.report_eval("SGR", args, r)
+    assert [row[0] for row in rows] == ["Flickr30K 1K", "COCO 5K"]
+    b = bench_two_stage.build_store(args, "SGR", args.store)
+    store = index.GalleryStore(args.store)
+    assert store.complete and store.meta["n"] == 700 and b["t_hnsw"] > 0
+    assert store.array("regions").dtype == np.float16
+    assert set(store.meta["arrays"]) == {"vectors", "regions", "img_glo"}
+    q = bench_two_stage.job_query(args, "SGR")
+    assert q["n"] == 700 and 0.9 <= q["recall"] <= 1.0 and q["f16_diff"] < 1e-3
+    assert q["flat_best"] > 0 and q["hnsw_best"] > 0
