@@ -746,6 +746,7 @@ class Gallery:
                 what=what))
         ids, sl_scores = idx.search(qvec, max(k, topk))
         shortlisted = ids[:k]
+        k = len(shortlisted)  # an approximate index may find fewer
         scores = np.asarray(rerank(shortlisted), dtype=np.float64)
         by_rerank = np.argsort(-scores, kind="stable")
         order = np.concatenate([shortlisted[by_rerank], ids[k:]])[:topk]

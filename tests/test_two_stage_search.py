@@ -287,3 +287,39 @@ def test_bench_two_stage_jobs_at_tiny_sizes(tmp_path):
     q = bench_two_stage.job_query(args, "SGR")
     assert q["n"] == 700 and 0.9 <= q["recall"] <= 1.0 and q["f16_diff"] < 1e-3
     assert q["flat_best"] > 0 and q["hnsw_best"] > 0
+
+
+def test_gsmn_reranks_with_its_per_image_and_per_caption_inputs(s, tmp_path_factory, capsys):
+    """GSMN (boxes per image, arcs per caption: the score inputs of the shortlisted rows),
+    embed_size 64 (at 16, its 1-d chunks make the scores ill-conditioned), re-ranking HREM's
+    shortlist, equals its exhaustive ranking restricted to the shortlist."""
+    import shutil
+    from test_gsmn_integration import add_gsmn_files
+    root = tmp_path_factory.mktemp("two_stage_gsmn")
+    data = str(root / "data")
+    shutil.copytree(s.data, data)
+    add_gsmn_files(data, "test", N_TEST, 5 * N_TEST)
+    arcs = [[[0, 2]] + [[a, b] for a, b in zip(range(1, 4), range(2, 5))]
+            for _ in range(5 * N_TEST)]  # no self-loop: a free-text query scores alike
+    with open(os.path.join(data, "synth_precomp", "test_caps.json"), "w") as f:
+        json.dump(arcs, f)
+    torch.manual_seed(3)
+    opt = opts.parse_opt(train_args(data, s.vocab, str(root / "run"), "--module_name", "GSMN",
+                                    "--is_sparse", "--num_block", "4", "--feat_dim", "4",
+                                    "--hid_dim", "8", "--embed_size", "64"))
+    opt.device, opt.workers = "cpu", 0
+    opt.vocab_size = len(matchers.matcher_class("GSMN").vocabulary(opt)[0])
+    path = str(root / "GSMN.pth.tar")
+    torch.save({"epoch": 1, "model": matchers.build_model(opt).state_dict(),
+                "best_rsum": 0.0, "opt": opt, "Eiters": 1}, path)
+    f = str(root / "GSMN.npy")
+    evaluation.main(["--model_path", path, "--data_path", data, "--split", "test", "--device",
+                     "cpu", "--save_sims", f])
+    sims = np.load(f)
+    base = ["--model_path", path, "--data_path", data, "--split", "test", "--device", "cpu",
+            "--shortlist", s.paths["HREM"], "--rerank_k", "5", "--no_cache", "--topk", "7"]
+    for j in (4, 41):
+        out = run_json(base + ["--query", s.captions[j]], capsys)
+        assert_two_stage(out["results"], sims[:, j], s.sims["HREM"][:, j], 5, 7)
+    out = run_json(base + ["--image", "3"], capsys)
+    assert_two_stage(out["results"], sims[3], s.sims["HREM"][3], 5, 7)
