@@ -29,6 +29,7 @@ file names none:
     python bench.py --modules NAME --what eval --precision bf16
     python bench.py --what train --precision fp32,bf16 --table   # fp32 vs bf16 steps, a table
     python bench.py --what retrieve --modules NAME,NAME   # one text query, 1000-image gallery
+    python bench.py --what two_stage --modules NAME     # shortlist + re-rank: bench_two_stage.py
     python bench.py --help               # the flags, the matchers' own included
 
 `--precision fp32,bf16` runs the eval and train jobs in each precision (the per-caption
@@ -42,6 +43,11 @@ needs beside it: `bench_gallery_files`): one text query uncached (load, hash the
 the split, cache it, score), then cached (load, read the cache, score), then a query on the
 gallery already loaded (`Gallery.search_text`: the query's own cost), and the cached query as a
 command (`python retrieve.py ...`, imports included).
+
+`--what two_stage` (bench_two_stage.py) times two-stage retrieval for each cross-attention
+matcher of --modules, re-ranking the shortlist of the registry's matcher that embeds alone:
+evaluation times extrapolated from measured rates, and text queries against a large synthetic
+gallery stored memory-mapped.
 """
 import argparse
 import os

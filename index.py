@@ -20,9 +20,12 @@ reads the rows of its shortlist only, so that a 100K-image gallery's regions (7.
 at 36 x 1024) need not be in RAM. It is written chunk by chunk with a progress bar, and a killed
 build continues where it stopped.
 
+`check_flags` and `TwoStage` are retrieve.py's two-stage search (retrieve.Gallery's mixin).
+
 Letters: N gallery items, d the shortlist's dimension, K the re-ranked candidates.
 """
 import json
+import logging
 import os
 
 import numpy as np
@@ -30,6 +33,8 @@ from tqdm import tqdm
 
 import errors
 import outputs
+
+log = logging.getLogger(__name__)
 
 KINDS = ("flat", "hnsw", "ivf")
 BLOCK = 65536          # gallery rows per float32 pass (flat), per faiss add
@@ -168,6 +173,93 @@ class ShortlistIndex:
         ids = self.search(q, k)[0] if ids is None else ids[:k]
         exact = top_k_exact(self.vecs, q, k)[0]
         return len(np.intersect1d(ids, exact)) / float(k)
+
+
+# ----------------------------------------------------------------------------- retrieve.py
+
+def check_flags(shortlist, rerank_k, index):
+    """The two-stage flags, before any model is loaded: --shortlist and --rerank_k go
+    together, K >= 1, --index is one of index.KINDS and needs a shortlist."""
+    if index not in KINDS:
+        raise errors.error("flag_choice", "--index %s" % index, unknown=index,
+                           choices=", ".join(KINDS))
+    if rerank_k is not None and not shortlist:
+        raise errors.error("rerank_needs_shortlist", "--rerank_k %d" % rerank_k)
+    if shortlist and rerank_k is None:
+        raise errors.error("shortlist_needs_k", "--shortlist %s" % shortlist)
+    if rerank_k is not None and rerank_k <= 0:
+        raise errors.error("flag_positive", "--rerank_k %d" % rerank_k)
+    if index != "flat" and not shortlist:
+        raise errors.error("flag_unsupported", "--index %s" % index, model="the exhaustive "
+                           "search", why="it holds the --shortlist model's vectors")
+
+
+class TwoStage:
+    """retrieve.Gallery's two-stage search (a mixin): the shortlist's vectors of the split
+    (`_vectors`), their index (`index`), and a query's shortlist re-ranked (`_two_stage`). The
+    gallery provides `shortlist` (its Member), `members`, `encodings(m, captions)`,
+    `rerank_k`, `index_kind`, `index_recall`, `_indexes` and `_warned`."""
+
+    def _vectors(self, m, what):
+        """The shortlist's vectors of the split's images or captions (float32)."""
+        enc = self.encodings(m, captions=what == "captions")
+        if what == "images":
+            img = enc.img_embs
+            return m.model.shortlist_embeddings(img, np.zeros((0, img.shape[1]), np.float32),
+                                                [])[0]
+        cap = enc.cap_embs
+        return m.model.shortlist_embeddings(np.zeros((0, cap.shape[1]), np.float32), cap,
+                                            enc.cap_lens)[1]
+
+    def index(self, what):
+        """The shortlist's ShortlistIndex of the split's images or captions, built once."""
+        if what not in self._indexes:
+            self._indexes[what] = ShortlistIndex(
+                self._vectors(self.shortlist, what), self.index_kind)
+        return self._indexes[what]
+
+    def _two_stage(self, what, query, topk, rerank):
+        """(order, results, the two_stage record, gallery size) of a query against `what`
+        (images or captions): the shortlist's top K (query: its encoding context, or a
+        vector) scored by `rerank(ids)` and ordered by it, then its next items in its own
+        order, up to topk."""
+        sl = self.shortlist
+        if isinstance(query, dict):
+            qvec = sl.model.shortlist_embeddings(
+                np.zeros((0, query["cap"].shape[-1]), np.float32), query["cap"],
+                query["lens"])[1][0]
+        else:
+            qvec = query
+        idx = self.index(what)
+        n, k = idx.n, min(self.rerank_k, idx.n)
+        if self.rerank_k >= n and what not in self._warned:
+            self._warned.add(what)
+            log.warning(errors.message(
+                "rerank_k_gallery", "--rerank_k %d" % self.rerank_k, k=self.rerank_k,
+                direction="the %s queries" % ("text" if what == "images" else "image"), n=n,
+                what=what))
+        ids, sl_scores = idx.search(qvec, max(k, topk))
+        shortlisted = ids[:k]
+        k = len(shortlisted)  # an approximate index may find fewer
+        scores = np.asarray(rerank(shortlisted), dtype=np.float64)
+        by_rerank = np.argsort(-scores, kind="stable")
+        order = np.concatenate([shortlisted[by_rerank], ids[k:]])[:topk]
+        results = []
+        for r, i in enumerate(order):
+            if r < k:
+                p = by_rerank[r]
+                results.append({"rank": r + 1, "index": int(i), "score": float(scores[p]),
+                                "stage": "rerank", "shortlist_score": float(sl_scores[p])})
+            else:
+                results.append({"rank": r + 1, "index": int(i), "score": float(sl_scores[r]),
+                                "stage": "shortlist"})
+        recall = None
+        if idx.approximate and self.index_recall:
+            recall = idx.recall(qvec, k, shortlisted)
+        record = {"shortlist": sl.path, "shortlist_matcher": sl.opt.module_name,
+                  "rerank_k": self.rerank_k, "reranked": k, "index": self.index_kind,
+                  "index_params": idx.params, "index_recall": recall}
+        return order, results, record, n
 
 
 # ----------------------------------------------------------------------------- the store

@@ -339,23 +339,6 @@ def _take(x, rows):
     return [x[i] for i in rows]
 
 
-def check_two_stage(shortlist, rerank_k, index):
-    """The two-stage flags, before any model is loaded: --shortlist and --rerank_k go
-    together, K >= 1, --index is one of index.KINDS and needs a shortlist."""
-    if index not in shortlist_index.KINDS:
-        raise errors.error("flag_choice", "--index %s" % index, unknown=index,
-                           choices=", ".join(shortlist_index.KINDS))
-    if rerank_k is not None and not shortlist:
-        raise errors.error("rerank_needs_shortlist", "--rerank_k %d" % rerank_k)
-    if shortlist and rerank_k is None:
-        raise errors.error("shortlist_needs_k", "--shortlist %s" % shortlist)
-    if rerank_k is not None and rerank_k <= 0:
-        raise errors.error("flag_positive", "--rerank_k %d" % rerank_k)
-    if index != "flat" and not shortlist:
-        raise errors.error("flag_unsupported", "--index %s" % index, model="the exhaustive "
-                           "search", why="it holds the --shortlist model's vectors")
-
-
 class Member:
     """One checkpoint of the gallery: its model, options, vocabulary, and its encodings of the
     split (from the cache, or encoded on first use)."""
@@ -382,7 +365,7 @@ class Hits(dict):
     context = None
 
 
-class Gallery:
+class Gallery(shortlist_index.TwoStage):
     """A split, searched with one checkpoint or the ensemble of two (the mean of their scores,
     as evaluation.py's ensemble). The split's encodings come from the cache in `cache_dir`
     (None: no cache) or are made on first use and cached.
@@ -398,7 +381,7 @@ class Gallery:
                  cache_dir="default", overrides=None, check_flags=False, shortlist=None,
                  rerank_k=None, index="flat", index_recall=True):
         self.split = split
-        check_two_stage(shortlist, rerank_k, index)
+        shortlist_index.check_flags(shortlist, rerank_k, index)
         self.rerank_k, self.index_kind, self.index_recall = rerank_k, index, index_recall
         self._indexes, self._warned = {}, set()
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
@@ -705,68 +688,6 @@ class Gallery:
         hits.context = {"kind": "image", "index": index, "order": order}
         return hits
 
-    # ------------------------------------------------------------------ two-stage
-    def _vectors(self, m, what):
-        """The shortlist's vectors of the split's images or captions (float32)."""
-        enc = self.encodings(m, captions=what == "captions")
-        if what == "images":
-            img = enc.img_embs
-            return m.model.shortlist_embeddings(img, np.zeros((0, img.shape[1]), np.float32),
-                                                [])[0]
-        cap = enc.cap_embs
-        return m.model.shortlist_embeddings(np.zeros((0, cap.shape[1]), np.float32), cap,
-                                            enc.cap_lens)[1]
-
-    def index(self, what):
-        """The shortlist's ShortlistIndex of the split's images or captions, built once."""
-        if what not in self._indexes:
-            self._indexes[what] = shortlist_index.ShortlistIndex(
-                self._vectors(self.shortlist, what), self.index_kind)
-        return self._indexes[what]
-
-    def _two_stage(self, what, query, topk, rerank):
-        """(order, results, the two_stage record, gallery size) of a query against `what`
-        (images or captions): the shortlist's top K (query: its encoding context, or a
-        vector) scored by `rerank(ids)` and ordered by it, then its next items in its own
-        order, up to topk."""
-        sl = self.shortlist
-        if isinstance(query, dict):
-            qvec = sl.model.shortlist_embeddings(
-                np.zeros((0, query["cap"].shape[-1]), np.float32), query["cap"],
-                query["lens"])[1][0]
-        else:
-            qvec = query
-        idx = self.index(what)
-        n, k = idx.n, min(self.rerank_k, idx.n)
-        if self.rerank_k >= n and what not in self._warned:
-            self._warned.add(what)
-            log.warning(errors.message(
-                "rerank_k_gallery", "--rerank_k %d" % self.rerank_k, k=self.rerank_k,
-                direction="the %s queries" % ("text" if what == "images" else "image"), n=n,
-                what=what))
-        ids, sl_scores = idx.search(qvec, max(k, topk))
-        shortlisted = ids[:k]
-        k = len(shortlisted)  # an approximate index may find fewer
-        scores = np.asarray(rerank(shortlisted), dtype=np.float64)
-        by_rerank = np.argsort(-scores, kind="stable")
-        order = np.concatenate([shortlisted[by_rerank], ids[k:]])[:topk]
-        results = []
-        for r, i in enumerate(order):
-            if r < k:
-                p = by_rerank[r]
-                results.append({"rank": r + 1, "index": int(i), "score": float(scores[p]),
-                                "stage": "rerank", "shortlist_score": float(sl_scores[p])})
-            else:
-                results.append({"rank": r + 1, "index": int(i), "score": float(sl_scores[r]),
-                                "stage": "shortlist"})
-        recall = None
-        if idx.approximate and self.index_recall:
-            recall = idx.recall(qvec, k, shortlisted)
-        record = {"shortlist": sl.path, "shortlist_matcher": sl.opt.module_name,
-                  "rerank_k": self.rerank_k, "reranked": k, "index": self.index_kind,
-                  "index_params": idx.params, "index_recall": recall}
-        return order, results, record, n
-
     # ------------------------------------------------------------------ attention
     def check_explain(self, path, images=None, image_ids=None):
         """Everything --explain needs, before any compute: the output file, a matcher with
@@ -1004,7 +925,7 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
         raise errors.error("flag_positive", "--topk %d" % topk)
     if query is not None and not str(query).strip():
         raise errors.error("query_empty", "--query %s" % json.dumps(query))
-    check_two_stage(shortlist, rerank_k, index)
+    shortlist_index.check_flags(shortlist, rerank_k, index)
     if explain:
         outputs.check_outputs([explain], TOOL + " --explain", "--explain")
     gallery = Gallery(model_path, data_path, split, model_path2, vocab_path, data_name, device,
