@@ -239,7 +239,11 @@ class TwoStage:
                 direction="the %s queries" % ("text" if what == "images" else "image"), n=n,
                 what=what))
         ids, sl_scores = idx.search(qvec, max(k, topk))
-        shortlisted = ids[:k]
+        # the candidates in gallery order, ordered by the re-ranker as the exhaustive search
+        # orders the gallery (equal scores: the lower index first), so that K >= the gallery
+        # gives the exhaustive search's results
+        by_index = np.argsort(ids[:k], kind="stable")
+        shortlisted, sl_k = ids[:k][by_index], sl_scores[:k][by_index]
         k = len(shortlisted)  # an approximate index may find fewer
         scores = np.asarray(rerank(shortlisted), dtype=np.float64)
         by_rerank = np.argsort(-scores, kind="stable")
@@ -249,7 +253,7 @@ class TwoStage:
             if r < k:
                 p = by_rerank[r]
                 results.append({"rank": r + 1, "index": int(i), "score": float(scores[p]),
-                                "stage": "rerank", "shortlist_score": float(sl_scores[p])})
+                                "stage": "rerank", "shortlist_score": float(sl_k[p])})
             else:
                 results.append({"rank": r + 1, "index": int(i), "score": float(sl_scores[r]),
                                 "stage": "shortlist"})

@@ -93,10 +93,11 @@ def run_json(args, capsys):
 
 def assert_two_stage(results, rerank, short, k, topk):
     """results: the shortlist's top k (`short`, a --save_sims column or row, in the order
-    np.argsort(...)[::-1]) ordered by `rerank` (the re-ranker's exhaustive scores, 1e-6), then
-    the shortlist's next ones with its scores."""
+    np.argsort(...)[::-1]) ordered by `rerank` (the re-ranker's exhaustive scores, 1e-6; equal
+    ones the lower index first, as the exhaustive search), then the shortlist's next ones with
+    its scores."""
     sl_order = np.argsort(short)[::-1]
-    top = sl_order[:k]
+    top = np.sort(sl_order[:k])  # in gallery order, ordered as the exhaustive search orders
     want = top[np.argsort(-rerank[top], kind="stable")]
     got = [r["index"] for r in results]
     assert got[:k] == want.tolist() and got[k:] == sl_order[k:topk].tolist()
