@@ -439,8 +439,8 @@ class Matcher:
     # product of one vector per image and one per caption, each computed alone (a dual encoder),
     # can shortlist candidates for a cross-attention matcher, which re-ranks them.
     embeds_alone = False
-    no_shortlist_why = ("it scores each (image, caption) pair by cross-attention: it has no "
-                        "vector per image and per caption to shortlist with")
+    no_shortlist_why = ("it scores each pair by cross-attention, with no vector per image "
+                        "and per caption")
 
     def shortlist_embeddings(self, img_embs, cap_embs, cap_lens):
         """(image vectors (n_images, d), caption vectors (n_captions, d)), float32, from the

@@ -35,6 +35,7 @@ import retrieve
 import runs
 import synthetic
 import train
+import twostage
 from checkpoint import save_checkpoint
 
 # Small dims, a smaller batch and a larger learning rate than the paper's, so that it learns in
@@ -92,6 +93,12 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--two_stage", action="store_true",
+                   help="also train the registry's dual encoder on the same split, and "
+                        "evaluate it shortlisting for --module_name (which re-ranks), for each "
+                        "--rerank_k, beside both models alone (docs/two_stage.md)")
+    p.add_argument("--rerank_k", default=[8, 16, 32, 64], type=twostage.parse_ks,
+                   metavar="K[,K...]", help="with --two_stage: the K to evaluate")
     return p
 
 
@@ -99,9 +106,15 @@ def build_parser():
 def main(argv=None):
     args, extra = build_parser().parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    if args.two_stage:
+        return two_stage(args, [a for a in (sys.argv[1:] if argv is None else argv)
+                                if a != "--two_stage"])
+    return run(prepare(args, extra))
 
-    # every check before any compute: the demo's flags, train.py's (the extra ones included),
-    # the synthetic data, and where the run writes
+
+def prepare(args, extra):
+    """Every check before any compute: the demo's flags, train.py's (the extra ones
+    included), the synthetic data, and where the run writes. Returns what `run` needs."""
     errors.check_positive(args, ["num_epochs", "lr_update", "n_train", "threads"])
     errors.check_nonnegative(args, ["seed"])
     errors.check_device(args.device)
@@ -150,6 +163,15 @@ def main(argv=None):
     if replace and not opt.overwrite:
         flags.append("--overwrite")  # the demo's own earlier run, in its own directory
 
+    return argparse.Namespace(args=args, flags=flags, opt=opt, run_dir=run_dir,
+                              data_name=data_name, untrained=untrained,
+                              plots_dir=plots_dir, explain=explain)
+
+
+def run(p):
+    """The demo `prepare` checked: train, evaluate before and after, draw."""
+    args, flags, opt, run_dir = p.args, p.flags, p.opt, p.run_dir
+    data_name, untrained, plots_dir, explain = p.data_name, p.untrained, p.plots_dir, p.explain
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -184,6 +206,66 @@ def main(argv=None):
           % (after["rsum"], before["rsum"], after["rsum"] / max(before["rsum"], 1e-9),
              time.time() - t0, plots_dir, (", " + explain) if explained else ""))
     return after, before
+
+
+def _without(argv, flag):
+    """argv without `flag` and its value (`--flag X` or `--flag=X`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def two_stage(args, argv):
+    """demo.py --two_stage: the demo of --module_name (the re-ranker) and of the registry's
+    dual encoder (the shortlist) on the same synthetic split, each as `demo.py` trains and
+    evaluates it, then the two-stage evaluation of the pair for each --rerank_k, and a table:
+    K, pairs scored, rsum (two-stage, the re-ranker alone, the shortlist alone) and time."""
+    reranker = matchers.matcher_class(args.module_name)
+    if reranker.embeds_alone:
+        raise errors.error("flag_unsupported", "--two_stage", model=args.module_name,
+                           why="it embeds alone: pass a --module_name that re-ranks by "
+                               "cross-attention")
+    short_name = next(n for n in matchers.MATCHERS if matchers.matcher_class(n).embeds_alone)
+    argv = _without(_without(_without(argv, "--module_name"), "--run_dir"), "--rerank_k")
+    plans, best, alone = [], {}, {}
+    for name in (args.module_name, short_name):  # both checked before either trains
+        sub, extra = build_parser().parse_known_args(
+            argv + ["--module_name", name] +
+            (["--run_dir", os.path.join(args.run_dir, name)] if args.run_dir else []))
+        plans.append(prepare(sub, extra))
+        best[name] = os.path.join(plans[-1].opt.model_name, runs.BEST)
+    for plan in plans:
+        run(plan)
+    common = dict(data_path=args.data_path, split="test", vocab_path=args.vocab_path,
+                  device=args.device)
+    rows = []
+    for name in (args.module_name, short_name):
+        print("== %s alone (exhaustive) on the synthetic test split" % name)
+        t0 = time.time()
+        alone[name] = evaluation.evalrank(best[name], **common)
+        rows.append(("%s alone" % name, alone[name]["sims"].size, alone[name]["sims"].size,
+                     alone[name]["rsum"], time.time() - t0))
+    for k in args.rerank_k:
+        print("== two-stage, K = %d" % k)
+        t0 = time.time()
+        out = evaluation.evalrank(best[args.module_name], shortlist=best[short_name],
+                                  rerank_k=[k], **common)
+        rows.append(("K = %d" % k, out["pairs"], out["all_pairs"], out["rsum"],
+                     time.time() - t0))
+    print("demo --two_stage: %s shortlists, %s re-ranks, on the synthetic test split"
+          % (short_name, args.module_name))
+    print("%-12s  %16s  %6s  %7s" % ("", "pairs scored", "rsum", "time"))
+    for label, pairs, n_all, rsum, seconds in rows:
+        scored = "%d (%.1f%%)" % (pairs, 100.0 * pairs / n_all) if label.startswith("K") else \
+            ("%d (all)" % n_all if label.startswith(args.module_name) else "none")
+        print("%-12s  %16s  %6.1f  %6.1fs" % (label, scored, rsum, seconds))
+    return rows
 
 
 if __name__ == "__main__":

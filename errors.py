@@ -434,11 +434,11 @@ PROBLEMS = {
     # --------------------------------------------------------------- two-stage retrieval
     "shortlist_unsupported": Problem(
         UsageError, "{model} cannot shortlist: {why}",
-        "pass a dual encoder's checkpoint (HREM) as --shortlist; the cross-attention model "
-        "that re-ranks is --model_path"),
+        "pass as --shortlist a dual encoder's checkpoint, one that embeds alone "
+        "(docs/two_stage.md); --model_path re-ranks"),
     "rerank_needs_shortlist": Problem(
         UsageError, "re-ranks a shortlist, and no --shortlist is given",
-        "pass --shortlist CKPT (a dual encoder, e.g. HREM), or drop --rerank_k for the "
+        "pass --shortlist CKPT, a dual encoder's checkpoint, or drop --rerank_k for the "
         "exhaustive ranking"),
     "shortlist_needs_k": Problem(
         UsageError, "needs --rerank_k K, the number of candidates re-ranked per query",
@@ -448,7 +448,7 @@ PROBLEMS = {
         "same images and captions",
         "pass a shortlist checkpoint of the same data, or a --data_name both read"),
     "rerank_k_gallery": Problem(
-        Warn, "K = {k} is at least the gallery of {direction} ({n} {what}): all of them are "
+        Warn, "K = {k} is at least the gallery of {direction} ({n} {items}): all of them are "
         "re-ranked, which is the exhaustive ranking",
         "pass a smaller K to score fewer pairs"),
     "cache_inside": Problem(

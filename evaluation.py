@@ -47,6 +47,7 @@ import matchers
 import opts
 import outputs
 import matrix
+import twostage
 from ranking import i2t, t2i
 from checkpoint import load_checkpoint
 from data import get_test_loader
@@ -269,7 +270,7 @@ def _print_results(r, ri, log=print):
 def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=None,
              vocab_path=None, data_name=None, save_sims=None, device=None, feat_format=None,
              precision=None, overrides=None, check_flags=False, overwrite=False,
-             plots=None):
+             plots=None, shortlist=None, rerank_k=None):
     """Evaluate a checkpoint (or the ensemble of two) on a split and print the original lines.
     `fold5=True`: COCO 5-fold 1K (the split must have 5000 images; only the folds are scored).
     `precision='bf16'` scores under bf16 autocast where the matcher supports it (faster where
@@ -282,6 +283,7 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
     also draw the score distributions, recall@K curves and ground-truth ranks (plots.py; each
     model and the ensemble)."""
     check_arguments(plots, data_name, data_path, device)
+    ks = check_two_stage(shortlist, rerank_k, plots, save_sims, overwrite)
     rank, device = join_processes(device)
     say = print if rank == 0 else (lambda *a, **k: None)
     saved = matrix.SavedSims(matrix.sims_path(save_sims), overwrite) if save_sims and rank == 0 else None
@@ -290,6 +292,13 @@ def evalrank(model_path, data_path=None, split="dev", fold5=False, model_path2=N
             lambda: _prepare(model_path, model_path2, data_path, split, fold5, vocab_path,
                              data_name, device, feat_format, precision, say, overrides,
                              check_flags))
+        if shortlist:
+            out = two_stage(shortlist, ks, loaded, scorers, shape, saved, rank, say,
+                            dict(data_path=data_path, split=split, fold5=fold5,
+                                 data_name=data_name, device=device, feat_format=feat_format,
+                                 overrides=overrides))
+            distributed.finish()
+            return out
         shards = matrix.shard_grid(matrix.score_regions(*shape, fold5=fold5))
         done = distributed.agree(
             lambda: claim_sims(saved, loaded, scorers, data_path, split, fold5, shape, shards,
@@ -386,7 +395,7 @@ def score(scorers, shards, done, shape, saved, each, rank, say):
         matrix.score_shards(encoded, shards, sorted(done), None, each=each, own=own)
     if todo:
         say("calculate similarity time:", time.time() - start)
-    else:
+    elif saved is not None:  # rank 0's (the other processes hold no file)
         say("=> %s: every shard already scored (%s)" % (saved.path, saved.record.record_path))
     return sims, own
 
@@ -455,15 +464,17 @@ def split_asp(sims, tfidf, image_offset=0, caption_slice=None):
     return daa.asp_metric(sims, sems)
 
 
-def report(sims, fold5=False, captions=None, tfidf=None, log=print):
+def report(sims, fold5=False, captions=None, tfidf=None, log=print, recalls=None):
     """Print R@K both ways in the original's format (through `log`) and return them; with the
     split's `captions` (or their `tfidf`, daa.caption_tfidf), also DAA's ASP. `fold5`: the mean
-    over the five 1000-image folds of a 5000-image split (COCO 1K)."""
-    if tfidf is None and captions is not None:
+    over the five 1000-image folds of a 5000-image split (COCO 1K). `recalls`: the (i2t, t2i)
+    metrics of the split (or of each fold) when they are not those of ranking `sims`
+    (two-stage retrieval); ASP is then printed only when `sims` is given."""
+    if tfidf is None and captions is not None and sims is not None:
         tfidf = daa.caption_tfidf(captions)
     if not fold5:
-        r = i2t(None, None, None, sims)
-        ri = t2i(None, None, None, sims)
+        r, ri = recalls[0] if recalls else (i2t(None, None, None, sims),
+                                            t2i(None, None, None, sims))
         rsum = _print_results(r, ri, log)
         out = {"i2t": r, "t2i": ri, "rsum": rsum, "sims": sims}
         if tfidf is not None:
@@ -472,15 +483,15 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
         return out
 
     n = matrix.FOLD_IMAGES
-    if sims.shape[0] != matrix.FOLDS * n:
+    if recalls is None and sims.shape[0] != matrix.FOLDS * n:
         raise ValueError("--fold5 needs a split of %d images (COCO testall), got %d"
                          % (matrix.FOLDS * n, sims.shape[0]))
     results, asps = [], []
     for i in range(matrix.FOLDS):
-        s = sims[i * n:(i + 1) * n, 5 * i * n:5 * (i + 1) * n]
-        r = i2t(None, None, None, s)
+        s = None if sims is None else sims[i * n:(i + 1) * n, 5 * i * n:5 * (i + 1) * n]
+        r = recalls[i][0] if recalls else i2t(None, None, None, s)
         log("Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r)
-        ri = t2i(None, None, None, s)
+        ri = recalls[i][1] if recalls else t2i(None, None, None, s)
         log("Text to image: %.1f, %.1f, %.1f, %.1f, %.1f" % ri)
         ar = (r[0] + r[1] + r[2]) / 3
         ari = (ri[0] + ri[1] + ri[2]) / 3
@@ -501,6 +512,213 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print):
     if asps:
         out["asp"] = tuple(np.mean(asps, axis=0))
         log("ASP: i2t %.1f t2i %.1f" % out["asp"])
+    return out
+
+
+# ----------------------------------------------------------------------------- two stages
+
+def check_two_stage(shortlist, rerank_k, plots, save_sims, overwrite):
+    """The two-stage flags' checks, before any file is read: [K, ...] sorted (None without
+    --shortlist)."""
+    if rerank_k is not None and not shortlist:
+        raise errors.error("rerank_needs_shortlist", "--rerank_k %s" % ",".join(
+            str(k) for k in ([rerank_k] if isinstance(rerank_k, int) else rerank_k)))
+    if not shortlist:
+        return None
+    if rerank_k is None:
+        raise errors.error("shortlist_needs_k", "--shortlist %s" % shortlist)
+    ks = sorted({int(k) for k in ([rerank_k] if isinstance(rerank_k, int) else rerank_k)})
+    if ks[0] <= 0:
+        raise errors.error("flag_positive", "--rerank_k %d" % ks[0])
+    if plots:
+        raise errors.error("flag_unsupported", "--plots", model="a two-stage evaluation",
+                           why="its figures need the score of every pair")
+    if save_sims:
+        outputs.check_output_file(shortlist_file(save_sims), "--save_sims",
+                                  made_by="evaluation.py --save_sims", overwrite=overwrite)
+    return ks
+
+
+def shortlist_file(save_sims):
+    """Where a two-stage --save_sims keeps the shortlist (its candidates), beside the scores."""
+    return matrix.sims_path(save_sims) + ".shortlist.npz"
+
+
+def load_shortlist(path, scorers, shape, opts_):
+    """The shortlist model and its loader of the split, refused unless it embeds alone and
+    reads the re-ranker's images and captions."""
+    model, opt, vocab, _ = load_model(path, opts_["data_path"], None, opts_["device"],
+                                      opts_["feat_format"], data_name=opts_["data_name"],
+                                      overrides=opts_["overrides"])
+    where = "--shortlist %s" % path
+    if not type(model).embeds_alone:
+        raise errors.error("shortlist_unsupported", where, model=opt.module_name,
+                           why=model.no_shortlist_why)
+    ours = scorers[0][1]
+    split = opts_["split"]
+    if opt.data_name != ours.data_name:
+        raise errors.error("shortlist_split", where, theirs="%s %s" % (opt.data_name, split),
+                           ours="%s %s" % (ours.data_name, split))
+    opt.fold5 = opts_["fold5"]
+    loader = get_test_loader(split, opt.data_name, vocab, opt.batch_size, opt.workers, opt,
+                             matcher=type(model))
+    dset, first = loader.dataset, scorers[0][2].dataset
+    if (-(-len(dset) // dset.im_div), len(dset)) != tuple(shape) or \
+            list(dset.captions) != list(first.captions):
+        raise errors.error("shortlist_split", where,
+                           theirs="%d images and other captions" % -(-len(dset) // dset.im_div),
+                           ours="%d images, %d captions" % tuple(shape))
+    return model, opt, loader
+
+
+def shortlist_candidates(model, loader, regions, kmax, rank):
+    """Encode the split with the shortlist model and rank every region (twostage.
+    shortlist_region): [found per region], seconds."""
+    start = time.time()
+    enc = encode_data(model, loader, img_stride=loader.dataset.im_div, progress=rank == 0)
+    check_encoded(enc, model.opt.module_name, "the split (shortlist)")
+    found = []
+    for r0, r1, c0, c1 in regions:
+        short = model.score(enc[0][r0:r1], enc[1][c0:c1], enc[2][c0:c1])
+        found.append(twostage.shortlist_region(short, kmax))
+    return found, time.time() - start
+
+
+def two_stage(shortlist, ks, loaded, scorers, shape, saved, rank, say, opts_):
+    """evalrank with --shortlist: the shortlist model's top max(ks) candidates of every query,
+    the union of their pairs scored once by the re-ranker(s) (shared out under torchrun, kept
+    in --save_sims), then one printed block per K (twostage.py). Rank 0 returns {K: results}
+    and the shortlist's and the scoring's numbers."""
+    fold5, kmax = opts_["fold5"], ks[-1]
+    regions = matrix.score_regions(*shape, fold5=fold5)
+    short_model, short_opt, short_loader = distributed.agree(
+        lambda: load_shortlist(shortlist, scorers, shape, opts_))
+    say("=> shortlist: %s (%s), top %s" % (shortlist, short_opt.module_name,
+                                           ",".join(map(str, ks))))
+    for k in ks:
+        for direction, n, what in (("image to text", shape[1], "captions"),
+                                   ("text to image", shape[0], "images")):
+            gallery = n // (matrix.FOLDS if fold5 else 1)
+            if k >= gallery and rank == 0:
+                log.warning(errors.message("rerank_k_gallery", "--rerank_k %d" % k, k=k,
+                                           direction=direction, n=gallery, items=what))
+
+    def claim():
+        if saved is None:
+            return None
+        ident = matrix.sims_identity([(m, o, p) for m, o, p in loaded],
+                                     [dl.dataset for dl in dict.fromkeys(
+                                         dl for _, _, dl in scorers)],
+                                     opts_["split"], fold5, shape,
+                                     matrix.shard_grid(regions), opts_["overrides"])
+        ident.update({"two-stage": "pair scores", "shortlist sha256":
+                      outputs.file_digest(shortlist), "rerank_k": kmax})
+        saved.claim_record(ident, info={"checkpoints": [p for _, _, p in loaded],
+                                        "shortlist": shortlist, "command": " ".join(sys.argv)})
+        return twostage.kept_shortlist(saved, shortlist_file(saved.path), len(regions))
+    kept = distributed.agree(claim, master_only=True)
+
+    def candidates():
+        if kept is not None:
+            return kept, 0.0
+        found, seconds = shortlist_candidates(short_model, short_loader, regions, kmax, rank)
+        if saved is not None:
+            twostage.keep_shortlist(saved, shortlist_file(saved.path), found)
+        return found, seconds
+    found, short_time = distributed.agree(candidates, master_only=True)
+    units = twostage.PairUnits(twostage.union_pairs(found, regions, kmax, shape[1]), regions,
+                               shape[1])
+    done = distributed.agree(lambda: saved.open((units.n_pairs, 1), units.save_grid())
+                             if saved is not None else set(), master_only=True)
+    if saved is not None:
+        errors.on_interrupt("the pairs of %s scored so far are saved" % saved.path,
+                            "run the same command again: it continues from them")
+    scores, score_time, n_scored = score_pairs(scorers, units, done, saved, rank)
+    if rank != 0:
+        return None
+    say("Images: %d, Captions: %d" % shape)
+    n_all = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in regions)
+    results = {}
+    for k in ks:
+        timing = "time: shortlist %s, re-ranking %s" % (
+            "read from %s" % shortlist_file(saved.path) if kept is not None else
+            "%.1f s (encoding the split, scoring and sorting)" % short_time,
+            "%.1f s (the %d pairs of K = %d, which hold every K's, scored once)"
+            % (score_time, units.n_pairs, kmax) if n_scored else
+            "every pair read from %s" % saved.path)
+        results[k] = two_stage_block(found, regions, units, scores, k, n_all, shape, fold5,
+                                     scorers, (shortlist, short_opt), loaded, say, timing)
+    return {"rerank": results, "pairs": units.n_pairs, "all_pairs": n_all,
+            "shortlist_time": short_time, "rerank_time": score_time,
+            "rsum": results[kmax]["rsum"]}
+
+
+def score_pairs(scorers, units, done, saved, rank):
+    """The re-rankers' scores of the pairs of `units` (rank 0: the vector in unit order,
+    --save_sims' memory map when given), scoring the units not `done`; and the seconds."""
+    start = time.time()
+    todo = [u for u in range(len(units)) if u not in done]
+    encoded = []
+    if todo:
+        for model, _, dl in scorers:
+            enc = encode_data(model, dl, img_stride=dl.dataset.im_div, progress=rank == 0)
+            check_encoded(enc, model.opt.module_name,
+                          getattr(dl.dataset, "feat_path", None) or "the split")
+            encoded.append((model, enc))
+    scores = None
+    if rank == 0:
+        scores = saved.sims[:, 0] if saved is not None else np.full(units.n_pairs, np.nan)
+    bar = tqdm(total=units.n_pairs, initial=units.n_pairs - sum(units.size(u) for u in todo),
+               unit="pair", unit_scale=True, desc="re-rank", leave=False,
+               disable=None if rank == 0 and todo else True)
+
+    def write(u, block):
+        img, cap = units.pairs(u)
+        bad = ~np.isfinite(block)
+        if bad.any():
+            raise errors.error("scores_nonfinite", "the pair scores",
+                               images=matrix.indices_text(sorted(set(img[bad].tolist()))),
+                               captions=matrix.indices_text(sorted(set(cap[bad].tolist()))))
+        scores[units.start[u]:units.start[u + 1]] = block
+
+    with matrix.quiet(encoded):
+        matrix.deal(todo, units.size, lambda u: units.score(encoded, u), write,
+                    saved.commit if saved is not None else None, bar)
+    bar.close()
+    return scores, time.time() - start, len(todo)
+
+
+def two_stage_block(found, regions, units, scores, k, n_all, shape, fold5, scorers, short,
+                    loaded, say, timing):
+    """The printed block of one K, never mistaken for an exhaustive evaluation: what ranked,
+    the pairs scored, the shortlist's recall ceiling and its own results, then the original's
+    lines of the two-stage ranking."""
+    n_pairs = len(twostage.union_pairs(found, regions, k, shape[1]))
+    n_img, n_cap = regions[0][1] - regions[0][0], regions[0][3] - regions[0][2]
+    labels = model_labels([p for _, _, p in loaded], [o for _, o, _ in loaded])
+    say("== two-stage evaluation, K = %d: shortlist %s (%s), re-ranked by %s"
+        % (k, short[1].module_name, os.path.basename(short[0]), " + ".join(labels)))
+    say(twostage.pairs_line(n_pairs, n_all, k, n_img, n_cap))
+    ceil = np.mean([twostage.ceiling(f, k) for f in found], axis=0)
+    say("recall ceiling (ground truth in the shortlist's top %d): i2t %.1f%%, t2i %.1f%%"
+        % (k, ceil[0], ceil[1]))
+    own = np.mean([f["own"] for f in found], axis=0)
+    say("shortlist alone: rsum %.1f; i2t %.1f %.1f %.1f %.1f %.1f; t2i %.1f %.1f %.1f %.1f "
+        "%.1f" % ((own[:3].sum() + own[5:8].sum(),) + tuple(own)))
+    recalls = [tuple(m for m, _ in twostage.rerank_ranks(f, r, units, scores, k))
+               for f, r in zip(found, regions)]
+    sims = None
+    if n_pairs == n_all:  # every pair re-ranked: the exhaustive matrix, and its ASP line
+        sims = np.full(shape, np.nan)
+        img, cap = units.keys // shape[1], units.keys % shape[1]
+        sims[img, cap] = scores
+    first = scorers[0][2].dataset
+    out = report(sims, fold5, captions=first.captions[:shape[1]], recalls=recalls, log=say)
+    out.update(k=k, pairs=n_pairs, ceiling=tuple(ceil), shortlist=tuple(own))
+    say(timing)
+    say("== end of the two-stage block, K = %d: %s" % (k, "the shortlist's candidates "
+        "re-ranked, not an exhaustive evaluation" if n_pairs < n_all else "K covers the "
+        "gallery, so every pair was re-ranked: the exhaustive ranking"))
     return out
 
 
@@ -534,6 +752,13 @@ def build_parser():
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="also write score_distributions.png, recall_at_k.png (K = 1..100) and "
                         "rank_histogram.png there (an ensemble: each model and the ensemble)")
+    p.add_argument("--shortlist", default=None, metavar="CKPT",
+                   help="two-stage: a dual encoder's checkpoint shortlists each "
+                        "query's --rerank_k best candidates, which the --model_path model(s) "
+                        "re-rank (docs/two_stage.md)")
+    p.add_argument("--rerank_k", default=None, type=twostage.parse_ks, metavar="K[,K...]",
+                   help="with --shortlist: candidates re-ranked per query; several "
+                        "(16,32,64,128) print one block each, scoring each pair once")
     p.matcher_dests = matchers.add_eval_options(p)
     return p
 
@@ -551,7 +776,8 @@ def main(argv=None):
              data_name=args.data_name, save_sims=args.save_sims, device=args.device,
              feat_format=args.feat_format, precision=args.precision,
              overrides={d: getattr(args, d) for d in dests if getattr(args, d) is not None},
-             check_flags=True, overwrite=args.overwrite, plots=args.plots)
+             check_flags=True, overwrite=args.overwrite, plots=args.plots,
+             shortlist=args.shortlist, rerank_k=args.rerank_k)
 
 
 if __name__ == "__main__":

@@ -86,58 +86,95 @@ def _pairs(shard):
     return (i1 - i0) * (j1 - j0)
 
 
-def score_shard(scorers, shard):
-    """The mean of the models' scores of one shard (one model: its scores), float64. Each
-    scorer is (model, encoded split); a model sees the block of images x captions only,
-    through its `score`."""
-    i0, i1, j0, j1 = shard
+def _take(seq, idx):
+    """seq[idx] for a slice, or the items at an array of indices (lists and arrays alike)."""
+    if isinstance(idx, slice):
+        return seq[idx]
+    if isinstance(seq, np.ndarray):
+        return seq[idx]
+    return [seq[k] for k in idx]
+
+
+def score_block(scorers, rows, cols):
+    """The mean of the models' scores of images `rows` x captions `cols` (slices, or arrays of
+    indices), float64, and each model's own scores. Each scorer is (model, encoded split); a
+    model sees that block only, through its `score`."""
     sims, own = None, []
     for model, enc in scorers:
         inputs = getattr(model, "score_inputs", {})
-        extra = {k: enc.extra[k][i0:i1] if where == "image" else enc.extra[k][j0:j1]
+        extra = {k: _take(enc.extra[k], rows if where == "image" else cols)
                  for k, where in inputs.items()}
         img_embs, cap_embs, cap_lens = enc
-        s = model.score(img_embs[i0:i1], cap_embs[j0:j1], cap_lens[j0:j1], **extra)
+        s = model.score(_take(img_embs, rows), _take(cap_embs, cols), _take(cap_lens, cols),
+                        **extra)
         sims = s if sims is None else sims + s
         own.append(s)
     return sims / len(scorers), own
 
 
-def score_shards(scorers, shards, todo, out, commit=None, bar=None, each=False, own=None):
-    """Score the shards `todo` (indices into `shards`) and write each into `out` (rank 0's
-    matrix). Under torchrun the shards are dealt out in rounds, one per process, largest
-    first, so that every process gets an equal share of the pairs and a round's shards are of
-    a size; rank 0 collects each round's blocks, writes them, then calls `commit(indices)`
-    (the --save_sims record) and advances `bar` by the round's pairs. `each`: also each model's
-    own block, written into `own` (rank 0's list of matrices, one per model); `out` None: only
-    those."""
+def score_shard(scorers, shard):
+    """score_block of one shard (i0, i1, j0, j1): images i0..i1-1 x captions j0..j1-1."""
+    i0, i1, j0, j1 = shard
+    return score_block(scorers, slice(i0, i1), slice(j0, j1))
+
+
+def deal(todo, size, compute, write, commit=None, bar=None):
+    """Work shared by the processes of a torchrun launch, whose results rank 0 writes: the
+    units `todo` are dealt out in rounds, one per process, largest `size(k)` first (stable:
+    their order among equals), so that every process gets an equal share and a round's units
+    are of a size; rank 0 gathers each round's `compute(k)`, calls `write(k, result)` for
+    each, then `commit(ks)` (a --save_sims record) and advances `bar` by their sizes."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
-    order = sorted(todo, key=lambda k: -_pairs(shards[k]))  # stable: grid order among equals
-    for model, _ in scorers:  # one bar over the pairs, not one per shard
-        model.show_progress = False
-    try:
-        for start in range(0, len(order), world):
-            batch = order[start:start + world]
-            mine = score_shard(scorers, shards[batch[rank]]) if rank < len(batch) else None
-            if mine is not None and not each:
-                mine = (mine[0], None)  # the models' own blocks stay home
-            blocks = distributed.gather(mine)
-            if rank != 0:
-                continue
-            for k, (block, blocks_own) in zip(batch, blocks):
-                check_block(block, shards[k])
-                i0, i1, j0, j1 = shards[k]
-                if out is not None:
-                    out[i0:i1, j0:j1] = block
-                for m, b in zip(own or [], blocks_own or []):
-                    m[i0:i1, j0:j1] = b
-            if commit is not None:
-                commit(batch)
-            if bar is not None:
-                bar.update(sum(_pairs(shards[k]) for k in batch))
-    finally:
-        for model, _ in scorers:
+    order = sorted(todo, key=lambda k: -size(k))
+    for start in range(0, len(order), world):
+        batch = order[start:start + world]
+        results = distributed.gather(compute(batch[rank]) if rank < len(batch) else None)
+        if rank != 0:
+            continue
+        for k, result in zip(batch, results):
+            write(k, result)
+        if commit is not None:
+            commit(batch)
+        if bar is not None:
+            bar.update(sum(size(k) for k in batch))
+
+
+def score_shards(scorers, shards, todo, out, commit=None, bar=None, each=False, own=None):
+    """Score the shards `todo` (indices into `shards`) and write each into `out` (rank 0's
+    matrix), shared out by `deal` under torchrun; each shard's scores are checked (no NaN or
+    Inf) before they are written. `each`: also each model's own block, written into `own`
+    (rank 0's list of matrices, one per model); `out` None: only those."""
+    def compute(k):
+        block, blocks_own = score_shard(scorers, shards[k])
+        return block, (blocks_own if each else None)  # the models' own blocks stay home
+
+    def write(k, result):
+        block, blocks_own = result
+        check_block(block, shards[k])
+        i0, i1, j0, j1 = shards[k]
+        if out is not None:
+            out[i0:i1, j0:j1] = block
+        for m, b in zip(own or [], blocks_own or []):
+            m[i0:i1, j0:j1] = b
+
+    with quiet(scorers):
+        deal(todo, lambda k: _pairs(shards[k]), compute, write, commit, bar)
+
+
+class quiet:
+    """`with quiet(scorers):` the models show no bar of their own (one bar over all the pairs
+    is shown instead)."""
+
+    def __init__(self, scorers):
+        self.models = [model for model, _ in scorers]
+
+    def __enter__(self):
+        for model in self.models:
+            model.show_progress = False
+
+    def __exit__(self, *exc):
+        for model in self.models:
             model.show_progress = True
 
 
@@ -215,15 +252,27 @@ class SavedSims:
     def claim(self, identity, shape, grid, info=None):
         """The file for the evaluation `identity` (its shards `grid`): a fresh matrix, or the
         one an earlier run of the same evaluation left; returns the shards already scored."""
-        record = outputs.claim_output(self.path, identity, "--save_sims",
-                                      made_by="evaluation.py --save_sims",
-                                      overwrite=self.overwrite, info=info)
-        self.record, self.shape, self.grid = record, tuple(shape), grid
+        self.claim_record(identity, info)
+        return self.open(shape, grid)
+
+    def claim_record(self, identity, info=None):
+        """The first half of `claim`: the record, refused (nothing written) when the file is
+        another evaluation's; its entries say what an earlier run of this one finished."""
+        self.record = outputs.claim_output(self.path, identity, "--save_sims",
+                                           made_by="evaluation.py --save_sims",
+                                           overwrite=self.overwrite, info=info)
+        return self.record
+
+    def open(self, shape, grid):
+        """The second half of `claim`, once the record is claimed: the matrix of `shape` whose
+        shards are `grid`; returns the shards already scored (their checksums hold)."""
+        record = self.record
+        self.shape, self.grid = tuple(shape), grid
         try:
             ready = any(e == {"ready": True} for e in record.entries)
             sums, damaged = {}, 0
             for e in record.entries:
-                if e == {"ready": True}:
+                if e == {"ready": True} or (isinstance(e, dict) and set(e) == {"attached"}):
                     continue
                 found = _shard_sums(e, len(grid))
                 if found is None:

@@ -117,6 +117,11 @@ MISTAKES = [
     ("demo.py", D + " --run_dir notes.txt", "path_not_dir"),
     ("demo.py", D + " --data_path notes.txt", "path_not_dir"),
     ("demo.py", D + " --bogus 1", "arguments"),
+    ("demo.py", D + " --two_stage --module_name HREM", "flag_unsupported"),
+    ("demo.py", D + " --two_stage --rerank_k 0", "arguments"),
+    ("demo.py", D2 + " --two_stage --sim_dim 8", "flag_unsupported"),  # HREM refuses it first
+    ("evaluation.py", E + " --rerank_k 8", "rerank_needs_shortlist"),
+    ("evaluation.py", E + " --rerank_k 8,x", "arguments"),
     ("demo.py", D + " --module_name NAAF --sim_dim 8", "flag_unsupported"),
     ("demo.py", D, "synthetic_mismatch"),  # data/synth_precomp was made with other sizes
     ("demo.py", D2 + " --logger_name runs/mine/log", "log_exists"),

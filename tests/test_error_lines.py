@@ -615,6 +615,11 @@ REPRESENTATIVE = {
            % RUN,
     "layout": "f30k_precomp/ or coco_precomp/ with {split}_ims.npy and {split}_caps.txt",
     "indices": "1, 11, 12, 14, 15, 17 ... (9 in all)",
+    # two-stage retrieval's (tests/test_two_stage.py drives each for a real bad input)
+    "shortlist_why": "it scores each pair by cross-attention, with no vector per image and "
+                     "per caption",
+    "reads": "coco_precomp testall", "reads_ours": "f30k_precomp test", "k": 2000,
+    "direction": "text to image", "items": "images",
 }
 
 
@@ -700,6 +705,16 @@ RENDERED = {
     "ckpt_download_other": rendered("ckpt_download_other", {
         "expected": "module", "found": "model", "fix": "refetch"}, "{item}"),
     "data_check": rendered("data_check", {"count": "count"}, "--data_path {data}"),
+    "shortlist_unsupported": rendered("shortlist_unsupported", {"model": "module",
+                                                                "why": "shortlist_why"},
+                                      "--shortlist {path}"),
+    "rerank_needs_shortlist": rendered("rerank_needs_shortlist", {}, "--rerank_k 16,32,64,128"),
+    "shortlist_needs_k": rendered("shortlist_needs_k", {}, "--shortlist {path}"),
+    "shortlist_split": rendered("shortlist_split", {"theirs": "reads", "ours": "reads_ours"},
+                                "--shortlist {path}"),
+    "rerank_k_gallery": rendered("rerank_k_gallery", {"k": "k", "direction": "direction",
+                                                      "n": "n", "items": "items"},
+                                 "--rerank_k 2000"),
     "scores_nonfinite": rendered("scores_nonfinite", {"images": "indices",
                                                       "captions": "indices"},
                                  "the similarity matrix"),

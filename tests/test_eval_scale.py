@@ -160,6 +160,10 @@ def test_torchrun_two_processes_equal_one(setup, tmp_path, monkeypatch, name, fo
         header, done = done_shards(f + ".record")
         assert sorted(done) == list(range(len(shards)))
     assert done_shards(one + ".record")[0]["identity"] == done_shards(two + ".record")[0]["identity"]
+    if name == "SGR" and not fold5:  # again, every shard scored: rank 0 reprints, none fails
+        again = run(setup, eval_args(setup, name, "--save_sims", two), nproc=2).stdout
+        assert "every shard already scored" in again
+        assert result_lines(again) == result_lines(out1)
 
 
 def wait_for(predicate, timeout=300):
