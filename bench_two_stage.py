@@ -27,10 +27,12 @@ Two jobs, each in its own process (bench.py's spawn), so that their peak memorie
   encoder takes about 30 minutes for 100K images on 2 cores. Each query's text is still encoded
   by the shortlist model (its BERT-base, timed) and by the re-ranker.
 """
+import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -45,6 +47,7 @@ ENCODE_BATCH = 32      # items per timed encoder call
 CHUNK = 512            # images per chunk of the synthetic gallery
 F16_CHECK = 64         # images whose float16 and float32 regions are both scored
 CLUSTERS = 1000        # the synthetic shortlist vectors' clusters
+UNITS_TIMED = 3        # cells of evaluation.py --shortlist's pairs timed per size
 
 
 def add_options(p):
@@ -145,6 +148,10 @@ def job_eval(args, name):
             _, t = timed(rer.score, pimg[i:i + 1], pcap, plens,
                          **_rows(cls, pextra, slice(i, i + 1), slice(None)))
             t_short += t
+    ev = {}
+    if not any(w == "image" for w in cls.score_inputs.values()):
+        for label, n in SIZES:
+            ev[label] = evaluation_rate(args, rer, n if not args.quick else n // 10, rng)
     r_img, r_cap = encode_rates(rer, args, rng)
     sl, sl_label = shortlist_model(args)
     s_img, s_cap = encode_rates(sl, args, rng)
@@ -159,7 +166,42 @@ def job_eval(args, name):
     return {"block_rate": args.n_img * args.n_cap / t_block,
             "short_rate": PROBE_IMAGES * per / t_short, "per": per,
             "r_img": r_img, "r_cap": r_cap, "s_img": s_img, "s_cap": s_cap,
-            "sl_score_f30k": t_sl, "sl_label": sl_label}
+            "sl_score_f30k": t_sl, "sl_label": sl_label,
+            **{"ev_%d" % i: np.array(ev[label]) for i, (label, _) in enumerate(SIZES)
+               if label in ev}}
+
+
+def evaluation_rate(args, rer, n, rng, units_timed=UNITS_TIMED):
+    """(pairs/s, pairs, units) of evaluation.py --shortlist's own pair scoring
+    (twostage.PairUnits.score) for an n x 5n split at K = --rerank_k: random shortlists (each
+    image's K captions, each caption's K images), their union cut into the shard grid's
+    cells, and `units_timed` of those cells scored, each whole or image by image as
+    evaluation.py scores it. The embeddings are one random image and one random caption seen
+    everywhere (np.broadcast_to: a COCO-sized split in a few MB); the lengths vary."""
+    import evaluation
+    import matrix
+    import twostage
+    c, k = 5 * n, args.rerank_k
+    found = {"cand_i2t": rng.integers(0, c, size=(n, k)),  # (a repeat is a pair less)
+             "cand_t2i": rng.integers(0, n, size=(c, k))}
+    keys = twostage.union_pairs([found], [(0, n, 0, c)], k, c)
+    units = twostage.PairUnits(keys, [(0, n, 0, c)], c)
+    img, cap, _, extra = type(rer).bench_embeddings(
+        SimpleNamespace(**dict(vars(args), n_img=1)), rng, np.array([args.max_len]))
+    lens = rng.integers(args.min_len, args.max_len + 1, size=c).tolist()
+    enc = evaluation.Encoded(np.broadcast_to(img[0], (n,) + img.shape[1:]),
+                             np.broadcast_to(cap[0], (c,) + cap.shape[1:]), lens, extra)
+    units_timed = 2 if args.quick else units_timed
+    pick = rng.choice(len(units), size=min(units_timed, len(units)), replace=False)
+    t, pairs = 0.0, 0
+    with torch.no_grad(), matrix.quiet([(rer, enc)]), warnings.catch_warnings():
+        # the broadcast arrays are read-only, which torch.from_numpy warns about
+        warnings.simplefilter("ignore", UserWarning)
+        units.score([(rer, enc)], int(pick[0]))  # warm-up
+        for u in pick:
+            _, dt = timed(units.score, [(rer, enc)], int(u))
+            t, pairs = t + dt, pairs + units.size(int(u))
+    return pairs / t, units.n_pairs, len(units)
 
 
 def _rows(cls, extra, img_rows, cap_rows):
@@ -183,6 +225,7 @@ def report_eval(name, args, r):
         exh = n * c / r["block_rate"]
         pairs = (n + c) * k          # the union is at most this (i2t + t2i shortlists)
         rerank = pairs / r["short_rate"]
+        ev = r.get("ev_%d" % [x for x, _ in SIZES].index(label))
         shortlist = r["sl_score_f30k"] * (n * c) / (1000 * 5000)
         enc_r = n * r["r_img"] + c * r["r_cap"]
         enc_s = n * r["s_img"] + c * r["s_cap"]
@@ -193,6 +236,12 @@ def report_eval(name, args, r):
               "%d pairs) + shortlist scores and top K %.1f s: %.1fx faster (re-ranking "
               "alone %.1fx)" % (exh, n * c, rerank, pairs, shortlist,
                                 exh / (rerank + shortlist), exh / rerank))
+        if ev is not None:
+            rate, n_pairs, n_units = ev
+            print("    evaluation.py --shortlist's own pair scoring (twostage.PairUnits, %d "
+                  "pairs in %d cells, a sample of them timed): %.0f pairs/s, %.0f s: %.1fx "
+                  "faster than exhaustive" % (n_pairs, n_units, rate, n_pairs / rate,
+                                              exh / (n_pairs / rate + shortlist)))
         print("    encoding: re-ranker %.0f s; shortlist %.0f s (its captions %.0f s)"
               % (enc_r, enc_s, c * r["s_cap"]))
         print("    whole evaluation, encoding included: exhaustive %.0f s, two-stage %.0f s: "
@@ -256,12 +305,18 @@ def build_store(args, name, root):
         chunk=CHUNK, dtypes={"regions": args.store_dtype}, tool="bench.py",
         flag="--store")
     t_store = time.perf_counter() - t0
-    path = os.path.join(root, "hnsw.faiss")
-    t_hnsw = 0.0
-    if not os.path.exists(path):
-        idx, t_hnsw = timed(shortlist_index.ShortlistIndex, store.array("vectors"), "hnsw")
-        idx.save(path)
-    return {"t_store": t_store, "t_hnsw": t_hnsw, "store_mb": store.nbytes() / 2 ** 20}
+    path, times = os.path.join(root, "hnsw.faiss"), os.path.join(root, "build_times.json")
+    if os.path.exists(path) and os.path.exists(times):  # built by an earlier run
+        with open(times, encoding="utf-8") as f:
+            out = json.load(f)
+        out["reused"] = 1.0
+        return out
+    idx, t_hnsw = timed(shortlist_index.ShortlistIndex, store.array("vectors"), "hnsw")
+    idx.save(path)
+    out = {"t_store": t_store, "t_hnsw": t_hnsw, "store_mb": store.nbytes() / 2 ** 20}
+    with open(times, "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    return out
 
 
 def job_query(args, name):
@@ -333,10 +388,11 @@ def job_query(args, name):
 
 
 def report_query(name, args, b, r):
-    print("[%s] two-stage text query, %d synthetic images (built in %.0f s: regions encoded "
+    print("[%s] two-stage text query, %d synthetic images (built%s in %.0f s: regions encoded "
           "by the re-ranker, stored in %s; shortlist vectors drawn around %d clusters, as "
           "trained embeddings cluster; store %.0f MB memory-mapped; HNSW index built in %.0f s)"
-          % (name, int(r["n"]), float(b["t_store"]), r["dtype"], CLUSTERS,
+          % (name, int(r["n"]), " by an earlier run" if "reused" in b else "",
+             float(b["t_store"]), r["dtype"], CLUSTERS,
              float(b["store_mb"]), float(b["t_hnsw"])))
     for kind in ("flat", "hnsw"):
         print("    %s shortlist, re-rank K = %d, warm: %.3f s best, %.3f s median of %d "

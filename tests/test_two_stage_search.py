@@ -266,7 +266,7 @@ def test_gallery_store_resumes_a_killed_build_and_refuses_another(tmp_path):
 
 # ----------------------------------------------------------------------------- bench.py
 
-def test_bench_two_stage_jobs_at_tiny_sizes(tmp_path):
+def test_bench_two_stage_jobs_at_tiny_sizes(tmp_path, monkeypatch):
     """bench.py --what two_stage's jobs in this process: the rates are measured, the synthetic
     gallery is stored (two chunks) and queried, HNSW's recall is against flat, and float16
     regions score within 1e-3 of float32's."""
@@ -275,9 +275,13 @@ def test_bench_two_stage_jobs_at_tiny_sizes(tmp_path):
     args = tiny_args("--what", "two_stage", "--modules", "SGR", "--big_gallery", "700",
                      "--store", str(tmp_path / "store"))
     args.min_len = 4  # [CLS] and [SEP] and words
+    # evaluation.py --shortlist's scoring timed on 20 and 30 images (--quick: a tenth)
+    monkeypatch.setattr(bench_two_stage, "SIZES", (("Flickr30K 1K", 200), ("COCO 5K", 300)))
     r = bench_two_stage.job_eval(args, "SGR")
     assert r["block_rate"] > 0 and r["short_rate"] > 0 and r["per"] == 6 * args.rerank_k
     assert r["s_cap"] > 0 and r["r_img"] > 0 and str(r["sl_label"]).startswith("HREM")
+    rate, n_pairs, n_units = r["ev_1"]  # 30 images x 150 captions, K 16 both ways
+    assert rate > 0 and 0 < n_pairs <= 180 * 16 and n_units >= 1
     rows = bench_two_stage.report_eval("SGR", args, r)
     assert [row[0] for row in rows] == ["Flickr30K 1K", "COCO 5K"]
     b = bench_two_stage.build_store(args, "SGR", args.store)
