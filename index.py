@@ -236,8 +236,8 @@ class TwoStage:
             self._warned.add(what)
             log.warning(errors.message(
                 "rerank_k_gallery", "--rerank_k %d" % self.rerank_k, k=self.rerank_k,
-                direction="the %s queries" % ("text" if what == "images" else "image"), n=n,
-                what=what))
+                direction="text to image" if what == "images" else "image to text", n=n,
+                items=what))
         ids, sl_scores = idx.search(qvec, max(k, topk))
         # the candidates in gallery order, ordered by the re-ranker as the exhaustive search
         # orders the gallery (equal scores: the lower index first), so that K >= the gallery

@@ -148,7 +148,7 @@ def test_table_says_two_stage_and_k_past_the_gallery_is_stated(s, capsys, caplog
     hits = retrieve.retrieve(s.paths["SGR"], query=s.captions[3], topk=N_TEST,
                              data_path=s.data, vocab_path=s.vocab, device="cpu",
                              cache_dir=None, shortlist=s.paths["HREM"], rerank_k=50)
-    assert "--rerank_k 50: K = 50 is at least the gallery of the text queries (12 images)" \
+    assert "--rerank_k 50: K = 50 is at least the gallery of text to image (12 images)" \
         in caplog.text
     assert hits["two_stage"]["reranked"] == N_TEST
     # all of them re-ranked: the exhaustive ranking
