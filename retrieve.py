@@ -24,6 +24,10 @@ unchanged file is not read again; a file changed within 2 s of its hashing is ha
 Each file of an entry is recorded with its size and crc32 (computed as it is written) and
 checked when read: a damaged entry is encoded again and replaced, with one warning line.
 
+Two-stage (`--shortlist CKPT --rerank_k K [--index flat|hnsw|ivf]`): a dual encoder's vectors
+shortlist the query's K best gallery items, which the model(s) re-rank; the rest follow in the
+shortlist's order (index.TwoStage, docs/search.md#two-stage).
+
 Everything a matcher does differently goes through the contract (contract.Matcher):
 `query_batch` (free text -> the batch its text encoder takes, the tokens, the unknown words),
 `forward_text`, `gallery_inputs` (what its `score` computes from the images alone, computed once
