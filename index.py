@@ -303,20 +303,21 @@ class GalleryStore:
         of the same identity that was killed continues at its `done`. Returns the store."""
         dtypes = dtypes or {}
         meta_path = os.path.join(root, cls.META)
+        store = None
         if os.path.lexists(root):
-            if outputs.made_by(root) != tool or not os.path.isfile(meta_path):
+            if outputs.made_by(root) != tool:
                 raise errors.error("file_not_made", root, tool=tool, flag=flag)
-            store = cls(root)
-            if store.meta["identity"] != identity or store.meta["n"] != n or \
-                    store.meta["chunk"] != chunk:
-                raise errors.error("output_other_run", root, flag=flag,
-                                   change="another gallery: %s" % outputs.identity_change(
-                                       identity, store.meta["identity"]))
+            if os.path.isfile(meta_path):  # else killed before its first chunk: start again
+                store = cls(root)
+                if store.meta["identity"] != identity or store.meta["n"] != n or \
+                        store.meta["chunk"] != chunk:
+                    raise errors.error("output_other_run", root, flag=flag,
+                                       change="another gallery: %s" % outputs.identity_change(
+                                           identity, store.meta["identity"]))
         else:
             outputs.check_writable(root)
             os.makedirs(root)
             outputs.mark_made(root, tool)
-            store = None
         start = store.meta["done"] if store else 0
         arrays = {}
         if store:

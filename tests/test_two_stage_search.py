@@ -243,6 +243,10 @@ def test_gallery_store_resumes_a_killed_build_and_refuses_another(tmp_path):
 
     root = str(tmp_path / "store")
     ident = {"model": "x", "n": 23}
+    with pytest.raises(KeyboardInterrupt):  # killed in its first chunk: nothing recorded
+        index.GalleryStore.build(root, 23, lambda a, b: encode(a, b, fail_at=0), ident,
+                                 chunk=5, progress=False)
+    assert not os.path.exists(os.path.join(root, "store.json"))
     with pytest.raises(KeyboardInterrupt):
         index.GalleryStore.build(root, 23, lambda a, b: encode(a, b, fail_at=15), ident,
                                  chunk=5, dtypes={"regions": "float16"}, progress=False)
