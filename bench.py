@@ -29,6 +29,7 @@ file names none:
     python bench.py --modules NAME --what eval --precision bf16
     python bench.py --what train --precision fp32,bf16 --table   # fp32 vs bf16 steps, a table
     python bench.py --what retrieve --modules NAME,NAME   # one text query, 1000-image gallery
+    python bench.py --what two_stage --modules NAME     # shortlist + re-rank: bench_two_stage.py
     python bench.py --help               # the flags, the matchers' own included
 
 `--precision fp32,bf16` runs the eval and train jobs in each precision (the per-caption
@@ -42,6 +43,11 @@ needs beside it: `bench_gallery_files`): one text query uncached (load, hash the
 the split, cache it, score), then cached (load, read the cache, score), then a query on the
 gallery already loaded (`Gallery.search_text`: the query's own cost), and the cached query as a
 command (`python retrieve.py ...`, imports included).
+
+`--what two_stage` (bench_two_stage.py) times two-stage retrieval for each cross-attention
+matcher of --modules, re-ranking the shortlist of the registry's matcher that embeds alone:
+evaluation times extrapolated from measured rates, and text queries against a large synthetic
+gallery stored memory-mapped.
 """
 import argparse
 import os
@@ -55,6 +61,7 @@ import time
 import numpy as np
 import torch
 
+import bench_two_stage
 import errors
 from contract import random_batch, random_lengths
 
@@ -106,6 +113,7 @@ def build_parser():
                    help="'--what retrieve': images of the gallery (5 captions each)")
     p.add_argument("--quick", action="store_true", help="small sizes, a sanity run")
     p.add_argument("--seed", type=int, default=0)
+    bench_two_stage.add_options(p)
     for cls in registry().classes():
         cls.add_bench_options(p.add_argument_group(
             "%s (%s)" % (", ".join(registry().names_of(cls)), cls.__module__ + ".py")))
@@ -128,6 +136,7 @@ def get_args(argv=None):
     errors.check_choices(args, "modules", tuple(registry().MATCHERS))
     errors.check_choices(args, "what", WHATS)
     errors.check_choices(args, "precision", PRECISIONS)
+    bench_two_stage.check_args(args)
     for cls in registry().classes():
         cls.check_bench_args(args)  # their own flags; --quick's sizes for them
     errors.check_device(args.device)
@@ -476,7 +485,7 @@ JOBS = {"encode": job_encode, "eval": job_eval, "train": job_train, "daa": job_d
         "original": job_original, "retrieve": job_retrieve}
 DUAL_JOBS = {"eval": job_dual_eval, "train": job_dual_train,
              "retrieve": lambda args, name, variant: job_retrieve(args, name, False, variant)}
-WHATS = ("encode", "eval", "train", "daa", "retrieve")  # "original": spawned by bench_original
+WHATS = ("encode", "eval", "train", "daa", "retrieve", "two_stage")  # "original": spawned by bench_original
 PRECISIONS = ("fp32", "bf16")
 # the table's columns within a job, and its ratios: the speed-ups over the references, and
 # bf16's over fp32
@@ -490,7 +499,9 @@ def run_job(args, start_mb):
     what, name, path = args.job.split(":")
     torch.set_num_threads(args.threads)
     base = peak_mem_mb(args.device) if torch.device(args.device).type == "cuda" else start_mb
-    if matcher(name).dual_encoder:  # path: the variant
+    if what == "two_stage":  # path: its job
+        res = bench_two_stage.JOBS[path](args, name)
+    elif matcher(name).dual_encoder:  # path: the variant
         res = DUAL_JOBS[what](args, name, path)
     else:
         res = JOBS[what](args, name, path == "ref")
@@ -638,6 +649,8 @@ def bench_pairwise(argv, args, whats, name, fp32, results, refs=True):
                  100 * (r["with"] / r["without"] - 1), r["peak_mb"]))
     if "retrieve" in whats:
         print_retrieve("[%s]" % name, args, spawn(argv, "retrieve", name, "fast"))
+    if "two_stage" in whats:
+        bench_two_stage.run(argv, args, name, spawn)
     if "train" in whats:
         batch = cls.bench_train_batch(args)
         lens = random_lengths(args, batch, np.random.default_rng(args.seed + 1))

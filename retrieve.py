@@ -24,6 +24,10 @@ unchanged file is not read again; a file changed within 2 s of its hashing is ha
 Each file of an entry is recorded with its size and crc32 (computed as it is written) and
 checked when read: a damaged entry is encoded again and replaced, with one warning line.
 
+Two-stage (`--shortlist CKPT --rerank_k K [--index flat|hnsw|ivf]`): a dual encoder's vectors
+shortlist the query's K best gallery items, which the model(s) re-rank; the rest follow in the
+shortlist's order (index.TwoStage, docs/search.md#two-stage).
+
 Everything a matcher does differently goes through the contract (contract.Matcher):
 `query_batch` (free text -> the batch its text encoder takes, the tokens, the unknown words),
 `forward_text`, `gallery_inputs` (what its `score` computes from the images alone, computed once
@@ -46,6 +50,7 @@ import torch
 import data
 import errors
 import evaluation
+import index as shortlist_index
 import matchers
 import outputs
 
@@ -331,6 +336,13 @@ def _mismatch(path, sums):
     return None
 
 
+def _take(x, rows):
+    """The items `rows` of a batch extra (an array, a tensor or a list)."""
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x[torch.as_tensor(rows) if isinstance(x, torch.Tensor) else rows]
+    return [x[i] for i in rows]
+
+
 class Member:
     """One checkpoint of the gallery: its model, options, vocabulary, and its encodings of the
     split (from the cache, or encoded on first use)."""
@@ -357,7 +369,7 @@ class Hits(dict):
     context = None
 
 
-class Gallery:
+class Gallery(shortlist_index.TwoStage):
     """A split, searched with one checkpoint or the ensemble of two (the mean of their scores,
     as evaluation.py's ensemble). The split's encodings come from the cache in `cache_dir`
     (None: no cache) or are made on first use and cached.
@@ -370,8 +382,12 @@ class Gallery:
 
     def __init__(self, model_path, data_path=None, split="test", model_path2=None,
                  vocab_path=None, data_name=None, device=None, feat_format=None,
-                 cache_dir="default", overrides=None, check_flags=False):
+                 cache_dir="default", overrides=None, check_flags=False, shortlist=None,
+                 rerank_k=None, index="flat", index_recall=True):
         self.split = split
+        shortlist_index.check_flags(shortlist, rerank_k, index)
+        self.rerank_k, self.index_kind, self.index_recall = rerank_k, index, index_recall
+        self._indexes, self._warned = {}, set()
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
         paths = [p for p in (model_path, model_path2) if p]
         loaded = [evaluation.load_model(p, data_path, vocab_path, device, feat_format,
@@ -387,11 +403,27 @@ class Gallery:
             vocab_file = type(model).vocabulary(opt)[1]
             self.members.append(Member(path, model, opt, vocab, vocab_file, label))
         opt = self.members[0].opt
+        self.shortlist = None  # the dual encoder whose top rerank_k the members re-rank
+        if shortlist:
+            model, sl_opt, vocab, _ = evaluation.load_model(
+                shortlist, data_path, vocab_path, device, feat_format, data_name=data_name,
+                overrides=overrides)
+            where = "--shortlist %s" % shortlist
+            if not type(model).embeds_alone:
+                raise errors.error("shortlist_unsupported", where, model=sl_opt.module_name,
+                                   why=model.no_shortlist_why)
+            theirs, ours = (os.path.join(o.data_path, o.data_name) for o in (sl_opt, opt))
+            if os.path.realpath(theirs) != os.path.realpath(ours):
+                raise errors.error("shortlist_split", where, theirs=theirs, ours=ours)
+            self.shortlist = Member(shortlist, model, sl_opt, vocab,
+                                    type(model).vocabulary(sl_opt)[1],
+                                    "shortlist %s" % evaluation.model_labels(
+                                        [shortlist], [sl_opt])[0])
         self.data_name = opt.data_name
         self.split_dir = os.path.join(opt.data_path, opt.data_name)
         self.digests = None
         if self.cache_dir:
-            self._check_cache_dir(opt.data_path, paths)
+            self._check_cache_dir(opt.data_path, paths + ([shortlist] if shortlist else []))
             try:
                 os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
                 reason = outputs.unwritable(self.cache_dir)
@@ -403,7 +435,7 @@ class Gallery:
         if self.cache_dir:
             self.digests = Digests(self.cache_dir)
         self._loaders = {}
-        for m in self.members:
+        for m in self.all_members:
             self._prepare(m)
         if self.digests:
             self.digests.save()
@@ -524,7 +556,12 @@ class Gallery:
 
     @property
     def cached(self):
-        return all(m.cached for m in self.members)
+        return all(m.cached for m in self.all_members)
+
+    @property
+    def all_members(self):
+        """The models that score (members) and the shortlist's, when there is one."""
+        return self.members + ([self.shortlist] if self.shortlist else [])
 
     # ------------------------------------------------------------------ queries
     def _ensemble(self, scores):
@@ -536,38 +573,78 @@ class Gallery:
 
     def _results(self, scores, topk):
         order = np.argsort(-scores, kind="stable")[:topk]
-        return order, [{"rank": r + 1, "index": int(i), "score": float(scores[i])}
-                       for r, i in enumerate(order)]
+        return order, [{"rank": r + 1, "index": int(i), "score": float(scores[i]),
+                        "stage": "exhaustive"} for r, i in enumerate(order)]
 
     def _meta(self, query):
         return {"query": query, "models": [m.path for m in self.members],
                 "matchers": [m.opt.module_name for m in self.members],
-                "data": self.split_dir, "split": self.split, "cached": self.cached}
+                "data": self.split_dir, "split": self.split, "cached": self.cached,
+                "two_stage": None}
+
+    def _query(self, m, text):
+        """Member m's encoding of free text: the context of its scores (and of --explain)."""
+        q = m.model.query_batch(text, m.vocab)
+        m.model.val_start()
+        with torch.no_grad():
+            cap_emb, lens = m.model.forward_text(q.captions, q.lengths, **q.extra)
+        n_words = q.n_words if q.n_words is not None else len(
+            [t for t in q.tokens if not _special(t)])
+        return {"cap": cap_emb.float().cpu().numpy(), "lens": [int(n) for n in lens],
+                "tokens": q.tokens, "unknown": q.unknown, "extra": q.extra, "n_words": n_words}
+
+    def _text_scores(self, m, c, rows=None):
+        """Member m's scores of its query c against the split's images (`rows`: those only,
+        read from the memory-mapped encodings; None: all of them)."""
+        enc = self.encodings(m)
+        inputs = getattr(m.model, "score_inputs", {})
+        if rows is None:
+            img, sel = enc.all_images(), slice(None)
+            extra = {k: (enc.extra[k] if where == "image" else c["extra"][k])
+                     for k, where in inputs.items()}
+        else:
+            img, sel = np.asarray(enc.img_embs[rows]), rows
+            extra = {k: (_take(enc.extra[k], rows) if where == "image" else c["extra"][k])
+                     for k, where in inputs.items()}
+        return m.model.score(img, c["cap"], c["lens"], **extra,
+                             **enc.gallery_rows(sel))[:, 0]
+
+    def _image_scores(self, m, index, idx):
+        """Member m's scores of the split's image `index` against its captions `idx`, in
+        chunks of similar lengths."""
+        enc = self.encodings(m, captions=True)
+        inputs = getattr(m.model, "score_inputs", {})
+        img = np.array(enc.img_embs[index:index + 1])
+        idx = np.asarray(idx)
+        s = np.empty(len(idx))
+        order = np.argsort(enc.cap_lens[idx], kind="stable")  # chunks of similar lengths
+        for start in range(0, len(order), CAPTION_CHUNK):
+            pos = order[start:start + CAPTION_CHUNK]
+            cols = idx[pos]
+            extra = {k: (enc.extra[k][index:index + 1] if where == "image" else
+                         [enc.extra[k][j] for j in cols]) for k, where in inputs.items()}
+            s[pos] = m.model.score(img, enc.caption_block(cols),
+                                   [int(x) for x in enc.cap_lens[cols]], **extra,
+                                   **enc.gallery_rows(slice(index, index + 1)))[0]
+        return s
 
     def search_text(self, text, topk=10):
         """The top `topk` images of the split for free text: Hits with each image's index, score
-        and ground-truth captions, and the query's unknown words."""
+        and ground-truth captions, and the query's unknown words. With a shortlist: its top
+        rerank_k images re-ranked by the members, then the rest in its order (`stage`)."""
         if text is None or not str(text).strip():
             raise errors.error("query_empty", "--query %s" % json.dumps(text or ""))
-        scores, context = [], []
-        for m in self.members:
-            enc = self.encodings(m)
-            q = m.model.query_batch(text, m.vocab)
-            m.model.val_start()
-            with torch.no_grad():
-                cap_emb, lens = m.model.forward_text(q.captions, q.lengths, **q.extra)
-            cap = cap_emb.float().cpu().numpy()
-            inputs = getattr(m.model, "score_inputs", {})
-            extra = {k: (enc.extra[k] if where == "image" else q.extra[k])
-                     for k, where in inputs.items()}
-            scores.append(m.model.score(enc.all_images(), cap, [int(n) for n in lens],
-                                        **extra, **enc.gallery_rows(slice(None)))[:, 0])
-            n_words = q.n_words if q.n_words is not None else len(
-                [t for t in q.tokens if not _special(t)])
-            context.append({"cap": cap, "lens": [int(n) for n in lens], "tokens": q.tokens,
-                            "unknown": q.unknown, "extra": q.extra, "n_words": n_words})
-        scores = self._ensemble(scores)
-        order, results = self._results(scores, topk)
+        context = [self._query(m, text) for m in self.members]
+        if self.shortlist:
+            order, results, two_stage, n = self._two_stage(
+                "images", self._query(self.shortlist, text), topk,
+                lambda rows: self._ensemble([self._text_scores(m, c, rows)
+                                             for m, c in zip(self.members, context)]))
+        else:
+            scores = self._ensemble([self._text_scores(m, c)
+                                     for m, c in zip(self.members, context)])
+            order, results = self._results(scores, topk)
+            two_stage, n = None, len(scores)
         enc = self.members[0].enc
         for r in results:
             i = r["index"]
@@ -578,44 +655,40 @@ class Gallery:
         if len(self.members) > 1 and any(c["unknown"] != unknown for c in context):
             query["unknown_per_model"] = {m.label: c["unknown"]
                                           for m, c in zip(self.members, context)}
-        hits = Hits(self._meta(query), results=results, n_gallery=len(scores),
-                    gallery="images")
+        hits = Hits(self._meta(query), results=results, n_gallery=n, gallery="images")
+        hits["two_stage"] = two_stage
         hits.context = {"kind": "text", "members": context, "order": order}
         return hits
 
     def search_image(self, index, topk=10):
         """The top `topk` captions of the split for its image `index`: Hits with each caption's
-        index, score, text and image (`match`: it is one of the query image's captions)."""
+        index, score, text and image (`match`: it is one of the query image's captions). With a
+        shortlist: its top rerank_k captions re-ranked, then the rest in its order."""
         n = self.n_images
         if not 0 <= int(index) < n:
             raise errors.error("image_index", "--image %d" % index, split=self.split,
                                n_images=n, last=n - 1)
         index = int(index)
-        scores = []
-        for m in self.members:
-            enc = self.encodings(m, captions=True)
-            inputs = getattr(m.model, "score_inputs", {})
-            img = np.array(enc.img_embs[index:index + 1])
-            s = np.empty(len(enc.cap_lens))
-            order = np.argsort(enc.cap_lens, kind="stable")  # chunks of similar lengths
-            for start in range(0, len(order), CAPTION_CHUNK):
-                idx = order[start:start + CAPTION_CHUNK]
-                extra = {k: (enc.extra[k][index:index + 1] if where == "image" else
-                             [enc.extra[k][j] for j in idx]) for k, where in inputs.items()}
-                s[idx] = m.model.score(img, enc.caption_block(idx),
-                                       [int(x) for x in enc.cap_lens[idx]], **extra,
-                                       **enc.gallery_rows(slice(index, index + 1)))[0]
-            scores.append(s)
-        scores = self._ensemble(scores)
-        order, results = self._results(scores, topk)
+        if self.shortlist:
+            qvec = self._vectors(self.shortlist, "images")[index]
+            order, results, two_stage, n_gallery = self._two_stage(
+                "captions", qvec, topk, lambda idx: self._ensemble(
+                    [self._image_scores(m, index, idx) for m in self.members]))
+        else:
+            all_caps = np.arange(len(self.encodings(self.members[0], captions=True).cap_lens))
+            scores = self._ensemble([self._image_scores(m, index, all_caps)
+                                     for m in self.members])
+            order, results = self._results(scores, topk)
+            two_stage, n_gallery = None, len(scores)
         enc = self.members[0].enc
         for r in results:
             j = r["index"]
             r.update(text=enc.captions[j], image=j // enc.im_div, match=j // enc.im_div == index)
         query = {"image": index,
                  "captions": enc.captions[index * enc.im_div:(index + 1) * enc.im_div]}
-        hits = Hits(self._meta(query), results=results, n_gallery=len(scores),
+        hits = Hits(self._meta(query), results=results, n_gallery=n_gallery,
                     gallery="captions")
+        hits["two_stage"] = two_stage
         hits.context = {"kind": "image", "index": index, "order": order}
         return hits
 
@@ -791,12 +864,20 @@ class ImageFiles:
 
 # ----------------------------------------------------------------------------- output
 
+def _mark(result):
+    """A result past the re-ranked ones is marked (~) after its score."""
+    return "~" if result.get("stage") == "shortlist" else " "
+
+
 def format_table(hits):
     """The printed answer: a header, then one line per result (and the ground-truth captions
     of each image under it)."""
     q = hits["query"]
     lines = ["%s on %s (%s): %d %s" % (" + ".join(hits["matchers"]), hits["data"],
                                        hits["split"], hits["n_gallery"], hits["gallery"])]
+    ts = hits.get("two_stage")
+    if ts:
+        lines.append(two_stage_line(ts, hits["gallery"]))
     if "text" in q:
         n_words = q["n_words"]
         unk = ("all known to the vocabulary" if not q["unknown"] else
@@ -808,7 +889,8 @@ def format_table(hits):
         lines.append("%4s  %6s  %10s  %s" % ("rank", "image", "score", "ground-truth captions"))
         for r in hits["results"]:
             caps = r["captions"] or [""]
-            lines.append("%4d  %6d  %10.6f  %s" % (r["rank"], r["index"], r["score"], caps[0]))
+            lines.append("%4d  %6d  %10.6f%s %s" % (r["rank"], r["index"], r["score"],
+                                                    _mark(r), caps[0]))
             lines += ["%s  %s" % (" " * 24, c) for c in caps[1:]]
     else:
         lines.append("query: image %d; its captions:" % q["image"])
@@ -816,31 +898,48 @@ def format_table(hits):
         lines.append("%4s  %7s  %6s  %10s  %s" % ("rank", "caption", "image", "score",
                                                   "text (* a caption of the query image)"))
         for r in hits["results"]:
-            lines.append("%4d  %7d  %6d  %10.6f  %s%s" % (r["rank"], r["index"], r["image"],
-                                                          r["score"], "* " if r["match"] else "",
-                                                          r["text"]))
+            lines.append("%4d  %7d  %6d  %10.6f%s %s%s" % (r["rank"], r["index"], r["image"],
+                                                           r["score"], _mark(r),
+                                                           "* " if r["match"] else "",
+                                                           r["text"]))
     return "\n".join(lines)
+
+
+def two_stage_line(ts, gallery):
+    """The table's line on a two-stage answer: what shortlisted, how, what re-ranked."""
+    line = ("two-stage: the top %d %s by the shortlist (%s, %s index%s) re-ranked by the "
+            "scores above; the ranks past %d (marked ~) in the shortlist's order, with its score"
+            % (ts["reranked"], gallery, ts["shortlist_matcher"], ts["index"],
+               "" if ts["index_recall"] is None else
+               ", approximate: recall@%d %.3f against flat on this query"
+               % (ts["reranked"], ts["index_recall"]), ts["reranked"]))
+    if ts["rerank_k"] > ts["reranked"]:
+        line += "; K = %d is the whole gallery: this is the exhaustive ranking" % ts["rerank_k"]
+    return line
 
 
 def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split="test",
              model_path2=None, vocab_path=None, data_name=None, device=None, feat_format=None,
              cache_dir="default", explain=None, images=None, image_ids=None, overrides=None,
-             check_flags=False):
+             check_flags=False, shortlist=None, rerank_k=None, index="flat"):
     """One query (free text `query`, or the split's image index `image`) against the split:
     Hits ({"query", "results", ...}). `cache_dir`: "default" (default_cache_dir()), a
     directory, or None (no cache). `explain=PATH`: also draw the attention (hits["explain"]).
     `overrides`: the matchers' evaluation flags ({option: value}, as evaluation.evalrank);
-    `check_flags` (the command line): refuse a --vocab_path that no model reads."""
+    `check_flags` (the command line): refuse a --vocab_path that no model reads. `shortlist`,
+    `rerank_k`, `index`: two-stage retrieval (Gallery)."""
     if (query is None) == (image is None):
         raise ValueError("give either query or image")
     if topk < 1:
         raise errors.error("flag_positive", "--topk %d" % topk)
     if query is not None and not str(query).strip():
         raise errors.error("query_empty", "--query %s" % json.dumps(query))
+    shortlist_index.check_flags(shortlist, rerank_k, index)
     if explain:
         outputs.check_outputs([explain], TOOL + " --explain", "--explain")
     gallery = Gallery(model_path, data_path, split, model_path2, vocab_path, data_name, device,
-                      feat_format, cache_dir, overrides, check_flags)
+                      feat_format, cache_dir, overrides, check_flags, shortlist=shortlist,
+                      rerank_k=rerank_k, index=index)
     if image is not None and not 0 <= image < gallery.n_images:
         raise errors.error("image_index", "--image %d" % image, split=split,
                            n_images=gallery.n_images, last=gallery.n_images - 1)
@@ -892,6 +991,15 @@ def build_parser():
     p.add_argument("--device", default=None, help="cuda or cpu")
     p.add_argument("--feat_format", default=None, choices=["auto", "npy", "h5"],
                    help="read {split}_ims.npy or {split}.h5 (default: the checkpoint's, auto)")
+    t = p.add_argument_group("two-stage retrieval (docs/search.md#two-stage)")
+    t.add_argument("--shortlist", metavar="CKPT", default=None,
+                   help="a dual encoder's checkpoint (HREM): its top --rerank_k items are "
+                        "re-ranked by --model_path (and --model_path2)")
+    t.add_argument("--rerank_k", type=int, metavar="K", default=None,
+                   help="with --shortlist: the candidates re-ranked per query")
+    t.add_argument("--index", default="flat", choices=list(shortlist_index.KINDS),
+                   help="the shortlist's search: flat (exact, the default), hnsw or ivf "
+                        "(FAISS, approximate: their recall@K against flat is reported)")
     p.matcher_dests = matchers.add_eval_options(p)
     return p
 
@@ -912,7 +1020,8 @@ def main(argv=None):
                     explain=args.explain, images=args.images if args.explain else None,
                     image_ids=args.image_ids if args.explain else None,
                     overrides={d: getattr(args, d) for d in dests if getattr(args, d) is not None},
-                    check_flags=True)
+                    check_flags=True, shortlist=args.shortlist, rerank_k=args.rerank_k,
+                    index=args.index)
     print(json.dumps(hits, ensure_ascii=False) if args.json else format_table(hits))
     if args.explain and not args.json:
         print("attention: %s" % hits["explain"])
