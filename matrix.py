@@ -99,14 +99,17 @@ def score_block(scorers, rows, cols, precomputed=None):
     """The mean of the models' scores of images `rows` x captions `cols` (slices, or arrays of
     indices), float64, and each model's own scores. Each scorer is (model, encoded split); a
     model sees that block only, through its `score`. `precomputed`: per scorer, what its
-    `caption_inputs` computed for the split's captions (passed for the rows `cols`)."""
+    `gallery_inputs` and `caption_inputs` computed for the split's images and captions
+    (passed for `rows` and `cols`)."""
     sims, own = None, []
     for k_model, (model, enc) in enumerate(scorers):
         inputs = getattr(model, "score_inputs", {})
         extra = {k: _take(enc.extra[k], rows if where == "image" else cols)
                  for k, where in inputs.items()}
         if precomputed is not None:
-            extra.update({k: _take(v, cols) for k, v in precomputed[k_model].items()})
+            by_image, by_caption = precomputed[k_model]
+            extra.update({k: _take(v, rows) for k, v in by_image.items()})
+            extra.update({k: _take(v, cols) for k, v in by_caption.items()})
         img_embs, cap_embs, cap_lens = enc
         s = model.score(_take(img_embs, rows), _take(cap_embs, cols), _take(cap_lens, cols),
                         **extra)

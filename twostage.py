@@ -125,16 +125,24 @@ def union_pairs(founds, regions, k, n_cap):
 
 
 class PairUnits:
-    """The pairs to score, cut into units: the cells of the exhaustive evaluation's shard grid
-    (matrix.shard_grid) that hold shortlisted pairs. The pairs are kept in unit order (then
-    image, then caption): unit u is pairs[start[u]:start[u + 1]], so that a --save_sims file
-    of pair scores is written unit by unit, as the matrix is shard by shard."""
+    """The pairs to score, cut into units of work: a cell of the exhaustive evaluation's shard
+    grid (matrix.shard_grid) of which at least DENSE is shortlisted is a unit, scored whole (the
+    exhaustive evaluation's very shard, so its scores to the bit); the other pairs of a block
+    of the grid's images are a unit, scored image by image, each image against all its
+    candidate captions at once (one call of ~K + 5K captions on a split of 5 captions per
+    image), with what the re-ranker computes from an image alone or a caption alone
+    (`gallery_inputs`, `caption_inputs`) computed once for the split. Those scores equal the
+    cell's to float rounding (~1e-7). The pairs are kept in unit order (then image, then
+    caption): unit u is keys[start[u]:start[u + 1]], so that a --save_sims file of pair scores
+    is written unit by unit, as the matrix is shard by shard."""
 
     def __init__(self, keys, regions, n_cap):
         self.n_cap = n_cap
         self.grid = matrix.shard_grid(regions)
-        cell = np.full(len(keys), -1, dtype=np.int64)
         img, cap = keys // n_cap, keys % n_cap
+        cell = np.full(len(keys), -1, dtype=np.int64)
+        row = np.full(len(keys), -1, dtype=np.int64)
+        self.row_blocks = []
         base = 0
         for r0, r1, c0, c1 in regions:  # the cells of each region, in shard_grid's order
             rows = matrix._blocks(r0, r1, matrix.IMAGE_MIN, matrix.IMAGE_BLOCK)
@@ -143,15 +151,21 @@ class PairUnits:
             bi = np.searchsorted([a for a, _ in rows], img[inside], side="right") - 1
             bj = np.searchsorted([a for a, _ in cols], cap[inside], side="right") - 1
             cell[inside] = base + bi * len(cols) + bj
+            row[inside] = len(self.row_blocks) + bi
+            self.row_blocks += rows
             base += len(rows) * len(cols)
         assert (cell >= 0).all(), "a shortlisted pair outside the scored regions"
-        order = np.argsort(cell, kind="stable")       # keys are sorted: image, then caption
-        self.keys, cell = keys[order], cell[order]
-        self.cells, self.start = np.unique(cell, return_index=True)
+        area = np.array([matrix._pairs(s) for s in self.grid])
+        dense = np.bincount(cell, minlength=len(self.grid)) >= DENSE * area
+        unit = np.where(dense[cell], cell, len(self.grid) + row)
+        order = np.argsort(unit, kind="stable")       # keys are sorted: image, then caption
+        self.keys, unit = keys[order], unit[order]
+        self.units, self.start = np.unique(unit, return_index=True)
         self.start = np.append(self.start, len(self.keys))
+        self._pre = None
 
     def __len__(self):
-        return len(self.cells)
+        return len(self.units)
 
     @property
     def n_pairs(self):
@@ -165,53 +179,48 @@ class PairUnits:
     def size(self, u):
         return int(self.start[u + 1] - self.start[u])
 
+    def whole(self, u):
+        """The cell (i0, i1, j0, j1) unit u scores whole, or None (image by image)."""
+        k = int(self.units[u])
+        return self.grid[k] if k < len(self.grid) else None
+
     def save_grid(self):
         """The units as a (n_pairs, 1) matrix's shards, for matrix.SavedSims."""
         return [(int(self.start[u]), int(self.start[u + 1]), 0, 1) for u in range(len(self))]
 
     def score(self, scorers, u):
-        """Unit u's pair scores (the mean over the re-rankers, as the exhaustive matrix):
-        its whole cell when at least DENSE of it is needed (the exhaustive evaluation's very
-        shard, so its scores to the bit), else image by image against that image's captions
-        (equal to the cell's to float rounding), with what each re-ranker computes from the
-        captions alone (`caption_inputs`) computed once for the split."""
+        """Unit u's pair scores: the mean over the re-rankers (`scorers`: (model, encoded
+        split)), as the exhaustive matrix."""
         img, cap = self.pairs(u)
-        i0, i1, j0, j1 = self.grid[self.cells[u]]
-        if len(img) >= DENSE * (i1 - i0) * (j1 - j0):
-            block, _ = matrix.score_shard(scorers, (i0, i1, j0, j1))
+        cell = self.whole(u)
+        if cell is not None:
+            i0, _, j0, _ = cell
+            block, _ = matrix.score_shard(scorers, cell)
             return block[img - i0, cap - j0]
+        pre = self.precomputed(scorers)
         out = np.empty(len(img))
         cuts = np.flatnonzero(np.diff(img)) + 1
         for part in np.split(np.arange(len(img)), cuts):
             i = int(img[part[0]])
-            out[part] = matrix.score_block(scorers, slice(i, i + 1), cap[part],
-                                           self.caption_inputs(scorers))[0][0]
+            out[part] = matrix.score_block(scorers, slice(i, i + 1), cap[part], pre)[0][0]
         return out
 
-    def caption_inputs(self, scorers):
-        """Each re-ranker's `caption_inputs` of the split's captions, computed once."""
-        if getattr(self, "_cap_inputs", None) is None or self._cap_inputs[0] is not scorers:
-            self._cap_inputs = (scorers, [model.caption_inputs(enc[1], enc[2])
-                                          for model, enc in scorers])
-        return self._cap_inputs[1]
+    def precomputed(self, scorers):
+        """Each re-ranker's `gallery_inputs` and `caption_inputs` of the split, computed once
+        (matrix.score_block's `precomputed`)."""
+        if self._pre is None or self._pre[0] is not scorers:
+            self._pre = (scorers, [(model.gallery_inputs(enc[0]),
+                                    model.caption_inputs(enc[1], enc[2]))
+                                   for model, enc in scorers])
+        return self._pre[1]
 
     def lookup(self, scores, img, cap):
         """The scores (pair vector, unit order) of the pairs (img, cap)."""
-        keys = np.asarray(img, dtype=np.int64) * self.n_cap + cap
-        where = np.searchsorted(self.sorted_keys, keys)
-        return scores[self.sorted_index[where]]
-
-    @property
-    def sorted_keys(self):
-        if not hasattr(self, "_sorted"):
+        if getattr(self, "_sorted", None) is None:
             idx = np.argsort(self.keys)
             self._sorted = (self.keys[idx], idx)
-        return self._sorted[0]
-
-    @property
-    def sorted_index(self):
-        self.sorted_keys  # noqa: B018 (computes both)
-        return self._sorted[1]
+        keys = np.asarray(img, dtype=np.int64) * self.n_cap + cap
+        return scores[self._sorted[1][np.searchsorted(self._sorted[0], keys)]]
 
 
 # ----------------------------------------------------------------------------- ranking
