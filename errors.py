@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections import namedtuple
 
 
@@ -646,6 +647,7 @@ def exit_on_error(main):
             # a second Ctrl-C while the process exits: no traceback (a main called from
             # another program's code, a test's, gets its handler back)
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            threading.excepthook = _quiet_on_exit(threading.excepthook)
             where, saved, how = _INTERRUPT_NOTES[-1]
             if os.environ.get("RANK", "0") == "0":
                 print("error: %s" % message("interrupted", where, saved=saved, how=how),
@@ -656,6 +658,16 @@ def exit_on_error(main):
         finally:
             _INTERRUPT_NOTES.pop()
     return wrapper
+
+
+def _quiet_on_exit(hook):
+    """A thread's excepthook for a process that is exiting after a Ctrl-C: the connections of
+    multiprocessing's helper threads (the resource sharer of DataLoader workers) break as the
+    workers stop, which is no bug to show; anything else goes to `hook`."""
+    def quiet(args):
+        if not issubclass(args.exc_type, (EOFError, ConnectionError)):
+            hook(args)
+    return quiet
 
 
 def write_failure(exc):

@@ -11,6 +11,8 @@ import evaluation
 import train
 from helpers import tiny_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FLAGS = ["--embed_size", "256", "--word_dim", "128", "--sim_dim", "64", "--batch_size", "32",
          "--learning_rate", "0.001", "--no-max_violation", "--num_epochs", "3",
          "--lr_update", "10", "--workers", "0", "--val_step", "100000", "--log_step", "1000",
@@ -29,7 +31,7 @@ def shuffle_train_captions(data_path):
 
 
 def train_and_test(root, shuffled=False):
-    data_path, vocab_path = tiny_dataset(root, n_train=500, n_dev=10, n_test=200,
+    data_path, vocab_path = tiny_dataset(root, n_train=300, n_dev=10, n_test=100,
                                         img_dim=64)
     if shuffled:
         shuffle_train_captions(data_path)
@@ -53,6 +55,7 @@ def test_learns(tmp_path):
 
 
 def test_shuffled_captions_stay_near_chance(tmp_path):
-    # chance on 200 images: R@1, R@5, R@10 = 0.5, 2.5, 5 % each way, rsum 16
+    # chance on 100 images: R@1, R@5, R@10 = 1, 5, 10 % each way, rsum 32 (trained on the
+    # real captions, the same model reaches ~380)
     before, after = train_and_test(str(tmp_path), shuffled=True)
-    assert after < 2.5 * 16, (before, after)
+    assert after < 2.5 * 32, (before, after)

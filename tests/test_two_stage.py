@@ -267,16 +267,16 @@ def test_a_killed_run_continues_and_a_mismatched_rerun_is_refused(s, tmp_path, c
     pids.mkdir()
     proc = subprocess.Popen(command(s, argv + ["--save_sims", f]), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=child_env(SLOW_UNIT="0.4", PID_DIR=str(pids)), cwd=str(s.root))
+                            env=child_env(SLOW_UNIT="1.0", PID_DIR=str(pids)), cwd=str(s.root))
     try:
         assert wait_for(lambda: os.path.exists(f + ".record") and
-                        len(done_units(f + ".record")) >= 3), "no unit recorded"
+                        len(done_units(f + ".record")) >= 2), "no unit recorded"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     before = done_units(f + ".record")
     n_units = len(twostage.PairUnits(_keys(ref), [(0, N_TEST, 0, 5 * N_TEST)], 5 * N_TEST))
-    assert 3 <= len(before) < n_units
+    assert 2 <= len(before) < n_units, (before, n_units)
     out = run(s, argv + ["--save_sims", f]).stdout
     after = done_units(f + ".record")
     assert sorted(after) == list(range(n_units)) and after[:len(before)] == before
