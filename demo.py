@@ -238,7 +238,7 @@ def two_stage(args, argv):
                                "cross-attention")
     short_name = next(n for n in matchers.MATCHERS if matchers.matcher_class(n).embeds_alone)
     argv = _without(_without(_without(argv, "--module_name"), "--run_dir"), "--rerank_k")
-    plans, best, alone = [], {}, {}
+    plans, best = [], {}
     for name in (args.module_name, short_name):  # both checked before either trains
         sub, extra = build_parser().parse_known_args(
             argv + ["--module_name", name] +
@@ -247,29 +247,38 @@ def two_stage(args, argv):
         best[name] = os.path.join(plans[-1].opt.model_name, runs.BEST)
     for plan in plans:
         run(plan)
+    return two_stage_table(args, best, args.module_name, short_name)
+
+
+def two_stage_table(args, best, name, short_name):
+    """The end of demo.py --two_stage, on the trained checkpoints `best` ({matcher: path}):
+    each model alone, then the two-stage evaluation for each --rerank_k, and the table."""
     common = dict(data_path=args.data_path, split="test", vocab_path=args.vocab_path,
                   device=args.device)
+    alone = {}
     rows = []
-    for name in (args.module_name, short_name):
-        print("== %s alone (exhaustive) on the synthetic test split" % name)
+    for who in (name, short_name):
+        print("== %s alone (exhaustive) on the synthetic test split" % who)
         t0 = time.time()
-        alone[name] = evaluation.evalrank(best[name], **common)
-        rows.append(("%s alone" % name, alone[name]["sims"].size, alone[name]["sims"].size,
-                     alone[name]["rsum"], time.time() - t0))
+        alone[who] = evaluation.evalrank(best[who], **common)
+        rows.append(("%s alone" % who, alone[who]["sims"].size, alone[who]["sims"].size,
+                     alone[who]["rsum"], time.time() - t0, None))
     for k in args.rerank_k:
         print("== two-stage, K = %d" % k)
         t0 = time.time()
-        out = evaluation.evalrank(best[args.module_name], shortlist=best[short_name],
+        out = evaluation.evalrank(best[name], shortlist=best[short_name],
                                   rerank_k=[k], **common)
         rows.append(("K = %d" % k, out["pairs"], out["all_pairs"], out["rsum"],
-                     time.time() - t0))
+                     time.time() - t0, out["rerank_time"]))
     print("demo --two_stage: %s shortlists, %s re-ranks, on the synthetic test split"
-          % (short_name, args.module_name))
-    print("%-12s  %16s  %6s  %7s" % ("", "pairs scored", "rsum", "time"))
-    for label, pairs, n_all, rsum, seconds in rows:
+          % (short_name, name))
+    print("%-12s  %16s  %6s  %7s  %s" % ("", "pairs scored", "rsum", "time",
+                                          "(re-ranking)"))
+    for label, pairs, n_all, rsum, seconds, rerank in rows:
         scored = "%d (%.1f%%)" % (pairs, 100.0 * pairs / n_all) if label.startswith("K") else \
-            ("%d (all)" % n_all if label.startswith(args.module_name) else "none")
-        print("%-12s  %16s  %6.1f  %6.1fs" % (label, scored, rsum, seconds))
+            ("%d (all)" % n_all if label.startswith(name) else "none")
+        print("%-12s  %16s  %6.1f  %6.1fs  %s" % (label, scored, rsum, seconds,
+                                                "" if rerank is None else "%.1fs" % rerank))
     return rows
 
 

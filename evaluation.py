@@ -612,7 +612,7 @@ def two_stage(shortlist, ks, loaded, scorers, shape, saved, rank, say, opts_):
                                      opts_["split"], fold5, shape,
                                      matrix.shard_grid(regions), opts_["overrides"])
         ident.update({"two-stage": "pair scores", "shortlist sha256":
-                      outputs.file_digest(shortlist), "rerank_k": kmax})
+                      outputs.file_digest(shortlist), "rerank_k": ks})
         saved.claim_record(ident, info={"checkpoints": [p for _, _, p in loaded],
                                         "shortlist": shortlist, "command": " ".join(sys.argv)})
         return twostage.kept_shortlist(saved, shortlist_file(saved.path), len(regions))
@@ -626,8 +626,7 @@ def two_stage(shortlist, ks, loaded, scorers, shape, saved, rank, say, opts_):
             twostage.keep_shortlist(saved, shortlist_file(saved.path), found)
         return found, seconds
     found, short_time = distributed.agree(candidates, master_only=True)
-    units = twostage.PairUnits(twostage.union_pairs(found, regions, kmax, shape[1]), regions,
-                               shape[1])
+    units = twostage.units_of(found, regions, ks, shape[1])
     done = distributed.agree(lambda: saved.open((units.n_pairs, 1), units.save_grid())
                              if saved is not None else set(), master_only=True)
     if saved is not None:

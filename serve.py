@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 import errors
 import evaluation
+import index as shortlist_index
 import matchers
 import matrix
 import outputs
@@ -495,7 +496,7 @@ def build_service(args, overrides=None):
     """The gallery (loaded, encoded, warm), its failures and its files: a Service."""
     kwargs = {}
     if args.shortlist or args.rerank_k is not None:
-        kwargs = {"shortlist": args.shortlist, "rerank_k": args.rerank_k}
+        kwargs = {"shortlist": args.shortlist, "rerank_k": args.rerank_k, "index": args.index}
     gallery = retrieve.Gallery(args.model_path, data_path=args.data_path, split=args.split,
                                model_path2=args.model_path2, vocab_path=args.vocab_path,
                                data_name=args.data_name, device=args.device,
@@ -532,6 +533,9 @@ def build_parser():
                    help="a dual encoder that shortlists --rerank_k candidates for --model_path")
     p.add_argument("--rerank_k", type=int, default=None, metavar="K",
                    help="candidates re-ranked per query (with --shortlist)")
+    p.add_argument("--index", default="flat", choices=list(shortlist_index.KINDS),
+                   help="with --shortlist: the shortlist's index of the gallery, exact (flat) "
+                        "or approximate (FAISS hnsw, ivf: each answer says its recall)")
     p.add_argument("--data_path", default=evaluation.DEFAULT_DATA_PATH,
                    help="directory holding <data_name>/ (overrides the checkpoint's)")
     p.add_argument("--data_name", default=None, help="override the checkpoint's data_name")
@@ -570,13 +574,7 @@ def main(argv=None):
         raise errors.error("flag_range", "--port %d" % args.port, range="0 to 65535")
     errors.check_positive(args, ["workers", "rerank_k"])
     errors.check_device(args.device)
-    if args.rerank_k is not None and not args.shortlist:
-        raise errors.error("rerank_needs_shortlist", "--rerank_k %d" % args.rerank_k)
-    if args.shortlist and args.rerank_k is None:
-        raise errors.error("shortlist_needs_k", "--shortlist %s" % args.shortlist)
-    if args.shortlist and "shortlist" not in retrieve.Gallery.__init__.__code__.co_varnames:
-        raise errors.error("arguments", "serve.py", reason="--shortlist needs the two-stage "
-                           "retrieve.Gallery, which this checkout does not have")
+    shortlist_index.check_flags(args.shortlist, args.rerank_k, args.index)
     if args.image_ids and not args.images:
         raise errors.error("images_dir", "--images (needed by --image_ids)")
     if args.host not in LOOPBACK:

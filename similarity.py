@@ -36,7 +36,8 @@ WORD_PAIRS = 2048  # (image, caption word) pairs per chunk: sets the size of the
 ATTN_WORDS = 512   # caption words whose attention against all images is computed at once
 WORD_PAIRS_GRAD = 16384  # the same with autograd (bigger GEMMs for the backward)
 GRAD_ROWS = 512    # word-pairs per chunk inside LocalSimilarity (kept in cache)
-MIN_BLOCK_PAIRS = 256  # captions of rarer lengths are merged (padded, masked) up to this many pairs
+MIN_BLOCK_PAIRS = 16   # captions of rarer lengths are merged (padded, masked) up to this many pairs
+#                      (one image against its candidate captions: a block per length is faster)
 
 
 DENSE_SUPPORT = 0.25  # subset_loss: above this fraction of pairs, recompute the whole matrix

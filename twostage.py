@@ -22,8 +22,10 @@ t2i images for a caption.
 """
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 import matrix
 import outputs
@@ -124,6 +126,22 @@ def union_pairs(founds, regions, k, n_cap):
     return np.unique(np.concatenate(keys))
 
 
+def units_of(founds, regions, ks, n_cap):
+    """The PairUnits of the largest K's pairs, in levels (PairUnits): the smallest K's pairs,
+    then those each larger K adds, so that each pair is scored once and the smallest K's
+    exactly as a run with that K alone."""
+    keys, levels, seen = [], [], None
+    for level, k in enumerate(sorted(ks)):
+        at = union_pairs(founds, regions, k, n_cap)
+        new = at if seen is None else np.setdiff1d(at, seen, assume_unique=True)
+        keys.append(new)
+        levels.append(np.full(len(new), level, dtype=np.int64))
+        seen = at
+    keys, levels = np.concatenate(keys), np.concatenate(levels)
+    order = np.argsort(keys, kind="stable")
+    return PairUnits(keys[order], regions, n_cap, levels[order])
+
+
 class PairUnits:
     """The pairs to score, cut into units of work: a cell of the exhaustive evaluation's shard
     grid (matrix.shard_grid) of which at least DENSE is shortlisted is a unit, scored whole (the
@@ -136,10 +154,15 @@ class PairUnits:
     caption): unit u is keys[start[u]:start[u + 1]], so that a --save_sims file of pair scores
     is written unit by unit, as the matrix is shard by shard."""
 
-    def __init__(self, keys, regions, n_cap):
+    def __init__(self, keys, regions, n_cap, levels=None):
+        """`keys`: the pairs (image * n_cap + caption), sorted. `levels`: with several K, the
+        level of each pair (0: in the smallest K's union, 1: added by the next K, ...): each
+        level is cut into units of its own, as if it were scored alone, so that the smallest
+        K's pairs are scored exactly as a run with that K alone scores them."""
         self.n_cap = n_cap
         self.grid = matrix.shard_grid(regions)
         img, cap = keys // n_cap, keys % n_cap
+        levels = np.zeros(len(keys), dtype=np.int64) if levels is None else levels
         cell = np.full(len(keys), -1, dtype=np.int64)
         row = np.full(len(keys), -1, dtype=np.int64)
         self.row_blocks = []
@@ -156,8 +179,13 @@ class PairUnits:
             base += len(rows) * len(cols)
         assert (cell >= 0).all(), "a shortlisted pair outside the scored regions"
         area = np.array([matrix._pairs(s) for s in self.grid])
-        dense = np.bincount(cell, minlength=len(self.grid)) >= DENSE * area
-        unit = np.where(dense[cell], cell, len(self.grid) + row)
+        unit = np.empty(len(keys), dtype=np.int64)
+        span = len(self.grid) + len(self.row_blocks)   # unit ids of one level
+        for level in np.unique(levels):
+            at = levels == level
+            dense = np.bincount(cell[at], minlength=len(self.grid)) >= DENSE * area
+            unit[at] = level * span + np.where(dense[cell[at]], cell[at],
+                                               len(self.grid) + row[at])
         order = np.argsort(unit, kind="stable")       # keys are sorted: image, then caption
         self.keys, unit = keys[order], unit[order]
         self.units, self.start = np.unique(unit, return_index=True)
@@ -181,7 +209,7 @@ class PairUnits:
 
     def whole(self, u):
         """The cell (i0, i1, j0, j1) unit u scores whole, or None (image by image)."""
-        k = int(self.units[u])
+        k = int(self.units[u]) % (len(self.grid) + len(self.row_blocks))
         return self.grid[k] if k < len(self.grid) else None
 
     def save_grid(self):
@@ -199,19 +227,45 @@ class PairUnits:
             return block[img - i0, cap - j0]
         pre = self.precomputed(scorers)
         out = np.empty(len(img))
-        cuts = np.flatnonzero(np.diff(img)) + 1
-        for part in np.split(np.arange(len(img)), cuts):
+        parts = np.split(np.arange(len(img)), np.flatnonzero(np.diff(img)) + 1)
+
+        lens = self.lengths(scorers)
+
+        def one(part):  # its captions by length: blocks of one length are scored at once
+            part = part[np.argsort(lens[cap[part]], kind="stable")]
             i = int(img[part[0]])
-            out[part] = matrix.score_block(scorers, slice(i, i + 1), cap[part], pre)[0][0]
+            return part, matrix.score_block(scorers, slice(i, i + 1), cap[part], pre)[0][0]
+        # one image's pairs are small tensors, which one thread computes nearly as fast as
+        # torch's threads together: as many images at once as threads, one thread each (the
+        # same arithmetic whatever the number of threads or processes)
+        threads = torch.get_num_threads()
+        if threads > 1 and len(parts) > 1:
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(threads) as pool:
+                    for part, s in pool.map(one, parts):
+                        out[part] = s
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            for part in parts:
+                out[part] = one(part)[1]
         return out
+
+    def lengths(self, scorers):
+        """The captions' lengths (the first re-ranker's), as an array."""
+        if getattr(self, "_lens", None) is None or self._lens[0] != id(scorers[0][1]):
+            self._lens = (id(scorers[0][1]), np.asarray(scorers[0][1][2]))
+        return self._lens[1]
 
     def precomputed(self, scorers):
         """Each re-ranker's `gallery_inputs` and `caption_inputs` of the split, computed once
         (matrix.score_block's `precomputed`)."""
-        if self._pre is None or self._pre[0] is not scorers:
-            self._pre = (scorers, [(model.gallery_inputs(enc[0]),
-                                    model.caption_inputs(enc[1], enc[2]))
-                                   for model, enc in scorers])
+        key = [(id(model), id(enc)) for model, enc in scorers]
+        if self._pre is None or self._pre[0] != key:
+            self._pre = (key, [(model.gallery_inputs(enc[0]),
+                                model.caption_inputs(enc[1], enc[2]))
+                               for model, enc in scorers])
         return self._pre[1]
 
     def lookup(self, scores, img, cap):

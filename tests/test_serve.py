@@ -206,9 +206,6 @@ def assert_concurrent_answers_equal(client, queries):
 
 
 def test_two_stage_answers_what_retrieve_json_prints(tiny, capsys):
-    import inspect
-    if "shortlist" not in inspect.signature(retrieve.Gallery).parameters:
-        pytest.skip("retrieve.Gallery has no two-stage retrieval (shortlist=) in this checkout")
     two = ["--shortlist", tiny.paths["HREM"], "--rerank_k", "4"]
     with serving(flags(tiny, "SGR", *two)) as client:
         for q in (tiny.captions[5], "a dog runs"):
@@ -219,7 +216,7 @@ def test_two_stage_answers_what_retrieve_json_prints(tiny, capsys):
             assert got.json()["two_stage"] is not None
             assert {r["stage"] for r in got.json()["results"]} <= {"rerank", "shortlist"}
         assert client.get("/api/health").json()["two_stage"] == {
-            "shortlist": tiny.paths["HREM"], "rerank_k": 4}
+            "shortlist": tiny.paths["HREM"], "rerank_k": 4, "index": "flat"}
 
 
 # ----------------------------------------------------------------------------- failures

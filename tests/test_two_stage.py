@@ -195,9 +195,11 @@ def test_k_covering_the_gallery_is_the_exhaustive_evaluation(s, tmp_path, capsys
 def test_fold5_shortlists_within_each_fold(s, capsys, monkeypatch):
     monkeypatch.setattr(matrix, "FOLD_IMAGES", 8)
     exhaustive = main_out(capsys, args(s, "SGR", extra=["--fold5"]))
+    assert blocks(main_out(capsys, two(s, 40, "SGR", extra=["--fold5"])))[40] == \
+        result_lines(exhaustive)
     out = main_out(capsys, two(s, "3,40", "SGR", extra=["--fold5"]))
     got = blocks(out)
-    assert got[40] == result_lines(exhaustive)
+    assert got[3] == blocks(main_out(capsys, two(s, 3, "SGR", extra=["--fold5"])))[3]
     assert len([x for x in got[3] if x.startswith("Image to text: ")]) == 6  # 5 folds + mean
     # K = 3 within a fold of 8 images and 40 captions: the pairs of 5 folds, nothing across
     line = next(x for x in out.splitlines() if x.startswith("pairs scored:"))

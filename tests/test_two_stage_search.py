@@ -284,8 +284,8 @@ def test_bench_two_stage_jobs_at_tiny_sizes(tmp_path, monkeypatch):
     r = bench_two_stage.job_eval(args, "SGR")
     assert r["block_rate"] > 0 and r["short_rate"] > 0 and r["per"] == 6 * args.rerank_k
     assert r["s_cap"] > 0 and r["r_img"] > 0 and str(r["sl_label"]).startswith("HREM")
-    rate, n_pairs, n_units = r["ev_1"]  # 30 images x 150 captions, K 16 both ways
-    assert rate > 0 and 0 < n_pairs <= 180 * 16 and n_units >= 1
+    rate, n_pairs, n_units, pre = r["ev_1"]  # 30 images x 150 captions, K 16 both ways
+    assert rate > 0 and 0 < n_pairs <= 180 * 16 and n_units >= 1 and pre > 0
     rows = bench_two_stage.report_eval("SGR", args, r)
     assert [row[0] for row in rows] == ["Flickr30K 1K", "COCO 5K"]
     b = bench_two_stage.build_store(args, "SGR", args.store)
