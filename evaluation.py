@@ -366,6 +366,18 @@ def claim_sims(saved, loaded, scorers, data_path, split, fold5, shape, shards, o
     return done
 
 
+def encode_scorers(scorers, rank):
+    """[(model, its encodings of the split)] for every (model, opt, loader), checked (no NaN
+    or Inf); rank 0 shows the bars."""
+    encoded = []
+    for model, _, dl in scorers:
+        enc = encode_data(model, dl, img_stride=dl.dataset.im_div, progress=rank == 0)
+        check_encoded(enc, model.opt.module_name,
+                      getattr(dl.dataset, "feat_path", None) or "the split")
+        encoded.append((model, enc))
+    return encoded
+
+
 def score(scorers, shards, done, shape, saved, each, rank, say):
     """Every model encodes the split; every process scores its share of the shards not `done`
     (into `saved` as they finish). Returns rank 0's matrix (None elsewhere) and, with `each`
@@ -374,11 +386,7 @@ def score(scorers, shards, done, shape, saved, each, rank, say):
     encoded = []
     if todo or each:
         say("Computing results...")
-        for model, _, dl in scorers:
-            enc = encode_data(model, dl, img_stride=dl.dataset.im_div, progress=rank == 0)
-            check_encoded(enc, model.opt.module_name,
-                          getattr(dl.dataset, "feat_path", None) or "the split")
-            encoded.append((model, enc))
+        encoded = encode_scorers(scorers, rank)
     sims = None
     if rank == 0:
         sims = saved.sims if saved is not None else np.full(shape, np.nan)
@@ -657,13 +665,7 @@ def score_pairs(scorers, units, done, saved, rank):
     --save_sims' memory map when given), scoring the units not `done`; and the seconds."""
     start = time.time()
     todo = [u for u in range(len(units)) if u not in done]
-    encoded = []
-    if todo:
-        for model, _, dl in scorers:
-            enc = encode_data(model, dl, img_stride=dl.dataset.im_div, progress=rank == 0)
-            check_encoded(enc, model.opt.module_name,
-                          getattr(dl.dataset, "feat_path", None) or "the split")
-            encoded.append((model, enc))
+    encoded = encode_scorers(scorers, rank) if todo else []
     scores = None
     if rank == 0:
         scores = saved.sims[:, 0] if saved is not None else np.full(units.n_pairs, np.nan)

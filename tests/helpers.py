@@ -169,3 +169,17 @@ def result_lines(stdout, only=None):
     start = next(i for i, line in enumerate(lines)
                  if line.startswith(("rsum: ", "Image to text: ")))
     return [line for line in lines[start:] if only is None or line.startswith(only)]
+
+
+def save_model_of_flags(path, data_path, vocab_path, run_dir, flags):
+    """A checkpoint (ours, epoch 1) of the untrained model that train.py's `flags` build on the
+    dataset, on the CPU; returns its path."""
+    import matchers
+    import opts
+    opt = opts.parse_opt(train_args(data_path, vocab_path, run_dir, *flags))
+    opt.device, opt.workers = "cpu", 0
+    opt.vocab_size = len(matchers.matcher_class(opt.module_name).vocabulary(opt)[0])
+    model = matchers.build_model(opt)
+    torch.save({"epoch": 1, "model": model.state_dict(), "best_rsum": 0.0, "opt": opt,
+                "Eiters": 1}, path)
+    return path

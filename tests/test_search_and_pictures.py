@@ -23,13 +23,12 @@ import evaluation
 import helpers
 import matchers
 import naaf
-import opts
 import outputs
 import plots
 import retrieve
 from conftest import REPO
 from contract import l2norm
-from helpers import tiny_dataset, train_args
+from helpers import save_model_of_flags, tiny_dataset
 from model import SGRAF
 from test_contract import Toy
 from test_eval_cli import original_opt
@@ -526,14 +525,8 @@ def others(setup, tmp_path_factory):
     paths = {}
     for seed, name in enumerate(OTHER_FLAGS):
         torch.manual_seed(seed)
-        opt = opts.parse_opt(train_args(data, setup.vocab, str(root / "run"),
-                                        *OTHER_FLAGS[name]))
-        opt.device, opt.workers = "cpu", 0
-        opt.vocab_size = len(matchers.matcher_class(name).vocabulary(opt)[0])
-        m = matchers.build_model(opt)
-        paths[name] = str(root / "ckpt" / ("%s.pth.tar" % name))
-        torch.save({"epoch": 1, "model": m.state_dict(), "best_rsum": 0.0, "opt": opt,
-                    "Eiters": 1}, paths[name])
+        paths[name] = save_model_of_flags(str(root / "ckpt" / ("%s.pth.tar" % name)), data,
+                                          setup.vocab, str(root / "run"), OTHER_FLAGS[name])
     sims = {}
     for case, names in OTHERS.items():
         f = str(root / ("%s.npy" % case))

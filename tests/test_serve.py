@@ -31,7 +31,8 @@ import ranking
 import retrieve
 import serve
 from conftest import REPO
-from helpers import assert_unchanged, expect_exit, snapshot, tiny_dataset, train_args
+from helpers import (assert_unchanged, expect_exit, save_model_of_flags, snapshot, train_args,
+                     tiny_dataset)
 from model import SGRAF
 from test_eval_cli import original_opt
 from test_gsmn_integration import add_gsmn_files
@@ -88,14 +89,12 @@ def make_tiny(tmp_path_factory):
             opt.workers = 0
             m = (naaf.NAAF if name == "NAAF" else SGRAF)(
                 argparse.Namespace(**vars(opt), device="cpu"))
+            paths[name] = str(root / "ckpt" / ("%s.pth.tar" % name))
+            torch.save({"epoch": 1, "model": m.state_dict(), "best_rsum": 0.0, "opt": opt,
+                        "Eiters": 1}, paths[name])
         else:
-            opt = opts.parse_opt(train_args(data, vocab, str(root / "run"), *OTHER_FLAGS[name]))
-            opt.device, opt.workers = "cpu", 0
-            opt.vocab_size = len(matchers.matcher_class(name).vocabulary(opt)[0])
-            m = matchers.build_model(opt)
-        paths[name] = str(root / "ckpt" / ("%s.pth.tar" % name))
-        torch.save({"epoch": 1, "model": m.state_dict(), "best_rsum": 0.0, "opt": opt,
-                    "Eiters": 1}, paths[name])
+            paths[name] = save_model_of_flags(str(root / "ckpt" / ("%s.pth.tar" % name)), data,
+                                              vocab, str(root / "run"), OTHER_FLAGS[name])
     sims = str(root / "SGR.npy")
     evaluation.main(["--model_path", paths["SGR"], "--data_path", data, "--vocab_path", vocab,
                      "--split", "test", "--device", "cpu", "--save_sims", sims])

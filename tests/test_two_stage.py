@@ -21,13 +21,11 @@ import pytest
 import torch
 
 import evaluation
-import matchers
 import matrix
-import opts
 import outputs
 import ranking
 import twostage
-from helpers import REPO, result_lines, snapshot, tiny_dataset, train_args
+from helpers import REPO, result_lines, save_model_of_flags, snapshot, tiny_dataset
 from test_eval_scale import child_env, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,13 +65,8 @@ def s(tmp_path_factory):
     paths = {}
     for seed, (name, flags) in enumerate(FLAGS.items()):
         torch.manual_seed(seed)
-        opt = opts.parse_opt(train_args(data, vocab, str(root / "run"), *flags))
-        opt.device, opt.workers = "cpu", 0
-        opt.vocab_size = len(matchers.matcher_class(name).vocabulary(opt)[0])
-        model = matchers.build_model(opt)
-        paths[name] = str(root / ("%s.pth.tar" % name))
-        torch.save({"epoch": 1, "model": model.state_dict(), "best_rsum": 0.0, "opt": opt,
-                    "Eiters": 1}, paths[name])
+        paths[name] = save_model_of_flags(str(root / ("%s.pth.tar" % name)), data, vocab,
+                                          str(root / "run"), flags)
     probe = root / "probe.py"
     probe.write_text(PROBE)
     return argparse.Namespace(root=root, data=data, vocab=vocab, paths=paths, probe=str(probe))
