@@ -650,8 +650,8 @@ def two_stage(shortlist, ks, loaded, scorers, shape, saved, rank, say, opts_):
         timing = "time: shortlist %s, re-ranking %s" % (
             "read from %s" % shortlist_file(saved.path) if kept is not None else
             "%.1f s (encoding the split, scoring and sorting)" % short_time,
-            "%.1f s (the %d pairs of K = %d, which hold every K's, scored once)"
-            % (score_time, units.n_pairs, kmax) if n_scored else
+            "%.1f s (%d pairs, those of K = %s, each scored once)"
+            % (score_time, units.n_pairs, ",".join(map(str, ks))) if n_scored else
             "every pair read from %s" % saved.path)
         results[k] = two_stage_block(found, regions, units, scores, k, n_all, shape, fold5,
                                      scorers, (shortlist, short_opt), loaded, say, timing)

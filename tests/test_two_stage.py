@@ -220,7 +220,7 @@ def test_several_k_score_the_largest_ks_pairs_once(s, capsys, monkeypatch):
     assert n16 < n32
     lines = [x for x in out.splitlines() if x.startswith("pairs scored:")]
     assert int(lines[0].split()[2]) == n16 and int(lines[1].split()[2]) == n32
-    assert out.count("re-ranking") == 2 and "the %d pairs of K = 32" % n32 in out
+    assert out.count("re-ranking") == 2 and "%d pairs, those of K = 16,32, each" % n32 in out
 
 
 # ----------------------------------------------------------------------------- processes
