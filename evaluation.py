@@ -528,14 +528,14 @@ def report(sims, fold5=False, captions=None, tfidf=None, log=print, recalls=None
 def check_two_stage(shortlist, rerank_k, plots, save_sims, overwrite):
     """The two-stage flags' checks, before any file is read: [K, ...] sorted (None without
     --shortlist)."""
-    if rerank_k is not None and not shortlist:
-        raise errors.error("rerank_needs_shortlist", "--rerank_k %s" % ",".join(
-            str(k) for k in ([rerank_k] if isinstance(rerank_k, int) else rerank_k)))
+    ks = None if rerank_k is None else sorted(
+        {int(k) for k in ([rerank_k] if isinstance(rerank_k, int) else rerank_k)})
+    if ks is not None and not shortlist:
+        raise errors.error("rerank_needs_shortlist", "--rerank_k %s" % ",".join(map(str, ks)))
     if not shortlist:
         return None
-    if rerank_k is None:
+    if ks is None:
         raise errors.error("shortlist_needs_k", "--shortlist %s" % shortlist)
-    ks = sorted({int(k) for k in ([rerank_k] if isinstance(rerank_k, int) else rerank_k)})
     if ks[0] <= 0:
         raise errors.error("flag_positive", "--rerank_k %d" % ks[0])
     if plots:
@@ -645,14 +645,14 @@ def two_stage(shortlist, ks, loaded, scorers, shape, saved, rank, say, opts_):
         return None
     say("Images: %d, Captions: %d" % shape)
     n_all = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in regions)
+    timing = "time: shortlist %s, re-ranking %s" % (
+        "read from %s" % shortlist_file(saved.path) if kept is not None else
+        "%.1f s (encoding the split, scoring and sorting)" % short_time,
+        "%.1f s (%d pairs, those of K = %s, each scored once)"
+        % (score_time, units.n_pairs, ",".join(map(str, ks))) if n_scored else
+        "every pair read from %s" % saved.path)
     results = {}
     for k in ks:
-        timing = "time: shortlist %s, re-ranking %s" % (
-            "read from %s" % shortlist_file(saved.path) if kept is not None else
-            "%.1f s (encoding the split, scoring and sorting)" % short_time,
-            "%.1f s (%d pairs, those of K = %s, each scored once)"
-            % (score_time, units.n_pairs, ",".join(map(str, ks))) if n_scored else
-            "every pair read from %s" % saved.path)
         results[k] = two_stage_block(found, regions, units, scores, k, n_all, shape, fold5,
                                      scorers, (shortlist, short_opt), loaded, say, timing)
     return {"rerank": results, "pairs": units.n_pairs, "all_pairs": n_all,
@@ -674,12 +674,7 @@ def score_pairs(scorers, units, done, saved, rank):
                disable=None if rank == 0 and todo else True)
 
     def write(u, block):
-        img, cap = units.pairs(u)
-        bad = ~np.isfinite(block)
-        if bad.any():
-            raise errors.error("scores_nonfinite", "the pair scores",
-                               images=matrix.indices_text(sorted(set(img[bad].tolist()))),
-                               captions=matrix.indices_text(sorted(set(cap[bad].tolist()))))
+        matrix.check_scores(block, *units.pairs(u), where="the pair scores")
         scores[units.start[u]:units.start[u + 1]] = block
 
     with matrix.quiet(encoded):
@@ -694,7 +689,7 @@ def two_stage_block(found, regions, units, scores, k, n_all, shape, fold5, score
     """The printed block of one K, never mistaken for an exhaustive evaluation: what ranked,
     the pairs scored, the shortlist's recall ceiling and its own results, then the original's
     lines of the two-stage ranking."""
-    n_pairs = len(twostage.union_pairs(found, regions, k, shape[1]))
+    n_pairs = units.n_at[k]
     n_img, n_cap = regions[0][1] - regions[0][0], regions[0][3] - regions[0][2]
     labels = model_labels([p for _, _, p in loaded], [o for _, o, _ in loaded])
     say("== two-stage evaluation, K = %d: shortlist %s (%s), re-ranked by %s"

@@ -36,15 +36,23 @@ def indices_text(rows, most=6):
 
 
 
-def check_block(block, shard):
-    """No NaN or Inf in a shard's scores: a DataError naming its images and captions."""
-    if np.isfinite(np.sum(block)):
+def check_scores(scores, images, captions, where="the similarity matrix"):
+    """No NaN or Inf in scores: a DataError naming their images and captions. `images`,
+    `captions`: each score's image and caption, arrays broadcastable to the scores' shape (a
+    shard's rows and columns, or a vector of pairs' own)."""
+    if np.isfinite(np.sum(scores)):
         return
-    bad = ~np.isfinite(block)
-    i0, _, j0, _ = shard
-    raise errors.error("scores_nonfinite", "the similarity matrix",
-                       images=indices_text((np.flatnonzero(bad.any(axis=1)) + i0).tolist()),
-                       captions=indices_text((np.flatnonzero(bad.any(axis=0)) + j0).tolist()))
+    bad = ~np.isfinite(scores)
+    raise errors.error(
+        "scores_nonfinite", where,
+        images=indices_text(np.unique(np.broadcast_to(images, bad.shape)[bad]).tolist()),
+        captions=indices_text(np.unique(np.broadcast_to(captions, bad.shape)[bad]).tolist()))
+
+
+def check_block(block, shard):
+    """check_scores of a shard's block."""
+    i0, i1, j0, j1 = shard
+    check_scores(block, np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :])
 
 
 # ----------------------------------------------------------------------------- shards

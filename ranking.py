@@ -8,16 +8,23 @@ Letters: N images, 5N captions (caption j belongs to image j // 5).
 import numpy as np
 
 
+def positions(order, out=None):
+    """For rows sorted ascending (`order`: their np.argsort), the position of every column in
+    the original's descending order, `np.argsort(row)[::-1]` (into `out` when given)."""
+    out = np.empty(order.shape, dtype=np.int32) if out is None else out
+    cols = np.arange(order.shape[1] - 1, -1, -1, dtype=np.int32)  # position of argsort index k
+    np.put_along_axis(out, order, cols[None, :], axis=1)
+    return out
+
+
 def descending_positions(sims, chunk=256):
     """For each row, the position of every column in the order `np.argsort(row)[::-1]`
     (the original's order, ties included). Rows are sorted in chunks to bound memory."""
     sims = np.asarray(sims)
-    n_rows, n_cols = sims.shape
-    pos = np.empty((n_rows, n_cols), dtype=np.int32)
-    cols = np.arange(n_cols - 1, -1, -1, dtype=np.int32)  # position of argsort index k
-    for start in range(0, n_rows, chunk):
+    pos = np.empty(sims.shape, dtype=np.int32)
+    for start in range(0, len(sims), chunk):
         order = np.argsort(sims[start:start + chunk], axis=1)   # ascending, like the original
-        np.put_along_axis(pos[start:start + chunk], order, cols[None, :], axis=1)
+        positions(order, out=pos[start:start + chunk])
     return pos
 
 

@@ -10,16 +10,17 @@ ranking; R@K past the shortlist cannot beat its recall ceiling (the share of que
 ground truth is in the shortlist's top K).
 
 Here: the ranking rule (`shortlist_region`, `rerank_ranks`), the pairs to score (the union of
-both directions' candidates, `union_pairs`), how they are scored (`PairUnits`: in the cells of
-the exhaustive evaluation's shard grid, a cell whole when most of its pairs are shortlisted, else
-image by image), and the printed block (`block_lines`). evaluation.py runs it (--shortlist,
---rerank_k). Orders are the original evaluation's: `np.argsort(row)[::-1]`, ties included,
+both directions' candidates, `union_pairs`, `units_of`), how they are scored (`PairUnits`: a
+cell of the exhaustive evaluation's shard grid whole when most of it is shortlisted, else image
+by image), the block's line of pairs (`pairs_line`) and the shortlist kept beside a --save_sims
+file. evaluation.py runs it and prints the blocks (--shortlist, --rerank_k). Orders are the original evaluation's: `np.argsort(row)[::-1]`, ties included,
 with the re-ranked candidates taken in gallery order, so that K >= the gallery gives the
 exhaustive evaluation's ranks exactly.
 
 Letters: N images, C = 5N captions, K candidates per query; i2t ranks captions for an image,
 t2i images for a caption.
 """
+import argparse
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,6 @@ CHUNK = 256  # rows sorted at a time
 def parse_ks(text):
     """--rerank_k's value: '16,32,64' -> [16, 32, 64] (sorted, unique). An argparse `type`:
     a value that is not a positive integer is its one-line error."""
-    import argparse
     ks = []
     for part in str(text).split(","):
         try:
@@ -59,16 +59,14 @@ def parse_ks(text):
 def _shortlist_rows(short, k, gt):
     """For each row of `short` (n, m): its k best columns in the original's descending order
     (n, k), and the position in that order of its ground-truth columns `gt` (n, g)."""
-    n, m = short.shape
+    n = len(short)
     cand = np.empty((n, k), dtype=np.int32)
     gt_pos = np.empty(gt.shape, dtype=np.int32)
-    cols = np.arange(m - 1, -1, -1, dtype=np.int32)  # position of argsort index k
     for a in range(0, n, CHUNK):
         order = np.argsort(short[a:a + CHUNK], axis=1)           # ascending, as the original
         cand[a:a + CHUNK] = order[:, ::-1][:, :k]
-        pos = np.empty(order.shape, dtype=np.int32)
-        np.put_along_axis(pos, order, cols[None, :], axis=1)
-        gt_pos[a:a + CHUNK] = np.take_along_axis(pos, gt[a:a + CHUNK], axis=1)
+        gt_pos[a:a + CHUNK] = np.take_along_axis(ranking.positions(order), gt[a:a + CHUNK],
+                                                 axis=1)
     return cand, gt_pos
 
 
@@ -130,16 +128,18 @@ def units_of(founds, regions, ks, n_cap):
     """The PairUnits of the largest K's pairs, in levels (PairUnits): the smallest K's pairs,
     then those each larger K adds, so that each pair is scored once and the smallest K's
     exactly as a run with that K alone."""
-    keys, levels, seen = [], [], None
+    keys, levels, seen, n_at = [], [], None, {}
     for level, k in enumerate(sorted(ks)):
         at = union_pairs(founds, regions, k, n_cap)
         new = at if seen is None else np.setdiff1d(at, seen, assume_unique=True)
         keys.append(new)
         levels.append(np.full(len(new), level, dtype=np.int64))
-        seen = at
+        seen, n_at[k] = at, len(at)
     keys, levels = np.concatenate(keys), np.concatenate(levels)
     order = np.argsort(keys, kind="stable")
-    return PairUnits(keys[order], regions, n_cap, levels[order])
+    units = PairUnits(keys[order], regions, n_cap, levels[order])
+    units.n_at = n_at  # each K's number of pairs
+    return units
 
 
 class PairUnits:
@@ -190,7 +190,8 @@ class PairUnits:
         self.keys, unit = keys[order], unit[order]
         self.units, self.start = np.unique(unit, return_index=True)
         self.start = np.append(self.start, len(self.keys))
-        self._pre = None
+        self.n_at = {}
+        self._pre = self._sorted = None
 
     def __len__(self):
         return len(self.units)
@@ -226,10 +227,9 @@ class PairUnits:
             block, _ = matrix.score_shard(scorers, cell)
             return block[img - i0, cap - j0]
         pre = self.precomputed(scorers)
+        lens = np.asarray(scorers[0][1][2])  # the first re-ranker's caption lengths
         out = np.empty(len(img))
         parts = np.split(np.arange(len(img)), np.flatnonzero(np.diff(img)) + 1)
-
-        lens = self.lengths(scorers)
 
         def one(part):  # its captions by length: blocks of one length are scored at once
             part = part[np.argsort(lens[cap[part]], kind="stable")]
@@ -252,12 +252,6 @@ class PairUnits:
                 out[part] = one(part)[1]
         return out
 
-    def lengths(self, scorers):
-        """The captions' lengths (the first re-ranker's), as an array."""
-        if getattr(self, "_lens", None) is None or self._lens[0] != id(scorers[0][1]):
-            self._lens = (id(scorers[0][1]), np.asarray(scorers[0][1][2]))
-        return self._lens[1]
-
     def precomputed(self, scorers):
         """Each re-ranker's `gallery_inputs` and `caption_inputs` of the split, computed once
         (matrix.score_block's `precomputed`)."""
@@ -270,7 +264,7 @@ class PairUnits:
 
     def lookup(self, scores, img, cap):
         """The scores (pair vector, unit order) of the pairs (img, cap)."""
-        if getattr(self, "_sorted", None) is None:
+        if self._sorted is None:
             idx = np.argsort(self.keys)
             self._sorted = (self.keys[idx], idx)
         keys = np.asarray(img, dtype=np.int64) * self.n_cap + cap
@@ -302,9 +296,10 @@ def rerank_ranks(found, region, units, scores, k):
     for cand, gt, pos, rows_are_images in ((found["cand_i2t"], gt_i2t, found["pos_i2t"], True),
                                            (found["cand_t2i"], gt_t2i, found["pos_t2i"], False)):
         kk = min(k, cand.shape[1])
-        rows = np.repeat(np.arange(len(cand)), kk).reshape(len(cand), kk)
+        rows = np.arange(len(cand))[:, None]
         c = cand[:, :kk].astype(np.int64)
         img, cap = (rows + i0, c + j0) if rows_are_images else (c + i0, rows + j0)
+        img, cap = np.broadcast_arrays(img, cap)
         rer = units.lookup(scores, img.reshape(-1), cap.reshape(-1)).reshape(len(cand), kk)
         ranks, top1 = _rerank(c, rer, gt, pos, kk)
         out.append((ranking.metrics(ranks), (ranks, top1)))
