@@ -955,12 +955,10 @@ def retrieve(model_path, query=None, image=None, topk=10, data_path=None, split=
     return hits
 
 
-def build_parser():
-    """retrieve.py's flags; `.matcher_dests`: the matchers' evaluation flags among them."""
-    p = errors.ArgumentParser(
-        prog="retrieve.py",
-        description="Search a split with a sentence (--query: its top images) or one of its "
-                    "images (--image N: its top captions), with any checkpoint of the registry")
+def add_gallery_flags(p, split_help, images_help):
+    """The flags of a Gallery, shared by retrieve.py and serve.py: the checkpoint(s), the data,
+    the cache, the image files, the device, the two-stage search and the matchers' evaluation
+    flags (their dests in `p.matcher_dests`); `gallery_options` reads them back."""
     p.add_argument("--model_path", default=evaluation.DEFAULT_MODEL_PATH)
     p.add_argument("--model_path2", default=None,
                    help="a second checkpoint: rank by the mean of the two models' scores")
@@ -968,23 +966,12 @@ def build_parser():
                    help="directory holding <data_name>/ (overrides the checkpoint's)")
     p.add_argument("--data_name", default=None, help="override the checkpoint's data_name")
     p.add_argument("--vocab_path", default=None, help="directory of <data_name>_vocab.json")
-    p.add_argument("--split", default=evaluation.DEFAULT_SPLIT,
-                   help="the gallery: this split's images or captions (dev, test, testall)")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--query", help="free text: the split's images that match it best")
-    g.add_argument("--image", type=int, metavar="N",
-                   help="the split's image N: the split's captions that match it best")
-    p.add_argument("--topk", type=int, default=10, help="number of results")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--split", default=evaluation.DEFAULT_SPLIT, help=split_help)
     p.add_argument("--cache_dir", default=default_cache_dir(),
                    help="where the split's encodings are cached (default %(default)s)")
     p.add_argument("--no_cache", action="store_true",
                    help="encode the split without reading or writing the cache")
-    p.add_argument("--explain", metavar="OUT.png", default=None,
-                   help="draw the word x region attention of the query and each result")
-    p.add_argument("--images", metavar="DIR", default=None,
-                   help="with --explain: the image files, to draw each word's most attended "
-                        "region (needs the split's {split}_ims_bbx.npy)")
+    p.add_argument("--images", metavar="DIR", default=None, help=images_help)
     p.add_argument("--image_ids", metavar="FILE", default=None,
                    help="one line per image of the split: its file name under --images "
                         "(default: the split's {split}_ids.txt)")
@@ -1004,24 +991,49 @@ def build_parser():
     return p
 
 
+def gallery_options(p, args):
+    """Gallery's keyword arguments (but the model path) from the flags of add_gallery_flags."""
+    return dict(data_path=args.data_path, split=args.split, model_path2=args.model_path2,
+                vocab_path=args.vocab_path, data_name=args.data_name, device=args.device,
+                feat_format=args.feat_format,
+                cache_dir=None if args.no_cache else args.cache_dir,
+                overrides={d: getattr(args, d) for d in p.matcher_dests
+                           if getattr(args, d) is not None},
+                check_flags=True, shortlist=args.shortlist, rerank_k=args.rerank_k,
+                index=args.index)
+
+
+def build_parser():
+    """retrieve.py's flags; `.matcher_dests`: the matchers' evaluation flags among them."""
+    p = errors.ArgumentParser(
+        prog="retrieve.py",
+        description="Search a split with a sentence (--query: its top images) or one of its "
+                    "images (--image N: its top captions), with any checkpoint of the registry")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--query", help="free text: the split's images that match it best")
+    g.add_argument("--image", type=int, metavar="N",
+                   help="the split's image N: the split's captions that match it best")
+    p.add_argument("--topk", type=int, default=10, help="number of results")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--explain", metavar="OUT.png", default=None,
+                   help="draw the word x region attention of the query and each result")
+    return add_gallery_flags(
+        p, "the gallery: this split's images or captions (dev, test, testall)",
+        "with --explain: the image files, to draw each word's most attended region (needs the "
+        "split's {split}_ims_bbx.npy)")
+
+
 @errors.exit_on_error
 def main(argv=None):
     p = build_parser()
-    dests = p.matcher_dests
     args = p.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     if args.images and not args.explain:
         log.warning("retrieve: --images is used by --explain only")
     hits = retrieve(args.model_path, query=args.query, image=args.image, topk=args.topk,
-                    data_path=args.data_path, split=args.split, model_path2=args.model_path2,
-                    vocab_path=args.vocab_path, data_name=args.data_name, device=args.device,
-                    feat_format=args.feat_format,
-                    cache_dir=None if args.no_cache else args.cache_dir,
                     explain=args.explain, images=args.images if args.explain else None,
                     image_ids=args.image_ids if args.explain else None,
-                    overrides={d: getattr(args, d) for d in dests if getattr(args, d) is not None},
-                    check_flags=True, shortlist=args.shortlist, rerank_k=args.rerank_k,
-                    index=args.index)
+                    **gallery_options(p, args))
     print(json.dumps(hits, ensure_ascii=False) if args.json else format_table(hits))
     if args.explain and not args.json:
         print("attention: %s" % hits["explain"])

@@ -51,7 +51,6 @@ from tqdm import tqdm
 import errors
 import evaluation
 import index as shortlist_index
-import matchers
 import matrix
 import outputs
 import ranking
@@ -492,17 +491,10 @@ def listen(host, port):
                            reason=errors.first_line(e)) from None
 
 
-def build_service(args, overrides=None):
+def build_service(p, args):
     """The gallery (loaded, encoded, warm), its failures and its files: a Service."""
-    kwargs = {}
-    if args.shortlist or args.rerank_k is not None:
-        kwargs = {"shortlist": args.shortlist, "rerank_k": args.rerank_k, "index": args.index}
-    gallery = retrieve.Gallery(args.model_path, data_path=args.data_path, split=args.split,
-                               model_path2=args.model_path2, vocab_path=args.vocab_path,
-                               data_name=args.data_name, device=args.device,
-                               feat_format=args.feat_format,
-                               cache_dir=None if args.no_cache else args.cache_dir,
-                               overrides=overrides, check_flags=True, **kwargs)
+    options = retrieve.gallery_options(p, args)
+    gallery = retrieve.Gallery(args.model_path, **options)
     for m in gallery.members:  # every encoding in memory now: a request reads, never writes
         gallery.encodings(m, captions=True).all_images()
     if gallery.digests:
@@ -512,13 +504,16 @@ def build_service(args, overrides=None):
                                  gallery.n_images, enc.im_div, boxes=False)
              if args.images else None)
     if args.sims:
-        failures = Failures(load_sims(args.sims, gallery, overrides), "--sims %s" % args.sims)
+        failures = Failures(load_sims(args.sims, gallery, options["overrides"]),
+                            "--sims %s" % args.sims)
     else:
         failures = Failures(score_sims(gallery), "scored at start-up")
     if any(type(m.model).attention_info is not None for m in gallery.members):
         import plots  # noqa: F401  (matplotlib and its font cache, before any request)
         from matplotlib import font_manager  # noqa: F401
-    return Service(gallery, failures, files, args.workers, kwargs or None)
+    two_stage = ({"shortlist": args.shortlist, "rerank_k": args.rerank_k, "index": args.index}
+                 if args.shortlist else None)
+    return Service(gallery, failures, files, args.workers, two_stage)
 
 
 def build_parser():
@@ -526,27 +521,6 @@ def build_parser():
     p = errors.ArgumentParser(
         prog="serve.py", description="Serve a split's search page and HTTP API: any checkpoint "
                                      "(or two), its failures, the attention of each result")
-    p.add_argument("--model_path", default=evaluation.DEFAULT_MODEL_PATH)
-    p.add_argument("--model_path2", default=None,
-                   help="a second checkpoint: rank by the mean of the two models' scores")
-    p.add_argument("--shortlist", metavar="CKPT", default=None,
-                   help="a dual encoder that shortlists --rerank_k candidates for --model_path")
-    p.add_argument("--rerank_k", type=int, default=None, metavar="K",
-                   help="candidates re-ranked per query (with --shortlist)")
-    p.add_argument("--index", default="flat", choices=list(shortlist_index.KINDS),
-                   help="with --shortlist: the shortlist's index of the gallery, exact (flat) "
-                        "or approximate (FAISS hnsw, ivf: each answer says its recall)")
-    p.add_argument("--data_path", default=evaluation.DEFAULT_DATA_PATH,
-                   help="directory holding <data_name>/ (overrides the checkpoint's)")
-    p.add_argument("--data_name", default=None, help="override the checkpoint's data_name")
-    p.add_argument("--vocab_path", default=None, help="directory of <data_name>_vocab.json")
-    p.add_argument("--split", default=evaluation.DEFAULT_SPLIT, help="the gallery's split")
-    p.add_argument("--images", metavar="DIR", default=None,
-                   help="the split's image files, shown in the grid (and, with the split's "
-                        "{split}_ims_bbx.npy, each word's most attended region)")
-    p.add_argument("--image_ids", metavar="FILE", default=None,
-                   help="one line per image of the split: its file name under --images "
-                        "(default: the split's {split}_ids.txt)")
     p.add_argument("--sims", metavar="FILE.npy", default=None,
                    help="the failures from this evaluation.py --save_sims matrix (default: "
                         "the split is scored at start-up)")
@@ -555,14 +529,10 @@ def build_parser():
     p.add_argument("--port", type=int, default=8000, help="0: a free port")
     p.add_argument("--workers", type=int, default=None,
                    help="scoring threads (default: one per core)")
-    p.add_argument("--cache_dir", default=retrieve.default_cache_dir(),
-                   help="where the split's encodings are cached (default %(default)s)")
-    p.add_argument("--no_cache", action="store_true",
-                   help="encode the split without reading or writing the cache")
-    p.add_argument("--device", default=None, help="cuda or cpu")
-    p.add_argument("--feat_format", default=None, choices=["auto", "npy", "h5"])
-    p.matcher_dests = matchers.add_eval_options(p)
-    return p
+    return retrieve.add_gallery_flags(
+        p, "the gallery's split",
+        "the split's image files, shown in the grid (and, with the split's "
+        "{split}_ims_bbx.npy, each word's most attended region)")
 
 
 @errors.exit_on_error
@@ -583,8 +553,7 @@ def main(argv=None):
     sock = listen(args.host, args.port)
     import uvicorn
     try:
-        service = build_service(args, {d: getattr(args, d) for d in p.matcher_dests
-                                       if getattr(args, d) is not None})
+        service = build_service(p, args)
         # the start-up used every core; each worker now gets its share of torch's and the
         # BLAS's threads (no oversubscription)
         threads = max(1, cores() // args.workers)

@@ -120,8 +120,7 @@ def serving(argv):
     p = serve.build_parser()
     args = p.parse_args(argv + ["--workers", "2"])
     with one_torch_thread():
-        service = serve.build_service(args, {d: getattr(args, d) for d in p.matcher_dests
-                                             if getattr(args, d) is not None})
+        service = serve.build_service(p, args)
     sock = serve.listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(serve.make_app(service), http="h11",
                                            h11_max_incomplete_event_size=serve.MAX_REQUEST_HEAD,
