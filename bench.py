@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 import bench_two_stage
+import distributed
 import errors
 from contract import random_batch, random_lengths
 
@@ -139,7 +140,7 @@ def get_args(argv=None):
     bench_two_stage.check_args(args)
     for cls in registry().classes():
         cls.check_bench_args(args)  # their own flags; --quick's sizes for them
-    errors.check_device(args.device)
+    distributed.check_device(args.device)
     if args.quick:
         args.n_img, args.n_cap, args.batch = 10, 50, 16
         args.img_dim, args.embed_size, args.sim_dim, args.word_dim = 256, 128, 64, 50

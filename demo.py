@@ -27,6 +27,7 @@ import time
 
 import torch
 
+import distributed
 import errors
 import evaluation
 import matchers
@@ -119,7 +120,7 @@ def prepare(args, extra):
     included), the synthetic data, and where the run writes. Returns what `run` needs."""
     errors.check_positive(args, ["num_epochs", "lr_update", "n_train", "threads"])
     errors.check_nonnegative(args, ["seed"])
-    errors.check_device(args.device)
+    distributed.check_device(args.device)
     matcher = matchers.matcher_class(args.module_name)
     data_name = "synth_precomp"
     img_dim = synthetic.DEFAULTS["img_dim"]

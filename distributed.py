@@ -1,5 +1,5 @@
 """torchrun support shared by train.py and evaluation.py: who this process is, its device, the
-process group (nccl on CUDA, gloo on CPU) and its teardown.
+process group (nccl on CUDA, gloo on CPU) and its teardown; and the check of a --device.
 
 As nanoGPT, a torchrun launch is recognised from RANK, LOCAL_RANK and WORLD_SIZE in the
 environment; a plain `python train.py` / `python evaluation.py` is rank 0 of 1 and starts no
@@ -27,6 +27,34 @@ def env():
         return False, 0, 0, 1
     return (True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
             int(os.environ["WORLD_SIZE"]))
+
+
+def check_device(device, where="--device"):
+    """A device that torch knows and this machine has (None: the command's default)."""
+    if device is None:
+        return
+    flag = "%s %s" % (where, device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise errors.error("device", flag, reason=errors.first_line(e)) from None
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ", ".join(["cpu"] + (["cuda"] if n_cuda else []) +
+                          ["cuda:%d" % i for i in range(n_cuda)])
+    if dev.type == "cuda":
+        if n_cuda == 0:
+            raise errors.error("device_unavailable", flag, available=available,
+                        reason="CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= n_cuda:
+            raise errors.error("device_unavailable", flag, available=available,
+                        reason="this machine has %d CUDA device(s)" % n_cuda)
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise errors.error("device_unavailable", flag, available=available,
+                        reason="MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise errors.error("device_unavailable", flag, available=available,
+                    reason="this code runs on cpu and cuda devices")
 
 
 def local_device(device, local_rank):

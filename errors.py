@@ -14,8 +14,8 @@ All messages are defined in `PROBLEMS` below; `TROUBLESHOOTING.md` is generated 
 (`checks.render_table`):
     python checks.py --table > TROUBLESHOOTING.md
 
-This is the bottom of the project's imports: it imports only the standard library (torch is
-imported inside `check_device`), and it knows no matcher; what is specific to one reaches the
+This is the bottom of the project's imports: it imports only the standard library (the
+device check, which needs torch, is distributed.check_device), and it knows no matcher; what is specific to one reaches the
 checks of the files that guard it (data.py, vocab.py, checkpoint.py, runs.py) as arguments.
 """
 import argparse
@@ -634,6 +634,8 @@ def exit_on_error(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
+        if not getattr(threading.excepthook, "quiet_resource_sharer", False):
+            threading.excepthook = _quiet_resource_sharer(threading.excepthook)
         _INTERRUPT_NOTES.append([name, *NOTHING_SAVED])
         try:
             return main(argv)
@@ -647,7 +649,6 @@ def exit_on_error(main):
             # a second Ctrl-C while the process exits: no traceback (a main called from
             # another program's code, a test's, gets its handler back)
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            threading.excepthook = _quiet_on_exit(threading.excepthook)
             where, saved, how = _INTERRUPT_NOTES[-1]
             if os.environ.get("RANK", "0") == "0":
                 print("error: %s" % message("interrupted", where, saved=saved, how=how),
@@ -660,13 +661,18 @@ def exit_on_error(main):
     return wrapper
 
 
-def _quiet_on_exit(hook):
-    """A thread's excepthook for a process that is exiting after a Ctrl-C: the connections of
-    multiprocessing's helper threads (the resource sharer of DataLoader workers) break as the
-    workers stop, which is no bug to show; anything else goes to `hook`."""
+def _quiet_resource_sharer(hook):
+    """A thread's excepthook that drops the broken connections of multiprocessing's resource
+    sharer (the thread that hands file descriptors to DataLoader workers): a worker stopped by
+    a Ctrl-C mid-handshake, no bug to show. Anything else goes to `hook`."""
     def quiet(args):
-        if not issubclass(args.exc_type, (EOFError, ConnectionError)):
+        tb, sharer = args.exc_traceback, False
+        while tb is not None:
+            sharer |= tb.tb_frame.f_code.co_filename.endswith("resource_sharer.py")
+            tb = tb.tb_next
+        if not (sharer and issubclass(args.exc_type, (EOFError, ConnectionError))):
             hook(args)
+    quiet.quiet_resource_sharer = True
     return quiet
 
 
@@ -744,35 +750,6 @@ def check_choices(opt, name, choices, sep=","):
     if unknown:
         raise error("flag_choice", opt_where(opt, name), unknown=sep.join(unknown),
                     choices=sep.join(choices))
-
-
-def check_device(device, where="--device"):
-    """A device that torch knows and this machine has (None: the command's default)."""
-    if device is None:
-        return
-    import torch  # here, not above: this file imports only the standard library
-    flag = "%s %s" % (where, device)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise error("device", flag, reason=first_line(e)) from None
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    available = ", ".join(["cpu"] + (["cuda"] if n_cuda else []) +
-                          ["cuda:%d" % i for i in range(n_cuda)])
-    if dev.type == "cuda":
-        if n_cuda == 0:
-            raise error("device_unavailable", flag, available=available,
-                        reason="CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= n_cuda:
-            raise error("device_unavailable", flag, available=available,
-                        reason="this machine has %d CUDA device(s)" % n_cuda)
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise error("device_unavailable", flag, available=available,
-                        reason="MPS is not available on this machine")
-    elif dev.type != "cpu":
-        raise error("device_unavailable", flag, available=available,
-                    reason="this code runs on cpu and cuda devices")
 
 
 def check_data_name(data_name, data_path="DIR", where="--data_name"):

@@ -328,7 +328,7 @@ def check_arguments(plots, data_name, data_path, device):
         outputs.check_outputs(plotting.eval_paths(plots), "evaluation.py --plots", "--plots")
     if data_name is not None:
         errors.check_data_name(data_name, data_path or "DIR")
-    errors.check_device(device)
+    distributed.check_device(device)
 
 
 def join_processes(device):

@@ -20,6 +20,7 @@ flags that cannot work together, the device and the paths.
 import argparse
 import os
 
+import distributed
 import errors
 import matchers
 
@@ -153,7 +154,7 @@ def check_train_opt(opt):
         raise errors.error("margin", errors.opt_where(opt, "margin"))
     if opt.batch_size == 1:
         raise errors.error("batch_one", errors.opt_where(opt, "batch_size"))
-    errors.check_device(opt.device)
+    distributed.check_device(opt.device)
     errors.check_data_name(opt.data_name, opt.data_path)
     errors.check_dir(opt.data_path, "--data_path %s" % opt.data_path, exists=False,
                      expected="the directory that holds <data_name>/")

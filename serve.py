@@ -48,6 +48,7 @@ import threadpoolctl
 import torch
 from tqdm import tqdm
 
+import distributed
 import errors
 import evaluation
 import index as shortlist_index
@@ -543,7 +544,7 @@ def main(argv=None):
     if not 0 <= args.port <= 65535:
         raise errors.error("flag_range", "--port %d" % args.port, range="0 to 65535")
     errors.check_positive(args, ["workers", "rerank_k"])
-    errors.check_device(args.device)
+    distributed.check_device(args.device)
     shortlist_index.check_flags(args.shortlist, args.rerank_k, args.index)
     if args.image_ids and not args.images:
         raise errors.error("images_dir", "--images (needed by --image_ids)")

@@ -491,3 +491,31 @@ def test_ctrl_c_in_a_command_run_by_another(capsys):
 def test_argument_errors_name_their_command(capsys):
     expect_exit(demo.main, ["--bogus"], capsys, "arguments",
                 "demo.py: unrecognized arguments: --bogus", "python demo.py --help")
+
+
+def test_the_resource_sharers_broken_connections_are_not_shown(tmp_path):
+    """A Ctrl-C may stop a DataLoader worker while multiprocessing's resource sharer (a thread
+    of the main process) talks to it: its EOFError is no bug to show, whenever it comes (the
+    hook is in place from the start of every command). Other threads' errors still show."""
+    import importlib.util
+    import threading
+    (tmp_path / "resource_sharer.py").write_text("def serve():\n    raise EOFError\n")
+    spec = importlib.util.spec_from_file_location("resource_sharer",
+                                                  tmp_path / "resource_sharer.py")
+    sharer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sharer)
+
+    def other():
+        raise EOFError("not the resource sharer's")
+    before, seen = threading.excepthook, []
+    try:
+        errors.exit_on_error(lambda argv=None: 0)()  # any command puts the hook in place
+        assert getattr(threading.excepthook, "quiet_resource_sharer", False)
+        threading.excepthook = errors._quiet_resource_sharer(seen.append)
+        for target in (sharer.serve, other):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook = before
+    assert [str(args.exc_value) for args in seen] == ["not the resource sharer's"]
