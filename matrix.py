@@ -94,12 +94,13 @@ def _pairs(shard):
     return (i1 - i0) * (j1 - j0)
 
 
-def _take(seq, idx):
-    """seq[idx] for a slice, or the items at an array of indices (lists and arrays alike)."""
-    if isinstance(idx, slice):
+def take(seq, idx):
+    """seq[idx] for a slice, or the items at an array of indices (lists, arrays and tensors
+    alike)."""
+    if isinstance(idx, slice) or isinstance(seq, np.ndarray):
         return seq[idx]
-    if isinstance(seq, np.ndarray):
-        return seq[idx]
+    if isinstance(seq, torch.Tensor):
+        return seq[torch.as_tensor(idx)]
     return [seq[k] for k in idx]
 
 
@@ -112,14 +113,14 @@ def score_block(scorers, rows, cols, precomputed=None):
     sims, own = None, []
     for k_model, (model, enc) in enumerate(scorers):
         inputs = getattr(model, "score_inputs", {})
-        extra = {k: _take(enc.extra[k], rows if where == "image" else cols)
+        extra = {k: take(enc.extra[k], rows if where == "image" else cols)
                  for k, where in inputs.items()}
         if precomputed is not None:
             by_image, by_caption = precomputed[k_model]
-            extra.update({k: _take(v, rows) for k, v in by_image.items()})
-            extra.update({k: _take(v, cols) for k, v in by_caption.items()})
+            extra.update({k: take(v, rows) for k, v in by_image.items()})
+            extra.update({k: take(v, cols) for k, v in by_caption.items()})
         img_embs, cap_embs, cap_lens = enc
-        s = model.score(_take(img_embs, rows), _take(cap_embs, cols), _take(cap_lens, cols),
+        s = model.score(take(img_embs, rows), take(cap_embs, cols), take(cap_lens, cols),
                         **extra)
         sims = s if sims is None else sims + s
         own.append(s)

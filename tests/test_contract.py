@@ -100,7 +100,7 @@ def test_a_flag_of_another_matcher_is_refused(tmp_path, monkeypatch, capsys):
 
 MATCHER_FREE = ("train.py", "evaluation.py", "checks.py", "opts.py", "data.py", "errors.py",
                 "runs.py", "bench.py", "outputs.py", "matrix.py", "twostage.py", "ranking.py",
-                "serve.py")
+                "serve.py", "cache.py")
 
 
 def test_generic_files_name_no_matcher():

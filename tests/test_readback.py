@@ -31,6 +31,7 @@ import evaluation
 import matrix
 import outputs
 import retrieve
+from cache import CACHE_FILES, CacheDamaged, Digests, Encodings, LAZY
 from helpers import expect_exit, result_lines
 from test_bad_input import N_TEST, Work, base  # noqa: F401
 from vocab import read_lines
@@ -207,7 +208,7 @@ def test_the_issues_save_sims_cases_end_to_end(work, capsys, caplog):
 def encodings():
     rng = np.random.RandomState(3)
     lens = rng.randint(3, 9, size=20)
-    return retrieve.Encodings(rng.rand(4, 5, 8).astype(np.float32),
+    return Encodings(rng.rand(4, 5, 8).astype(np.float32),
                               rng.rand(int(lens.sum()), 8).astype(np.float32), lens,
                               {"ids": [np.arange(3), 7]}, ["caption %d" % k for k in range(20)],
                               5, gallery={"glob": rng.rand(4, 8).astype(np.float32)})
@@ -222,40 +223,40 @@ def same(a, b):
     assert a.extra["ids"][1] == b.extra["ids"][1]
 
 
-@pytest.mark.parametrize("name", list(retrieve.CACHE_FILES) + [outputs.MARKER])
+@pytest.mark.parametrize("name", list(CACHE_FILES) + [outputs.MARKER])
 def test_a_cache_entry_after_any_damage_is_itself_or_encoded_again(tmp_path, name):
     enc = encodings()
     good = str(tmp_path / "cache" / "entry")
     assert enc.save(good, {"checkpoint": "x"})
-    same(retrieve.Encodings.load(good), enc)
+    same(Encodings.load(good), enc)
     rng = random.Random(zlib.crc32(name.encode()))
     missed = 0
     for trial in range(TRIALS):
         entry = str(tmp_path / "cache" / ("t%d" % trial))
         shutil.copytree(good, entry)
         damage(os.path.join(entry, name), rng)
-        loaded = retrieve.Encodings.load(entry)
+        loaded = Encodings.load(entry)
         if loaded is None:
             missed += 1  # never served: encoded again (or refused, when its record is gone)
             continue
         try:
             same(loaded, enc)
-        except retrieve.CacheDamaged:  # the captions, checked when first read
-            assert name == retrieve.LAZY
+        except CacheDamaged:  # the captions, checked when first read
+            assert name == LAZY
             missed += 1
     assert missed > 0
 
 
 def test_the_digests_file_after_any_damage_is_itself_or_computed_again(tmp_path):
-    cache = str(tmp_path / "cache")
-    os.makedirs(cache)
-    d = retrieve.Digests(cache)
+    cache_dir = str(tmp_path / "cache")
+    os.makedirs(cache_dir)
+    d = Digests(cache_dir)
     for k in range(5):
         p = tmp_path / ("f%d" % k)
         p.write_text("x" * k)
         d(str(p))
     d.save()
-    path = os.path.join(cache, "digests.json")
+    path = os.path.join(cache_dir, "digests.json")
     good, st = open(path, "rb").read(), os.stat(path)
     rng = random.Random(5)
     for trial in range(TRIALS):
@@ -264,7 +265,7 @@ def test_the_digests_file_after_any_damage_is_itself_or_computed_again(tmp_path)
         damage(path, rng)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # its record still holds
         try:
-            again = retrieve.Digests(cache)
+            again = Digests(cache_dir)
         except errors.SGRAFError as e:  # a size that no longer matches its record
             one_line(e)
             continue
@@ -313,12 +314,12 @@ def test_the_issues_cache_cases_end_to_end(work, query, image_query, caplog):
         caplog.clear()
         caplog.set_level(logging.WARNING)
         hits = query(cache)
-        if name == retrieve.LAZY:  # a text query never reads the captions: an image query does
+        if name == LAZY:  # a text query never reads the captions: an image query does
             assert hits["cached"] and hits["results"] == ref["results"]
             hits = image_query(cache)
             assert hits["results"] == image_ref["results"]
         assert not hits["cached"] and hits["results"] == (
-            image_ref if name == retrieve.LAZY else ref)["results"], name
+            image_ref if name == LAZY else ref)["results"], name
         warned = [r.getMessage() for r in caplog.records if "cache entry is damaged" in
                   r.getMessage()]
         assert len(warned) == 1 and name in warned[0], warned

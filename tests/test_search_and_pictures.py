@@ -28,6 +28,7 @@ import plots
 import retrieve
 from conftest import REPO
 from contract import l2norm
+from cache import Digests, RACY_NS
 from helpers import save_model_of_flags, tiny_dataset
 from model import SGRAF
 from test_contract import Toy
@@ -209,16 +210,16 @@ def test_cache_is_used_then_invalidated_by_changed_files(setup, tmp_path, monkey
 def test_digests_of_unchanged_files_are_remembered(tmp_path, monkeypatch):
     f = tmp_path / "x.bin"
     f.write_bytes(b"abc")
-    d = retrieve.Digests(str(tmp_path))
+    d = Digests(str(tmp_path))
     assert d(str(f)) == hashlib.sha256(b"abc").hexdigest()
     d.save()
     reads = []
     sha = outputs.file_digest
     monkeypatch.setattr(outputs, "file_digest", lambda p: reads.append(p) or sha(p))
-    d = retrieve.Digests(str(tmp_path))
+    d = Digests(str(tmp_path))
     d(str(f))
     assert len(reads) == 1  # changed within RACY_NS of its hashing: hashed again
-    d.files[os.path.realpath(f)]["at"] += 10 * retrieve.RACY_NS  # as if hashed long after
+    d.files[os.path.realpath(f)]["at"] += 10 * RACY_NS  # as if hashed long after
     d(str(f))
     assert len(reads) == 1  # unchanged: remembered
     f.write_bytes(b"abd")
