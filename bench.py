@@ -438,11 +438,12 @@ def write_gallery(args, name, root, variant=None):
 
 
 def job_retrieve(args, name, ref, variant=None):
+    import cache as encodings_cache
     import retrieve
     with tempfile.TemporaryDirectory() as root:
         ckpt, data_path, vocab_path, caps = write_gallery(args, name, root, variant)
         # files older than the cache's "changed just now" window, as a user's data are
-        time.sleep(getattr(args, "settle", retrieve.RACY_NS / 1e9 + 0.5))
+        time.sleep(getattr(args, "settle", encodings_cache.RACY_NS / 1e9 + 0.5))
         cache = os.path.join(root, "cache")
         kw = dict(data_path=data_path, vocab_path=vocab_path, split="test",
                   device=args.device, cache_dir=cache, topk=10)
