@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import sys
-import threading
 from collections import namedtuple
 
 
@@ -634,8 +633,8 @@ def exit_on_error(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
-        if not getattr(threading.excepthook, "quiet_resource_sharer", False):
-            threading.excepthook = _quiet_resource_sharer(threading.excepthook)
+        if not getattr(sys.excepthook, "quiet_resource_sharer", False):
+            sys.excepthook = _quiet_resource_sharer(sys.excepthook)
         _INTERRUPT_NOTES.append([name, *NOTHING_SAVED])
         try:
             return main(argv)
@@ -662,16 +661,17 @@ def exit_on_error(main):
 
 
 def _quiet_resource_sharer(hook):
-    """A thread's excepthook that drops the broken connections of multiprocessing's resource
-    sharer (the thread that hands file descriptors to DataLoader workers): a worker stopped by
-    a Ctrl-C mid-handshake, no bug to show. Anything else goes to `hook`."""
-    def quiet(args):
-        tb, sharer = args.exc_traceback, False
-        while tb is not None:
-            sharer |= tb.tb_frame.f_code.co_filename.endswith("resource_sharer.py")
-            tb = tb.tb_next
-        if not (sharer and issubclass(args.exc_type, (EOFError, ConnectionError))):
-            hook(args)
+    """A sys.excepthook that drops the broken connections that multiprocessing's resource
+    sharer (the thread that hands file descriptors to DataLoader workers) reports through
+    sys.excepthook when a worker stops mid-handshake, as after a Ctrl-C: no bug to show.
+    Anything else goes to `hook`."""
+    def quiet(exc_type, exc, tb):
+        sharer, frame = False, tb
+        while frame is not None:
+            sharer |= frame.tb_frame.f_code.co_filename.endswith("resource_sharer.py")
+            frame = frame.tb_next
+        if not (sharer and issubclass(exc_type, (EOFError, ConnectionError))):
+            hook(exc_type, exc, tb)
     quiet.quiet_resource_sharer = True
     return quiet
 
